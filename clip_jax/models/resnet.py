@@ -1,0 +1,121 @@
+"""OpenAI's ModifiedResNet image tower (ResNet-D-like with attention pooling).
+
+Differences from a torchvision ResNet, all from the CLIP paper:
+  * a stem of three 3x3 convs (the first with stride 2) followed by a 2x2 average pool;
+  * anti-aliased strided blocks: the stride is a 2x2 average pool *before* the block's last 1x1
+    conv, and the shortcut is avgpool + 1x1 conv + BN instead of a strided 1x1 conv;
+  * global average pooling replaced by multi-head QKV attention whose query is the mean-pooled
+    feature map (AttentionPool2d).
+
+BatchNorm keeps running statistics in the `batch_stats` collection. In train mode the statistics
+are computed over the whole (global) batch: under `jax.jit` with a batch-sharded input XLA
+inserts the cross-device reduction itself, so this is synchronised BN without an axis name.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.config import ModifiedResNetConfig
+from clip_jax.models.transformer import Dtype
+from clip_jax.models.vit import _check_image_shape
+
+BN_EPS = 1e-5       # torch BatchNorm2d default
+BN_MOMENTUM = 0.9   # flax convention; equals torch momentum=0.1
+
+
+def _conv(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Conv:
+    # torch padding=k//2 on both sides; flax 'SAME' would pad asymmetrically for stride 2.
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
+                   dtype=dtype, name=name)
+
+
+def _avg_pool(x: jax.Array, size: int) -> jax.Array:
+    return nn.avg_pool(x, (size, size), strides=(size, size), padding="VALID") if size > 1 else x
+
+
+class Bottleneck(nn.Module):
+    planes: int
+    stride: int = 1
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """[B, H, W, C] -> [B, H/stride, W/stride, 4 * planes]."""
+        bn = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                                             epsilon=BN_EPS, dtype=self.dtype, name=name, **kw)
+        out = jax.nn.relu(bn("bn1")(_conv(self.planes, 1, "conv1", self.dtype)(x)))
+        out = jax.nn.relu(bn("bn2")(_conv(self.planes, 3, "conv2", self.dtype)(out)))
+        out = _avg_pool(out, self.stride)
+        # Zero-init the last BN's scale so each block starts as the identity (as open_clip).
+        out = bn("bn3", scale_init=nn.initializers.zeros)(
+            _conv(self.planes * 4, 1, "conv3", self.dtype)(out))
+        identity = x
+        if self.stride > 1 or x.shape[-1] != self.planes * 4:
+            identity = _avg_pool(x, self.stride)
+            identity = _conv(self.planes * 4, 1, "downsample_conv", self.dtype)(identity)
+            identity = bn("downsample_bn")(identity)
+        return jax.nn.relu(out + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """Multi-head attention pooling: the query is the mean feature, keys/values all positions."""
+
+    heads: int
+    output_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C] -> [B, output_dim]."""
+        batch, height, width, channels = x.shape
+        x = x.reshape(batch, height * width, channels)
+        x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # [B, HW + 1, C]
+        positional = self.param("positional_embedding", nn.initializers.normal(channels ** -0.5),
+                                (height * width + 1, channels))
+        x = x + positional.astype(self.dtype)
+        dense = lambda features, name: nn.Dense(
+            features, dtype=self.dtype, kernel_init=nn.initializers.normal(channels ** -0.5),
+            name=name)
+        head_dim = channels // self.heads
+        split = lambda t: t.reshape(batch, t.shape[1], self.heads, head_dim)
+        q = split(dense(channels, "q_proj")(x[:, :1]))
+        k = split(dense(channels, "k_proj")(x))
+        v = split(dense(channels, "v_proj")(x))
+        out = jax.nn.dot_product_attention(q, k, v).reshape(batch, channels)
+        return dense(self.output_dim, "c_proj")(out)
+
+
+class ModifiedResNet(nn.Module):
+    config: ModifiedResNetConfig
+    output_dim: int
+    attention_impl: str | None = None  # unused; keeps the tower constructors uniform
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """[B, H, W, 3] float (normalised) -> [B, output_dim] (not normalised).
+
+        `train=True` uses batch statistics and updates `batch_stats` (mark it mutable).
+        """
+        cfg = self.config
+        _check_image_shape(images, cfg.image_size)
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
+                                       epsilon=BN_EPS, dtype=self.dtype, name=name)
+        x = images.astype(self.dtype)
+        stem = [(cfg.width // 2, 2), (cfg.width // 2, 1), (cfg.width, 1)]
+        for i, (features, stride) in enumerate(stem, start=1):
+            pad = ((1, 1), (1, 1))
+            x = nn.Conv(features, (3, 3), strides=stride, padding=pad, use_bias=False,
+                        dtype=self.dtype, name=f"conv{i}")(x)
+            x = jax.nn.relu(bn(f"bn{i}")(x))
+        x = _avg_pool(x, 2)
+        for stage, blocks in enumerate(cfg.layers):
+            planes = cfg.width * 2 ** stage
+            for block in range(blocks):
+                stride = 2 if (stage > 0 and block == 0) else 1
+                x = Bottleneck(planes, stride, dtype=self.dtype,
+                               name=f"layer{stage + 1}_{block}")(x, train)
+        return AttentionPool2d(cfg.heads, self.output_dim, dtype=self.dtype, name="attnpool")(x)

@@ -1,0 +1,58 @@
+"""Vision Transformer image tower (OpenAI CLIP layout)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from clip_jax.models.config import VisionTransformerConfig
+from clip_jax.models.transformer import Dtype, Transformer, layer_norm
+
+
+class VisionTransformer(nn.Module):
+    """Patch-embedding conv, class token, learned positions, ln_pre, Transformer, ln_post on the
+    class token, then a linear projection to the shared embedding space.
+
+    Attributes:
+      config: the architecture.
+      output_dim: size of the shared image-text embedding.
+      dtype: compute dtype (parameters stay float32).
+    """
+
+    config: VisionTransformerConfig
+    output_dim: int
+    attention_impl: str | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """[B, H, W, 3] float (normalised) -> [B, output_dim] in `dtype` (not normalised)."""
+        del train  # no dropout or batch statistics in this tower
+        cfg = self.config
+        _check_image_shape(images, cfg.image_size)
+        width = cfg.width
+        x = nn.Conv(width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
+                    padding="VALID", use_bias=False, dtype=self.dtype, name="conv1")(
+                        images.astype(self.dtype))
+        batch, grid_h, grid_w, _ = x.shape
+        x = x.reshape(batch, grid_h * grid_w, width)
+        scale = width ** -0.5
+        class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (width,))
+        cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, width))
+        x = jnp.concatenate([cls, x], axis=1)
+        positional = self.param("positional_embedding", nn.initializers.normal(scale),
+                                (grid_h * grid_w + 1, width))
+        x = x + positional.astype(self.dtype)
+        x = layer_norm("ln_pre", self.dtype)(x)
+        x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.activation, causal=False,
+                        attention_impl=self.attention_impl, dtype=self.dtype,
+                        name="transformer")(x)
+        pooled = layer_norm("ln_post", self.dtype)(x[:, 0])
+        proj = self.param("proj", nn.initializers.normal(scale), (width, self.output_dim))
+        return pooled @ proj.astype(self.dtype)
+
+
+def _check_image_shape(images: jax.Array, image_size: int) -> None:
+    if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"expected images of shape [B, {image_size}, {image_size}, 3], got "
+                         f"{tuple(images.shape)}")
