@@ -1,0 +1,532 @@
+"""Import OpenAI / open_clip PyTorch CLIP weights into clip_jax (Flax) variables.
+
+The Flax models use OpenAI's parameter names (see `clip_jax.models.transformer`), so converting
+is a renaming plus layout changes:
+  * Dense kernels are [in, out] (torch Linear weights are [out, in]);
+  * Conv kernels are [kh, kw, in, out] (torch: [out, in, kh, kw]);
+  * LayerNorm/BatchNorm `scale` is torch's `weight`; BatchNorm running statistics
+    (`running_mean`/`running_var`) go to the `batch_stats` collection as `mean`/`var`;
+  * Flax module names `resblocks_{i}`, `layer{s}_{b}`, `downsample_conv`/`downsample_bn` are
+    torch's `resblocks.{i}`, `layer{s}.{b}`, `downsample.0`/`downsample.1`.
+
+The architecture is inferred from the tensor shapes, as open_clip's
+`build_model_from_openai_state_dict` does. Two things cannot be read from weights:
+  * attention heads: the OpenAI convention (64-wide heads; ResNet attention pool
+    `width * 32 // 64`) is assumed unless a registry name (or a `CLIPConfig`) is given;
+  * the transformer activation (QuickGELU or exact GELU): see `convert_state_dict`'s
+    `quick_gelu` argument.
+
+Command line (writes an orbax checkpoint directory readable by `load_converted`):
+
+    python -m clip_jax.convert --model ViT-B-32 --input ViT-B-32.pt --output /ckpt/vit-b-32
+
+torch is needed only to read `.pt`/`.bin` files and is imported lazily.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from clip_jax.models import CLIPConfig, create_model, get_model_config
+from clip_jax.models.config import (ModifiedResNetConfig, TextTransformerConfig,
+                                    VisionTransformerConfig)
+from clip_jax.models.registry import set_activation
+
+logger = logging.getLogger(__name__)
+
+# Scalars that OpenAI's JIT archives keep in their state dict; they are architecture metadata,
+# not parameters (open_clip drops them too). We check them against the inferred config.
+OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# BatchNorm's update counter has no Flax counterpart (flax uses a fixed momentum).
+_IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+VARIABLES_ITEM = "variables"   # orbax item (sub-directory) holding the Flax variables
+MODEL_JSON = "model.json"      # model config and provenance, beside the orbax item
+TOKENIZER_NAME = "clip-bpe"    # OpenAI/open_clip CLIP models all use OpenAI's BPE
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoint files
+# ----------------------------------------------------------------------------------------------
+
+def _import_torch(path: str | os.PathLike):
+    try:
+        import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError(f"reading the PyTorch checkpoint {os.fspath(path)!r} needs torch, which "
+                          f"is not installed: `pip install torch` (CPU build is enough), or "
+                          f"convert the file to .safetensors first") from e
+    return torch
+
+
+def is_torch_jit_archive(path: str | os.PathLike) -> bool:
+    """True for a `torch.jit.save` archive (OpenAI's released CLIP `.pt` files).
+
+    Both `torch.save` and `torch.jit.save` write zip files; only TorchScript archives hold a
+    `constants.pkl` and `code/` (the serialised program).
+    """
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") or name == "constants.pkl"
+                   for name in archive.namelist())
+
+
+def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
+    """(state dict, whether the file is an OpenAI-style TorchScript archive)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path), False
+    if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
+        raise ValueError(f"unsupported checkpoint file {str(path)!r}: expected .pt, .pth, .bin, "
+                         f".ckpt (PyTorch) or .safetensors")
+    torch = _import_torch(path)
+    if is_torch_jit_archive(path):
+        # OpenAI's CLIP releases: the whole TorchScript model; we only need its tensors.
+        return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
+    return dict(checkpoint), False
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    try:
+        import safetensors  # pylint: disable=import-outside-toplevel
+        from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ImportError(f"reading {str(path)!r} needs the `safetensors` package: "
+                          f"`pip install safetensors`") from e
+    try:
+        return load_file(str(path))
+    except (TypeError, ValueError, safetensors.SafetensorError) as e:
+        # numpy has no bfloat16: such files need torch's reader.
+        logger.info("safetensors numpy reader failed on %s (%s); trying torch", path, e)
+        _import_torch(path)   # a clear error when torch is missing too
+        from safetensors.torch import load_file as load_torch  # pylint: disable=import-outside-toplevel
+        return load_torch(str(path))
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a CLIP state dict: {name: torch tensor or numpy array}.
+
+    Supported: OpenAI's TorchScript archives (`.pt`), `torch.save` files (`.pt`/`.pth`/`.bin`/
+    `.ckpt`, read with `weights_only=True`), and `.safetensors`. An open_clip training
+    checkpoint `{"state_dict": ..., "epoch": ...}` is unwrapped; a DDP `module.` prefix is left
+    for `convert_state_dict` to strip.
+    """
+    state_dict, _ = _read_checkpoint(path)
+    return _unwrap(state_dict)
+
+
+def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]   # open_clip training checkpoints
+    return dict(state_dict)
+
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    """torch tensor / numpy array / scalar -> numpy; floating point becomes float32."""
+    if hasattr(value, "detach"):            # a torch tensor (torch itself is not imported here)
+        value = value.detach().cpu()
+        if value.is_floating_point():
+            value = value.float()           # also covers bfloat16, which numpy cannot hold
+        value = value.numpy()
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"state dict entry {key!r} is not an array ({type(value).__name__})") from e
+    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
+        array = array.astype(np.float32)
+    return array
+
+
+def _prepare(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    state_dict = _unwrap(state_dict)
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}   # DDP wrapper
+    return {k: _to_numpy(v, k) for k, v in state_dict.items()
+            if not k.endswith(_IGNORED_SUFFIXES)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Architecture inference
+# ----------------------------------------------------------------------------------------------
+
+def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    if key not in sd:
+        raise ValueError(f"cannot infer the architecture: the state dict has no {key!r} "
+                         f"(is this an OpenAI/open_clip CLIP checkpoint?)")
+    return sd[key].shape
+
+
+def _block_indices(sd: Mapping[str, np.ndarray], prefix: str) -> set[int]:
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    return {int(m.group(1)) for k in sd if (m := pattern.match(k))}
+
+
+def _count_blocks(sd: Mapping[str, np.ndarray], prefix: str) -> int:
+    indices = _block_indices(sd, prefix)
+    if indices and indices != set(range(max(indices) + 1)):
+        raise ValueError(f"blocks {prefix}N are not numbered 0..N-1: found {sorted(indices)}")
+    return len(indices)
+
+
+def _square_grid(tokens: int, key: str) -> int:
+    grid = round(tokens ** 0.5)
+    if grid * grid != tokens:
+        raise ValueError(f"{key} has {tokens} positions, not a square grid (+1 for the class/"
+                         f"mean token)")
+    return grid
+
+
+def infer_config(state_dict: Mapping[str, Any], quick_gelu: bool = False) -> CLIPConfig:
+    """The architecture a state dict describes, with OpenAI's head conventions.
+
+    `quick_gelu` picks the transformer activation (it cannot be read from weights).
+    """
+    sd = state_dict if _is_prepared(state_dict) else _prepare(state_dict)
+    activation = "quick_gelu" if quick_gelu else "gelu"
+    if "visual.proj" in sd:
+        width, _, patch, patch_w = _shape(sd, "visual.conv1.weight")
+        if patch != patch_w:
+            raise ValueError(f"non-square patches {patch}x{patch_w} are not supported")
+        grid = _square_grid(_shape(sd, "visual.positional_embedding")[0] - 1,
+                            "visual.positional_embedding")
+        vision = VisionTransformerConfig(
+            image_size=patch * grid, patch_size=patch, width=width,
+            layers=_count_blocks(sd, "visual.transformer.resblocks."), heads=max(width // 64, 1),
+            mlp_ratio=_shape(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight")[0] / width,
+            activation=activation)
+    elif "visual.attnpool.positional_embedding" in sd:
+        width = _shape(sd, "visual.layer1.0.conv1.weight")[0]
+        grid = _square_grid(_shape(sd, "visual.attnpool.positional_embedding")[0] - 1,
+                            "visual.attnpool.positional_embedding")
+        layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
+        vision = ModifiedResNetConfig(image_size=grid * 32, layers=layers, width=width,
+                                      heads=max(width * 32 // 64, 1))
+    else:
+        raise ValueError("cannot infer the image tower: the state dict has neither 'visual.proj' "
+                         "(ViT) nor 'visual.attnpool.positional_embedding' (ModifiedResNet)")
+    text_width = _shape(sd, "ln_final.weight")[0]
+    text = TextTransformerConfig(
+        context_length=_shape(sd, "positional_embedding")[0],
+        vocab_size=_shape(sd, "token_embedding.weight")[0],
+        width=text_width, layers=_count_blocks(sd, "transformer.resblocks."),
+        heads=max(text_width // 64, 1),
+        mlp_ratio=_shape(sd, "transformer.resblocks.0.mlp.c_fc.weight")[0] / text_width,
+        activation=activation)
+    logit_bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
+    return CLIPConfig(embed_dim=_shape(sd, "text_projection")[1], vision=vision, text=text,
+                      init_logit_bias=logit_bias)
+
+
+def _is_prepared(sd: Mapping[str, Any]) -> bool:
+    return isinstance(sd, _Prepared)
+
+
+class _Prepared(dict):
+    """Marks a state dict already unwrapped, prefix-stripped and converted to numpy."""
+
+
+# Fields a state dict cannot determine: they come from the reference config when one is given.
+_NOT_IN_WEIGHTS = ("vision.heads", "text.heads", "vision.activation", "text.activation",
+                   "text.pad_id", "init_logit_scale", "init_logit_bias")
+
+
+def config_differences(inferred: CLIPConfig, reference: CLIPConfig) -> list[str]:
+    """Human-readable differences of the weight-determined fields, e.g. 'vision.width: 64 != 96'.
+
+    Heads, activation and initial values are not compared (weights do not determine them); the
+    presence of a logit bias is.
+    """
+    a = traverse_util.flatten_dict(inferred.to_dict(), sep=".")
+    b = traverse_util.flatten_dict(reference.to_dict(), sep=".")
+    diffs = [f"{key}: weights have {a.get(key)!r}, config has {b.get(key)!r}"
+             for key in sorted(set(a) | set(b))
+             if key not in _NOT_IN_WEIGHTS and a.get(key) != b.get(key)]
+    if (inferred.init_logit_bias is None) != (reference.init_logit_bias is None):
+        diffs.append(f"logit_bias: weights {'have' if inferred.init_logit_bias is not None else 'lack'}"
+                     f" it, config {'has' if reference.init_logit_bias is not None else 'lacks'} it")
+    return diffs
+
+
+def _resolve_config(sd: _Prepared, model_name: str | CLIPConfig | None,
+                    quick_gelu: bool | None) -> CLIPConfig:
+    is_openai = any(k in sd for k in OPENAI_METADATA_KEYS)
+    if quick_gelu is None:
+        if is_openai or (isinstance(model_name, str) and model_name.endswith("-quickgelu")):
+            quick_gelu = True
+        elif model_name is not None:
+            reference = (model_name if isinstance(model_name, CLIPConfig)
+                         else get_model_config(model_name))
+            quick_gelu = reference.text.activation == "quick_gelu"
+        else:
+            quick_gelu = False
+    inferred = infer_config(sd, quick_gelu=quick_gelu)
+    if model_name is None:
+        config = inferred
+    else:
+        reference = (model_name if isinstance(model_name, CLIPConfig)
+                     else get_model_config(model_name))
+        diffs = config_differences(inferred, reference)
+        if diffs:
+            name = model_name if isinstance(model_name, str) else "the given config"
+            raise ValueError(f"the state dict does not match {name}:\n  " + "\n  ".join(diffs))
+        config = set_activation(reference, "quick_gelu" if quick_gelu else "gelu")
+        if inferred.init_logit_bias is not None:
+            config = dataclasses.replace(config, init_logit_bias=inferred.init_logit_bias)
+    _check_openai_metadata(sd, config)
+    return config
+
+
+def _check_openai_metadata(sd: Mapping[str, np.ndarray], config: CLIPConfig) -> None:
+    expected = {"input_resolution": config.image_size, "context_length": config.context_length,
+                "vocab_size": config.text.vocab_size}
+    for key, value in expected.items():
+        if key in sd and int(sd[key]) != value:
+            raise ValueError(f"state dict metadata {key}={int(sd[key])} contradicts the weights' "
+                             f"shapes ({key}={value})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Renaming
+# ----------------------------------------------------------------------------------------------
+
+_MODULE_RENAMES = (
+    (re.compile(r"^resblocks_(\d+)$"), r"resblocks.\1"),
+    (re.compile(r"^layer(\d+)_(\d+)$"), r"layer\1.\2"),
+    (re.compile(r"^downsample_conv$"), "downsample.0"),
+    (re.compile(r"^downsample_bn$"), "downsample.1"),
+)
+
+
+def torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
+    """Flax variable path -> (torch state-dict key, layout change).
+
+    `path` is e.g. ('params', 'image', 'transformer', 'resblocks_0', 'attn', 'in_proj',
+    'kernel'); the layout change is one of 'none', 'linear' (transpose [out, in] -> [in, out])
+    or 'conv' ([out, in, kh, kw] -> [kh, kw, in, out]).
+    """
+    if len(path) == 2:                       # top-level parameters: logit_scale, logit_bias
+        return path[1], "none"
+    collection, tower, *modules, leaf = path
+    prefix = {"image": ["visual"], "text": []}[tower]
+    names = list(prefix)
+    for module in modules:
+        for pattern, replacement in _MODULE_RENAMES:
+            if pattern.match(module):
+                module = pattern.sub(replacement, module)
+                break
+        names.append(module)
+    layout = "none"
+    if collection == "batch_stats":
+        leaf = {"mean": "running_mean", "var": "running_var"}[leaf]
+    elif leaf == "kernel":
+        layout = {2: "linear", 4: "conv"}[ndim]
+        leaf = "weight"
+    elif leaf in ("scale", "embedding"):     # LayerNorm/BatchNorm scale, nn.Embed table
+        leaf = "weight"
+    if modules and modules[-1] == "in_proj":
+        # torch.nn.MultiheadAttention stores the fused q,k,v projection as two raw parameters.
+        names.pop()
+        leaf = f"in_proj_{leaf}"
+    return ".".join(names + [leaf]), layout
+
+
+def _to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(2, 3, 1, 0)
+    return array
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConfig | None = None,
+                       quick_gelu: bool | None = None) -> tuple[CLIPConfig, dict[str, Any]]:
+    """OpenAI / open_clip PyTorch state dict -> (CLIPConfig, Flax variables).
+
+    Args:
+      state_dict: {name: torch tensor or numpy array}, as `model.state_dict()` or
+        `load_checkpoint_file` give it (float16/bfloat16 weights are upcast). A DDP `module.`
+        prefix and an open_clip `{"state_dict": ...}` wrapper are removed.
+      model_name: optional registry name (e.g. "ViT-B-32") or `CLIPConfig`. When given, the
+        architecture inferred from the shapes must equal it (a ValueError lists each difference)
+        and it supplies what weights cannot tell (attention heads). Without it, heads follow
+        OpenAI's convention (head width 64; ResNet attention pool `width * 32 // 64`).
+      quick_gelu: the transformer activation, which weights cannot tell. True: QuickGELU
+        (OpenAI's released weights and open_clip's `-quickgelu` models need it); False: exact
+        GELU (open_clip's own configs). None picks QuickGELU when the state dict carries OpenAI's
+        metadata keys (`input_resolution`, ...: OpenAI JIT archives) or `model_name` ends with
+        `-quickgelu`, else the activation of `model_name`'s config, else exact GELU. A wrong
+        choice does not fail here: it silently changes the outputs, so pass it explicitly when
+        you know it.
+
+    Returns:
+      The config and `{"params": {"image", "text", "logit_scale"[, "logit_bias"]}` plus
+      `"batch_stats"` for ResNets}` holding float32 `jax.Array`s; use with
+      `create_model(config)`.
+
+    Raises:
+      ValueError: the state dict does not fill every Flax variable exactly once; the message
+        lists missing keys, unexpected keys and shape mismatches (both shapes).
+    """
+    sd = _Prepared(_prepare(state_dict))
+    config = _resolve_config(sd, model_name, quick_gelu)
+    model = create_model(config)
+    abstract = jax.eval_shape(model.init_variables, jax.random.key(0))
+    flat_abstract = traverse_util.flatten_dict(abstract)
+
+    expected: dict[str, tuple[tuple[str, ...], str]] = {}
+    for path, leaf in flat_abstract.items():
+        key, layout = torch_name(path, leaf.ndim)
+        if key in expected:   # a naming bug would make two Flax variables read one tensor
+            raise AssertionError(f"{key!r} maps to both {expected[key][0]} and {path}")
+        expected[key] = (path, layout)
+
+    present = set(sd) - set(OPENAI_METADATA_KEYS)
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected))
+    mismatched, flat = [], {}
+    for key, (path, layout) in expected.items():
+        if key not in sd:
+            continue
+        value = _to_flax_layout(sd[key], layout)
+        want = flat_abstract[path].shape
+        if value.shape != want:
+            mismatched.append(f"{key}: checkpoint {tuple(sd[key].shape)} (as Flax "
+                              f"{tuple(value.shape)}), model expects {tuple(want)} for "
+                              f"{'/'.join(path)}")
+            continue
+        flat[path] = jnp.asarray(value, dtype=flat_abstract[path].dtype)
+    if missing or unexpected or mismatched:
+        problems = []
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", mismatched)):
+            if items:
+                problems.append(f"{len(items)} {title}:\n    " + "\n    ".join(items))
+        raise ValueError("the state dict does not match the model\n  " + "\n  ".join(problems))
+    return config, traverse_util.unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading converted checkpoints
+# ----------------------------------------------------------------------------------------------
+
+def save_converted(directory: str | os.PathLike, config: CLIPConfig, variables: dict[str, Any],
+                   source: str | None = None, overwrite: bool = False) -> Path:
+    """Write `DIR/variables` (orbax StandardCheckpointer) and `DIR/model.json`.
+
+    model.json: `{"model_config": config.to_dict(), "tokenizer": "clip-bpe", "source": source}`.
+    Returns the absolute directory. Refuses to replace existing files unless `overwrite`.
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    directory = Path(directory).absolute()   # orbax needs absolute paths
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise FileExistsError(f"{str(directory)!r} exists and is not empty (pass overwrite=True "
+                              f"/ --overwrite to replace it)")
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / VARIABLES_ITEM, variables, force=overwrite)
+    checkpointer.wait_until_finished()   # saves are asynchronous
+    meta = {"model_config": config.to_dict(), "tokenizer": TOKENIZER_NAME, "source": source}
+    (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def load_converted(directory: str | os.PathLike,
+                   sharding: jax.sharding.Sharding | None = None
+                   ) -> tuple[CLIPConfig, dict[str, Any]]:
+    """Restore what `save_converted` wrote: (CLIPConfig, float32 Flax variables).
+
+    The restore target is `jax.eval_shape` of the model's init, so every shape and dtype is
+    checked. `sharding` places every array (default: the first local device).
+    """
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    directory = Path(directory).absolute()
+    meta_path, item = directory / MODEL_JSON, directory / VARIABLES_ITEM
+    if not meta_path.is_file() or not item.is_dir():
+        raise FileNotFoundError(f"{str(directory)!r} is not a converted clip_jax checkpoint: "
+                                f"expected {MODEL_JSON} and {VARIABLES_ITEM}/ in it")
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = CLIPConfig.from_dict(meta["model_config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"corrupt {meta_path}: {e}") from e
+    model = create_model(config)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            jax.eval_shape(model.init_variables, jax.random.key(0)))
+    try:
+        variables = ocp.StandardCheckpointer().restore(item, abstract)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise ValueError(f"cannot restore the variables in {item} for the model in {meta_path}: "
+                         f"{e}") from e
+    return config, variables
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
+                 model_name: str | None = None, quick_gelu: bool | None = None,
+                 overwrite: bool = False) -> tuple[CLIPConfig, Path]:
+    """Read a checkpoint file, convert it and save it with `save_converted`.
+
+    `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their released weights
+    need it), otherwise as in `convert_state_dict`.
+    """
+    state_dict, is_jit = _read_checkpoint(input_path)
+    if quick_gelu is None and is_jit:
+        quick_gelu = True
+    config, variables = convert_state_dict(state_dict, model_name, quick_gelu=quick_gelu)
+    directory = save_converted(output_dir, config, variables, overwrite=overwrite,
+                               source=os.path.abspath(input_path))
+    return config, directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m clip_jax.convert",
+        description="Convert an OpenAI / open_clip PyTorch CLIP checkpoint to a clip_jax orbax "
+                    "checkpoint directory.")
+    parser.add_argument("--model", default=None,
+                        help="registry name to check the weights against (e.g. ViT-B-32, "
+                             "RN50-quickgelu); default: infer the architecture from the weights")
+    parser.add_argument("--input", required=True,
+                        help="checkpoint: OpenAI .pt (TorchScript), .pt/.pth/.bin/.ckpt "
+                             "(torch.save), or .safetensors")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                        help="QuickGELU (OpenAI weights) vs exact GELU; default: QuickGELU for "
+                             "OpenAI TorchScript archives and -quickgelu names, else the model's")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    config, directory = convert_file(args.input, args.output, args.model, args.quick_gelu,
+                                     args.overwrite)
+    print(f"wrote {directory} ({config.vision.type}, embed_dim {config.embed_dim}, image "
+          f"{config.image_size}px, activation {config.text.activation})")
+
+
+if __name__ == "__main__":
+    main()
