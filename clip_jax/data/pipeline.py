@@ -1,0 +1,266 @@
+"""tf.data pipelines for training and evaluation.
+
+Train: per source, a deterministic raw-record stream (shards split per process, shard order
+shuffled per epoch) -> block shuffle + exact skip (`ordering`) -> weighted mix -> cheap filter
+(missing image / empty caption) -> guarded parallel decode + stateless random resized crop ->
+batch (drop_remainder) -> tokenise -> prefetch. Every batch carries `position`, the resume
+point after it (see `ordering` for the layout and `clip_jax.data.ordering.num_skipped`).
+
+Eval: one source, every sample exactly once across processes, resize + center crop, the last
+batch padded to full size with `mask` marking real samples.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from clip_jax.data import config as config_lib
+from clip_jax.data import ordering
+from clip_jax.data import shards as shards_lib
+from clip_jax.data import sources
+from clip_jax.data import transforms
+
+# Salts that separate the random streams derived from one seed.
+_SALT_SHARDS, _SALT_BLOCKS, _SALT_MIX, _SALT_AUGMENT = 1, 2, 3, 4
+
+
+def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    if threadpool_size:
+        options.threading.private_threadpool_size = threadpool_size
+    return ds.with_options(options)
+
+
+def guarded_map(ds: tf.data.Dataset, fn: Callable, num_parallel_calls: int) -> tf.data.Dataset:
+    """`ds.map(fn)` in parallel, but a sample whose `fn` raises (corrupt image) is dropped and
+    logged instead of failing the pipeline.
+
+    Each element becomes a one-element dataset with `ignore_errors`, so only errors from `fn`
+    on that element are caught; errors elsewhere (a missing shard, a tokenizer bug) still
+    raise. Interleaving them with block_length=1 and deterministic=True keeps input order,
+    which the resume positions rely on.
+    """
+    def one(rec):
+        return tf.data.Dataset.from_tensors(rec).map(fn).ignore_errors(log_warning=True)
+    return ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
+                         num_parallel_calls=num_parallel_calls, deterministic=True)
+
+
+def _tokenize_fn(tokenizer, context_length: int):
+    """`tf.numpy_function` body: `[B]` utf-8 strings -> `int32 [B, context_length]`."""
+    def tokenize(texts: np.ndarray) -> np.ndarray:
+        strings = [t.decode("utf-8", errors="replace") for t in texts.tolist()]
+        tokens = np.asarray(tokenizer(strings, context_length=context_length), dtype=np.int32)
+        if tokens.shape != (len(strings), context_length):
+            raise ValueError(f"tokenizer returned shape {tokens.shape}, expected "
+                             f"{(len(strings), context_length)}")
+        return tokens
+    return tokenize
+
+
+def _tokenize_batch(texts: tf.Tensor, tokenizer, context_length: int,
+                    batch_size: int | None) -> tf.Tensor:
+    tokens = tf.numpy_function(_tokenize_fn(tokenizer, context_length), [texts], tf.int32,
+                               stateful=False)
+    tokens.set_shape([batch_size, context_length])
+    return tokens
+
+
+def _shard_files(spec: config_lib.SourceSpec) -> list[str]:
+    if spec.source == "demo":
+        return shards_lib.demo_shards(spec.split)
+    return shards_lib.resolve_files(spec.shards, what=f"{spec.source} shards")
+
+
+def _shard_reader(spec: config_lib.SourceSpec):
+    if spec.source == "tfrecord":
+        return sources.tfrecord_shard_dataset
+    caption_field = spec.caption_field
+    return lambda path: sources.tar_shard_dataset(path, caption_field)
+
+
+def _train_raw_source(spec, *, seed, key, process_index, process_count, cycle_length,
+                      resample, num_parallel_calls) -> tf.data.Dataset:
+    """Endless raw records of one source for this process (deterministic given the seed)."""
+    if spec.source == "tfds":
+        return sources.tfds_records(
+            name=spec.tfds_name, split=spec.split, data_dir=spec.tfds_data_dir,
+            image_key=spec.image_key, text_key=spec.text_key, label_key=spec.label_key,
+            label_template=spec.label_template, shuffle_files=True,
+            seed=(seed * 1_000_003 + process_index) % (2 ** 31), process_index=process_index,
+            process_count=process_count, repeat=True)
+    if spec.source == "image_folder":
+        raise ValueError("source 'image_folder' is for evaluation only (it has no captions)")
+    files = shards_lib.split_for_process(_shard_files(spec), process_index, process_count)
+    paths = sources.shard_path_stream(files, seed_key=ordering.fold_in(key, _SALT_SHARDS),
+                                      repeat=True, resample=resample)
+    return sources.interleave_shards(paths, _shard_reader(spec), min(cycle_length, len(files)),
+                                     num_parallel_calls)
+
+
+def build_train_dataset(data_config, *, image_size: int, tokenizer, context_length: int,
+                        local_batch_size: int, seed: int, process_index: int = 0,
+                        process_count: int = 1, start_position=None) -> tf.data.Dataset:
+    """Endless training batches for this process.
+
+    Yields dicts:
+      image: uint8 [local_batch_size, image_size, image_size, 3] (not normalised)
+      text: int32 [local_batch_size, context_length] token ids (0 = pad)
+      position: int64 [num_sources + 1], the resume point after this batch: per source the
+        raw records consumed, then the mixed records consumed (incl. skipped bad samples).
+    Rebuilding with `start_position=<a batch's position>` continues with exactly the batch the
+    uninterrupted pipeline would have produced next (same samples, augmentation, order).
+    """
+    config_lib.validate(data_config)
+    specs = config_lib.source_specs(data_config)
+    start = ordering.normalize_start(start_position, len(specs))
+    npc = int(data_config.num_parallel_calls)
+    streams = []
+    for j, spec in enumerate(specs):
+        key = ordering.seed_key(seed, process_index, j)
+        raw = _train_raw_source(
+            spec, seed=seed, key=key, process_index=process_index, process_count=process_count,
+            cycle_length=int(data_config.shard_cycle_length), resample=bool(data_config.resample),
+            num_parallel_calls=npc)
+        streams.append(ordering.block_shuffle(
+            raw, block=int(data_config.shuffle_buffer), key=ordering.fold_in(key, _SALT_BLOCKS),
+            start=start[j] if start else 0))
+    mixed = ordering.mix(streams, [s.weight for s in specs],
+                         key=ordering.seed_key(seed, process_index, _SALT_MIX), start=start)
+    # Cheap checks before any decoding; dropped records still count in `position`.
+    mixed = mixed.filter(lambda r: tf.logical_and(tf.strings.length(r["image"]) > 0,
+                                                  tf.strings.length(r["text"]) > 0))
+    aug_key = ordering.seed_key(seed, process_index, _SALT_AUGMENT)
+    scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
+    method = data_config.resize_method
+
+    def transform(rec):
+        image = transforms.decode_image(rec["image"])
+        image = transforms.random_resized_crop(
+            image, ordering.fold_in(aug_key, rec["index"]), image_size, scale=scale,
+            ratio=ratio, method=method)
+        return {"image": image, "text": rec["text"], "position": rec["position"]}
+
+    ds = guarded_map(mixed, transform, npc)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+
+    def finish(batch):
+        return {"image": batch["image"],
+                "text": _tokenize_batch(batch["text"], tokenizer, context_length,
+                                        local_batch_size),
+                "position": batch["position"][-1]}
+
+    ds = ds.map(finish, num_parallel_calls=1, deterministic=True)
+    ds = ds.prefetch(int(data_config.prefetch))
+    return _apply_options(ds, int(data_config.threadpool_size))
+
+
+def _pad_batch(batch: dict, batch_size: int) -> dict:
+    """Pads every field of a possibly short batch to `batch_size`; adds `mask` bool [B]."""
+    n = tf.shape(batch["image"])[0]
+    out = {}
+    for name, value in batch.items():
+        rank = len(value.shape)
+        paddings = [[0, batch_size - n]] + [[0, 0]] * (rank - 1)
+        constant = "" if value.dtype == tf.string else 0
+        padded = tf.pad(value, paddings, constant_values=constant)
+        padded.set_shape([batch_size] + value.shape[1:].as_list())
+        out[name] = padded
+    out["mask"] = tf.range(batch_size) < n
+    return out
+
+
+def _eval_raw_source(spec, *, process_index, process_count, cycle_length, num_parallel_calls):
+    if spec.source == "tfds":
+        return sources.tfds_records(
+            name=spec.tfds_name, split=spec.split, data_dir=spec.tfds_data_dir,
+            image_key=spec.image_key, text_key=spec.text_key, label_key=spec.label_key,
+            label_template=spec.label_template, shuffle_files=False, seed=0,
+            process_index=process_index, process_count=process_count, repeat=False)
+    if spec.source == "image_folder":
+        raw, _ = sources.image_folder_records(spec.image_folder)
+        return raw.shard(process_count, process_index)
+    files = _shard_files(spec)
+    paths = sources.shard_path_stream(files, seed_key=None, repeat=False, resample=False)
+    raw = sources.interleave_shards(paths, _shard_reader(spec), min(cycle_length, len(files)),
+                                    num_parallel_calls)
+    # Record-level split: exactly once across processes whatever the shard count (eval sets
+    # are small enough for every process to read all shards).
+    return raw.shard(process_count, process_index)
+
+
+def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_length: int,
+                       batch_size: int, process_index: int = 0, process_count: int = 1,
+                       num_batches: int | None = None, resize_method: str | None = None,
+                       num_parallel_calls: int = -1) -> tf.data.Dataset:
+    """Every sample of one source exactly once (across processes), in a fixed order.
+
+    `spec_or_config` is a data config (single source), a per-source dict, or a `SourceSpec`.
+    A sample is kept when its image decodes and it has a caption or a label. Yields dicts with
+    every batch padded to `batch_size` (static shapes for jit):
+      image: uint8 [B, image_size, image_size, 3]   (zeros in padding rows)
+      text: int32 [B, context_length]   (omitted for image folders, which have no captions)
+      label: int32 [B]                  (-1 where a sample has no label)
+      caption: string [B]               (raw caption, b"" if none; several captions of one image
+                                         share its `key`)
+      key: string [B]                   (sample key / relative path)
+      mask: bool [B]                    (True for real samples, False for padding)
+    `num_batches`: if given, the stream is padded with all-False-mask batches to exactly that
+    many batches (equal step counts on every process) and raises if there is more data.
+    Resize: `resize_method` (default the config's, else bicubic), shorter side to image_size,
+    then center crop.
+    """
+    if isinstance(spec_or_config, config_lib.SourceSpec):
+        spec = spec_or_config
+    else:
+        spec = config_lib.as_source_spec(spec_or_config)
+        if resize_method is None and not isinstance(spec_or_config, dict):
+            resize_method = getattr(spec_or_config, "resize_method", None)
+    config_lib.validate_source(spec)
+    method = resize_method or "bicubic"
+    if method not in transforms.RESIZE_METHODS:
+        raise ValueError(f"resize_method={method!r}; choose one of {transforms.RESIZE_METHODS}")
+    raw = _eval_raw_source(spec, process_index=process_index, process_count=process_count,
+                           cycle_length=16, num_parallel_calls=num_parallel_calls)
+    raw = raw.filter(lambda r: tf.logical_and(
+        tf.strings.length(r["image"]) > 0,
+        tf.logical_or(tf.strings.length(r["text"]) > 0, r["label"] >= 0)))
+    with_text = spec.source != "image_folder" and tokenizer is not None
+
+    def transform(rec):
+        image = transforms.resize_center_crop(transforms.decode_image(rec["image"]), image_size,
+                                              method=method)
+        return {"image": image, "label": tf.cast(rec["label"], tf.int32),
+                "caption": rec["text"], "key": rec["key"]}
+
+    ds = guarded_map(raw, transform, num_parallel_calls).batch(batch_size)
+
+    def finish(batch):
+        batch = _pad_batch(batch, batch_size)
+        if with_text:
+            batch["text"] = _tokenize_batch(batch["caption"], tokenizer, context_length,
+                                            batch_size)
+        return batch
+
+    ds = ds.map(finish, num_parallel_calls=1, deterministic=True)
+    if num_batches is not None:
+        def check(i, batch):
+            with tf.control_dependencies([tf.debugging.assert_less(
+                    i, tf.constant(num_batches, tf.int64),
+                    message=f"eval data has more than num_batches={num_batches} batches")]):
+                return {k: tf.identity(v) for k, v in batch.items()}
+        # All-padding batch built from the element spec (works even if this process has no data).
+        empty = {k: tf.fill(s.shape, "") if s.dtype == tf.string else tf.zeros(s.shape, s.dtype)
+                 for k, s in ds.element_spec.items()}
+        padding = tf.data.Dataset.from_tensors(empty).repeat()
+        ds = ds.enumerate().map(check).concatenate(padding).take(num_batches)
+    return _apply_options(ds.prefetch(2))
+
+
+def image_folder_classnames(root: str) -> list[str]:
+    """Sorted class names (= labels 0..N-1) of an image-folder eval set."""
+    return sources.list_image_folder(root)[2]
+
