@@ -1,0 +1,362 @@
+"""Weight import from OpenAI / open_clip: numerical parity with open_clip, errors, files, CLI.
+
+All models are random-init (no downloads); open_clip runs in float32 eval mode on CPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+import jax  # noqa: E402  (after importorskip, like the peer helpers)
+from flax import traverse_util  # noqa: E402
+
+from clip_jax import convert  # noqa: E402
+from clip_jax.models import get_model_config  # noqa: E402
+from open_clip_peer import (jax_encode, make_small_model, random_images,  # noqa: E402
+                                  random_tokens, randomize_batchnorm, torch_encode)
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_TEXT = dict(context_length=32, width=128, layers=2, heads=2)
+TINY_VIT = dict(image_size=64, patch_size=8, width=128, layers=2)
+# open_clip's attention-pool heads are width * 32 // head_width: 128-wide heads give tiny-rn's 4.
+TINY_RN = dict(image_size=64, layers=(1, 1, 1, 1), width=16, head_width=128)
+
+# name: (embed_dim, vision_cfg, text_cfg, torch quick_gelu, convert model_name, convert quick_gelu)
+SMALL_CASES = {
+    "tiny-vit": (128, TINY_VIT, TINY_TEXT, False, "tiny-vit", None),
+    "tiny-vit-quickgelu": (128, TINY_VIT, TINY_TEXT, True, "tiny-vit-quickgelu", None),
+    # Not in the registry: everything inferred from shapes (heads by the 64-wide convention).
+    "inferred-vit-quickgelu": (
+        64, dict(image_size=32, patch_size=8, width=64, layers=2),
+        dict(context_length=16, width=64, layers=2, heads=1), True, None, True),
+    "tiny-rn": (128, TINY_RN, TINY_TEXT, False, "tiny-rn", None),
+    # Several blocks per stage (exercises layer{s}_{b} numbering and non-downsampling blocks).
+    "inferred-rn-deep-quickgelu": (
+        64, dict(image_size=64, layers=(2, 3, 2, 2), width=8),
+        dict(context_length=16, width=64, layers=1, heads=1), True, None, True),
+}
+
+
+def _inputs(context_length: int, image_size: int, batch: int = 3):
+    """Random images, random token rows and rows from open_clip's tokenizer."""
+    images = random_images(batch, image_size, seed=1)
+    texts = ["a photo of a cat", "a diagram of a transformer, drawn in pencil"]
+    tokenized = open_clip.tokenize(texts, context_length=context_length).numpy().astype(np.int32)
+    tokens = np.concatenate([random_tokens(batch, context_length, seed=2), tokenized])
+    return images, tokens
+
+
+@pytest.fixture(scope="module", params=sorted(SMALL_CASES))
+def small_case(request):
+    embed, vision, text, torch_quick, name, quick = SMALL_CASES[request.param]
+    model = make_small_model(embed, vision, text, quick_gelu=torch_quick)
+    config, variables = convert.convert_state_dict(model.state_dict(), name, quick_gelu=quick)
+    return request.param, model, config, variables
+
+
+def _assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
+    assert ours.shape == ref.shape, what
+    # Random-init outputs are O(0.1-10): a real mismatch is far above the tolerance.
+    assert np.std(ref) > 1e-2, f"{what}: reference output is degenerate"
+    err = float(np.max(np.abs(ours - ref)))
+    assert err < TOL, f"{what}: max abs error {err:.3g} (reference scale {np.abs(ref).max():.3g})"
+
+
+def test_small_models_match_open_clip(small_case):
+    name, model, config, variables = small_case
+    images, tokens = _inputs(config.context_length, config.image_size)
+    ref_image, ref_text = torch_encode(model, images, tokens)
+    image, text = jax_encode(config, variables, images, tokens)
+    _assert_close(image, ref_image, f"{name} encode_image")
+    _assert_close(text, ref_text, f"{name} encode_text")
+    expected_activation = "quick_gelu" if SMALL_CASES[name][3] else "gelu"
+    assert config.text.activation == expected_activation
+    if config.vision.type == "vit":
+        assert config.vision.activation == expected_activation
+
+
+def test_wrong_activation_is_detected(small_case):
+    """Negative control: the parity check is sensitive to the activation choice."""
+    name, model, config, _ = small_case
+    if config.vision.type != "vit":
+        pytest.skip("one ViT and one ResNet case suffice; the ViT cases cover it")
+    wrong = config.text.activation != "quick_gelu"
+    config_wrong, variables = convert.convert_state_dict(model.state_dict(), quick_gelu=wrong,
+                                                         model_name=None if "inferred" in name
+                                                         else name.removesuffix("-quickgelu"))
+    images, tokens = _inputs(config.context_length, config.image_size, batch=2)
+    ref_image, ref_text = torch_encode(model, images, tokens)
+    image, text = jax_encode(config_wrong, variables, images, tokens)
+    assert np.max(np.abs(image - ref_image)) > 10 * TOL
+    assert np.max(np.abs(text - ref_text)) > 10 * TOL
+
+
+def test_logit_scale_and_batchnorm_stats_carry_over(small_case):
+    _, model, config, variables = small_case
+    sd = model.state_dict()
+    assert float(variables["params"]["logit_scale"]) == pytest.approx(3.3)
+    np.testing.assert_array_equal(np.asarray(variables["params"]["logit_scale"]),
+                                  sd["logit_scale"].numpy())
+    if config.vision.type != "resnet":
+        assert "batch_stats" not in variables
+        return
+    stats = variables["batch_stats"]["image"]
+    pairs = {("bn1",): "visual.bn1", ("layer2_0", "bn3"): "visual.layer2.0.bn3",
+             ("layer3_0", "downsample_bn"): "visual.layer3.0.downsample.1"}
+    for path, key in pairs.items():
+        node = stats
+        for p in path:
+            node = node[p]
+        mean, var = sd[f"{key}.running_mean"].numpy(), sd[f"{key}.running_var"].numpy()
+        # The train-mode passes moved them away from torch's 0/1 defaults.
+        assert np.abs(mean).max() > 1e-3 and np.abs(var - 1).max() > 1e-3
+        np.testing.assert_array_equal(np.asarray(node["mean"]), mean)
+        np.testing.assert_array_equal(np.asarray(node["var"]), var)
+    # Every torch running stat is used exactly once (count matches the batch_stats leaves).
+    n_torch = sum(k.endswith("running_mean") or k.endswith("running_var") for k in sd)
+    assert len(traverse_util.flatten_dict(variables["batch_stats"])) == n_torch
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "RN50"])
+def test_full_size_models_match_open_clip(name):
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None)
+    randomize_batchnorm(model, train_batches=1, image_size=224)
+    with torch.no_grad():
+        model.logit_scale.fill_(4.0)
+    config, variables = convert.convert_state_dict(model.state_dict(), name)
+    assert config == get_model_config(name)
+    images, tokens = random_images(2, 224, seed=3), random_tokens(1, 77, seed=4)
+    tokens = np.concatenate([tokens, open_clip.tokenize(["a photo of a dog"]).numpy()])
+    tokens = tokens.astype(np.int32)
+    ref_image, ref_text = torch_encode(model, images, tokens)
+    image, text = jax_encode(config, variables, images, tokens)
+    _assert_close(image, ref_image, f"{name} encode_image")
+    _assert_close(text, ref_text, f"{name} encode_text")
+    assert float(variables["params"]["logit_scale"]) == pytest.approx(4.0)
+    print(f"{name} parity test: {time.perf_counter() - start:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Architecture inference and errors
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_vit_state_dict():
+    return make_small_model(128, TINY_VIT, TINY_TEXT, quick_gelu=False).state_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_rn_state_dict():
+    return make_small_model(128, TINY_RN, TINY_TEXT, quick_gelu=False).state_dict()
+
+
+def test_inferred_config_equals_registry(tiny_vit_state_dict, tiny_rn_state_dict):
+    inferred = convert.infer_config(tiny_vit_state_dict)
+    assert inferred == get_model_config("tiny-vit")
+    # tiny-rn's 4 attention-pool heads are not OpenAI's convention (16 * 32 // 64 = 8): only the
+    # registry name can supply them; everything else is inferred identically.
+    inferred = convert.infer_config(tiny_rn_state_dict)
+    assert inferred.vision.heads == 8
+    assert inferred.replace(vision=get_model_config("tiny-rn").vision) == get_model_config("tiny-rn")
+    assert convert.convert_state_dict(tiny_rn_state_dict, "tiny-rn")[0] == get_model_config("tiny-rn")
+
+
+def test_model_name_mismatch_lists_differences(tiny_vit_state_dict):
+    with pytest.raises(ValueError) as info:
+        convert.convert_state_dict(tiny_vit_state_dict, "ViT-B-32")
+    message = str(info.value)
+    assert "ViT-B-32" in message
+    assert "vision.width: weights have 128, config has 768" in message
+    assert "text.context_length: weights have 32, config has 77" in message
+    with pytest.raises(ValueError, match="vision.type"):
+        convert.convert_state_dict(tiny_vit_state_dict, "tiny-rn")
+
+
+def test_missing_key_is_named(tiny_vit_state_dict):
+    sd = dict(tiny_vit_state_dict)
+    del sd["transformer.resblocks.1.mlp.c_fc.bias"]
+    with pytest.raises(ValueError, match=r"1 missing keys:\s+transformer\.resblocks\.1\.mlp\.c_fc"
+                                         r"\.bias") as info:
+        convert.convert_state_dict(sd, "tiny-vit")
+    assert "unexpected" not in str(info.value)
+
+
+def test_missing_architecture_key_is_named(tiny_vit_state_dict):
+    sd = dict(tiny_vit_state_dict)
+    del sd["ln_final.weight"]
+    with pytest.raises(ValueError, match="no 'ln_final.weight'"):
+        convert.convert_state_dict(sd)
+
+
+def test_unexpected_key_is_named(tiny_vit_state_dict):
+    sd = dict(tiny_vit_state_dict)
+    sd["visual.extra_head.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"1 unexpected keys:\s+visual\.extra_head\.weight"):
+        convert.convert_state_dict(sd, "tiny-vit")
+
+
+def test_shape_mismatch_names_both_shapes(tiny_vit_state_dict):
+    sd = dict(tiny_vit_state_dict)
+    sd["transformer.resblocks.0.attn.out_proj.weight"] = torch.zeros(128, 64)
+    with pytest.raises(ValueError) as info:
+        convert.convert_state_dict(sd, "tiny-vit")
+    message = str(info.value)
+    assert "1 shape mismatches" in message
+    assert ("transformer.resblocks.0.attn.out_proj.weight: checkpoint (128, 64) (as Flax "
+            "(64, 128)), model expects (128, 128)") in message
+
+
+def test_ddp_prefix_fp16_and_openai_metadata(tiny_vit_state_dict):
+    """OpenAI-style input: `module.` prefix, float16 weights, metadata scalars -> QuickGELU."""
+    sd = {f"module.{k}": v.half() for k, v in tiny_vit_state_dict.items()}
+    sd.update({"module.input_resolution": torch.tensor(64), "module.context_length":
+               torch.tensor(32), "module.vocab_size": torch.tensor(49408)})
+    config, variables = convert.convert_state_dict(sd)
+    assert config == get_model_config("tiny-vit-quickgelu")
+    leaves = jax.tree.leaves(variables)
+    assert all(leaf.dtype == np.float32 for leaf in leaves)
+    np.testing.assert_array_equal(
+        np.asarray(variables["params"]["text"]["token_embedding"]["embedding"]),
+        tiny_vit_state_dict["token_embedding.weight"].half().float().numpy())
+    # Explicit quick_gelu wins over the metadata heuristic.
+    assert convert.convert_state_dict(sd, quick_gelu=False)[0] == get_model_config("tiny-vit")
+    sd["module.input_resolution"] = torch.tensor(224)
+    with pytest.raises(ValueError, match="input_resolution=224 contradicts"):
+        convert.convert_state_dict(sd)
+
+
+def test_every_flax_variable_has_a_distinct_torch_name():
+    for name in ("RN50", "ViT-B-32", "tiny-rn"):
+        model = convert.create_model(name)
+        abstract = traverse_util.flatten_dict(jax.eval_shape(model.init_variables,
+                                                             jax.random.key(0)))
+        names = [convert.torch_name(path, leaf.ndim)[0] for path, leaf in abstract.items()]
+        assert len(set(names)) == len(names) == len(abstract)
+    assert convert.torch_name(("params", "image", "layer3_1", "downsample_bn", "scale"), 1) == (
+        "visual.layer3.1.downsample.1.weight", "none")
+    assert convert.torch_name(("batch_stats", "image", "bn2", "var"), 1) == (
+        "visual.bn2.running_var", "none")
+    assert convert.torch_name(("params", "text", "transformer", "resblocks_11", "attn", "in_proj",
+                               "kernel"), 2) == (
+        "transformer.resblocks.11.attn.in_proj_weight", "linear")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint files, save/load, CLI
+# ------------------------------------------------------------------------------------------------
+
+def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
+    from safetensors.numpy import save_file
+
+    reference = convert.convert_state_dict(tiny_vit_state_dict, "tiny-vit")[1]
+    ref_leaves = jax.tree.leaves(reference)
+
+    def check(path, **kwargs):
+        config, variables = convert.convert_state_dict(convert.load_checkpoint_file(path),
+                                                       "tiny-vit", **kwargs)
+        for a, b in zip(jax.tree.leaves(variables), ref_leaves):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return config
+
+    arrays = {k: v.numpy() for k, v in tiny_vit_state_dict.items()}
+    save_file(arrays, str(tmp_path / "m.safetensors"))
+    check(tmp_path / "m.safetensors")
+    # An open_clip training checkpoint: {"epoch", "state_dict"} with DDP's module. prefix.
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
+                                           tiny_vit_state_dict.items()}}, tmp_path / "epoch_3.pt")
+    assert not convert.is_torch_jit_archive(tmp_path / "epoch_3.pt")
+    check(tmp_path / "epoch_3.pt")
+    torch.save(dict(tiny_vit_state_dict), tmp_path / "open_clip_pytorch_model.bin")
+    check(tmp_path / "open_clip_pytorch_model.bin")
+    np.savez(tmp_path / "m.npz", **arrays)
+    with pytest.raises(ValueError, match="unsupported checkpoint file"):
+        convert.load_checkpoint_file(tmp_path / "m.npz")
+    with pytest.raises(FileNotFoundError):
+        convert.load_checkpoint_file(tmp_path / "absent.pt")
+
+
+def test_torchscript_archive_defaults_to_quick_gelu(tmp_path):
+    """OpenAI's releases are TorchScript archives; they need QuickGELU."""
+    model = make_small_model(64, dict(image_size=32, patch_size=8, width=64, layers=1),
+                             dict(context_length=16, width=64, layers=1, heads=1),
+                             quick_gelu=True)
+    images, tokens = _inputs(16, 32, batch=2)
+    traced = torch.jit.trace(model, (torch.from_numpy(images), torch.from_numpy(tokens).long()),
+                             check_trace=False)
+    torch.jit.save(traced, str(tmp_path / "ViT-tiny.pt"))
+    assert convert.is_torch_jit_archive(tmp_path / "ViT-tiny.pt")
+    config, directory = convert.convert_file(tmp_path / "ViT-tiny.pt", tmp_path / "out")
+    assert config.text.activation == config.vision.activation == "quick_gelu"
+    config, variables = convert.load_converted(directory)
+    ref = torch_encode(model, images, tokens)
+    ours = jax_encode(config, variables, images, tokens)
+    _assert_close(ours[0], ref[0], "jit encode_image")
+    _assert_close(ours[1], ref[1], "jit encode_text")
+
+
+def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
+    (tmp_path / "x.pt").write_bytes(b"not really a checkpoint")
+    monkeypatch.setitem(sys.modules, "torch", None)   # makes `import torch` raise ImportError
+    with pytest.raises(ImportError, match="pip install torch"):
+        convert.load_checkpoint_file(tmp_path / "x.pt")
+
+
+def test_save_and_load_converted(tmp_path, tiny_rn_state_dict):
+    config, variables = convert.convert_state_dict(tiny_rn_state_dict, "tiny-rn")
+    directory = convert.save_converted(tmp_path / "ckpt", config, variables, source="unit-test")
+    meta = __import__("json").loads((directory / "model.json").read_text())
+    assert meta["tokenizer"] == "clip-bpe" and meta["source"] == "unit-test"
+    loaded_config, loaded = convert.load_converted(directory)
+    assert loaded_config == config
+    assert jax.tree.structure(loaded) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables)):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileExistsError, match="overwrite"):
+        convert.save_converted(directory, config, variables)
+    convert.save_converted(directory, config, variables, overwrite=True)
+
+    with pytest.raises(FileNotFoundError, match="not a converted clip_jax checkpoint"):
+        convert.load_converted(tmp_path / "nowhere")
+    (directory / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        convert.load_converted(directory)
+    # A config that does not fit the stored arrays fails the restore's shape check.
+    wrong = config.replace(embed_dim=64)
+    (directory / "model.json").write_text(
+        __import__("json").dumps({"model_config": wrong.to_dict(), "tokenizer": "clip-bpe"}))
+    with pytest.raises(ValueError, match="cannot restore"):
+        convert.load_converted(directory)
+
+
+def test_cli_round_trip(tmp_path):
+    model = make_small_model(128, TINY_RN, TINY_TEXT, quick_gelu=True, seed=5)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    out = tmp_path / "converted"
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_jax.convert", "--model", "tiny-rn", "--input",
+         str(tmp_path / "tiny.pt"), "--output", str(out), "--quick-gelu"],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"wrote {out}" in result.stdout
+    config, variables = convert.load_converted(out)
+    assert config == get_model_config("tiny-rn-quickgelu")
+    images, tokens = _inputs(config.context_length, config.image_size, batch=2)
+    ref = torch_encode(model, images, tokens)
+    ours = jax_encode(config, variables, images, tokens)
+    _assert_close(ours[0], ref[0], "cli encode_image")
+    _assert_close(ours[1], ref[1], "cli encode_text")
