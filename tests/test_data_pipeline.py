@@ -99,14 +99,11 @@ def test_determinism_and_seed(tmp_path):
 
 
 def _write_bad_shard(path, rng):
-    """12 members groups: 6 good, 6 bad of different kinds. Returns the good captions."""
-    good = [(f"g{i}", jpeg_bytes(rng)) for i in range(6)]
+    """12 sample groups: g0, g1 (.txt), six bad ones, g2..g5 (.json captions)."""
     jpeg = jpeg_bytes(rng)
     with tarfile.open(path, "w") as tar:
-        add_members(tar, [(f"{k}.jpg", img) for k, img in good[:2]])
-        add_members(tar, [(f"{k}.txt", f"good {k}".encode()) for k, _ in good[:2]])
-        for k, img in good[:2]:
-            pass
+        for k in ("g0", "g1"):
+            add_members(tar, [(f"{k}.jpg", jpeg_bytes(rng)), (f"{k}.txt", f"good {k}".encode())])
         add_members(tar, [
             ("b0.jpg", jpeg[: len(jpeg) // 2]), ("b0.txt", b"truncated jpeg"),
             ("b1.jpg", rng.bytes(300)), ("b1.txt", b"random bytes"),
@@ -115,34 +112,31 @@ def _write_bad_shard(path, rng):
             ("b4.jpg", jpeg_bytes(rng)),                                  # missing caption
             ("b5.jpg", jpeg[:200] + rng.bytes(400) + jpeg[600:]), ("b5.txt", b"corrupt middle"),
         ])
-        for k, img in good[2:]:
-            add_members(tar, [(f"{k}.jpg", img), (f"{k}.json",
-                                                  b'{"caption": "good %s"}' % k.encode())])
-    return {f"good g{i}" for i in range(6)}
+        for k in ("g2", "g3", "g4", "g5"):
+            add_members(tar, [(f"{k}.jpg", jpeg_bytes(rng)),
+                              (f"{k}.json", b'{"caption": "good %s"}' % k.encode())])
+
+
+GOOD = ["good g0", "good g1", "good g2", "good g3", "good g4", "good g5"]
 
 
 def test_bad_samples_skipped_and_counted(tmp_path):
-    rng = np.random.default_rng(0)
     path = os.path.join(str(tmp_path), "bad.tar")
-    good = _write_bad_shard(path, rng)
-    # The tar's members of g0/g1 are not adjacent to their captions: each key is grouped only
-    # with its consecutive members, so g0/g1 images lack text and their captions lack images.
-    # That makes 4 more broken groups (g0.jpg, g1.jpg, g0.txt, g1.txt): 2 + 4 good remain? No:
-    # assert on what actually arrives below.
+    _write_bad_shard(path, np.random.default_rng(0))
     ev = list(build_eval_dataset({"source": "tar", "shards": path}, image_size=SIZE,
                                  tokenizer=TOK, context_length=CTX, batch_size=4)
               .as_numpy_iterator())
     got = [c.decode() for b in ev for c, m in zip(b["caption"], b["mask"]) if m]
-    assert sorted(got) == sorted({"good g2", "good g3", "good g4", "good g5"})
-    # Train: 1 shard, 16 raw groups per epoch, 4 good. 3 batches of 4 = 12 good samples
-    # = 3 epochs = 48 raw groups consumed; 36 skipped.
+    assert got == GOOD  # every good sample, in shard order, nothing else
+    # Train without shuffling: raw order g0 g1 b0..b5 g2..g5, 12 groups per epoch.
+    # Batches: [g0 g1 g2 g3] ends at raw 10; [g4 g5 g0 g1] at 12+2; [g2..g5] at 24.
     cfg = data_config(source="tar", shards=path, shuffle_buffer=0)
     batches = take(_train(cfg, batch=4), 3)
-    assert set(captions_of(batches)) == {"good g2", "good g3", "good g4", "good g5"}
-    pos = batches[-1]["position"]
-    assert ordering.num_skipped(pos, 12) == int(pos[-1]) - 12
-    assert 12 * 4 - 4 < int(pos[-1]) <= 12 * 4  # last batch ends at its last good sample
-    assert good  # written
+    assert captions_of(batches) == GOOD[:4] + GOOD[4:] + GOOD[:2] + GOOD[2:]
+    assert [int(b["position"][-1]) for b in batches] == [10, 14, 24]
+    assert ordering.num_skipped(batches[-1]["position"], 12) == 12  # 6 bad x 2 epochs
+    with pytest.raises(ValueError):
+        ordering.num_skipped(batches[-1]["position"], 25)
 
 
 def test_eval_every_sample_once(tmp_path):

@@ -255,8 +255,10 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
         # All-padding batch built from the element spec (works even if this process has no data).
         empty = {k: tf.fill(s.shape, "") if s.dtype == tf.string else tf.zeros(s.shape, s.dtype)
                  for k, s in ds.element_spec.items()}
-        padding = tf.data.Dataset.from_tensors(empty).repeat()
-        ds = ds.enumerate().map(check).concatenate(padding).take(num_batches)
+        padding = tf.data.Dataset.from_tensors(empty).repeat(num_batches)
+        # filter (not take) so that the stream is read to its end and the check sees any excess.
+        ds = (ds.enumerate().map(check).concatenate(padding).enumerate()
+              .filter(lambda i, b: i < num_batches).map(lambda i, b: b))
     return _apply_options(ds.prefetch(2))
 
 
