@@ -170,8 +170,9 @@ def _check_range(name, value, lo, hi):
 def validate(config) -> None:
     """Checks a data config; raises ValueError naming the bad key and value."""
     specs = source_specs(config)
+    mixed = bool(_get(config, "sources", ()))
     for i, spec in enumerate(specs):
-        validate_source(spec, "data" if len(specs) == 1 else f"data.sources[{i}]")
+        validate_source(spec, f"data.sources[{i}]" if mixed else "data")
     if len(specs) > 1 and any(s.source == "image_folder" for s in specs):
         raise ValueError("data.sources: 'image_folder' is an eval-only source and cannot be mixed")
     _check_range("aug_scale", config.aug_scale, 0.0, 1.0)
