@@ -12,7 +12,6 @@ import pytest
 
 from clip_jax import tokenizers
 from clip_jax.tokenizers import bpe as bpe_mod
-from clip_jax.tokenizers import spm as spm_mod
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -190,6 +189,11 @@ def test_bpe_ids_and_rows(bpe):
     assert (row[7:] == 0).all()
     assert bpe.encode("a photo of a cat") == [320, 1125, 539, 320, 2368]
     assert bpe.encode("") == [] and bpe("")[0, :2].tolist() == [49406, 49407]
+    # The pad id 0 is also a real token ("!" inside a word): rows can hold 0 before eot, so the
+    # end of text is the first eot / the last non-zero position, not count_nonzero - 1.
+    row = bpe("wow!(really)")[0]
+    assert row[:8].tolist() == [49406, 2781, 0, 263, 1414, 264, 49407, 0]
+    assert row.argmax() == 6 == len(row) - 1 - np.flatnonzero(row[::-1])[0]
 
 
 def test_bpe_truncation_rule(bpe):
