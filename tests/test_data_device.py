@@ -28,7 +28,7 @@ def test_decode_formats():
         np.testing.assert_array_equal(out, arr, err_msg=fmt)
     gray = transforms.decode_image(_encode(arr[..., 0], "PNG")).numpy()
     assert gray.shape == (9, 13, 3) and np.array_equal(gray[..., 1], arr[..., 0])
-    data = _encode(arr, "JPEG", quality=95)
+    data = _encode(arr, "JPEG", quality=95, subsampling=0)  # 4:4:4: no chroma upsampling
     jpeg = transforms.decode_image(data).numpy()
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # same bytes, PIL's libjpeg
     diff = np.abs(jpeg.astype(int) - ref)  # chroma upsampling differs slightly between libs
