@@ -31,8 +31,8 @@ def test_decode_formats():
     data = _encode(arr, "JPEG", quality=95, subsampling=0)  # 4:4:4: no chroma upsampling
     jpeg = transforms.decode_image(data).numpy()
     ref = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # same bytes, PIL's libjpeg
-    diff = np.abs(jpeg.astype(int) - ref)  # chroma upsampling differs slightly between libs
-    assert jpeg.shape == (9, 13, 3) and diff.mean() < 1.5 and diff.max() <= 8
+    diff = np.abs(jpeg.astype(int) - ref)  # TF uses a fast integer IDCT: small differences
+    assert jpeg.shape == (9, 13, 3) and diff.mean() < 3 and diff.max() <= 12
 
 
 def test_resize_center_crop():
