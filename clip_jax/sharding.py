@@ -64,3 +64,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def num_batch_shards(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def state_shardings(mesh: Mesh, abstract_state):
+    """Sharding of every train-state leaf. Parameters and optimizer state are replicated over
+    the mesh (pure data parallelism)."""
+    return jax.tree.map(lambda _: replicated(mesh), abstract_state)

@@ -75,6 +75,11 @@ def test_text_tower_is_causal_and_pools_at_end_of_text():
     np.testing.assert_allclose(padded, encode([[5, 6, 7, 9]]), atol=1e-5)
     # Pooling follows the last non-pad token.
     assert not np.allclose(padded, encode([[5, 6, 7, 9, 4, 0, 0, 0]]), atol=1e-3)
+    # A pad-id token inside the text (OpenAI BPE id 0 is "!") does not move the pooling point.
+    inner_zero = encode([[5, 0, 7, 9, 0, 0, 0, 0]])
+    np.testing.assert_allclose(inner_zero, encode([[5, 0, 7, 9]]), atol=1e-5)
+    from clip_jax.models.text import end_of_text_index
+    assert end_of_text_index(jnp.array([[49406, 2781, 0, 263, 49407, 0, 0]])).tolist() == [4]
     # Tokens before the end matter.
     assert not np.allclose(padded, encode([[8, 6, 7, 9, 0, 0, 0, 0]]), atol=1e-3)
 

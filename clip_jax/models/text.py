@@ -12,12 +12,14 @@ from clip_jax.models.transformer import Dtype, Transformer, layer_norm
 def end_of_text_index(tokens: jax.Array, pad_id: int = 0) -> jax.Array:
     """Index of the last non-pad token of each row: [B, L] int -> [B] int32.
 
-    Our tokenizers always end a row with the end-of-text token followed only by padding, so this
-    is the EOT position. For OpenAI's BPE it equals open_clip's `tokens.argmax(-1)` (EOT has the
-    highest id); unlike argmax it also works for SentencePiece vocabularies.
+    Our tokenizers end every row with the end-of-text token followed only by padding, so this is
+    the EOT position; unlike open_clip's `tokens.argmax(-1)` it also works for SentencePiece
+    vocabularies, whose EOT id is not the largest. It must not count non-pad tokens: in OpenAI's
+    BPE the pad id 0 is also a real token ("!"), which can occur inside a caption.
     """
-    length = jnp.sum(tokens != pad_id, axis=-1).astype(jnp.int32)
-    return jnp.maximum(length - 1, 0)
+    is_token = tokens != pad_id
+    last_from_end = jnp.argmax(jnp.flip(is_token, axis=-1), axis=-1)
+    return (tokens.shape[-1] - 1 - last_from_end).astype(jnp.int32)
 
 
 class TextTransformer(nn.Module):

@@ -1,0 +1,95 @@
+"""Metric logging: TensorBoard event files, `metrics.jsonl` and a console progress line."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import numpy as np
+
+
+class MetricWriter:
+    """Writes scalars to `workdir/metrics.jsonl` (one JSON object per logged step) and to
+    TensorBoard event files under `workdir/tensorboard`. Only the primary process writes."""
+
+    def __init__(self, workdir: str, enabled: bool = True, filename: str = "metrics.jsonl"):
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, filename), "a", encoding="utf-8")
+        import tensorflow as tf  # tf.summary writes the event files; already a dependency
+        self._tf = tf
+        self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _to_python(v) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        with self._tb.as_default(step=int(step)):
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tf.summary.scalar(k, v)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _to_python(value: Any) -> Any:
+    value = np.asarray(value)
+    if value.ndim == 0:
+        return value.item()
+    return value.tolist()
+
+
+class Progress:
+    """Throughput and ETA between log points; the time spent waiting for data is reported
+    as `data_wait_fraction` of the wall time."""
+
+    def __init__(self, total_steps: int, start_step: int, global_batch: int):
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
+        self._data_wait = 0.0
+
+    def add_data_wait(self, seconds: float) -> None:
+        self._data_wait += seconds
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        steps = step - self._last_step
+        out = {
+            "steps_per_sec": steps / elapsed,
+            "samples_per_sec": steps * self.global_batch / elapsed,
+            "data_wait_fraction": min(self._data_wait / elapsed, 1.0),
+            "eta_sec": (self.total_steps - step) * elapsed / max(steps, 1),
+        }
+        self._last_step, self._last_time, self._data_wait = step, now, 0.0
+        return out
+
+
+def format_progress(step: int, total: int, scalars: Mapping[str, Any]) -> str:
+    eta = scalars.get("eta_sec", 0.0)
+    hours, rem = divmod(int(eta), 3600)
+    return (f"step {step}/{total} ({100.0 * step / total:.1f}%) "
+            f"loss {scalars.get('loss', float('nan')):.4f} "
+            f"lr {scalars.get('lr', 0.0):.2e} "
+            f"{scalars.get('steps_per_sec', 0.0):.2f} steps/s "
+            f"{scalars.get('samples_per_sec', 0.0):.1f} samples/s "
+            f"data-wait {100 * scalars.get('data_wait_fraction', 0.0):.0f}% "
+            f"ETA {hours:d}:{rem // 60:02d}:{rem % 60:02d}")

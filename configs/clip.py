@@ -1,0 +1,88 @@
+"""CLIP training configs: `--config configs/clip.py:<variant>`.
+
+Variants: tiny (default: tiny ViT on the shipped demo data, trains on a laptop CPU), tiny_rn,
+vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32 (locked image tower from converted weights).
+Every key has a default and a comment; override any with `--config.<key>=<value>`.
+"""
+import ml_collections
+
+from clip_jax.data import config as data_config
+
+
+def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
+    variant = variant or "tiny"
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    # A registered model name (clip_jax.models.list_models()): tiny-vit, tiny-rn, ViT-B-32,
+    # ViT-B-16, ViT-L-14, ViT-L-14-336, RN50, RN101, RN50x4, ... ; a "-quickgelu" suffix
+    # selects OpenAI's QuickGELU activation. Ignored (taken from the weights) with init_from.
+    c.model.name = "tiny-vit"
+    # Attention kernel for jax.nn.dot_product_attention: "" lets XLA choose, "cudnn" uses the
+    # fused cuDNN kernel on NVIDIA GPUs (bf16/fp16 only).
+    c.model.attention_impl = ""
+
+    c.batch_size = 256          # global batch over all devices and processes
+    c.total_steps = 1000        # optimizer steps; the LR schedule spans them
+    c.seed = 0                  # parameters, data order and augmentation
+    c.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
+    c.log_every = 10            # steps between metric logs (console, metrics.jsonl, TensorBoard)
+    c.checkpoint_every = 200    # steps between checkpoints (a final one is always written)
+    c.keep_checkpoints = 3      # how many recent checkpoints to keep
+    c.eval_every = 0            # steps between evaluations during training (0: never)
+    c.init_from = ""            # directory written by `python -m clip_jax.convert`
+    c.freeze = ""               # regex over param paths to freeze, e.g. "image/.*" (LiT)
+    c.nan_policy = "stop"       # on a non-finite loss/grad: "stop" the run or "skip" the step
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3           # peak learning rate
+    c.optim.warmup_steps = 100  # linear warmup from 0, then cosine decay
+    c.optim.end_lr_factor = 0.0  # final LR as a fraction of the peak
+    c.optim.weight_decay = 0.2  # AdamW decoupled decay; not on gains, biases, embeddings, scale
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    c.optim.grad_clip_norm = 0.0  # global-norm gradient clipping (0: off)
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1            # data-parallel axis size (-1: all remaining devices)
+    c.mesh.fsdp = 1             # parameter-sharding axis size (-1: all remaining devices)
+
+    c.distributed = ml_collections.ConfigDict()
+    # Call jax.distributed.initialize() (multi-host). On TPU pods and SLURM the remaining keys
+    # can stay empty: JAX reads the cluster environment.
+    c.distributed.initialize = False
+    c.distributed.coordinator_address = ""   # "host:port" of process 0
+    c.distributed.num_processes = -1         # -1: from the cluster environment
+    c.distributed.process_id = -1            # -1: from the cluster environment
+
+    c.data = data_config.get_default_config()
+
+    if variant == "tiny":
+        pass
+    elif variant == "tiny_rn":
+        c.model.name = "tiny-rn"
+    elif variant in ("vit_b32", "vit_b16", "vit_l14", "rn50", "rn101"):
+        c.model.name = {"vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16", "vit_l14": "ViT-L-14",
+                        "rn50": "RN50", "rn101": "RN101"}[variant]
+        # Paper-scale defaults; point data.* at real shards for real training.
+        c.batch_size = 4096
+        c.total_steps = 100_000
+        c.optim.lr = 5e-4
+        c.optim.warmup_steps = 2000
+        c.dtype = "bfloat16"
+        c.checkpoint_every = 1000
+        c.log_every = 50
+    elif variant == "lit_b32":
+        # Locked-image tuning: a converted image tower, frozen; the text tower trains.
+        c.model.name = "ViT-B-32"
+        c.init_from = "converted/ViT-B-32"
+        c.freeze = "image/.*"
+        c.batch_size = 4096
+        c.total_steps = 20_000
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 1000
+    else:
+        raise ValueError(f"unknown config variant {variant!r}; choose one of tiny, tiny_rn, "
+                         f"vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32")
+    return c
