@@ -33,8 +33,13 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=not read_only)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+            registry.add("state", args, ocp.StandardCheckpointHandler)
+        for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+            registry.add("meta", args, ocp.JsonCheckpointHandler)
         self._manager = ocp.CheckpointManager(directory, options=options,
-                                              item_names=("state", "meta"))
+                                              handler_registry=registry)
         self.directory = directory
 
     def latest_step(self) -> int | None:
@@ -80,6 +85,14 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore()))["meta"]
 
+    def saved_state_tree(self, step: int) -> Any:
+        """The saved train-state tree as ArrayMetadata leaves (shapes, dtypes), read without
+        loading any array."""
+        metadata = self._manager.item_metadata(step)["state"]
+        if metadata is None:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has no state")
+        return metadata
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
@@ -92,3 +105,45 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` (abstract or concrete) carrying the target shardings."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)
+
+
+def load_model_variables(workdir: str, step: int | None = None,
+                         sharding: Any = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """Model variables of a training run, without knowing its optimizer or config.
+
+    Restores `params` and `batch_stats` of checkpoint `step` (default: the latest) of
+    `workdir` onto `sharding` (default: replicated over all devices), whatever the device count
+    that wrote it.
+    Returns (step, variables {"params", "batch_stats"?}, meta) where meta holds
+    `model_config` (a CLIPConfig dict), `tokenizer` and `dtype`.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    checkpointer = Checkpointer(workdir, read_only=True)
+    try:
+        steps = checkpointer.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"no complete checkpoint in {checkpointer.directory}")
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
+                                  f"available steps: {steps}")
+        if sharding is None:
+            import numpy as np
+            sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)),
+                                     PartitionSpec())
+        saved = checkpointer.saved_state_tree(step)
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+            dict(saved))
+        state, meta = checkpointer.restore(step, abstract)
+    finally:
+        checkpointer.close()
+    if "model_config" not in meta:
+        raise CheckpointError(f"checkpoint step {step} of {workdir} has no model_config in its "
+                              f"metadata; it was not written by clip_jax.train")
+    variables = {"params": state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return step, variables, meta
