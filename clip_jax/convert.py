@@ -50,8 +50,11 @@ logger = logging.getLogger(__name__)
 # Scalars that OpenAI's JIT archives keep in their state dict; they are architecture metadata,
 # not parameters (open_clip drops them too). We check them against the inferred config.
 OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
-# BatchNorm's update counter has no Flax counterpart (flax uses a fixed momentum).
-_IGNORED_SUFFIXES = (".num_batches_tracked",)
+# Buffers that are not parameters: BatchNorm's update counter (flax uses a fixed momentum) and
+# the text tower's causal mask (open_clip registers it non-persistent, but TorchScript archives
+# keep every buffer; our attention builds the mask itself).
+_IGNORED_SUFFIXES = (".num_batches_tracked", ".attn_mask")
+_IGNORED_KEYS = ("attn_mask",)
 
 VARIABLES_ITEM = "variables"   # orbax item (sub-directory) holding the Flax variables
 MODEL_JSON = "model.json"      # model config and provenance, beside the orbax item
@@ -105,21 +108,14 @@ def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
     return dict(checkpoint), False
 
 
-def _read_safetensors(path: Path) -> dict[str, Any]:
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    # The numpy reader needs no torch and reads bfloat16 too (as an ml_dtypes array).
     try:
-        import safetensors  # pylint: disable=import-outside-toplevel
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError(f"reading {str(path)!r} needs the `safetensors` package: "
                           f"`pip install safetensors`") from e
-    try:
-        return load_file(str(path))
-    except (TypeError, ValueError, safetensors.SafetensorError) as e:
-        # numpy has no bfloat16: such files need torch's reader.
-        logger.info("safetensors numpy reader failed on %s (%s); trying torch", path, e)
-        _import_torch(path)   # a clear error when torch is missing too
-        from safetensors.torch import load_file as load_torch  # pylint: disable=import-outside-toplevel
-        return load_torch(str(path))
+    return load_file(str(path))
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -150,18 +146,23 @@ def _to_numpy(value: Any, key: str) -> np.ndarray:
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"state dict entry {key!r} is not an array ({type(value).__name__})") from e
+        raise ValueError(f"state dict entry {key!r} is not an array "
+                         f"({type(value).__name__})") from e
     if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
         array = array.astype(np.float32)
     return array
 
 
-def _prepare(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+class _Prepared(dict):
+    """Marks a state dict already unwrapped, prefix-stripped and converted to numpy."""
+
+
+def _prepare(state_dict: Mapping[str, Any]) -> "_Prepared":
     state_dict = _unwrap(state_dict)
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}   # DDP wrapper
-    return {k: _to_numpy(v, k) for k, v in state_dict.items()
-            if not k.endswith(_IGNORED_SUFFIXES)}
+    return _Prepared({k: _to_numpy(v, k) for k, v in state_dict.items()
+                      if not (k.endswith(_IGNORED_SUFFIXES) or k in _IGNORED_KEYS)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def infer_config(state_dict: Mapping[str, Any], quick_gelu: bool = False) -> CLI
 
     `quick_gelu` picks the transformer activation (it cannot be read from weights).
     """
-    sd = state_dict if _is_prepared(state_dict) else _prepare(state_dict)
+    sd = state_dict if isinstance(state_dict, _Prepared) else _prepare(state_dict)
     activation = "quick_gelu" if quick_gelu else "gelu"
     if "visual.proj" in sd:
         width, _, patch, patch_w = _shape(sd, "visual.conv1.weight")
@@ -236,14 +237,6 @@ def infer_config(state_dict: Mapping[str, Any], quick_gelu: bool = False) -> CLI
                       init_logit_bias=logit_bias)
 
 
-def _is_prepared(sd: Mapping[str, Any]) -> bool:
-    return isinstance(sd, _Prepared)
-
-
-class _Prepared(dict):
-    """Marks a state dict already unwrapped, prefix-stripped and converted to numpy."""
-
-
 # Fields a state dict cannot determine: they come from the reference config when one is given.
 _NOT_IN_WEIGHTS = ("vision.heads", "text.heads", "vision.activation", "text.activation",
                    "text.pad_id", "init_logit_scale", "init_logit_bias")
@@ -260,9 +253,11 @@ def config_differences(inferred: CLIPConfig, reference: CLIPConfig) -> list[str]
     diffs = [f"{key}: weights have {a.get(key)!r}, config has {b.get(key)!r}"
              for key in sorted(set(a) | set(b))
              if key not in _NOT_IN_WEIGHTS and a.get(key) != b.get(key)]
-    if (inferred.init_logit_bias is None) != (reference.init_logit_bias is None):
-        diffs.append(f"logit_bias: weights {'have' if inferred.init_logit_bias is not None else 'lack'}"
-                     f" it, config {'has' if reference.init_logit_bias is not None else 'lacks'} it")
+    has_bias, wants_bias = (inferred.init_logit_bias is not None,
+                            reference.init_logit_bias is not None)
+    if has_bias != wants_bias:
+        diffs.append(f"logit_bias: weights {'have' if has_bias else 'lack'} it, config "
+                     f"{'has' if wants_bias else 'lacks'} it")
     return diffs
 
 
@@ -386,7 +381,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConf
       ValueError: the state dict does not fill every Flax variable exactly once; the message
         lists missing keys, unexpected keys and shape mismatches (both shapes).
     """
-    sd = _Prepared(_prepare(state_dict))
+    sd = _prepare(state_dict)
     config = _resolve_config(sd, model_name, quick_gelu)
     model = create_model(config)
     abstract = jax.eval_shape(model.init_variables, jax.random.key(0))
@@ -521,7 +516,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
+    # orbax logs every save step at INFO through absl; keep the CLI output to what matters.
+    logging.basicConfig(level=logging.WARNING)
+    logger.setLevel(logging.INFO)
     config, directory = convert_file(args.input, args.output, args.model, args.quick_gelu,
                                      args.overwrite)
     print(f"wrote {directory} ({config.vision.type}, embed_dim {config.embed_dim}, image "

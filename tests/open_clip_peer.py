@@ -12,6 +12,7 @@ import numpy as np
 import open_clip
 import torch
 
+import jax
 import jax.numpy as jnp
 
 from clip_jax.models import CLIPConfig, create_model
@@ -86,10 +87,18 @@ def jax_encode(config: CLIPConfig, variables, images: np.ndarray | None,
                tokens: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Our encode_image (on the NHWC transpose of torch-layout images) and encode_text."""
     model = create_model(config)
-    image = text = None
-    if images is not None:
-        image = np.asarray(model.apply(variables, jnp.asarray(images.transpose(0, 2, 3, 1)),
-                                       method=model.encode_image))
-    if tokens is not None:
-        text = np.asarray(model.apply(variables, jnp.asarray(tokens), method=model.encode_text))
-    return image, text
+
+    # One jit for both towers: compiling the whole forward once is several times faster on CPU
+    # than eager op-by-op dispatch, which compiles every new primitive shape separately.
+    @jax.jit
+    def encode(variables, images_nhwc, tokens):
+        image = (None if images_nhwc is None
+                 else model.apply(variables, images_nhwc, method=model.encode_image))
+        text = None if tokens is None else model.apply(variables, tokens, method=model.encode_text)
+        return image, text
+
+    image, text = encode(variables,
+                         None if images is None else jnp.asarray(images.transpose(0, 2, 3, 1)),
+                         None if tokens is None else jnp.asarray(tokens))
+    return (None if image is None else np.asarray(image),
+            None if text is None else np.asarray(text))

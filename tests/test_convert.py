@@ -4,6 +4,7 @@ All models are random-init (no downloads); open_clip runs in float32 eval mode o
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -70,6 +71,7 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
     # Random-init outputs are O(0.1-10): a real mismatch is far above the tolerance.
     assert np.std(ref) > 1e-2, f"{what}: reference output is degenerate"
     err = float(np.max(np.abs(ours - ref)))
+    print(f"{what}: max abs error {err:.2e}, max abs value {np.abs(ref).max():.3g}")
     assert err < TOL, f"{what}: max abs error {err:.3g} (reference scale {np.abs(ref).max():.3g})"
 
 
@@ -86,18 +88,15 @@ def test_small_models_match_open_clip(small_case):
         assert config.vision.activation == expected_activation
 
 
-def test_wrong_activation_is_detected(small_case):
-    """Negative control: the parity check is sensitive to the activation choice."""
-    name, model, config, _ = small_case
-    if config.vision.type != "vit":
-        pytest.skip("one ViT and one ResNet case suffice; the ViT cases cover it")
-    wrong = config.text.activation != "quick_gelu"
-    config_wrong, variables = convert.convert_state_dict(model.state_dict(), quick_gelu=wrong,
-                                                         model_name=None if "inferred" in name
-                                                         else name.removesuffix("-quickgelu"))
+def test_wrong_activation_is_detected():
+    """Negative control: the parity check is sensitive to the activation choice, in both towers."""
+    embed, vision, text, torch_quick, _, _ = SMALL_CASES["inferred-vit-quickgelu"]
+    model = make_small_model(embed, vision, text, quick_gelu=torch_quick)
+    config, variables = convert.convert_state_dict(model.state_dict(), quick_gelu=False)
+    assert config.vision.activation == config.text.activation == "gelu"
     images, tokens = _inputs(config.context_length, config.image_size, batch=2)
     ref_image, ref_text = torch_encode(model, images, tokens)
-    image, text = jax_encode(config_wrong, variables, images, tokens)
+    image, text = jax_encode(config, variables, images, tokens)
     assert np.max(np.abs(image - ref_image)) > 10 * TOL
     assert np.max(np.abs(text - ref_text)) > 10 * TOL
 
@@ -170,8 +169,9 @@ def test_inferred_config_equals_registry(tiny_vit_state_dict, tiny_rn_state_dict
     # registry name can supply them; everything else is inferred identically.
     inferred = convert.infer_config(tiny_rn_state_dict)
     assert inferred.vision.heads == 8
-    assert inferred.replace(vision=get_model_config("tiny-rn").vision) == get_model_config("tiny-rn")
-    assert convert.convert_state_dict(tiny_rn_state_dict, "tiny-rn")[0] == get_model_config("tiny-rn")
+    tiny_rn = get_model_config("tiny-rn")
+    assert inferred.replace(vision=tiny_rn.vision) == tiny_rn
+    assert convert.convert_state_dict(tiny_rn_state_dict, "tiny-rn")[0] == tiny_rn
 
 
 def test_model_name_mismatch_lists_differences(tiny_vit_state_dict):
@@ -238,6 +238,15 @@ def test_ddp_prefix_fp16_and_openai_metadata(tiny_vit_state_dict):
         convert.convert_state_dict(sd)
 
 
+def test_logit_bias_carries_over(tiny_vit_state_dict):
+    sd = dict(tiny_vit_state_dict, logit_bias=torch.tensor(-7.5))
+    config, variables = convert.convert_state_dict(sd)
+    assert config.init_logit_bias == -7.5
+    assert float(variables["params"]["logit_bias"]) == -7.5
+    with pytest.raises(ValueError, match="logit_bias: weights have it, config lacks it"):
+        convert.convert_state_dict(sd, "tiny-vit")
+
+
 def test_every_flax_variable_has_a_distinct_torch_name():
     for name in ("RN50", "ViT-B-32", "tiny-rn"):
         model = convert.create_model(name)
@@ -260,6 +269,7 @@ def test_every_flax_variable_has_a_distinct_torch_name():
 
 def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
     from safetensors.numpy import save_file
+    from safetensors.torch import save_file as save_torch_file
 
     reference = convert.convert_state_dict(tiny_vit_state_dict, "tiny-vit")[1]
     ref_leaves = jax.tree.leaves(reference)
@@ -274,6 +284,14 @@ def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
     arrays = {k: v.numpy() for k, v in tiny_vit_state_dict.items()}
     save_file(arrays, str(tmp_path / "m.safetensors"))
     check(tmp_path / "m.safetensors")
+    # bfloat16 files (common on the Hub) read without torch and come back float32.
+    save_torch_file({k: v.bfloat16() for k, v in tiny_vit_state_dict.items()},
+                    str(tmp_path / "bf16.safetensors"))
+    _, variables = convert.convert_state_dict(
+        convert.load_checkpoint_file(tmp_path / "bf16.safetensors"), "tiny-vit")
+    np.testing.assert_array_equal(
+        np.asarray(variables["params"]["image"]["proj"]),
+        tiny_vit_state_dict["visual.proj"].bfloat16().float().numpy())
     # An open_clip training checkpoint: {"epoch", "state_dict"} with DDP's module. prefix.
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
                                            tiny_vit_state_dict.items()}}, tmp_path / "epoch_3.pt")
@@ -317,7 +335,7 @@ def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
 def test_save_and_load_converted(tmp_path, tiny_rn_state_dict):
     config, variables = convert.convert_state_dict(tiny_rn_state_dict, "tiny-rn")
     directory = convert.save_converted(tmp_path / "ckpt", config, variables, source="unit-test")
-    meta = __import__("json").loads((directory / "model.json").read_text())
+    meta = json.loads((directory / "model.json").read_text())
     assert meta["tokenizer"] == "clip-bpe" and meta["source"] == "unit-test"
     loaded_config, loaded = convert.load_converted(directory)
     assert loaded_config == config
@@ -337,7 +355,7 @@ def test_save_and_load_converted(tmp_path, tiny_rn_state_dict):
     # A config that does not fit the stored arrays fails the restore's shape check.
     wrong = config.replace(embed_dim=64)
     (directory / "model.json").write_text(
-        __import__("json").dumps({"model_config": wrong.to_dict(), "tokenizer": "clip-bpe"}))
+        json.dumps({"model_config": wrong.to_dict(), "tokenizer": "clip-bpe"}))
     with pytest.raises(ValueError, match="cannot restore"):
         convert.load_converted(directory)
 
