@@ -79,7 +79,7 @@ _BOILERPLATE_TITLE = re.compile(
       | ^clipart\ by\ .*\ -
       | \btheme$ | -theme$ | \bicon-?theme\b | \bicon\ ?set\b | \biconset\b
       | ^gramastar$ | ^various\ cliparts?$ | ^etiquette\ icons$
-      | ^r\d+\ sibmission$ | ^sallite$
+      | ^r\d+\ sibmission$ | ^sallite$ | @
       | ^(untitled|unnamed|new\ document|drawing|image|svg|clipart|test)\b(\ ?\d+)?$
     )""",
     re.X | re.I,
@@ -273,7 +273,7 @@ def name_from_file(file_name: str, creator: str = "") -> str:
             tokens.append(token)
     creator_words = normalize_caption(clean_text(creator)).split()
     # File names often end in a cut-off author name and initials: "bullet_hole_linda_kim_r".
-    while len(tokens) > 1 and (len(tokens[-1]) == 1 or any(
+    while tokens and (len(tokens[-1]) == 1 or any(
             w.startswith(tokens[-1].lower()) for w in creator_words)):
         tokens.pop()
     if not any(len(t) >= 3 for t in tokens):
@@ -335,6 +335,8 @@ def make_caption(item: ClipArt, series_titles: frozenset[str] = frozenset()) -> 
     (one of ``series_titles``, see :func:`collection_titles`) is preceded by that name.
     """
     title = informative_title(item.title)
+    if title and _words(title) <= _words(clean_text(item.creator)):
+        title = ""  # the author's name typed into the title field
     name = informative_title(name_from_file(item.docname or item.rel, item.creator))
     if not title:
         titles = [name] if name else []
@@ -741,8 +743,8 @@ def write_provenance(
         "  images whose title or keywords name exactly one class of",
         "  `classnames.txt`; classes need at least 20 such images and contribute about half of",
         "  them (20 to 40) so the rest stays in train.",
-        "- Keys are the index of the source PNG in the sorted file list (`000000`...); `sources.tsv`",
-        "  maps every key to its split, label, source file and author.",
+        "- Keys are the index of the source PNG in the sorted file list (`000000`...);",
+        "  `sources.tsv` maps every key to its split, label, source file and author.",
         "",
         "## Counts",
         "",
@@ -759,7 +761,8 @@ def write_provenance(
         "| label | class | images |",
         "|---|---|---|",
     ]
-    lines += [f"| {i} | {name} | {class_counts[name]} |" for i, name in enumerate(splits.classnames)]
+    lines += [f"| {i} | {name} | {class_counts[name]} |"
+              for i, name in enumerate(splits.classnames)]
     lines += ["", "## Build log", ""]
     lines += [f"- {name}: {value}" for name, value in sorted(counts.items())]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
