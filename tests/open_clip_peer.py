@@ -61,14 +61,19 @@ def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def random_tokens(batch: int, context_length: int, seed: int = 0) -> np.ndarray:
-    """[B, L] int32: SOT, random ids, EOT, then zeros; the last row fills the whole context."""
+    """[B, L] int32: SOT, random ids, EOT, then zeros; the last row fills the whole context.
+
+    Id 0 is both the pad id and a real BPE token ("!"): rows of 4+ tokens hold a 0 before the
+    EOT, so pooling must find the last non-pad token, not count non-pad tokens.
+    """
     rng = np.random.default_rng(seed)
     tokens = np.zeros((batch, context_length), np.int32)
     for row in range(batch):
-        length = context_length if row == batch - 1 else int(rng.integers(2, context_length))
+        length = context_length if row == batch - 1 else int(rng.integers(4, context_length))
         tokens[row, 0] = SOT_ID
-        tokens[row, 1:length - 1] = rng.integers(1, SOT_ID, size=length - 2)
+        tokens[row, 1:length - 1] = rng.integers(0, SOT_ID, size=length - 2)
         tokens[row, length - 1] = EOT_ID
+        tokens[row, int(rng.integers(1, length - 2))] = 0
     return tokens
 
 

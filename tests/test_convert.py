@@ -52,7 +52,7 @@ SMALL_CASES = {
 def _inputs(context_length: int, image_size: int, batch: int = 3):
     """Random images, random token rows and rows from open_clip's tokenizer."""
     images = random_images(batch, image_size, seed=1)
-    texts = ["a photo of a cat", "a diagram of a transformer, drawn in pencil"]
+    texts = ["a photo of a cat", "a diagram of a transformer, drawn in pencil!"]
     tokenized = open_clip.tokenize(texts, context_length=context_length).numpy().astype(np.int32)
     tokens = np.concatenate([random_tokens(batch, context_length, seed=2), tokenized])
     return images, tokens
