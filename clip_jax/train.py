@@ -150,15 +150,19 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config, workdir: str) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the last logged metrics plus `step`."""
+def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
+    """Runs (or resumes) training; returns the last logged metrics plus `step`.
+
+    `devices` restricts the mesh to a subset of this process's devices (tests compare 1 and 8
+    devices in one process); default: every device of every process.
+    """
     maybe_initialize_distributed(config)
     validate_config(config)
     is_primary = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
 
     # Mesh: every device of every process; batch split over (data, fsdp).
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp)
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     validate_config(config, mesh)
     local_batch = config.batch_size // jax.process_count()
 
@@ -228,7 +232,7 @@ def train(config, workdir: str) -> dict[str, Any]:
     history: dict[str, Any] = {"step": start_step}
     compiled = None
     flops_per_step = None
-    peak = _peak_flops(jax.devices()[0])
+    peak = _peak_flops(mesh.devices.flat[0])
     progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
     window: list[dict] = []
     pending_check = None  # (step, metrics) awaiting the non-finite check, one step behind
@@ -261,7 +265,7 @@ def train(config, workdir: str) -> dict[str, Any]:
                 if flops_per_step:
                     scalars["flops_per_sec"] = flops_per_step * scalars["steps_per_sec"]
                     if peak:
-                        scalars["mfu"] = scalars["flops_per_sec"] / (peak * jax.device_count())
+                        scalars["mfu"] = scalars["flops_per_sec"] / (peak * mesh.size)
                 writer.write(step, scalars)
                 if is_primary:
                     logging.info(metrics_lib.format_progress(step, config.total_steps, scalars))
@@ -357,5 +361,18 @@ def main(argv) -> None:
         sys.exit(f"clip_jax.train: error: {e}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors for bad config overrides (unknown key, wrong
+    type) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"clip_jax.train: error: {e}\nTry --help.")
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        message = (str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+                   .strip("'\""))
+        sys.exit(f"clip_jax.train: error: bad config override: {message}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

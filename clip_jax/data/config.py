@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-SOURCES = ("demo", "tfds", "tar", "tfrecord", "image_folder")
+SOURCES = ("demo", "tfds", "tar", "tfrecord", "image_folder", "synthetic")
 # Keys that describe one source; a `sources` entry may set any of them (plus "weight").
 SOURCE_KEYS = ("source", "split", "shards", "tfds_name", "tfds_data_dir", "image_key",
                "text_key", "label_key", "label_template", "caption_field", "image_folder")
@@ -23,7 +23,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Where samples come from: "demo" (the small dataset shipped in the package), "tfds",
     # "tar" (WebDataset/img2dataset shards), "tfrecord" (tf.train.Example shards) or
-    # "image_folder" (eval only: <dir>/<class>/<image>).
+    # "image_folder" (eval only: <dir>/<class>/<image>) or "synthetic" (random in-memory
+    # samples for benchmarks and tests; the global batch is independent of the process count).
     c.source = "demo"
     # Split: for "demo" one of train/heldout/classify; for "tfds" a TFDS split string with
     # optional slicing ("train", "train[:90%]"). Ignored by tar/tfrecord.
@@ -55,6 +56,8 @@ def get_default_config() -> ml_collections.ConfigDict:
     # (fixed seed, a new permutation per block so every epoch differs). Memory: this many
     # encoded samples (x2 while the next block fills). 0 or 1 disables record shuffling.
     c.shuffle_buffer = 10_000
+    # Number of distinct samples the "synthetic" source cycles through.
+    c.synthetic_pool_size = 1024
     # Draw shards with replacement (endless, no epoch boundaries) instead of shuffled epochs.
     c.resample = False
     # Number of shards read concurrently (records are interleaved one by one across them).
@@ -173,6 +176,10 @@ def validate(config) -> None:
     mixed = bool(_get(config, "sources", ()))
     for i, spec in enumerate(specs):
         validate_source(spec, f"data.sources[{i}]" if mixed else "data")
+    if len(specs) > 1 and any(s.source == "synthetic" for s in specs):
+        raise ValueError("data.sources: 'synthetic' cannot be mixed with other sources")
+    if int(_get(config, "synthetic_pool_size", 1)) < 1:
+        raise ValueError(f"data.synthetic_pool_size={config.synthetic_pool_size!r} must be >= 1")
     if len(specs) > 1 and any(s.source == "image_folder" for s in specs):
         raise ValueError("data.sources: 'image_folder' is an eval-only source and cannot be mixed")
     _check_range("aug_scale", config.aug_scale, 0.0, 1.0)

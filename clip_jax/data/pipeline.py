@@ -117,6 +117,13 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
     config_lib.validate(data_config)
     specs = config_lib.source_specs(data_config)
     start = ordering.normalize_start(start_position, len(specs))
+    if specs[0].source == "synthetic":
+        from clip_jax.data import synthetic
+        return synthetic.synthetic_train_dataset(
+            pool_size=int(data_config.synthetic_pool_size), image_size=image_size,
+            context_length=context_length, vocab_size=tokenizer.vocab_size,
+            local_batch_size=local_batch_size, seed=seed, process_index=process_index,
+            process_count=process_count, start_position=int(start[-1]) if start else 0)
     npc = int(data_config.num_parallel_calls)
     streams = []
     for j, spec in enumerate(specs):

@@ -1,0 +1,184 @@
+"""Trainer: device-count invariance, exact resume, preemption, bad config, NaN policy, LiT."""
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def get_config(variant="tiny", **overrides):
+    spec = importlib.util.spec_from_file_location("clip_config", REPO / "configs" / "clip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    config.unlock()
+    config.log_every = 1
+    config.checkpoint_every = 0
+    config.optim.warmup_steps = 2
+    config.data.shuffle_buffer = 64
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    config.lock()
+    return config
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
+
+
+@pytest.mark.parametrize("variant", ["tiny", "tiny_rn"])
+def test_one_and_eight_devices_give_the_same_losses(tmp_path, variant):
+    """Same global batch and seed: 8-way data parallelism reproduces the 1-device run
+    (for the ResNet this needs synchronised BatchNorm)."""
+    config = get_config(variant, batch_size=16, total_steps=5, **{"data.source": "synthetic"})
+    train.train(config, str(tmp_path / "one"), devices=jax.devices()[:1])
+    train.train(config, str(tmp_path / "eight"), devices=jax.devices()[:8])
+    one, eight = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert sorted(one) == [1, 2, 3, 4, 5]
+    for step in one:
+        np.testing.assert_allclose(eight[step], one[step], rtol=1e-4)
+    assert one[5] < one[1]  # it learns
+
+
+class _PreemptAtStep:
+    """Stands in for SIGTERM arriving during step `n` (the loop polls `requested` once a step)."""
+
+    def __init__(self, n):
+        self.n, self.polls = n, 0
+
+    def __call__(self):
+        outer = self
+
+        class Fake:
+            @property
+            def requested(self):
+                outer.polls += 1
+                return outer.polls >= outer.n
+
+            def restore(self):
+                pass
+        return Fake()
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    """6 steps in one go == 3 steps, preemption (checkpoint + exit), restart, 3 more steps:
+    same per-step losses and same final parameters. Uses the real tar-shard pipeline."""
+    config = get_config(batch_size=16, total_steps=6)
+    straight = tmp_path / "straight"
+    train.train(config, str(straight))
+
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(train, "_Preemption", _PreemptAtStep(3))
+    result = train.train(config, str(resumed))
+    assert result.get("preempted") and result["step"] == 3
+    assert checkpoint.Checkpointer(str(resumed), read_only=True).all_steps() == [3]
+    monkeypatch.undo()
+    train.train(config, str(resumed))
+
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        np.testing.assert_allclose(b[step], a[step], rtol=1e-5, err_msg=f"step {step}")
+    _, params_a, _ = checkpoint.load_model_variables(str(straight))
+    _, params_b, _ = checkpoint.load_model_variables(str(resumed))
+    for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    written = read_metrics(straight)[-1]
+    for key in ("loss", "logit_scale", "lr", "samples_per_sec", "grad_norm", "i2t_accuracy",
+                "t2i_accuracy", "data_wait_fraction", "skipped_samples", "flops_per_sec"):
+        assert key in written, key
+    assert json.load(open(straight / "config.json"))["batch_size"] == 16
+    assert list((straight / "tensorboard").iterdir())
+
+
+def _run_cli(*args, env_extra=None, **kwargs):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "clip_jax.train",
+                           "--config", str(REPO / "configs" / "clip.py") + ":tiny", *args],
+                          capture_output=True, text=True, env=env, **kwargs)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.batch_sise=3", "batch_sise"),
+    ("--config.batch_size=abc", "batch_size"),
+    ("--config.batch_size=12", "divisible by the 8"),
+    ("--config.data.source=tar", "data.shards is empty"),
+    ("--config.model.name=ViT-Z-1", "unknown model"),
+])
+def test_bad_config_is_a_one_line_error(tmp_path, override, message):
+    proc = _run_cli("--workdir", str(tmp_path / "w"), override, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "clip_jax.train: error" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    workdir = tmp_path / "w"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clip_jax.train", "--config", str(REPO / "configs/clip.py:tiny"),
+         "--workdir", str(workdir), "--config.batch_size=8", "--config.total_steps=100000",
+         "--config.log_every=1", "--config.data.source=synthetic"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    steps = checkpoint.Checkpointer(str(workdir), read_only=True).all_steps()
+    assert len(steps) == 1 and steps[0] >= 2
+    assert "preempted at step" in out
+
+
+def test_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
+    # A huge learning rate blows the parameters up within a few steps.
+    config = get_config(batch_size=8, total_steps=6, **{"data.source": "synthetic",
+                                                       "optim.lr": 1e30, "optim.warmup_steps": 0})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d"):
+        train.train(config, str(tmp_path / "stop"), devices=jax.devices()[:1])
+    config = get_config(batch_size=8, total_steps=6, nan_policy="skip",
+                        **{"data.source": "synthetic", "optim.lr": 1e30,
+                           "optim.warmup_steps": 0})
+    result = train.train(config, str(tmp_path / "skip"), devices=jax.devices()[:1])
+    assert result["step"] == 6
+    assert sum(m["nonfinite"] for m in read_metrics(tmp_path / "skip")) >= 1
+
+
+def test_lit_freezes_the_image_tower_of_converted_weights(tmp_path):
+    from clip_jax import convert, models
+    model_config = models.get_model_config("tiny-vit")
+    variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(7))
+    convert.save_converted(tmp_path / "converted", model_config, variables)
+    config = get_config(batch_size=8, total_steps=3, freeze="image/.*",
+                        init_from=str(tmp_path / "converted"), **{"data.source": "synthetic"})
+    train.train(config, str(tmp_path / "lit"), devices=jax.devices()[:1])
+    _, trained, _ = checkpoint.load_model_variables(str(tmp_path / "lit"))
+    start = variables["params"]
+    for a, b in zip(jax.tree.leaves(trained["params"]["image"]), jax.tree.leaves(start["image"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained["params"]["text"]),
+                                                    jax.tree.leaves(start["text"]))]
+    assert all(changed[:3]) and sum(changed) > len(changed) // 2
