@@ -1,0 +1,142 @@
+"""`python -m clip_jax.evaluate --config configs/clip.py:tiny --workdir runs/tiny [--step N]`.
+
+Restores the model of a training run (latest or `--step` checkpoint) onto the devices present
+now, whatever device count wrote it, or converted weights with `--init_from DIR`; runs the
+evaluators of `config.eval` (default: `clip_jax.evaluation.get_default_config()`), prints a
+results table and writes `<workdir>/eval_<step>.json` (`eval_converted.json` with
+`--init_from`). Bad checkpoints and configs end with a one-line error and exit status 1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+# TensorFlow (tf.data) is loud by default; keep its C++ logs to warnings and up.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file with an `eval` section (e.g. configs/clip.py:tiny); without "
+    "one the default evaluators of clip_jax.evaluation run.", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: checkpoints are read from "
+                               "it and eval_<step>.json is written to it.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Evaluate converted weights (a directory "
+                                 "written by python -m clip_jax.convert) instead of a "
+                                 "checkpoint of --workdir.")
+_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the training run's, "
+                             "float32 for converted weights).")
+
+
+class EvalError(RuntimeError):
+    """A problem the user can fix (bad path, step, config); reported in one line."""
+
+
+def eval_config_of(config) -> Any:
+    """`config.eval` when present, else the evaluation defaults."""
+    from clip_jax.evaluation import get_default_config
+    if config is not None and "eval" in config:
+        return config.eval
+    return get_default_config()
+
+
+def evaluate(config, workdir: str, step: int | None = None, init_from: str | None = None,
+             dtype: str | None = None) -> tuple[dict[str, float], str]:
+    """Restores, evaluates and writes the JSON; returns (metrics, path of the JSON)."""
+    from clip_jax import checkpoint as ckpt_lib
+    from clip_jax import evaluation, inference, models, sharding, tokenizers
+
+    eval_config = eval_config_of(config)
+    try:
+        evaluation.config.validate(eval_config)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    mesh = sharding.create_mesh()
+    if init_from and step is not None:
+        raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
+    source = init_from or workdir
+    if init_from and not inference.is_converted_dir(init_from):
+        raise EvalError(f"--init_from {init_from} is not a converted checkpoint (expected "
+                        f"model.json and variables/ in it)")
+    try:
+        restored = inference.restore(source, step, sharding.replicated(mesh))
+    except ckpt_lib.CheckpointError as e:
+        raise EvalError(str(e)) from None
+    model = models.create_model(restored.config, dtype=dtype or restored.dtype)
+    tokenizer = tokenizers.get(restored.tokenizer)
+    logging.info("evaluating %s (step %s) on %d devices", source, restored.step,
+                 jax.device_count())
+    metrics, details = evaluation.evaluate_all(eval_config, model, restored.variables,
+                                               tokenizer, mesh, restored.step)
+    name = "eval_converted.json" if init_from else f"eval_{restored.step}.json"
+    path = os.path.join(workdir, name)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        record = {"step": restored.step, "checkpoint": os.path.abspath(source),
+                  "kind": restored.kind, "num_devices": jax.device_count(),
+                  "metrics": metrics, "details": details, "eval_config": eval_config.to_dict()}
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)   # never leaves a half-written results file
+    return metrics, path
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """Two aligned columns, `<evaluator>/<metric>` and its value (percent for accuracies)."""
+    width = max(len(k) for k in metrics) if metrics else 0
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
+    for key, value in metrics.items():
+        metric = key.split("/", 1)[-1]
+        is_fraction = metric.startswith(("top", "mean_per_class", "image_to_text",
+                                         "text_to_image", "mean_recall"))
+        text = f"{100 * value:6.2f}%" if is_fraction else f"{value:.4g}"
+        lines.append(f"{key:<{width}}  {text}")
+    return "\n".join(lines)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
+class _QuietLibraries:
+    """absl log filter: drops INFO records of orbax (dozens per restore), keeps ours."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def main(argv) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (checkpoints are read from it and results "
+                             "written to it)")
+    from clip_jax.checkpoint import CheckpointError
+    try:
+        metrics, path = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value,
+                                 _DTYPE.value)
+    except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"clip_jax.evaluate: error: {_one_line(e)}")
+    print(format_table(metrics))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
