@@ -93,3 +93,31 @@ def format_progress(step: int, total: int, scalars: Mapping[str, Any]) -> str:
             f"{scalars.get('samples_per_sec', 0.0):.1f} samples/s "
             f"data-wait {100 * scalars.get('data_wait_fraction', 0.0):.0f}% "
             f"ETA {hours:d}:{rem // 60:02d}:{rem % 60:02d}")
+
+
+# Dense peak FLOP/s per chip for MFU (bf16/fp16 tensor units, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
+
+
+def peak_flops(device) -> float | None:
+    """The dense bf16 peak of `device` (None for CPUs and unknown chips)."""
+    kind = getattr(device, "device_kind", "").lower()
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind:
+            return flops
+    return None
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program, from XLA's cost analysis (None if absent)."""
+    try:
+        cost = compiled.cost_analysis()
+    except (NotImplementedError, RuntimeError) as e:
+        logging.warning("no XLA cost analysis: %s", e)
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else {}
+    flops = cost.get("flops") if cost else None
+    return float(flops) if flops else None

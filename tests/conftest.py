@@ -4,6 +4,12 @@ Everything here must happen before jax or tensorflow start a backend, which is w
 import time of the conftest (pytest imports it before any test module).
 """
 import os
+import sys
+
+# torch (a test-only peer) imports triton when it is installed; triton's native libraries crash
+# the process (segfault) when TensorFlow was imported first, as it is in a whole-suite run.
+# The tests run torch on CPU only, so torch is told triton is absent.
+sys.modules.setdefault("triton", None)
 
 # Quiet TensorFlow (both variables are needed) and keep it off any GPU.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
