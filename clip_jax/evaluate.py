@@ -20,17 +20,24 @@ from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file with an `eval` section (e.g. configs/clip.py:tiny); without "
-    "one the default evaluators of clip_jax.evaluation run.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: checkpoints are read from "
-                               "it and eval_<step>.json is written to it.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-_INIT_FROM = flags.DEFINE_string("init_from", None, "Evaluate converted weights (a directory "
-                                 "written by python -m clip_jax.convert) instead of a "
-                                 "checkpoint of --workdir.")
-_DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the training run's, "
-                             "float32 for converted weights).")
+_CONFIG = _WORKDIR = _STEP = _INIT_FROM = _DTYPE = None
+
+
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so that this module can be
+    imported next to `clip_jax.train`, which defines a `--config` flag of its own)."""
+    global _CONFIG, _WORKDIR, _STEP, _INIT_FROM, _DTYPE  # pylint: disable=global-statement
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Config file with an `eval` section (e.g. configs/clip.py:tiny); without "
+        "one the default evaluators of clip_jax.evaluation run.", lock_config=False)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: checkpoints are read from "
+                                   "it and eval_<step>.json is written to it.")
+    _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
+    _INIT_FROM = flags.DEFINE_string("init_from", None, "Evaluate converted weights (a directory "
+                                     "written by python -m clip_jax.convert) instead of a "
+                                     "checkpoint of --workdir.")
+    _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the training run's, "
+                                 "float32 for converted weights).")
 
 
 class EvalError(RuntimeError):
@@ -139,4 +146,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
