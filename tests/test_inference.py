@@ -15,7 +15,7 @@ from clip_jax.models import create_model, get_model_config
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
     config = get_model_config("tiny-vit")
-    variables = create_model(config).init_variables(jax.random.key(0))
+    variables = jax.jit(create_model(config).init_variables)(jax.random.key(0))
     return str(convert.save_converted(tmp_path_factory.mktemp("tiny") / "conv", config,
                                       variables))
 

@@ -72,7 +72,10 @@ class Embedder:
                                             lambda index: array[index])
 
     def _run(self, fn, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(jax.device_get(fn(self.variables, self._to_global(batch))))
+        out = fn(self.variables, self._to_global(batch))
+        # Replicated output: any local shard is the whole array (also on multi-host meshes,
+        # where the global array is not fully addressable from one process).
+        return np.asarray(out.addressable_data(0))
 
     def _padded_batches(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
         """Slices `rows` into full batches (the last padded with zeros) -> (batch, n_real)."""
