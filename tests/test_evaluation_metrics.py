@@ -193,3 +193,15 @@ def test_default_eval_config_validates_and_rejects_bad_types():
     c.evaluators.zeroshot.type = "zero-shot"
     with pytest.raises(ValueError, match=r"eval.evaluators.zeroshot.type='zero-shot'"):
         eval_config.validate(c)
+    c = eval_config.get_default_config()
+    c.evaluators.retrieval.data.split = "validation"
+    with pytest.raises(ValueError, match=r"eval.evaluators.retrieval.data.split='validation'"):
+        eval_config.validate(c)
+    c = eval_config.get_default_config()
+    c.evaluators.zeroshot.templates = "imagenet"
+    with pytest.raises(ValueError, match=r"zeroshot.templates: unknown template set"):
+        eval_config.validate(c)
+    c = eval_config.get_default_config()
+    c.evaluators.extra = eval_config.retrieval_block(source="image_folder", image_folder="/x")
+    with pytest.raises(ValueError, match="retrieval needs captions"):
+        eval_config.validate(c)

@@ -5,18 +5,41 @@
                                         tokenizer, mesh, step)   # {"zeroshot/top1": ..., ...}
 
 The command line is `python -m clip_jax.evaluate`; the inference API is `clip_jax.load`.
+Importing this package is cheap (configs import `clip_jax.evaluation.config`): the names
+below and the submodules load on first use.
 """
-from clip_jax.evaluation.config import get_default_config
-from clip_jax.evaluation.embed import Embedder
-from clip_jax.evaluation.linear_probe import (LogisticRegression, evaluate_linear_probe,
-                                              linear_probe_metrics)
-from clip_jax.evaluation.result import EvalResult
-from clip_jax.evaluation.retrieval import evaluate_retrieval, retrieval_metrics
-from clip_jax.evaluation.runner import EVALUATORS, evaluate_all, run_evaluators
-from clip_jax.evaluation.templates import TEMPLATE_SETS, get_templates
-from clip_jax.evaluation.zeroshot import class_embeddings, evaluate_zeroshot, zeroshot_metrics
+import importlib
 
-__all__ = ["EVALUATORS", "Embedder", "EvalResult", "LogisticRegression", "TEMPLATE_SETS",
-           "class_embeddings", "evaluate_all", "evaluate_linear_probe", "evaluate_retrieval",
-           "evaluate_zeroshot", "get_default_config", "get_templates", "linear_probe_metrics",
-           "retrieval_metrics", "run_evaluators", "zeroshot_metrics"]
+_LAZY = {
+    "get_default_config": "clip_jax.evaluation.config",
+    "Embedder": "clip_jax.evaluation.embed",
+    "LogisticRegression": "clip_jax.evaluation.linear_probe",
+    "evaluate_linear_probe": "clip_jax.evaluation.linear_probe",
+    "linear_probe_metrics": "clip_jax.evaluation.linear_probe",
+    "EvalResult": "clip_jax.evaluation.result",
+    "evaluate_retrieval": "clip_jax.evaluation.retrieval",
+    "retrieval_metrics": "clip_jax.evaluation.retrieval",
+    "EVALUATORS": "clip_jax.evaluation.runner",
+    "evaluate_all": "clip_jax.evaluation.runner",
+    "run_evaluators": "clip_jax.evaluation.runner",
+    "TEMPLATE_SETS": "clip_jax.evaluation.templates",
+    "get_templates": "clip_jax.evaluation.templates",
+    "class_embeddings": "clip_jax.evaluation.zeroshot",
+    "evaluate_zeroshot": "clip_jax.evaluation.zeroshot",
+    "zeroshot_metrics": "clip_jax.evaluation.zeroshot",
+}
+_SUBMODULES = ("config", "data", "embed", "linear_probe", "result", "retrieval", "runner",
+               "templates", "zeroshot")
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'clip_jax.evaluation' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -112,3 +112,17 @@ def validate(config) -> None:
                              f"{EVALUATOR_TYPES}")
         if "data" not in block:
             raise ValueError(f"eval.evaluators.{name} has no data block")
+        # Bad sources and templates fail here, at startup, not at the first evaluation.
+        from clip_jax.evaluation.data import source_spec
+        spec = source_spec(block.data, f"eval.evaluators.{name}.data")
+        if kind == "retrieval" and spec.source == "image_folder":
+            raise ValueError(f"eval.evaluators.{name}: retrieval needs captions; source "
+                             f"'image_folder' has none")
+        if kind == "zeroshot":
+            from clip_jax.evaluation.templates import get_templates
+            try:
+                get_templates(block.get("templates", "generic"))
+            except ValueError as e:
+                raise ValueError(f"eval.evaluators.{name}.templates: {e}") from None
+        if kind == "linear_probe" and block.get("test_data") and block.test_data.get("source"):
+            source_spec(block.test_data, f"eval.evaluators.{name}.test_data")
