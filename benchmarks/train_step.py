@@ -46,7 +46,15 @@ def build_step(model_name: str, batch: int, dtype: str, attention_impl: str | No
     jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shard),
                      out_shardings=(state_shardings, sharding.replicated(mesh)),
                      donate_argnums=(0,))
-    return jitted, state, data
+    # Model FLOPs: XLA's cost analysis of the same step lowered for the CPU backend from
+    # abstract shapes (no memory, any host). GPU compilation turns matmuls into library calls
+    # that its cost analysis does not count, and jax does not offer the lowered GPU analysis.
+    unsharded_step = step_lib.make_train_step(model, tx, schedule, mesh=None)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            (jax.eval_shape(init), data))
+    flops = metrics.compiled_flops(
+        jax.jit(unsharded_step).trace(*abstract).lower(lowering_platforms=("cpu",)))
+    return jitted, state, data, flops
 
 
 def time_step(jitted, state, data, steps: int, warmup: int) -> tuple[dict, object]:
@@ -76,9 +84,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
-    jitted, state, data = build_step(args.model, args.batch, args.dtype, args.attention_impl)
+    jitted, state, data, flops = build_step(args.model, args.batch, args.dtype,
+                                            args.attention_impl)
     result, compiled = time_step(jitted, state, data, args.steps, args.warmup)
-    flops = metrics.compiled_flops(compiled)
     device = jax.devices()[0]
     peak = metrics.peak_flops(device)
     memory = {}
