@@ -7,6 +7,9 @@ predictions must be identical.
 """
 from __future__ import annotations
 
+import json
+
+import ml_collections
 import numpy as np
 import pytest
 
@@ -17,6 +20,7 @@ from clip_jax import convert, evaluation, tokenizers  # noqa: E402
 from clip_jax import sharding as sharding_lib  # noqa: E402
 from clip_jax.data import demo_classnames  # noqa: E402
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from clip_jax.evaluate import EvalError, evaluate  # noqa: E402
 from clip_jax.evaluation import data as eval_data  # noqa: E402
 from clip_jax.evaluation.templates import get_templates  # noqa: E402
 from clip_jax.inference import load, restore  # noqa: E402
@@ -103,3 +107,21 @@ def test_zeroshot_evaluator_matches_open_clip(setup):
         assert result.details["per_class_top1"][name] == pytest.approx(expected, abs=1e-9), name
     predicted = {n: int((ref_pred == c).sum()) for c, n in enumerate(classnames)}
     assert result.details["predicted_counts"] == predicted
+
+
+def test_cli_evaluate_init_from_converted_weights(setup, tmp_path):
+    directory, _, labels, _, ref_scores, _ = setup
+    config = ml_collections.ConfigDict({"eval": evaluation.get_default_config()})
+    del config.eval.evaluators["retrieval"], config.eval.evaluators["linear_probe"]
+    config.eval.evaluators.zeroshot.templates = TEMPLATES
+    metrics, path = evaluate(config, str(tmp_path / "out"), init_from=directory)
+    assert path == str(tmp_path / "out" / "eval_converted.json")
+    record = json.loads(open(path, encoding="utf-8").read())
+    assert record["kind"] == "converted" and record["step"] is None
+    expected = float((ref_scores.argmax(axis=1) == labels).mean())
+    assert metrics["zeroshot/top1"] == pytest.approx(expected, abs=1e-9)
+    assert record["metrics"]["zeroshot/top1"] == metrics["zeroshot/top1"]
+    with pytest.raises(EvalError, match="--step applies to workdir checkpoints"):
+        evaluate(config, str(tmp_path / "out"), step=3, init_from=directory)
+    with pytest.raises(EvalError, match="is not a converted checkpoint"):
+        evaluate(config, str(tmp_path / "out"), init_from=str(tmp_path))
