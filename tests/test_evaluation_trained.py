@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -86,8 +85,8 @@ def test_trained_model_beats_chance(inprocess):
               f"{100 * chance[key]:.3f}%)")
     zs = details["zeroshot"]
     print(f"  zeroshot top1: {100 * metrics['zeroshot/top1']:.2f}%  (chance "
-          f"{100 * zs['chance_top1']:.2f}%, majority class {100 * zs['majority_baseline_top1']:.2f}%)"
-          f"; top5 {100 * metrics['zeroshot/top5']:.2f}%")
+          f"{100 * zs['chance_top1']:.2f}%, majority class "
+          f"{100 * zs['majority_baseline_top1']:.2f}%); top5 {100 * metrics['zeroshot/top5']:.2f}%")
     assert metrics["retrieval/num_images"] == 800 and metrics["zeroshot/num_examples"] == 457
     for k in (1, 5, 10):
         for direction in ("image_to_text", "text_to_image"):
@@ -116,6 +115,7 @@ def test_cli_restores_on_two_devices_and_writes_json(workdir, inprocess):
     assert 0 <= metrics["linear_probe/top1"] <= 1 and metrics["linear_probe/num_test"] > 100
     print(f"\nlinear probe top1 {100 * metrics['linear_probe/top1']:.2f}% (chance "
           f"{100 * record['details']['linear_probe']['chance_top1']:.2f}%)")
+    # Above chance, but no proof of learning: random-init features already give ~28% here.
     assert metrics["linear_probe/top1"] >= 2 * record["details"]["linear_probe"]["chance_top1"]
     # Same results on 2 devices as on 8 (at most one image / caption flips on a float tie).
     for key, value in inprocess[0].items():

@@ -92,6 +92,7 @@ def _tfds_classnames(spec: data_config_lib.SourceSpec) -> list[str]:
         feature = feature[part]
     names = getattr(feature, "names", None)
     if not names:
-        raise ValueError(f"TFDS feature {spec.label_key!r} of {spec.tfds_name or spec.tfds_data_dir}"
-                         f" has no class names; set the evaluator's `classnames`")
+        dataset = spec.tfds_name or spec.tfds_data_dir
+        raise ValueError(f"TFDS feature {spec.label_key!r} of {dataset} has no class names; "
+                         f"set the evaluator's `classnames`")
     return list(names)

@@ -40,7 +40,8 @@ def image_to_text_ranks(image_emb: np.ndarray, text_emb: np.ndarray,
         best = np.where(own, sims, -np.inf).max(axis=1)            # [b]
         # The first own caption (lowest index) holding the best score defines the tie-break.
         first = np.where(own & (sims == best[:, None]), order[None, :], order.size).min(axis=1)
-        ahead = (sims > best[:, None]) | ((sims == best[:, None]) & (order[None, :] < first[:, None]))
+        tied_before = (sims == best[:, None]) & (order[None, :] < first[:, None])
+        ahead = (sims > best[:, None]) | tied_before
         ranks[rows] = ahead.sum(axis=1)
     return ranks
 
