@@ -71,7 +71,7 @@ class Checkpointer:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+        except Exception as e:  # orbax raises plain Exception for damaged files; re-raised
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not match this model/config "
                 f"or is damaged: {e}") from e
