@@ -5,6 +5,11 @@ the global batch `B`; it all-gathers the other tower's embeddings and scores its
 against all `B` columns, so memory per device is O(b x B) and no device ever holds the B x B
 logit matrix. The all-gather's transpose is a reduce-scatter, so gradients are exact: they
 equal those of the single-device full-batch loss (tests/test_losses.py checks this on 8 devices).
+
+`siglip_loss` is the pairwise sigmoid loss of SigLIP (Zhai et al. 2023). It needs no softmax
+normaliser over the batch, so no device ever needs all embeddings at once: the text blocks
+travel around a ring of devices (`jax.lax.ppermute`), each device scoring its local images
+against the block it currently holds, so memory per device is O(b x b) plus two [b, D] blocks.
 """
 from __future__ import annotations
 
@@ -65,13 +70,37 @@ def clip_loss_dense(image_embeddings: jax.Array, text_embeddings: jax.Array,
     return _metrics(*terms, image.shape[0], scale)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _all_gather(x: jax.Array, axis_names: tuple[str, ...]) -> jax.Array:
+    """Tiled all_gather [b, D] -> [B, D] whose backward is psum + own slice instead of XLA's
+    reduce-scatter. Same values and gradients; the embedding gradients are tiny (B x D), so the
+    extra traffic does not matter. Why: on CPU, multi-process (gloo) runs, every all-reduce that
+    follows a reduce-scatter in later programs took ~3 s (jax 0.10, measured here), making
+    multi-process CPU training ~100x slower."""
+    return jax.lax.all_gather(x, axis_names, tiled=True)
+
+
+def _all_gather_fwd(x, axis_names):
+    return _all_gather(x, axis_names), None
+
+
+def _all_gather_bwd(axis_names, _, g):
+    local = g.shape[0] // jax.lax.psum(1, axis_names)
+    total = jax.lax.psum(g, axis_names)
+    start = jax.lax.axis_index(axis_names) * local
+    return (jax.lax.dynamic_slice_in_dim(total, start, local, axis=0),)
+
+
+_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)
+
+
 def _clip_loss_per_device(image, text, logit_scale, *, axis_names, max_logit_scale):
     """Runs inside shard_map: image/text are this device's [b, D] rows."""
     scale = jnp.minimum(jnp.exp(logit_scale), max_logit_scale)
     image = image.astype(jnp.float32)
     text = text.astype(jnp.float32)
-    all_image = jax.lax.all_gather(image, axis_names, tiled=True)  # [B, D]
-    all_text = jax.lax.all_gather(text, axis_names, tiled=True)
+    all_image = _all_gather(image, axis_names)  # [B, D]
+    all_text = _all_gather(text, axis_names)
     local = image.shape[0]
     # Row r of this device is global row (device index * b + r): the positive pair's column.
     labels = jax.lax.axis_index(axis_names) * local + jnp.arange(local)
@@ -107,3 +136,104 @@ def clip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_sca
     fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P(axes), P()),
                        out_specs=(P(), metric_specs))
     return fn(image_embeddings, text_embeddings, logit_scale)
+
+
+LOSSES = ("clip", "siglip")
+SIGLIP_INIT_LOGIT_SCALE = 2.302585092994046  # log(10), SigLIP's temperature init
+SIGLIP_INIT_LOGIT_BIAS = -10.0
+
+
+def _siglip_block(image: jax.Array, text: jax.Array, scale: jax.Array, bias: jax.Array,
+                  positive: jax.Array | bool) -> jax.Array:
+    """Sum of -log sigmoid(z * logit) over one [b_i, b_t] block; z = +1 on the diagonal when
+    `positive` (the block holds the local rows' own texts), else -1 everywhere."""
+    logits = scale * (image @ text.T) + bias
+    eye = jnp.eye(image.shape[0], text.shape[0], dtype=logits.dtype)
+    labels = jnp.where(positive, 2.0 * eye - 1.0, -jnp.ones_like(logits))
+    return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
+
+
+def siglip_loss_dense(image_embeddings: jax.Array, text_embeddings: jax.Array,
+                      logit_scale: jax.Array, logit_bias: jax.Array) -> tuple[jax.Array, dict]:
+    """Reference single-device sigmoid loss.
+
+    Args:
+      image_embeddings, text_embeddings: [B, D] float, L2-normalised; row i of each is a pair.
+      logit_scale: scalar log-temperature (logits = exp(logit_scale) * cosine + logit_bias; not
+        clipped, as in SigLIP). logit_bias: scalar.
+    Returns:
+      (loss, metrics): loss = sum over all B x B pairs of -log sigmoid(+-logit), divided by B
+      (SigLIP's normalisation); metrics hold loss, logit_scale (exp'd) and logit_bias.
+    """
+    scale = jnp.exp(logit_scale)
+    image = image_embeddings.astype(jnp.float32)
+    text = text_embeddings.astype(jnp.float32)
+    loss = _siglip_block(image, text, scale, logit_bias, True) / image.shape[0]
+    return loss, {"loss": loss, "logit_scale": scale, "logit_bias": logit_bias}
+
+
+def _siglip_loss_per_device(image, text, logit_scale, logit_bias, *, axis_names, num_devices):
+    """Runs inside shard_map: image/text are this device's [b, D] rows.
+
+    Step k: this device holds the text block of device (i - k) mod n; it scores its images
+    against it, then passes the block to device i + 1. After n - 1 hops every image has met
+    every text; the gradient of a ppermute is the reverse ppermute, so autodiff is exact.
+    """
+    scale = jnp.exp(logit_scale)
+    image = image.astype(jnp.float32)
+    text = text.astype(jnp.float32)
+    ring = [(i, (i + 1) % num_devices) for i in range(num_devices)]
+    total = _siglip_block(image, text, scale, logit_bias, True)
+
+    def hop(carry, _):
+        block, acc = carry
+        block = jax.lax.ppermute(block, axis_names, ring)
+        return (block, acc + _siglip_block(image, block, scale, logit_bias, False)), None
+
+    if num_devices > 1:
+        (_, total), _ = jax.lax.scan(hop, (text, total), None, length=num_devices - 1)
+    global_batch = image.shape[0] * num_devices
+    loss = jax.lax.psum(total, axis_names) / global_batch
+    return loss, {"loss": loss, "logit_scale": scale, "logit_bias": logit_bias}
+
+
+def siglip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
+                logit_bias: jax.Array, *, mesh: Mesh | None = None) -> tuple[jax.Array, dict]:
+    """SigLIP sigmoid loss over the global batch, never materialising the B x B logits.
+
+    Args:
+      image_embeddings, text_embeddings: [B, D] L2-normalised global arrays, batch-sharded
+        over the mesh's data axes.
+      logit_scale, logit_bias: scalars (replicated).
+      mesh: the device mesh; None (or a 1-device mesh) computes the dense reference.
+    Returns:
+      (loss, metrics) as `siglip_loss_dense`.
+    """
+    if mesh is None or mesh.size == 1:
+        return siglip_loss_dense(image_embeddings, text_embeddings, logit_scale, logit_bias)
+    axes = sharding.batch_axes(mesh)
+    shards = sharding.num_batch_shards(mesh)
+    if image_embeddings.shape[0] % shards:
+        raise ValueError(f"global batch {image_embeddings.shape[0]} is not divisible by the "
+                         f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+    per_device = functools.partial(_siglip_loss_per_device, axis_names=axes,
+                                   num_devices=shards)
+    metric_specs = {k: P() for k in ("loss", "logit_scale", "logit_bias")}
+    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()),
+                       out_specs=(P(), metric_specs))
+    return fn(image_embeddings, text_embeddings, logit_scale, logit_bias)
+
+
+def contrastive_loss(name: str, out: dict, mesh: Mesh | None) -> tuple[jax.Array, dict]:
+    """The configured loss (`config.loss`) of a model output dict (image_embeddings,
+    text_embeddings, logit_scale and, for siglip, logit_bias)."""
+    if name == "clip":
+        return clip_loss(out["image_embeddings"], out["text_embeddings"], out["logit_scale"],
+                         mesh=mesh)
+    if name == "siglip":
+        if "logit_bias" not in out:
+            raise ValueError("loss 'siglip' needs a model with a logit_bias parameter "
+                             "(CLIPConfig.init_logit_bias)")
+        return siglip_loss(out["image_embeddings"], out["text_embeddings"], out["logit_scale"],
+                           out["logit_bias"], mesh=mesh)
+    raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")

@@ -26,7 +26,9 @@ from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
 from clip_jax import metrics as metrics_lib
+from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding, step as step_lib, tokenizers
+from clip_jax.models import transformer
 from clip_jax import data as data_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -55,7 +57,10 @@ def maybe_initialize_distributed(config) -> None:
         kwargs["num_processes"] = d.num_processes
     if d.process_id >= 0:
         kwargs["process_id"] = d.process_id
-    jax.distributed.initialize(**kwargs)
+    # A process whose peer died must not wait forever: the coordination service declares a
+    # process dead after `heartbeat_timeout_s` without a heartbeat and terminates the others.
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=int(d.heartbeat_timeout_s),
+                               initialization_timeout=int(d.initialization_timeout_s))
     logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -79,6 +84,28 @@ def validate_config(config, mesh=None) -> None:
     check(config.optim.lr >= 0, "optim.lr", config.optim.lr, "must be >= 0")
     check(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps,
           "must be >= 0")
+    check(config.accumulation_steps >= 1, "accumulation_steps", config.accumulation_steps,
+          "must be >= 1 (1: no accumulation)")
+    check(config.batch_size % config.accumulation_steps == 0, "batch_size", config.batch_size,
+          f"must be divisible by accumulation_steps={config.accumulation_steps}")
+    check(config.loss in losses_lib.LOSSES, "loss", config.loss,
+          f"must be one of {losses_lib.LOSSES}")
+    try:
+        transformer.remat_policy(config.model.remat)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    check(isinstance(config.model.scan_layers, bool), "model.scan_layers",
+          config.model.scan_layers, "must be True or False")
+    _model_overrides(config)
+    check(config.distributed.heartbeat_timeout_s > 0, "distributed.heartbeat_timeout_s",
+          config.distributed.heartbeat_timeout_s, "must be positive")
+    check(config.eval_every >= 0, "eval_every", config.eval_every, "must be >= 0 (0: never)")
+    if config.eval_every:
+        from clip_jax.evaluation import config as eval_config
+        try:
+            eval_config.validate(config.eval)
+        except ValueError as e:
+            raise ConfigError(f"config.eval: {e}") from None
     if config.init_from:
         check(os.path.isdir(config.init_from), "init_from", config.init_from,
               "directory does not exist")
@@ -96,16 +123,54 @@ def validate_config(config, mesh=None) -> None:
         check(config.batch_size % shards == 0, "batch_size", config.batch_size,
               f"must be divisible by the {shards} data-parallel devices of mesh "
               f"{dict(mesh.shape)}")
+        k = config.accumulation_steps
+        check(config.batch_size % (shards * k) == 0, "batch_size", config.batch_size,
+              f"must be divisible by accumulation_steps x data-parallel devices = {k} x "
+              f"{shards} (each micro-batch is split over all devices)")
         check(config.batch_size % jax.process_count() == 0, "batch_size", config.batch_size,
               f"must be divisible by the {jax.process_count()} processes")
 
 
+def _model_overrides(config) -> dict:
+    """`config.model.overrides` (a JSON object string) parsed, e.g.
+    '{"vision": {"layers": 1}, "text": {"width": 64}, "embed_dim": 64}'."""
+    text = config.model.overrides
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config.model.overrides={text!r}: not valid JSON ({e})") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"config.model.overrides={text!r}: must be a JSON object")
+    if config.init_from:
+        raise ConfigError("config.model.overrides must be empty with init_from (the "
+                          "architecture comes from the converted weights)")
+    try:
+        models.get_model_config(config.model.name, **overrides)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model.overrides={text!r}: {e}") from None
+    return overrides
+
+
 def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
-    """Model architecture (+ converted variables when init_from is set) and tokenizer name."""
+    """Model architecture (+ converted variables when init_from is set) and tokenizer name.
+
+    With `loss="siglip"` a from-scratch model gets SigLIP's initial temperature log(10) and a
+    logit bias initialised at -10; converted weights without a bias get a fresh one (-10).
+    """
+    siglip = config.loss == "siglip"
     if not config.init_from:
-        return models.get_model_config(config.model.name), None, config.data.tokenizer
+        model_config = models.get_model_config(config.model.name, **_model_overrides(config))
+        if siglip:
+            model_config = model_config.replace(
+                init_logit_scale=losses_lib.SIGLIP_INIT_LOGIT_SCALE,
+                init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
+        return model_config, None, config.data.tokenizer
     from clip_jax import convert  # torch-free; only needs orbax
     model_config, variables = convert.load_converted(config.init_from)
+    if siglip and model_config.init_logit_bias is None:
+        model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
     meta_path = os.path.join(config.init_from, "model.json")
     tokenizer = config.data.tokenizer
     if os.path.exists(meta_path):
@@ -168,8 +233,9 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
 
     # Model, tokenizer, optimizer.
     model_config, init_variables, tokenizer_name = _load_model(config)
-    model = models.create_model(model_config, dtype=config.dtype,
-                                attention_impl=config.model.attention_impl or None)
+    model = models.CLIP(model_config, dtype=jnp.dtype(config.dtype),
+                        attention_impl=config.model.attention_impl or None,
+                        remat=config.model.remat, scan_layers=config.model.scan_layers)
     tokenizer = tokenizers.get(tokenizer_name)
     if tokenizer.vocab_size > model_config.text.vocab_size:
         raise ConfigError(f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens but "
@@ -184,10 +250,15 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
 
-    # Shardings: parameters replicated (FSDP rules come with mesh.fsdp > 1), batch sharded.
+    # Shardings: parameters and optimizer state split over `fsdp` (default: largest divisible
+    # dimension; config.sharding_rules override by path), batch split over (data, fsdp).
     init_fn = functools.partial(step_lib.init_train_state, model, tx, config.seed)
     abstract_state = jax.eval_shape(init_fn)
-    state_shardings = sharding.state_shardings(mesh, abstract_state)
+    try:
+        state_shardings = sharding.state_shardings(mesh, abstract_state,
+                                                   rules=tuple(config.sharding_rules))
+    except ValueError as e:
+        raise ConfigError(f"config.sharding_rules: {e}") from None
     batch_shard = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
 
@@ -208,8 +279,23 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     else:
         state = jax.jit(init_fn, out_shardings=state_shardings)()
         if init_variables is not None:
+            if config.loss == "siglip" and "logit_bias" not in init_variables["params"]:
+                # SigLIP fine-tuning of CLIP weights: a fresh bias (-10) joins them.
+                init_variables = dict(init_variables, params=dict(
+                    init_variables["params"],
+                    logit_bias=np.asarray(jax.device_get(state.params["logit_bias"]))))
+            if config.model.scan_layers:
+                # Converted weights are unrolled (resblocks_{i}); the scanned model stacks them.
+                init_variables = jax.tree.map(np.asarray, transformer.stack_layers(
+                    init_variables))
             state = _with_converted_weights(state, init_variables, state_shardings)
     start_step = int(state.step)
+    # Memory per device of the sharded state (the FSDP saving), logged with the first metrics.
+    memory_metrics = {"param_bytes_per_device": sharding.per_device_bytes(state.params),
+                      "state_bytes_per_device": sharding.per_device_bytes(state)}
+    logging.info("per-device bytes: params %d, train state %d (mesh %s)",
+                 memory_metrics["param_bytes_per_device"],
+                 memory_metrics["state_bytes_per_device"], dict(mesh.shape))
 
     # Input pipeline: this process's rows of each global batch, one batch ahead on devices.
     dataset = data_lib.build_train_dataset(
@@ -221,8 +307,9 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
                                           config.data.device_prefetch, batch_shard)
 
     # The jitted step: explicit shardings, the old state's buffers donated to the new one.
-    train_step = step_lib.make_train_step(model, tx, schedule, mesh,
-                                          train_image_tower=not image_frozen)
+    train_step = step_lib.make_train_step(
+        model, tx, schedule, mesh, train_image_tower=not image_frozen, loss=config.loss,
+        accumulation_steps=config.accumulation_steps, param_shardings=state_shardings.params)
     batch_shardings = {"image": batch_shard, "text": batch_shard}
     jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
@@ -255,12 +342,19 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
             pending_check = (step, step_metrics)
 
             last = step == config.total_steps
+            eval_metrics = {}
+            if config.eval_every and (step % config.eval_every == 0 or last):
+                eval_metrics = _evaluate(config, model, state, tokenizer, mesh, step)
+            if eval_metrics and not (step % config.log_every == 0 or last):
+                writer.write(step, eval_metrics)
             if step % config.log_every == 0 or last:
                 _check_finite(*pending_check, config.nan_policy)
                 pending_check = None
                 scalars = _summarize(window)
                 window = []
                 scalars.update(progress.measure(step))
+                scalars.update(eval_metrics)
+                scalars.update(memory_metrics)
                 scalars["skipped_samples"] = data_lib.num_skipped(position, samples_delivered)
                 if flops_per_step:
                     scalars["flops_per_sec"] = flops_per_step * scalars["steps_per_sec"]
@@ -303,6 +397,16 @@ def _with_converted_weights(state, variables: dict, state_shardings) -> step_lib
     return state.replace(params=params, batch_stats=batch_stats)
 
 
+def _evaluate(config, model, state, tokenizer, mesh, step: int) -> dict[str, float]:
+    """Runs the configured evaluators (`config.eval`) on the current weights; every process
+    takes part (the embedder is sharded over the mesh), only process 0 writes."""
+    from clip_jax import evaluation  # imported lazily: only runs that evaluate need it
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return evaluation.run_evaluators(config.eval, model, variables, tokenizer, mesh, step)
+
+
 def _check_finite(step: int, step_metrics: dict, policy: str) -> None:
     if int(step_metrics["nonfinite"]):
         if policy == "stop":
@@ -337,9 +441,12 @@ def _checkpoint_meta(position, samples_delivered, model_config, tokenizer_name, 
         positions = multihost_utils.process_allgather(position).tolist()
     else:
         positions = [position.tolist()]
+    # scan_layers: the params are stacked (`resblocks` [L, ...]); readers that build an
+    # unrolled model convert them with clip_jax.models.transformer.unstack_layers.
     return {"data_position": positions, "samples_delivered": int(samples_delivered),
             "model_config": model_config.to_dict(), "tokenizer": tokenizer_name,
-            "dtype": config.dtype}
+            "dtype": config.dtype, "scan_layers": bool(config.model.scan_layers),
+            "loss": config.loss}
 
 
 class _QuietLibraries:
@@ -359,6 +466,14 @@ def main(argv) -> None:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, ckpt_lib.CheckpointError, FloatingPointError) as e:
         sys.exit(f"clip_jax.train: error: {e}")
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        # In a multi-process run the usual cause is a dead peer (its collectives fail).
+        sys.exit(f"clip_jax.train: error: process {jax.process_index()} of "
+                 f"{jax.process_count()}: a cross-process operation failed, most likely "
+                 f"because another process died; restart the job to resume from the last "
+                 f"checkpoint. ({str(e).splitlines()[0][:300]})")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -7,6 +7,7 @@ Every key has a default and a comment; override any with `--config.<key>=<value>
 import ml_collections
 
 from clip_jax.data import config as data_config
+from clip_jax.evaluation import config as eval_config
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -21,6 +22,17 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # Attention kernel for jax.nn.dot_product_attention: "" lets XLA choose, "cudnn" uses the
     # fused cuDNN kernel on NVIDIA GPUs (bf16/fp16 only).
     c.model.attention_impl = ""
+    # Activation rematerialisation per Transformer/residual block, trading compute for memory:
+    # "none", "full" (recompute each block in the backward pass) or a jax.checkpoint_policies
+    # name, e.g. "dots_with_no_batch_dims_saveable" (keep the weight matmuls' outputs).
+    c.model.remat = "none"
+    # nn.scan over the Transformer blocks: compiles one block instead of `layers` (faster
+    # compiles for deep models). Params are stored stacked (`resblocks` [layers, ...]);
+    # init_from weights are stacked automatically. ResNet towers are never scanned.
+    c.model.scan_layers = False
+    # JSON object overriding fields of the named architecture, e.g. for small test models:
+    # '{"embed_dim": 64, "vision": {"layers": 1, "width": 64}, "text": {"layers": 1}}'.
+    c.model.overrides = ""
 
     c.batch_size = 256          # global batch over all devices and processes
     c.total_steps = 1000        # optimizer steps; the LR schedule spans them
@@ -33,6 +45,19 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.init_from = ""            # directory written by `python -m clip_jax.convert`
     c.freeze = ""               # regex over param paths to freeze, e.g. "image/.*" (LiT)
     c.nan_policy = "stop"       # on a non-finite loss/grad: "stop" the run or "skip" the step
+    # Contrastive loss: "clip" (softmax cross-entropy over the global batch) or "siglip"
+    # (pairwise sigmoid; sets the model's logit_scale init to log(10) and adds a logit_bias
+    # initialised at -10; computed with a ring of ppermutes, no global x global logits).
+    c.loss = "clip"
+    # Exact gradient accumulation (GradCache): the global batch is processed in this many
+    # micro-batches, the loss still sees all B x B pairs. 1: off. batch_size must be divisible
+    # by accumulation_steps x data-parallel devices.
+    c.accumulation_steps = 1
+    # FSDP parameter-sharding overrides: tuple of (regex over param paths, spec) pairs; the
+    # first full match wins, spec has one entry per dimension (None, "fsdp", "data" or a
+    # tuple of axes), e.g. (("text/token_embedding/embedding", ("fsdp", None)),). Params no
+    # rule matches are split along their largest dimension divisible by mesh.fsdp.
+    c.sharding_rules = ()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3           # peak learning rate
@@ -55,8 +80,15 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.distributed.coordinator_address = ""   # "host:port" of process 0
     c.distributed.num_processes = -1         # -1: from the cluster environment
     c.distributed.process_id = -1            # -1: from the cluster environment
+    # Seconds without a heartbeat after which a process counts as dead and the others are
+    # stopped (instead of hanging in a collective). JAX's default is 100.
+    c.distributed.heartbeat_timeout_s = 100
+    c.distributed.initialization_timeout_s = 300  # wait this long for all processes to join
 
     c.data = data_config.get_default_config()
+    # Evaluators run every `eval_every` steps (zero-shot, retrieval, linear probe on the demo
+    # data by default; see clip_jax/evaluation/config.py); results go to metrics.jsonl.
+    c.eval = eval_config.get_default_config()
 
     if variant == "tiny":
         pass

@@ -31,14 +31,19 @@ class CLIP(nn.Module):
     config: CLIPConfig
     dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    # Training-time memory/compile options, not part of the architecture (see
+    # models/transformer.py): per-block rematerialisation and nn.scan over Transformer blocks.
+    remat: str = "none"
+    scan_layers: bool = False
 
     def setup(self):
         cfg = self.config
         tower = {"vit": VisionTransformer, "resnet": ModifiedResNet}[cfg.vision.type]
         self.image = tower(cfg.vision, cfg.embed_dim, attention_impl=self.attention_impl,
-                           dtype=self.dtype)
+                           dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
         self.text = TextTransformer(cfg.text, cfg.embed_dim, attention_impl=self.attention_impl,
-                                    dtype=self.dtype)
+                                    dtype=self.dtype, remat=self.remat,
+                                    scan_layers=self.scan_layers)
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.init_logit_scale),
                                       ())
         if cfg.init_logit_bias is not None:

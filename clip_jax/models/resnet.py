@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from clip_jax.models.config import ModifiedResNetConfig
-from clip_jax.models.transformer import Dtype
+from clip_jax.models.transformer import Dtype, remat_policy
 from clip_jax.models.vit import _check_image_shape
 
 BN_EPS = 1e-5       # torch BatchNorm2d default
@@ -93,6 +93,8 @@ class ModifiedResNet(nn.Module):
     output_dim: int
     attention_impl: str | None = None  # unused; keeps the tower constructors uniform
     dtype: Dtype = jnp.float32
+    remat: str = "none"         # rematerialise each Bottleneck block (transformer.remat_policy)
+    scan_layers: bool = False   # unused: the stages' blocks differ in shape, nothing to scan
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -112,10 +114,14 @@ class ModifiedResNet(nn.Module):
                         dtype=self.dtype, name=f"conv{i}")(x)
             x = jax.nn.relu(bn(f"bn{i}")(x))
         x = _avg_pool(x, 2)
+        use_remat, policy = remat_policy(self.remat)
+        # static_argnums counts `self`: argument 2 is the Python bool `train`.
+        block = nn.remat(Bottleneck, policy=policy, static_argnums=(2,)) if use_remat \
+            else Bottleneck
         for stage, blocks in enumerate(cfg.layers):
             planes = cfg.width * 2 ** stage
-            for block in range(blocks):
-                stride = 2 if (stage > 0 and block == 0) else 1
-                x = Bottleneck(planes, stride, dtype=self.dtype,
-                               name=f"layer{stage + 1}_{block}")(x, train)
+            for index in range(blocks):
+                stride = 2 if (stage > 0 and index == 0) else 1
+                x = block(planes, stride, dtype=self.dtype,
+                          name=f"layer{stage + 1}_{index}")(x, train)
         return AttentionPool2d(cfg.heads, self.output_dim, dtype=self.dtype, name="attnpool")(x)

@@ -29,6 +29,8 @@ class TextTransformer(nn.Module):
     output_dim: int
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
+    remat: str = "none"         # per-block activation rematerialisation (transformer.py)
+    scan_layers: bool = False   # nn.scan over the blocks (stacked `resblocks` params)
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -45,6 +47,7 @@ class TextTransformer(nn.Module):
         x = x + positional[:length].astype(self.dtype)
         x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.activation, causal=True,
                         attention_impl=self.attention_impl, dtype=self.dtype,
+                        remat=self.remat, scan_layers=self.scan_layers,
                         name="transformer")(x)
         x = layer_norm("ln_final", self.dtype)(x)
         pooled = x[jnp.arange(x.shape[0]), end_of_text_index(tokens, cfg.pad_id)]

@@ -5,6 +5,7 @@ Parameter names follow OpenAI/open_clip (`ln_1`, `attn/in_proj`, `attn/out_proj`
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import jax
@@ -95,8 +96,36 @@ class Mlp(nn.Module):
                         name="c_proj")(h)
 
 
+REMAT_CHOICES = ("none", "full")  # plus any name in jax.checkpoint_policies
+
+
+def remat_policy(remat: str) -> tuple[bool, Callable | None]:
+    """(rematerialise?, policy) for `model.remat`: "none", "full" (save nothing, recompute the
+    whole block in the backward pass) or a `jax.checkpoint_policies` name such as
+    "dots_with_no_batch_dims_saveable" (keep the weight matmuls' outputs, recompute the rest)."""
+    if remat == "none":
+        return False, None
+    if remat == "full":
+        return True, None
+    policy = getattr(jax.checkpoint_policies, remat, None)
+    if policy is None or remat.startswith("_"):
+        names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+        raise ValueError(f"model.remat={remat!r}: expected 'none', 'full' or one of "
+                         f"jax.checkpoint_policies: {', '.join(names)}")
+    if remat in ("save_only_these_names", "save_any_names_but_these",
+                 "save_anything_except_these_names", "save_and_offload_only_these_names",
+                 "save_from_both_policies"):
+        raise ValueError(f"model.remat={remat!r} is a policy factory that needs arguments; "
+                         f"use a ready policy such as 'dots_with_no_batch_dims_saveable'")
+    return True, policy
+
+
 class ResidualAttentionBlock(nn.Module):
-    """x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """x + attn(ln_1(x)), then x + mlp(ln_2(x)).
+
+    `scan_output=True` makes the block return `(x, None)`, the (carry, output) pair `nn.scan`
+    expects, so the same module serves both the unrolled and the scanned stack.
+    """
 
     heads: int
     mlp_ratio: float = 4.0
@@ -105,10 +134,11 @@ class ResidualAttentionBlock(nn.Module):
     depth: int = 12  # total number of blocks; scales the residual-branch init like open_clip
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
+    scan_output: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """[B, T, W] -> [B, T, W]."""
+    def __call__(self, x: jax.Array, _: Any = None) -> jax.Array | tuple[jax.Array, None]:
+        """[B, T, W] -> [B, T, W] (or `(x, None)` with scan_output)."""
         width = x.shape[-1]
         residual_std = width ** -0.5 * (2 * self.depth) ** -0.5
         y = layer_norm("ln_1", self.dtype)(x)
@@ -120,11 +150,20 @@ class ResidualAttentionBlock(nn.Module):
         y = layer_norm("ln_2", self.dtype)(x)
         y = Mlp(int(width * self.mlp_ratio), self.activation, out_init_std=residual_std,
                 dtype=self.dtype, name="mlp")(y)
-        return x + y
+        x = x + y
+        return (x, None) if self.scan_output else x
 
 
 class Transformer(nn.Module):
-    """A stack of `layers` residual attention blocks named `resblocks_{i}`."""
+    """A stack of `layers` residual attention blocks.
+
+    Unrolled (default) the blocks are named `resblocks_{i}` (the OpenAI layout that
+    `clip_jax.convert` writes). With `scan_layers=True` one block is `nn.scan`ned `layers`
+    times: XLA compiles the block once instead of `layers` times, and the parameters are
+    stacked under `resblocks` with a leading [layers] axis (`stack_layers` / `unstack_layers`
+    convert between the two layouts). `remat` rematerialises each block's activations in the
+    backward pass (see `remat_policy`).
+    """
 
     layers: int
     heads: int
@@ -133,12 +172,63 @@ class Transformer(nn.Module):
     causal: bool = False
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
+    remat: str = "none"
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, W] -> [B, T, W]."""
+        use_remat, policy = remat_policy(self.remat)
+        block = ResidualAttentionBlock
+        if use_remat:
+            # Under scan, CSE across iterations is impossible anyway; prevent_cse=False lets
+            # XLA optimise the loop body better (flax's recommendation).
+            block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
+        kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
+                      causal=self.causal, depth=self.layers, attention_impl=self.attention_impl,
+                      dtype=self.dtype)
+        if self.scan_layers:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                            length=self.layers, in_axes=nn.broadcast)
+            x, _ = stack(scan_output=True, name=SCANNED_NAME, **kwargs)(x, None)
+            return x
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.heads, self.mlp_ratio, self.activation, self.causal,
-                                       depth=self.layers, attention_impl=self.attention_impl,
-                                       dtype=self.dtype, name=f"resblocks_{i}")(x)
+            x = block(name=f"resblocks_{i}", **kwargs)(x)
         return x
+
+
+SCANNED_NAME = "resblocks"
+_LAYER_NAME = re.compile(r"resblocks_(\d+)$")
+
+
+def stack_layers(tree: Any) -> Any:
+    """Unrolled -> scanned parameter layout: every dict holding `resblocks_0..resblocks_{L-1}`
+    gets them replaced by one `resblocks` subtree whose leaves are stacked on a new leading
+    [L] axis. Other entries are kept. Works on numpy or jax leaves."""
+    if not isinstance(tree, dict):
+        return tree
+    layers = {int(m.group(1)): k for k in tree if (m := _LAYER_NAME.match(k))}
+    out = {k: stack_layers(v) for k, v in tree.items() if k not in layers.values()}
+    if layers:
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"resblocks indices {sorted(layers)} are not 0..{len(layers) - 1}")
+        blocks = [tree[layers[i]] for i in range(len(layers))]
+        out[SCANNED_NAME] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+    return out
+
+
+def unstack_layers(tree: Any) -> Any:
+    """Scanned -> unrolled layout (inverse of `stack_layers`): `resblocks` [L, ...] leaves
+    become `resblocks_0..resblocks_{L-1}`, the layout of `clip_jax.convert` and of models built
+    with scan_layers=False."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: unstack_layers(v) for k, v in tree.items() if k != SCANNED_NAME}
+    if SCANNED_NAME in tree:
+        stacked = tree[SCANNED_NAME]
+        num = {x.shape[0] for x in jax.tree.leaves(stacked)}
+        if len(num) != 1:
+            raise ValueError(f"stacked resblocks have different leading sizes {sorted(num)}")
+        for i in range(num.pop()):
+            out[f"resblocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out

@@ -23,6 +23,8 @@ class VisionTransformer(nn.Module):
     output_dim: int
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
+    remat: str = "none"         # per-block activation rematerialisation (transformer.py)
+    scan_layers: bool = False   # nn.scan over the blocks (stacked `resblocks` params)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -46,6 +48,7 @@ class VisionTransformer(nn.Module):
         x = layer_norm("ln_pre", self.dtype)(x)
         x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.activation, causal=False,
                         attention_impl=self.attention_impl, dtype=self.dtype,
+                        remat=self.remat, scan_layers=self.scan_layers,
                         name="transformer")(x)
         pooled = layer_norm("ln_post", self.dtype)(x[:, 0])
         proj = self.param("proj", nn.initializers.normal(scale), (width, self.output_dim))
