@@ -470,10 +470,13 @@ def main(argv) -> None:
         if jax.process_count() == 1:
             raise
         # In a multi-process run the usual cause is a dead peer (its collectives fail).
-        sys.exit(f"clip_jax.train: error: process {jax.process_index()} of "
-                 f"{jax.process_count()}: a cross-process operation failed, most likely "
-                 f"because another process died; restart the job to resume from the last "
-                 f"checkpoint. ({str(e).splitlines()[0][:300]})")
+        print(f"clip_jax.train: error: process {jax.process_index()} of "
+              f"{jax.process_count()}: a cross-process operation failed, most likely because "
+              f"another process died; restart the job to resume from the last checkpoint. "
+              f"({str(e).splitlines()[0][:300]})", file=sys.stderr, flush=True)
+        # Skip atexit: jax.distributed's shutdown barrier would wait for the dead peer and
+        # then abort with a C++ stack trace, burying the message above.
+        os._exit(1)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
