@@ -46,14 +46,10 @@ def build_step(model_name: str, batch: int, dtype: str, attention_impl: str | No
     jitted = jax.jit(train_step, in_shardings=(state_shardings, batch_shard),
                      out_shardings=(state_shardings, sharding.replicated(mesh)),
                      donate_argnums=(0,))
-    # Model FLOPs: XLA's cost analysis of the same step lowered for the CPU backend from
-    # abstract shapes (no memory, any host). GPU compilation turns matmuls into library calls
-    # that its cost analysis does not count, and jax does not offer the lowered GPU analysis.
-    unsharded_step = step_lib.make_train_step(model, tx, schedule, mesh=None)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                             (jax.eval_shape(init), data))
-    flops = metrics.compiled_flops(
-        jax.jit(unsharded_step).trace(*abstract).lower(lowering_platforms=("cpu",)))
+    flops = metrics.model_flops(step_lib.make_train_step(model, tx, schedule, mesh=None),
+                                *abstract)
     return jitted, state, data, flops
 
 

@@ -146,4 +146,9 @@ def load_model_variables(workdir: str, step: int | None = None,
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
+    if meta.get("scan_layers"):
+        # Trained with nn.scan over layers: back to the unrolled `resblocks_{i}` layout that
+        # `clip_jax.models.create_model` builds by default (and that conversion writes).
+        from clip_jax.models.transformer import unstack_layers
+        variables = unstack_layers(variables)
     return step, variables, meta

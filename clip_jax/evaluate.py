@@ -121,15 +121,9 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
-class _QuietLibraries:
-    """absl log filter: drops INFO records of orbax (dozens per restore), keeps ours."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "orbax" not in record.pathname
-
-
 def main(argv) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    from clip_jax.metrics import quiet_library_logs
+    quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _WORKDIR.value:

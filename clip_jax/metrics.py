@@ -111,12 +111,8 @@ def peak_flops(device) -> float | None:
 
 
 def compiled_flops(compiled) -> float | None:
-    """FLOPs of one call of a program from XLA's cost analysis (None if absent).
-
-    Pass the *lowered* program (`jax.jit(f).lower(...)`): after GPU compilation matmuls become
-    cuBLAS custom calls that the compiled cost analysis does not count (it under-reports a
-    ViT-B/16 step ~20x on an H100), whereas the lowered HLO counts every dot.
-    """
+    """FLOPs of one call of a lowered or compiled program from XLA's cost analysis (None if
+    absent). Prefer `model_flops`: see why there."""
     try:
         cost = compiled.cost_analysis()
     except (NotImplementedError, RuntimeError) as e:
@@ -126,3 +122,34 @@ def compiled_flops(compiled) -> float | None:
         cost = cost[0] if cost else {}
     flops = cost.get("flops") if cost else None
     return float(flops) if flops else None
+
+
+def model_flops(fn, *abstract_args) -> float | None:
+    """Model FLOPs of one call of `fn` (unsharded, un-jitted) on `abstract_args`
+    (ShapeDtypeStructs): XLA's cost analysis of `fn` lowered for the CPU backend.
+
+    Lowering needs no memory and the CPU backend exists on every host. The count is that of
+    the computation as written, which is what MFU needs: after GPU compilation matmuls become
+    cuBLAS custom calls that the compiled cost analysis does not count (it under-reports a
+    ViT-B/16 step ~20x on an H100).
+    """
+    import jax
+
+    try:
+        lowered = jax.jit(fn).trace(*abstract_args).lower(lowering_platforms=("cpu",))
+    except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+        logging.warning("could not lower the step for a FLOP count: %s", e)
+        return None
+    return compiled_flops(lowered)
+
+
+class _QuietLibraries:
+    """absl log filter: drops INFO records from orbax (dozens per checkpoint save/restore)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or "orbax" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+    """Keeps command-line output readable: our INFO logs stay, orbax's INFO chatter goes."""
+    logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -36,10 +36,6 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
 _DTYPES = ("float32", "bfloat16", "float16")
-# Dense peak FLOP/s per chip for MFU (bf16/fp16 tensor units, without sparsity).
-_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-               "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-               "TPU v6 lite": 918e12, "TPU v6e": 918e12}
 
 
 class ConfigError(ValueError):
@@ -179,27 +175,6 @@ def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
     return model_config, variables, tokenizer
 
 
-def _peak_flops(device: jax.Device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    for name, flops in _PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops
-    return None
-
-
-def _compiled_flops(compiled) -> float | None:
-    """FLOPs of one step of the whole (all-device) program from XLA's cost analysis."""
-    try:
-        cost = compiled.cost_analysis()
-    except (NotImplementedError, RuntimeError) as e:
-        logging.warning("no XLA cost analysis for the train step: %s", e)
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else {}
-    flops = cost.get("flops") if cost else None
-    return float(flops) if flops else None
-
-
 class _Preemption:
     """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
 
@@ -319,7 +294,7 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     history: dict[str, Any] = {"step": start_step}
     compiled = None
     flops_per_step = None
-    peak = _peak_flops(mesh.devices.flat[0])
+    peak = metrics_lib.peak_flops(mesh.devices.flat[0])
     progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
     window: list[dict] = []
     pending_check = None  # (step, metrics) awaiting the non-finite check, one step behind
@@ -332,7 +307,13 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
             position = batch.pop("position")
             if compiled is None:
                 compiled = jit_step.lower(state, batch).compile()
-                flops_per_step = _compiled_flops(compiled)
+                flops_per_step = metrics_lib.model_flops(
+                    step_lib.make_train_step(model, tx, schedule, mesh=None,
+                                             train_image_tower=not image_frozen,
+                                             loss=config.loss,
+                                             accumulation_steps=config.accumulation_steps),
+                    *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                  (state, batch)))
             state, step_metrics = compiled(state, batch)
             step += 1
             samples_delivered += local_batch
@@ -449,15 +430,8 @@ def _checkpoint_meta(position, samples_delivered, model_config, tokenizer_name, 
             "loss": config.loss}
 
 
-class _QuietLibraries:
-    """absl log filter: drops INFO records from orbax (dozens per checkpoint) and keeps ours."""
-
-    def filter(self, record) -> bool:
-        return record.levelno >= 30 or "orbax" not in record.pathname
-
-
 def main(argv) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    metrics_lib.quiet_library_logs()
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:

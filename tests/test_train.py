@@ -182,3 +182,27 @@ def test_lit_freezes_the_image_tower_of_converted_weights(tmp_path):
     changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained["params"]["text"]),
                                                     jax.tree.leaves(start["text"]))]
     assert all(changed[:3]) and sum(changed) > len(changed) // 2
+
+
+def test_checkpoint_of_a_scanned_model_loads_for_inference(tmp_path):
+    """Training with nn.scan stores stacked layers; evaluation/inference get the unrolled
+    layout back and produce the same embeddings as the scanned model."""
+    import clip_jax
+    from clip_jax import models
+    from clip_jax.models import transformer
+
+    config = get_config(batch_size=8, total_steps=2, **{"data.source": "synthetic",
+                                                       "model.scan_layers": True})
+    train.train(config, str(tmp_path / "scan"), devices=jax.devices()[:1])
+    _, variables, meta = checkpoint.load_model_variables(str(tmp_path / "scan"))
+    assert meta["scan_layers"] is True
+    assert "resblocks_1" in variables["params"]["text"]["transformer"]
+    model = clip_jax.load(str(tmp_path / "scan"))
+    tokens = ["a red square", "a photo of a dog"]
+    features = model.encode_text(tokens)
+    scanned = models.CLIP(models.get_model_config("tiny-vit"), scan_layers=True)
+    ids = clip_jax.tokenizers.get("clip-bpe")(tokens, context_length=32)
+    reference = scanned.apply({"params": transformer.stack_layers(variables["params"])}, ids,
+                              method=scanned.encode_text)
+    reference = reference / np.linalg.norm(reference, axis=-1, keepdims=True)
+    np.testing.assert_allclose(features, reference, atol=1e-5)
