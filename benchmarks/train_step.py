@@ -21,11 +21,13 @@ from clip_jax import metrics, models, optim, sharding, step as step_lib
 
 
 def build_step(model_name: str, batch: int, dtype: str, attention_impl: str | None,
-               seed: int = 0, **model_overrides):
+               seed: int = 0, remat: str = "none", scan_layers: bool = False,
+               **model_overrides):
     """(jitted step, state, batch) on all devices: data-parallel mesh, explicit shardings."""
     mesh = sharding.create_mesh()
     config = models.get_model_config(model_name, **model_overrides)
-    model = models.create_model(config, dtype=dtype, attention_impl=attention_impl)
+    model = models.CLIP(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl,
+                        remat=remat, scan_layers=scan_layers)
     optim_config = types.SimpleNamespace(lr=1e-4, warmup_steps=10, end_lr_factor=0.0,
                                          weight_decay=0.2, b1=0.9, b2=0.98, eps=1e-6,
                                          grad_clip_norm=0.0)
@@ -76,12 +78,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="global batch")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--attention-impl", default=None, choices=[None, "xla", "cudnn"])
+    parser.add_argument("--remat", default="none",
+                        help="none | full | a jax.checkpoint_policies name")
+    parser.add_argument("--scan", action="store_true", help="nn.scan over layers")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
     jitted, state, data, flops = build_step(args.model, args.batch, args.dtype,
-                                            args.attention_impl)
+                                            args.attention_impl, remat=args.remat,
+                                            scan_layers=args.scan)
     result, compiled = time_step(jitted, state, data, args.steps, args.warmup)
     device = jax.devices()[0]
     peak = metrics.peak_flops(device)
@@ -95,6 +101,7 @@ def main() -> None:
     row = {
         "benchmark": "train_step", "model": args.model, "batch": args.batch,
         "dtype": args.dtype, "attention_impl": args.attention_impl or "default",
+        "remat": args.remat, "scan": args.scan,
         "devices": jax.device_count(), "device_kind": device.device_kind,
         **result, "samples_per_s": args.batch / result["step_s"],
         "flops_per_step": flops,
