@@ -109,6 +109,15 @@ def _clip_loss_per_device(image, text, logit_scale, *, axis_names, max_logit_sca
     return _metrics(loss_sum, correct_i2t, correct_t2i, all_image.shape[0], scale)
 
 
+def _batch_axes(mesh: Mesh, global_batch: int) -> tuple[tuple[str, ...], int]:
+    """The mesh's batch axes and their total size, which must divide the global batch."""
+    shards = sharding.num_batch_shards(mesh)
+    if global_batch % shards:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {shards} batch "
+                         f"shards of the mesh {dict(mesh.shape)}")
+    return sharding.batch_axes(mesh), shards
+
+
 def clip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
               *, mesh: Mesh | None = None,
               max_logit_scale: float = MAX_LOGIT_SCALE) -> tuple[jax.Array, dict]:
@@ -125,11 +134,7 @@ def clip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_sca
     """
     if mesh is None or mesh.size == 1:
         return clip_loss_dense(image_embeddings, text_embeddings, logit_scale, max_logit_scale)
-    axes = sharding.batch_axes(mesh)
-    shards = sharding.num_batch_shards(mesh)
-    if image_embeddings.shape[0] % shards:
-        raise ValueError(f"global batch {image_embeddings.shape[0]} is not divisible by the "
-                         f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+    axes, shards = _batch_axes(mesh, image_embeddings.shape[0])
     per_device = functools.partial(_clip_loss_per_device, axis_names=axes,
                                    max_logit_scale=max_logit_scale)
     metric_specs = {k: P() for k in ("loss", "i2t_accuracy", "t2i_accuracy", "logit_scale")}
@@ -211,11 +216,7 @@ def siglip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_s
     """
     if mesh is None or mesh.size == 1:
         return siglip_loss_dense(image_embeddings, text_embeddings, logit_scale, logit_bias)
-    axes = sharding.batch_axes(mesh)
-    shards = sharding.num_batch_shards(mesh)
-    if image_embeddings.shape[0] % shards:
-        raise ValueError(f"global batch {image_embeddings.shape[0]} is not divisible by the "
-                         f"{shards} batch shards of the mesh {dict(mesh.shape)}")
+    axes, shards = _batch_axes(mesh, image_embeddings.shape[0])
     per_device = functools.partial(_siglip_loss_per_device, axis_names=axes,
                                    num_devices=shards)
     metric_specs = {k: P() for k in ("loss", "logit_scale", "logit_bias")}
