@@ -3,8 +3,10 @@
 `clip_loss` is the symmetric cross-entropy of CLIP. On a mesh, every device holds `b` rows of
 the global batch `B`; it all-gathers the other tower's embeddings and scores its local rows
 against all `B` columns, so memory per device is O(b x B) and no device ever holds the B x B
-logit matrix. The all-gather's transpose is a reduce-scatter, so gradients are exact: they
-equal those of the single-device full-batch loss (tests/test_losses.py checks this on 8 devices).
+logit matrix. The all-gather's backward sums every device's gradient for each row and hands
+each device its own rows (a reduce-scatter, done as psum + slice, see `_all_gather`), so
+gradients are exact: they equal those of the single-device full-batch loss
+(tests/test_losses.py checks this on 8 devices).
 
 `siglip_loss` is the pairwise sigmoid loss of SigLIP (Zhai et al. 2023). It needs no softmax
 normaliser over the batch, so no device ever needs all embeddings at once: the text blocks
