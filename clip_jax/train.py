@@ -318,20 +318,28 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
             step += 1
             samples_delivered += local_batch
             window.append(step_metrics)
-            if pending_check is not None:
-                _check_finite(*pending_check, config.nan_policy)
-            pending_check = (step, step_metrics)
+            if config.nan_policy == "stop":
+                # Checked one step behind, so the host never waits for the step just queued.
+                if pending_check is not None:
+                    _stop_if_nonfinite(*pending_check)
+                pending_check = (step, step_metrics)
 
             last = step == config.total_steps
             eval_metrics = {}
             if config.eval_every and (step % config.eval_every == 0 or last):
                 eval_metrics = _evaluate(config, model, state, tokenizer, mesh, step)
-            if eval_metrics and not (step % config.log_every == 0 or last):
+            log_step = step % config.log_every == 0 or last
+            if eval_metrics and not log_step:
                 writer.write(step, eval_metrics)
-            if step % config.log_every == 0 or last:
-                _check_finite(*pending_check, config.nan_policy)
-                pending_check = None
+            if log_step:
+                if pending_check is not None:
+                    _stop_if_nonfinite(*pending_check)
+                    pending_check = None
                 scalars = _summarize(window)
+                if scalars["nonfinite"]:
+                    logging.warning("%d of the last %d steps (to step %d) had a non-finite loss "
+                                    "or gradient and were skipped", scalars["nonfinite"],
+                                    len(window), step)
                 window = []
                 scalars.update(progress.measure(step))
                 scalars.update(eval_metrics)
@@ -346,7 +354,10 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
                     logging.info(metrics_lib.format_progress(step, config.total_steps, scalars))
                 history = dict(scalars, step=step)
 
-            preempted = _any_process(preemption.requested)
+            # Several processes must agree to stop together; that vote is a blocking collective,
+            # so it is taken at log steps only (a single process checks its flag every step).
+            preempted = (_any_process(preemption.requested) if log_step or
+                         jax.process_count() == 1 else False)
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or last \
                     or preempted:
                 meta = _checkpoint_meta(position, samples_delivered, model_config,
@@ -388,14 +399,13 @@ def _evaluate(config, model, state, tokenizer, mesh, step: int) -> dict[str, flo
     return evaluation.run_evaluators(config.eval, model, variables, tokenizer, mesh, step)
 
 
-def _check_finite(step: int, step_metrics: dict, policy: str) -> None:
+def _stop_if_nonfinite(step: int, step_metrics: dict) -> None:
+    """nan_policy='stop': raise naming the step whose loss or gradient was not finite."""
     if int(step_metrics["nonfinite"]):
-        if policy == "stop":
-            raise FloatingPointError(
-                f"non-finite loss or gradient at step {step} (loss={float(step_metrics['loss'])}"
-                f"); the parameters were not updated. Set config.nan_policy='skip' to skip "
-                f"such steps instead.")
-        logging.warning("non-finite loss or gradient at step %d: step skipped", step)
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step} (loss={float(step_metrics['loss'])}); "
+            f"the parameters were not updated. Set config.nan_policy='skip' to skip such steps "
+            f"instead.")
 
 
 def _summarize(window: list[dict]) -> dict[str, float]:
