@@ -204,16 +204,26 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, schedule: opt
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss_value, metrics, grads, new_batch_stats = grad_fn(
             state.params, state.batch_stats, batch)
-        updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt_state, state.opt_state),
-            batch_stats=keep(new_batch_stats, state.batch_stats))
+
+        def update(operands):
+            params, opt_state, _, new_batch_stats, grads = operands
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, new_batch_stats
+
+        def skip(operands):
+            params, opt_state, batch_stats, _, _ = operands
+            return params, opt_state, batch_stats
+
+        # A conditional, not `where(finite, new, old)` over every leaf: the select form reads
+        # and writes the whole state twice more and kept XLA:CPU from fusing AdamW's update
+        # (ViT-B-32's update went from 0.15 s to 0.76 s).
+        new_params, new_opt_state, new_batch_stats = jax.lax.cond(
+            finite, update, skip,
+            (state.params, state.opt_state, state.batch_stats, new_batch_stats, grads))
+        new_state = state.replace(step=state.step + 1, params=new_params,
+                                  opt_state=new_opt_state, batch_stats=new_batch_stats)
         metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
                        nonfinite=jnp.logical_not(finite).astype(jnp.int32))
         return new_state, metrics

@@ -24,8 +24,13 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 def exact_gelu(x: jax.Array) -> jax.Array:
-    """torch.nn.GELU() (erf form), used by open_clip's own model configs."""
-    return jax.nn.gelu(x, approximate=False)
+    """torch.nn.GELU() (erf form), used by open_clip's own model configs.
+
+    Written as torch writes it, x/2 * (1 + erf(x/sqrt(2))), rather than with
+    `jax.nn.gelu(approximate=False)`: that one goes through erfc, whose XLA:CPU lowering made
+    the activation's forward + backward 2.5x slower (11.0 vs 4.4 ms on a [1232, 2048] array).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -38,6 +43,35 @@ def get_activation(name: str) -> Callable[[jax.Array], jax.Array]:
 def layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
     # Statistics are reduced in float32 even when dtype is bfloat16 (flax default).
     return nn.LayerNorm(epsilon=LAYER_NORM_EPS, dtype=dtype, name=name)
+
+
+class QKVProjection(nn.Module):
+    """The fused input projection of torch's nn.MultiheadAttention: one kernel [W, 3W] and one
+    bias [3W] (so weights convert as they are), applied as three [W, W] matmuls.
+
+    Three matmuls rather than one [W, 3W] matmul followed by slicing: the slice's backward pads
+    dq, dk and dv back to [B, T, 3W] and transposes them for the weight gradient, which cost
+    ~20% of the attention layer's time on XLA:CPU; XLA:GPU merges dots that share an operand.
+    """
+
+    width: int
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[B, T, W] -> q, k, v, each [B, T, heads, W // heads]."""
+        batch, length, width = x.shape
+        kernel = self.param("kernel", nn.initializers.normal(width ** -0.5),
+                            (width, 3 * self.width), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (3 * self.width,), jnp.float32)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        head_dim = self.width // self.heads
+        return tuple(
+            (jnp.dot(x, kernel[:, i * self.width:(i + 1) * self.width])
+             + bias[i * self.width:(i + 1) * self.width]
+             ).reshape(batch, length, self.heads, head_dim)
+            for i in range(3))
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -63,12 +97,7 @@ class MultiHeadSelfAttention(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, W] -> [B, T, W]."""
         batch, length, width = x.shape
-        head_dim = width // self.heads
-        qkv = nn.Dense(3 * width, dtype=self.dtype,
-                       kernel_init=nn.initializers.normal(width ** -0.5),
-                       name="in_proj")(x)
-        qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = QKVProjection(width, self.heads, dtype=self.dtype, name="in_proj")(x)
         out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
                                            implementation=self.attention_impl)
         out = out.reshape(batch, length, width)
