@@ -26,7 +26,7 @@ import open_clip
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from train_step import build_step  # noqa: E402  (same folder)
 
-from clip_jax import models  # noqa: E402
+from clip_jax import host_memory, models  # noqa: E402
 
 
 def open_clip_model(name: str) -> torch.nn.Module:
@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds")
     args = parser.parse_args()
+    # Same process, so both frameworks run with the same allocator settings.
+    malloc_tuned = host_memory.tune_for_xla_cpu()
     torch.set_num_threads(os.cpu_count() or 1)
     config = models.get_model_config(args.model)
 
@@ -94,7 +96,7 @@ def main() -> None:
         torch_times.append((time.perf_counter() - t0) / args.steps)
 
     common = {"model": args.model, "batch": args.batch, "dtype": "float32",
-              "device": "cpu", "threads": os.cpu_count()}
+              "device": "cpu", "threads": os.cpu_count(), "malloc_tuned": malloc_tuned}
     jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
     print(json.dumps({"framework": "clip_jax", "step_s": jax_s, **common}))
     print(json.dumps({"framework": "open_clip", "step_s": torch_s, **common}))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import metrics, models, optim, sharding, step as step_lib
+from clip_jax import host_memory, metrics, models, optim, sharding, step as step_lib
 
 
 def build_step(model_name: str, batch: int, dtype: str, attention_impl: str | None,
@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
+    malloc_tuned = host_memory.tune_for_xla_cpu()  # before JAX starts (CPU-only installs)
 
     jitted, state, data, flops = build_step(args.model, args.batch, args.dtype,
                                             args.attention_impl, remat=args.remat,
@@ -101,7 +102,7 @@ def main() -> None:
     row = {
         "benchmark": "train_step", "model": args.model, "batch": args.batch,
         "dtype": args.dtype, "attention_impl": args.attention_impl or "default",
-        "remat": args.remat, "scan": args.scan,
+        "remat": args.remat, "scan": args.scan, "malloc_tuned": malloc_tuned,
         "devices": jax.device_count(), "device_kind": device.device_kind,
         **result, "samples_per_s": args.batch / result["step_s"],
         "flops_per_step": flops,

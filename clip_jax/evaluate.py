@@ -122,8 +122,10 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv) -> None:
+    from clip_jax.host_memory import tune_for_xla_cpu
     from clip_jax.metrics import quiet_library_logs
     quiet_library_logs()
+    tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _WORKDIR.value:

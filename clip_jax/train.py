@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
+from clip_jax import host_memory
 from clip_jax import metrics as metrics_lib
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding, step as step_lib, tokenizers
@@ -442,6 +443,7 @@ def _checkpoint_meta(position, samples_delivered, model_config, tokenizer_name, 
 
 def main(argv) -> None:
     metrics_lib.quiet_library_logs()
+    host_memory.tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:

@@ -1,0 +1,75 @@
+"""Host allocator settings that make XLA:CPU steps faster (glibc malloc).
+
+XLA:CPU takes one large scratch buffer per executed step (6.6 GiB for a ViT-B-32 train step at
+batch 64) and frees it at the end. With glibc's defaults that buffer comes from a fresh `mmap`
+(allocations above the mmap threshold, and all large allocations of a thread's non-main arena)
+and is unmapped on free, so every step the kernel zeroes and faults in gigabytes again: ~30% of
+the step's wall time on a 2-core machine. Keeping every thread on the main arena, never serving
+allocations by `mmap` and never trimming the heap lets the next step reuse the same pages.
+
+The settings only take effect when applied before XLA's CPU client starts its threads, i.e.
+before the first JAX computation or `jax.devices()` call; `python -m clip_jax.train` and
+`python -m clip_jax.evaluate` apply them first thing on CPU-only installs.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+
+# mallopt(3) parameter numbers from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+
+OPT_OUT_VARIABLE = "CLIP_JAX_TUNE_MALLOC"
+_ACCELERATOR_DISTRIBUTIONS = re.compile(r"^(jax[-_]cuda|jax[-_]rocm|libtpu|jax[-_]tpu)",
+                                        re.IGNORECASE)
+
+
+def _accelerator_plugin_installed() -> bool:
+    """True when a JAX GPU/TPU plugin is installed, so JAX would not run on the host CPU."""
+    return any(_ACCELERATOR_DISTRIBUTIONS.match(dist.metadata["Name"] or "")
+               for dist in importlib.metadata.distributions())
+
+
+def runs_on_cpu() -> bool:
+    """Whether JAX will compute on the host CPU, decided without starting a JAX backend:
+    `JAX_PLATFORMS` when set, otherwise the absence of accelerator plugins."""
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if platforms:
+        return platforms.split(",")[0] == "cpu"
+    return not _accelerator_plugin_installed()
+
+
+def tune_for_xla_cpu() -> bool:
+    """Apply the allocator settings if they help and the user has not chosen otherwise.
+
+    Returns True when applied. Skipped (False) on non-glibc systems, when JAX will use an
+    accelerator (a single malloc arena could slow a many-threaded input pipeline there, and the
+    host allocator does not hold the step's buffers), when `CLIP_JAX_TUNE_MALLOC=0`, or when any
+    `MALLOC_*` environment variable is set (the user's own glibc tuning wins). Must run before
+    the first JAX computation to have an effect (see the module docstring).
+    """
+    if os.environ.get(OPT_OUT_VARIABLE, "1") == "0":
+        return False
+    if any(name.startswith("MALLOC_") for name in os.environ):
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if not runs_on_cpu():
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    # -1 as the trim threshold is SIZE_MAX inside glibc: never give the heap top back (an
+    # int-sized threshold, at most 2 GiB, would still trim a multi-GiB scratch buffer).
+    applied = (libc.mallopt(_M_ARENA_MAX, 1) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
+               and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
+    if applied:
+        logging.info("glibc malloc tuned for XLA:CPU (one arena, no mmap, no trim); set %s=0 "
+                     "to keep the defaults", OPT_OUT_VARIABLE)
+    else:
+        logging.warning("mallopt refused the XLA:CPU allocator settings; keeping defaults")
+    return applied
