@@ -25,7 +25,30 @@ BN_EPS = 1e-5       # torch BatchNorm2d default
 BN_MOMENTUM = 0.9   # flax convention; equals torch momentum=0.1
 
 
-def _conv(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Conv:
+class PointwiseConv(nn.Module):
+    """A bias-free 1x1 convolution with nn.Conv's parameter (kernel [1, 1, C_in, C_out], same
+    init) computed as a matmul over channels.
+
+    Written as a matmul because XLA:CPU lowers a 1x1 convolution's backward pass with slow
+    layout transposes; as an einsum, a layer1 Bottleneck's forward + backward took 535 instead
+    of 764 ms (batch 16). On accelerators both forms compile to the same matmuls.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, H, W, C_in] -> [B, H, W, features]."""
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (1, 1, x.shape[-1], self.features), jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+
+
+def _conv(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Module:
+    if kernel == 1:
+        return PointwiseConv(features, dtype=dtype, name=name)
     # torch padding=k//2 on both sides; flax 'SAME' would pad asymmetrically for stride 2.
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
