@@ -108,3 +108,24 @@ def test_resnet_batchnorm_statistics_are_global_under_batch_sharding():
     # A per-shard (unsynchronised) statistic would differ, so the test can fail:
     local_emb, local_stats = jax.jit(step)(variables, images[:2], tokens[:2])
     assert not np.allclose(jax.tree.leaves(local_stats)[0], jax.tree.leaves(ref_stats)[0])
+
+
+@pytest.mark.parametrize("in_channels,out_channels", [(4, 12), (12, 4), (6, 6)])
+def test_pointwise_conv_gradients_match_autodiff(in_channels, out_channels):
+    """ResNet's 1x1 conv orders its kernel-gradient matmul by width (a CPU speed-up): the
+    gradients must be autodiff's, whichever side is wider, also under jit and remat."""
+    from clip_jax.models import resnet
+    kx, kk, kg = jax.random.split(jax.random.key(in_channels * out_channels), 3)
+    x = jax.random.normal(kx, (2, 5, 3, in_channels))
+    kernel = jax.random.normal(kk, (in_channels, out_channels))
+    cotangent = jax.random.normal(kg, (2, 5, 3, out_channels))
+
+    def loss(fn):
+        return lambda x, k: jnp.sum(fn(x, k) * cotangent)
+
+    reference = jax.grad(loss(lambda x, k: jnp.einsum("bhwc,cd->bhwd", x, k)), (0, 1))(x, kernel)
+    for fn in (resnet._channel_matmul, jax.checkpoint(resnet._channel_matmul)):
+        got = jax.jit(jax.grad(loss(fn), (0, 1)))(x, kernel)
+        for g, want in zip(got, reference):
+            assert g.shape == want.shape
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-5)

@@ -25,6 +25,40 @@ BN_EPS = 1e-5       # torch BatchNorm2d default
 BN_MOMENTUM = 0.9   # flax convention; equals torch momentum=0.1
 
 
+@jax.custom_vjp
+def _channel_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[B, H, W, C_in] @ [C_in, C_out] -> [B, H, W, C_out]; the backward pass is below."""
+    return jnp.einsum("bhwc,cd->bhwd", x, kernel)
+
+
+def _channel_matmul_fwd(x, kernel):
+    return _channel_matmul(x, kernel), (x, kernel)
+
+
+def _channel_matmul_bwd(residuals, grad):
+    """The same gradients as autodiff, with the kernel gradient's operands ordered by width.
+
+    The kernel gradient contracts over B*H*W, so XLA:CPU's matmul needs its left operand
+    transposed to [C, B*H*W], and it fuses that transpose into whatever elementwise work
+    produces the operand (BatchNorm's backward or forward), a strided loop ~10x slower than the
+    same fusion untransposed. Autodiff always puts the output gradient on the left, which for a
+    Bottleneck's widening conv3 (64 -> 256 channels) transposes the 256-wide side. Putting the
+    narrower operand on the left transposes 4x less: the transposing fusions of an RN50 step
+    at batch 16 went from 1.0-1.2 s to 0.2 s of thread time, the image tower's forward +
+    backward 3.31 -> 2.78 s (open_clip: 2.36 s), and the step 4.67 -> 3.57 s. On accelerators
+    either order is the same matmul.
+    """
+    x, kernel = residuals
+    if x.shape[-1] <= grad.shape[-1]:
+        kernel_grad = jnp.einsum("bhwc,bhwd->cd", x, grad)
+    else:
+        kernel_grad = jnp.einsum("bhwd,bhwc->dc", grad, x).T
+    return jnp.einsum("bhwd,cd->bhwc", grad, kernel), kernel_grad
+
+
+_channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
 class PointwiseConv(nn.Module):
     """A bias-free 1x1 convolution with nn.Conv's parameter (kernel [1, 1, C_in, C_out], same
     init) computed as a matmul over channels.
@@ -43,7 +77,7 @@ class PointwiseConv(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(),
                             (1, 1, x.shape[-1], self.features), jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return jnp.einsum("bhwc,cd->bhwd", x, kernel[0, 0])
+        return _channel_matmul(x, kernel[0, 0])
 
 
 def _conv(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Module:
