@@ -65,7 +65,9 @@ class PointwiseConv(nn.Module):
 
     Written as a matmul because XLA:CPU lowers a 1x1 convolution's backward pass with slow
     layout transposes; as an einsum, a layer1 Bottleneck's forward + backward took 535 instead
-    of 764 ms (batch 16). On accelerators both forms compile to the same matmuls.
+    of 764 ms (batch 16). On accelerators both forms compile to the same matmuls. The backward
+    pass (`_channel_matmul_bwd`) gives autodiff's gradients with the kernel gradient's operands
+    ordered for XLA:CPU.
     """
 
     features: int
