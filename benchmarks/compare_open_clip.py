@@ -7,7 +7,7 @@ full step (forward, loss, backward, update), after warm-up. The two frameworks a
 process (`--repeats` rounds of `--steps` steps each) and the medians are compared. The first
 `--warmup-rounds` alternating rounds are not timed: the first time each framework runs after
 the other, the shared heap is still growing and page-faulting (measured: 0.45 s for a
-tiny-vit step that settles at 0.24 s). Prints one JSON line per framework (with every round's
+tiny-vit step that settles at 0.24 s; RN50 needed two rounds). Prints one JSON line per framework (with every round's
 time, so the spread is visible) and one with the ratio clip_jax / open_clip (< 1: clip_jax
 faster). Needs the `test` extra (torch, open_clip_torch).
 """
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed alternating rounds")
-    parser.add_argument("--warmup-rounds", type=int, default=1,
+    parser.add_argument("--warmup-rounds", type=int, default=2,
                         help="untimed alternating rounds before the timed ones")
     args = parser.parse_args()
     # Same process, so both frameworks run with the same allocator settings.
