@@ -7,9 +7,9 @@ full step (forward, loss, backward, update), after warm-up. The two frameworks a
 process (`--repeats` rounds of `--steps` steps each) and the medians are compared. The first
 `--warmup-rounds` alternating rounds are not timed: the first time each framework runs after
 the other, the shared heap is still growing and page-faulting (measured: 0.45 s for a
-tiny-vit step that settles at 0.24 s; RN50 needed two rounds). Prints one JSON line per framework (with every round's
-time, so the spread is visible) and one with the ratio clip_jax / open_clip (< 1: clip_jax
-faster). Needs the `test` extra (torch, open_clip_torch).
+tiny-vit step that settles at 0.24 s; RN50 needed two rounds). Prints one JSON line per
+framework (with every round's time, so the spread is visible) and one with the ratio
+clip_jax / open_clip (< 1: clip_jax faster). Needs the `test` extra (torch, open_clip_torch).
 """
 from __future__ import annotations
 
