@@ -31,18 +31,118 @@ def seed_key(seed: int, *salts: int) -> tf.Tensor:
     return key
 
 
+class ShardPlan:
+    """Which shards one process reads, in which order, and where a raw position lies in them.
+
+    The endless shard stream is epochs of the process's files, each epoch in its own seeded
+    permutation (`resample=False`), or independent seeded draws with replacement
+    (`resample=True`). It is cut into *groups* of `cycle_length` consecutive shards; a group's
+    records are read round-robin, one record from each shard in turn, shards that run out
+    dropping out (tf.data's deterministic `interleave` with `block_length=1`). The raw record
+    order is therefore a pure function of the seed and the shards' record counts, and a raw
+    position maps to (group, records consumed of each of its shards) by arithmetic on counts:
+    resuming opens only the shards in flight, whatever the position (`resume_point`).
+    """
+
+    def __init__(self, num_files: int, *, seed: Sequence[int], cycle_length: int,
+                 resample: bool):
+        if num_files < 1:
+            raise ValueError("a shard plan needs at least one file")
+        self.num_files = num_files
+        self.cycle_length = max(1, min(int(cycle_length), num_files))
+        self.resample = bool(resample)
+        self._seed = [int(x) & 0xFFFFFFFF for x in seed]
+        self._epoch_cache: dict[int, np.ndarray] = {}
+
+    def _epoch(self, e: int) -> np.ndarray:
+        if e not in self._epoch_cache:
+            if len(self._epoch_cache) > 4:
+                self._epoch_cache.clear()
+            rng = np.random.default_rng(self._seed + [e])
+            self._epoch_cache[e] = rng.permutation(self.num_files)
+        return self._epoch_cache[e]
+
+    def stream(self, j: int) -> int:
+        """File index of the `j`-th shard of the endless stream."""
+        if self.resample:
+            chunk, i = divmod(j, 1024)
+            rng = np.random.default_rng(self._seed + [1 << 31, chunk])
+            return int(rng.integers(self.num_files, size=1024)[i])
+        e, i = divmod(j, self.num_files)
+        return int(self._epoch(e)[i])
+
+    def group(self, g: int) -> list[int]:
+        """File indices of group `g`, in slot order."""
+        c = self.cycle_length
+        return [self.stream(g * c + i) for i in range(c)]
+
+    def resume_point(self, position: int, count) -> tuple[int, list[int], list[int]]:
+        """Where raw position `position` (records consumed) lies.
+
+        `count(file_index) -> int` gives a shard's record count. Returns `(g, slots, starts)`:
+        the group to open, its file indices rotated so that the next record comes from the
+        first, and how many records of each to skip. Only the counts of shards before the
+        position are read (each distinct file once).
+        """
+        if position < 0:
+            raise ValueError(f"raw position must be >= 0, got {position}")
+        g, before = 0, 0
+        counts: dict[int, int] = {}
+
+        def n(f):
+            if f not in counts:
+                counts[f] = int(count(f))
+            return counts[f]
+
+        while True:
+            files = self.group(g)
+            total = sum(n(f) for f in files)
+            if before + total > position:
+                break
+            before += total
+            g += 1
+            # Every file seen and none has a record: no position can ever be reached.
+            if total == 0 and len(counts) == self.num_files and not any(counts.values()):
+                raise ValueError("every shard of this process is empty (0 records)")
+        sizes = [n(f) for f in files]
+        offset = position - before
+        # Largest R with sum(min(n_i, R)) <= offset: R full rounds of the round-robin.
+        lo, hi = 0, max(sizes)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if sum(min(s, mid) for s in sizes) <= offset:
+                lo = mid
+            else:
+                hi = mid - 1
+        rounds = lo
+        extra = offset - sum(min(s, rounds) for s in sizes)
+        active = [i for i, s in enumerate(sizes) if s > rounds]
+        starts = [min(s, rounds) for s in sizes]
+        for i in active[:extra]:
+            starts[i] += 1
+        split = active[extra] if extra else 0
+        order = list(range(split, len(files))) + list(range(split))
+        return g, [files[i] for i in order], [starts[i] for i in order]
+
+
+def block_start(start: int, block: int) -> int:
+    """The raw position a resumed `block_shuffle` must read from: the start of `start`'s block."""
+    return start if block <= 1 else start // block * block
+
+
 def block_shuffle(raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: int = 0
                   ) -> tf.data.Dataset:
-    """Shuffles `raw` within blocks of `block` records and skips the first `start` outputs.
+    """Shuffles a raw stream within blocks of `block` records and skips the first `start` outputs.
 
-    Adds `src_pos` (int64 scalar): 1-based position of each element in the shuffled order,
-    i.e. the number of records of this source consumed once this element is taken.
-    `block <= 1` keeps the raw order. Skipping happens before anything is decoded.
+    `raw` must begin at raw record `block_start(start, block)` (the caller opens the shards
+    there, see `ShardPlan.resume_point`). Adds `src_pos` (int64 scalar): the 1-based position of
+    each element in the shuffled order, i.e. the number of records of this source consumed once
+    this element is taken. `block <= 1` keeps the raw order. Nothing is decoded while skipping.
     """
     if start < 0:
         raise ValueError(f"start position must be >= 0, got {start}")
     if block <= 1:
-        ds = raw.skip(start)
+        ds = raw
     else:
         first_block, within = divmod(start, block)
 
@@ -52,8 +152,7 @@ def block_shuffle(raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: in
                 tf.range(n), fold_in(key, block_index))
             return {k: tf.gather(v, order) for k, v in records.items()}
 
-        ds = raw.skip(first_block * block).batch(block)
-        ds = ds.enumerate(start=first_block).map(permute).unbatch()
+        ds = raw.batch(block).enumerate(start=first_block).map(permute).unbatch()
         ds = ds.skip(within)
     return ds.enumerate(start=start + 1).map(lambda pos, rec: {**rec, "src_pos": pos})
 
@@ -76,7 +175,15 @@ def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf
         raise ValueError(f"start position has {len(start)} entries; expected {num + 1} "
                          f"({num} source counts + mixed count)")
     if num == 1:
-        mixed = sources[0].map(lambda r: {**r, "source": tf.constant(0, tf.int64)})
+        # One source: both counts are the source's own position; no running state needed
+        # (the scan below costs ~3x this map per element).
+        def single(rec):
+            pos = rec["src_pos"]
+            out = {k: v for k, v in rec.items() if k != "src_pos"}
+            out["index"] = pos - 1
+            out["position"] = tf.stack([pos, pos])
+            return out
+        return sources[0].map(single)
     else:
         w = np.asarray(weights, np.float64)
         if w.shape != (num,) or np.any(w < 0) or w.sum() <= 0:

@@ -1,29 +1,77 @@
 """tf.data pipelines for training and evaluation.
 
-Train: per source, a deterministic raw-record stream (shards split per process, shard order
-shuffled per epoch) -> block shuffle + exact skip (`ordering`) -> weighted mix -> cheap filter
-(missing image / empty caption) -> guarded parallel decode + stateless random resized crop ->
-batch (drop_remainder) -> tokenise -> prefetch. Every batch carries `position`, the resume
-point after it (see `ordering` for the layout and `clip_jax.data.ordering.num_skipped`).
+Train, per source: this process's shards in seeded groups read round-robin (`ordering.ShardPlan`;
+tar records cross from Python a block at a time, TFRecords are read natively) -> block shuffle
++ exact skip -> weighted mix (one source: a plain map) -> cheap filter (missing image / empty
+caption) -> parallel decode + stateless random resized crop, undecodable samples dropped ->
+batch (drop_remainder) -> batched tokenisation -> prefetch. Every batch carries `position`, the
+resume point after it (see `ordering` for the layout and `ordering.num_skipped`).
+
+Resuming costs the same at any position: the position is mapped to (shard group, records to
+skip in each of its shards) from per-shard record counts (`shard_counts`), and only the shards
+in flight are opened.
 
 Eval: one source, every sample exactly once across processes, resize + center crop, the last
 batch padded to full size with `mask` marking real samples.
 """
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import threading
 
 import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import config as config_lib
 from clip_jax.data import ordering
+from clip_jax.data import shard_counts
 from clip_jax.data import shards as shards_lib
 from clip_jax.data import sources
 from clip_jax.data import transforms
 
 # Salts that separate the random streams derived from one seed.
 _SALT_SHARDS, _SALT_BLOCKS, _SALT_MIX, _SALT_AUGMENT = 1, 2, 3, 4
+
+
+class NoUsableData(ValueError):
+    """The input pipeline reads records but none becomes a sample, or reads no record at all."""
+
+
+class InputWatch:
+    """What the trainer needs to notice a pipeline that can never deliver a batch.
+
+    A pipeline whose every record is dropped (undecodable images, empty captions) or whose
+    shards hold no record would otherwise spin forever without output. The pipeline counts the
+    records it has taken (`records_seen`, a counter updated inside tf.data) and notes reader
+    failures that tf.data would only log; `check(delivered)` raises NoUsableData naming the
+    shards once far more records were taken than samples delivered, or a failure was noted.
+    """
+
+    def __init__(self):
+        self.records_seen: tf.Variable | None = None
+        self.description = ""
+        self.slack = 0
+        self._errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def note_error(self, message: str) -> None:
+        with self._lock:
+            if not self._errors:
+                logging.error("input pipeline: %s", message)
+            self._errors.append(message)
+
+    def check(self, samples_delivered: int) -> None:
+        """Raises NoUsableData if the pipeline cannot deliver; cheap, call it while waiting."""
+        with self._lock:
+            if self._errors:
+                raise NoUsableData(self._errors[0])
+        if self.records_seen is None:
+            return
+        seen = int(self.records_seen.numpy())
+        if seen - samples_delivered > self.slack:
+            raise NoUsableData(
+                f"no usable sample in {seen - samples_delivered} consecutive records of "
+                f"{self.description}: every image failed to decode or every caption is empty")
 
 
 def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
@@ -34,19 +82,15 @@ def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dat
     return ds.with_options(options)
 
 
-def guarded_map(ds: tf.data.Dataset, fn: Callable, num_parallel_calls: int) -> tf.data.Dataset:
-    """`ds.map(fn)` in parallel, but a sample whose `fn` raises (corrupt image) is dropped and
-    logged instead of failing the pipeline.
+def decode_dropping_errors(ds: tf.data.Dataset, fn, num_parallel_calls: int) -> tf.data.Dataset:
+    """`ds.map(fn)` in parallel (order kept); a sample whose `fn` fails (corrupt image) is dropped.
 
-    Each element becomes a one-element dataset with `ignore_errors`, so only errors from `fn`
-    on that element are caught; errors elsewhere (a missing shard, a tokenizer bug) still
-    raise. Interleaving them with block_length=1 and deterministic=True keeps input order,
-    which the resume positions rely on.
+    `ignore_errors` also hides errors from the stages above it, so those must not fail: the
+    readers log and record damage themselves (`InputWatch.note_error`, truncated shards read up
+    to the damage), and shard lists are checked for existence and readability at start.
     """
-    def one(rec):
-        return tf.data.Dataset.from_tensors(rec).map(fn).ignore_errors(log_warning=True)
-    return ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
-                         num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds.map(fn, num_parallel_calls=num_parallel_calls,
+                  deterministic=True).ignore_errors(log_warning=False)
 
 
 def _tokenize_fn(tokenizer, context_length: int):
@@ -75,35 +119,57 @@ def _shard_files(spec: config_lib.SourceSpec) -> list[str]:
     return shards_lib.resolve_files(spec.shards, what=f"{spec.source} shards")
 
 
-def _shard_reader(spec: config_lib.SourceSpec):
+def _shard_reader(spec, counter: shard_counts.ShardCounter, watch: InputWatch | None):
+    """`reader(path, start) -> records` for the source's shard format."""
     if spec.source == "tfrecord":
-        return sources.tfrecord_shard_dataset
+        def read_tfrecord(path, start):
+            count = tf.numpy_function(lambda p: np.int64(counter.count(p.decode())), [path],
+                                      tf.int64, stateful=False)
+            return sources.tfrecord_shard_dataset(path, start, count)
+        return read_tfrecord
     caption_field = spec.caption_field
-    return lambda path: sources.tar_shard_dataset(path, caption_field)
+
+    def read_tar(path, start):
+        return sources.tar_shard_dataset(path, caption_field, start, counter=counter,
+                                         on_error=watch.note_error if watch else None)
+    return read_tar
 
 
-def _train_raw_source(spec, *, seed, key, process_index, process_count, cycle_length,
-                      resample, num_parallel_calls) -> tf.data.Dataset:
-    """Endless raw records of one source for this process (deterministic given the seed)."""
+def _train_raw_source(spec, *, seed, process_index, process_count, key, start, block,
+                      cycle_length, resample, num_parallel_calls, index_dir, watch):
+    """Raw records of one source for this process, from raw record `block_start(start)` on."""
     if spec.source == "tfds":
-        return sources.tfds_records(
+        raw = sources.tfds_records(
             name=spec.tfds_name, split=spec.split, data_dir=spec.tfds_data_dir,
             image_key=spec.image_key, text_key=spec.text_key, label_key=spec.label_key,
             label_template=spec.label_template, shuffle_files=True,
             seed=(seed * 1_000_003 + process_index) % (2 ** 31), process_index=process_index,
             process_count=process_count, repeat=True)
+        # TFDS has no per-shard counts here: skip by reading (no decoding happens).
+        return raw.skip(ordering.block_start(start, block))
     if spec.source == "image_folder":
         raise ValueError("source 'image_folder' is for evaluation only (it has no captions)")
     files = shards_lib.split_for_process(_shard_files(spec), process_index, process_count)
-    paths = sources.shard_path_stream(files, seed_key=ordering.fold_in(key, _SALT_SHARDS),
-                                      repeat=True, resample=resample)
-    return sources.interleave_shards(paths, _shard_reader(spec), min(cycle_length, len(files)),
-                                     num_parallel_calls)
+    fmt = "tfrecord" if spec.source == "tfrecord" else "tar"
+    counter = shard_counts.ShardCounter(fmt, index_dir)
+    plan = ordering.ShardPlan(len(files), seed=[seed, process_index, key, _SALT_SHARDS],
+                              cycle_length=cycle_length, resample=resample)
+    raw_start = ordering.block_start(start, block)
+    try:
+        group, slots, starts = plan.resume_point(raw_start, lambda i: counter.count(files[i]))
+    except ValueError as err:
+        raise NoUsableData(f"{err}: {spec.shards or spec.source}") from None
+    counter.save()
+    return sources.read_groups(files, plan, _shard_reader(spec, counter, watch),
+                               start_group=group, first_slots=slots, first_starts=starts,
+                               num_parallel_calls=num_parallel_calls, counter=counter,
+                               on_error=watch.note_error if watch else None)
 
 
 def build_train_dataset(data_config, *, image_size: int, tokenizer, context_length: int,
                         local_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, start_position=None) -> tf.data.Dataset:
+                        process_count: int = 1, start_position=None,
+                        watch: InputWatch | None = None) -> tf.data.Dataset:
     """Endless training batches for this process.
 
     Yields dicts:
@@ -112,7 +178,9 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
       position: int64 [num_sources + 1], the resume point after this batch: per source the
         raw records consumed, then the mixed records consumed (incl. skipped bad samples).
     Rebuilding with `start_position=<a batch's position>` continues with exactly the batch the
-    uninterrupted pipeline would have produced next (same samples, augmentation, order).
+    uninterrupted pipeline would have produced next (same samples, augmentation, order), in
+    the same time whatever the position. `watch` (optional) is filled so that a consumer can
+    tell a pipeline that will never deliver (see `InputWatch`).
     """
     config_lib.validate(data_config)
     specs = config_lib.source_specs(data_config)
@@ -125,18 +193,33 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
             local_batch_size=local_batch_size, seed=seed, process_index=process_index,
             process_count=process_count, start_position=int(start[-1]) if start else 0)
     npc = int(data_config.num_parallel_calls)
+    block = int(data_config.shuffle_buffer)
     streams = []
     for j, spec in enumerate(specs):
         key = ordering.seed_key(seed, process_index, j)
+        source_start = start[j] if start else 0
         raw = _train_raw_source(
-            spec, seed=seed, key=key, process_index=process_index, process_count=process_count,
-            cycle_length=int(data_config.shard_cycle_length), resample=bool(data_config.resample),
-            num_parallel_calls=npc)
+            spec, seed=seed, process_index=process_index, process_count=process_count, key=j,
+            start=source_start, block=block, cycle_length=int(data_config.shard_cycle_length),
+            resample=bool(data_config.resample), num_parallel_calls=npc,
+            index_dir=str(data_config.get("index_dir", "") or ""), watch=watch)
         streams.append(ordering.block_shuffle(
-            raw, block=int(data_config.shuffle_buffer), key=ordering.fold_in(key, _SALT_BLOCKS),
-            start=start[j] if start else 0))
+            raw, block=block, key=ordering.fold_in(key, _SALT_BLOCKS), start=source_start))
     mixed = ordering.mix(streams, [s.weight for s in specs],
                          key=ordering.seed_key(seed, process_index, _SALT_MIX), start=start)
+    if watch is not None:
+        watch.records_seen = tf.Variable(int(start[-1]) if start else 0, dtype=tf.int64,
+                                         trainable=False)
+        watch.description = "; ".join(str(s.shards or f"{s.source}:{s.split}") for s in specs)
+        # Records between this counter and the consumer: the decode stage's buffers, one
+        # batch being filled, tf.data's and the device's prefetched batches.
+        watch.slack = 8 * local_batch_size + 4096
+        seen = watch.records_seen
+
+        def count_seen(rec):
+            with tf.control_dependencies([seen.assign(rec["position"][-1])]):
+                return {k: tf.identity(v) for k, v in rec.items()}
+        mixed = mixed.map(count_seen)
     # Cheap checks before any decoding; dropped records still count in `position`.
     mixed = mixed.filter(lambda r: tf.logical_and(tf.strings.length(r["image"]) > 0,
                                                   tf.strings.length(r["text"]) > 0))
@@ -151,7 +234,7 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
             ratio=ratio, method=method)
         return {"image": image, "text": rec["text"], "position": rec["position"]}
 
-    ds = guarded_map(mixed, transform, npc)
+    ds = decode_dropping_errors(mixed, transform, npc)
     ds = ds.batch(local_batch_size, drop_remainder=True)
 
     def finish(batch):
@@ -160,7 +243,7 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
                                         local_batch_size),
                 "position": batch["position"][-1]}
 
-    ds = ds.map(finish, num_parallel_calls=1, deterministic=True)
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(int(data_config.prefetch))
     return _apply_options(ds, int(data_config.threadpool_size))
 
@@ -191,9 +274,9 @@ def _eval_raw_source(spec, *, process_index, process_count, cycle_length, num_pa
         raw, _ = sources.image_folder_records(spec.image_folder)
         return raw.shard(process_count, process_index)
     files = _shard_files(spec)
-    paths = sources.shard_path_stream(files, seed_key=None, repeat=False, resample=False)
-    raw = sources.interleave_shards(paths, _shard_reader(spec), min(cycle_length, len(files)),
-                                    num_parallel_calls)
+    counter = shard_counts.ShardCounter("tfrecord" if spec.source == "tfrecord" else "tar")
+    raw = sources.read_in_order(files, _shard_reader(spec, counter, None), cycle_length,
+                                num_parallel_calls)
     # Record-level split: exactly once across processes whatever the shard count (eval sets
     # are small enough for every process to read all shards).
     return raw.shard(process_count, process_index)
@@ -243,7 +326,7 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
         return {"image": image, "label": tf.cast(rec["label"], tf.int32),
                 "caption": rec["text"], "key": rec["key"]}
 
-    ds = guarded_map(raw, transform, num_parallel_calls).batch(batch_size)
+    ds = decode_dropping_errors(raw, transform, num_parallel_calls).batch(batch_size)
 
     def finish(batch):
         batch = _pad_batch(batch, batch_size)

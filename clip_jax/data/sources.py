@@ -6,18 +6,13 @@ records are cheap to skip when a run resumes (see `clip_jax.data.ordering`).
 """
 from __future__ import annotations
 
-import gzip
-import json
-import logging
 import os
-import posixpath
-import tarfile
-import zlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import tensorflow as tf
 
 from clip_jax.data import shards as shards_lib
+from clip_jax.data import tar_shards
 
 # One raw record. Missing members are empty strings / label -1, so that every sample reaches
 # the (counted) filter instead of breaking the reader.
@@ -28,8 +23,7 @@ RAW_SIGNATURE = {
     "label": tf.TensorSpec([], tf.int64),   # class label, -1 if missing
 }
 
-# Member extensions that hold the image, in order of preference when a key has several.
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+IMAGE_EXTENSIONS = tar_shards.IMAGE_EXTENSIONS
 
 # TFRecord feature names (`tf.train.Example`), fixed by the project interface. "key" is an
 # optional extra that `make_shards` writes so that eval outputs can name their samples.
@@ -42,73 +36,36 @@ TFRECORD_KEY = "key"
 # --------------------------------------------------------------------------------------------
 # Tar shards
 # --------------------------------------------------------------------------------------------
-def _as_str(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+_RAW_BLOCK_SIGNATURE = {k: tf.TensorSpec([None], v.dtype) for k, v in RAW_SIGNATURE.items()}
 
 
-def _record_from_members(key: str, members: dict[str, bytes], caption_field: str) -> dict:
-    """Builds one raw record from the members of one key (`{"jpg": b"...", "txt": b"..."}`)."""
-    image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), b"")
-    text = b""
-    if "txt" in members:
-        text = members["txt"].strip()
-    elif "json" in members:
-        try:
-            meta = json.loads(members["json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            logging.debug("sample %s: unreadable json (%s); counted as missing caption", key, err)
-            meta = {}
-        caption = meta.get(caption_field) if isinstance(meta, dict) else None
-        if isinstance(caption, str):
-            text = caption.strip().encode("utf-8")
-    label = -1
-    if "cls" in members:
-        try:
-            label = int(members["cls"].strip())
-        except ValueError:
-            logging.debug("sample %s: .cls member %r is not an integer", key, members["cls"][:20])
-    return {"key": key.encode("utf-8"), "image": image, "text": text, "label": label}
+def tar_shard_dataset(path, caption_field: str = "caption", start=0, *, counter=None,
+                      on_error=None) -> tf.data.Dataset:
+    """Raw records of one tar shard from record `start` on (`path`/`start` may be tensors).
 
-
-def iter_tar_records(path, caption_field="caption") -> Iterator[dict]:
-    """Yields raw records from one (optionally gzipped) WebDataset-style tar shard.
-
-    Members are grouped by key = member path up to the first '.' of its basename; consecutive
-    members with the same key form one sample (img2dataset writes them next to each other).
-    A truncated or corrupt shard is logged and read up to the damage, not raised, so a single
-    bad download neither stops training nor loses the samples before it.
+    Records cross from Python in blocks (`tar_shards.iter_tar_blocks`) and are unbatched
+    natively: one Python crossing per 256 records instead of one per record. A shard read
+    from its start reports its record count to `counter` (a `shard_counts.ShardCounter`), so
+    a later resume needs no count of its own; a failure to read it (not damage, which is
+    logged and read up to) is reported to `on_error(message)` before it is raised.
     """
-    path, caption_field = _as_str(path), _as_str(caption_field)
-    current_key, members = None, {}
-    with tf.io.gfile.GFile(path, "rb") as f:
-        # "r|*": streaming read, transparent gzip; no seeking, so remote files stream too.
+    def blocks(path, caption_field, start):
+        path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
+        n = 0
         try:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    dirname, base = posixpath.split(member.name)
-                    if "." not in base:
-                        continue
-                    stem, ext = base.split(".", 1)
-                    key = posixpath.join(dirname, stem)
-                    if key != current_key:
-                        if current_key is not None:
-                            yield _record_from_members(current_key, members, caption_field)
-                        current_key, members = key, {}
-                    members[ext.lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
-            logging.warning("tar shard %s is truncated or corrupt after sample %r (%s: %s); "
-                            "the rest of this shard is skipped", path, current_key,
-                            type(err).__name__, err)
-    if current_key is not None:
-        yield _record_from_members(current_key, members, caption_field)
+            for block in tar_shards.iter_tar_blocks(path, caption_field, start):
+                n += len(block["key"])
+                yield block
+        except Exception as err:  # reported, then raised: tf.data may only log it
+            if on_error is not None:
+                on_error(f"cannot read tar shard {path}: {type(err).__name__}: {err}")
+            raise
+        if counter is not None and int(start) == 0:
+            counter.record(path, n)
 
-
-def tar_shard_dataset(path: tf.Tensor, caption_field: str = "caption") -> tf.data.Dataset:
-    """Raw records of one tar shard; `path` may be a scalar string tensor (inside interleave)."""
     return tf.data.Dataset.from_generator(
-        iter_tar_records, args=(path, caption_field), output_signature=RAW_SIGNATURE)
+        blocks, args=(path, caption_field, start),
+        output_signature=_RAW_BLOCK_SIGNATURE).unbatch()
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,9 +86,16 @@ def parse_tfrecord(serialized: tf.Tensor) -> dict:
             "text": tf.strings.strip(ex[TFRECORD_TEXT]), "label": ex[TFRECORD_LABEL]}
 
 
-def tfrecord_shard_dataset(path: tf.Tensor) -> tf.data.Dataset:
-    """Raw records of one TFRecord shard."""
-    return tf.data.TFRecordDataset(path).map(parse_tfrecord)
+def tfrecord_shard_dataset(path, start=0, count=None) -> tf.data.Dataset:
+    """Raw records of one TFRecord shard: records `start` to `count` (all when None).
+
+    With `count` (from `shard_counts`), a shard cut inside a record yields its whole records and
+    stops where the damage starts instead of failing the pipeline.
+    """
+    ds = tf.data.TFRecordDataset(path)
+    if count is not None:
+        ds = ds.take(count)
+    return ds.skip(start).map(parse_tfrecord)
 
 
 def make_tfrecord_example(image: bytes, text: str, label: int | None = None,
@@ -151,41 +115,54 @@ def make_tfrecord_example(image: bytes, text: str, label: int | None = None,
 # --------------------------------------------------------------------------------------------
 # Shard streams (which file is read when)
 # --------------------------------------------------------------------------------------------
-def shard_path_stream(files: Sequence[str], *, seed_key: tf.Tensor | None, repeat: bool,
-                      resample: bool) -> tf.data.Dataset:
-    """Dataset of shard paths, in the order they are opened.
+def read_in_order(files: Sequence[str], reader, cycle_length: int,
+                  num_parallel_calls: int) -> tf.data.Dataset:
+    """Every file once, `cycle_length` at a time, one record from each in turn (evaluation)."""
+    paths = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string))
+    return paths.interleave(lambda p: reader(p, 0), cycle_length=max(1, min(cycle_length,
+                                                                             len(files))),
+                            block_length=1, num_parallel_calls=num_parallel_calls,
+                            deterministic=True)
 
-    - `repeat=False`: every file once, in the given order (evaluation).
-    - `repeat=True, resample=False`: endless epochs; epoch e visits every file once in an order
-      shuffled statelessly from (seed_key, e), so the order is a pure function of the seed.
-    - `resample=True`: endless draws with replacement, draw i from (seed_key, i).
+
+def read_groups(files: Sequence[str], plan, reader, *, start_group: int,
+                first_slots: Sequence[int], first_starts: Sequence[int],
+                num_parallel_calls: int, counter=None, on_error=None) -> tf.data.Dataset:
+    """The endless raw record stream of `plan` (an `ordering.ShardPlan`) from a resume point.
+
+    Group g's shards are read round-robin, one record from each in turn, by a deterministic
+    `interleave` over exactly `cycle_length` readers; groups follow each other. The first group
+    is `first_slots` (file indices, rotated as `ShardPlan.resume_point` returns them) with
+    `first_starts` records skipped in each; later groups start at record 0. Only the group in
+    flight is open, whatever the position. When every file turns out to hold no record
+    (`counter`), the stream ends after reporting it to `on_error` instead of cycling forever.
     """
-    paths = tf.constant(list(files), dtype=tf.string)
-    n = len(files)
-    if not repeat:
-        return tf.data.Dataset.from_tensor_slices(paths)
-    if seed_key is None:
-        raise ValueError("an endless shard stream needs a seed")
-    if resample:
-        def draw(i):
-            idx = tf.random.stateless_uniform(
-                [], tf.random.experimental.stateless_fold_in(seed_key, i), 0, n, dtype=tf.int64)
-            return tf.gather(paths, idx)
-        return tf.data.Dataset.range(tf.int64.max).map(draw)
+    files = [str(f) for f in files]
+    width = plan.cycle_length
+    num_distinct = len(set(files))
 
-    def epoch(e):
-        order = tf.random.experimental.stateless_shuffle(
-            tf.range(n), tf.random.experimental.stateless_fold_in(seed_key, e))
-        return tf.data.Dataset.from_tensor_slices(tf.gather(paths, order))
-    return tf.data.Dataset.range(tf.int64.max).flat_map(epoch)
+    def groups():
+        yield {"path": [files[i] for i in first_slots], "start": list(first_starts)}
+        g = start_group + 1
+        while True:
+            if counter is not None and counter.all_known_empty(num_distinct):
+                if on_error is not None:
+                    on_error(f"no record in any of the {len(files)} shard(s) "
+                             f"({files[0]}{', ...' if len(files) > 1 else ''}): empty or "
+                             "not tar/tfrecord files")
+                return
+            yield {"path": [files[i] for i in plan.group(g)], "start": [0] * width}
+            g += 1
 
+    descriptors = tf.data.Dataset.from_generator(groups, output_signature={
+        "path": tf.TensorSpec([width], tf.string), "start": tf.TensorSpec([width], tf.int64)})
 
-def interleave_shards(path_stream: tf.data.Dataset, reader, cycle_length: int,
-                      num_parallel_calls: int) -> tf.data.Dataset:
-    """Reads `cycle_length` shards at once, one record from each in turn (deterministic order)."""
-    return path_stream.interleave(
-        reader, cycle_length=max(1, cycle_length), block_length=1,
-        num_parallel_calls=num_parallel_calls, deterministic=True)
+    def read_group(group):
+        slots = tf.data.Dataset.from_tensor_slices(group)
+        return slots.interleave(lambda s: reader(s["path"], s["start"]), cycle_length=width,
+                                block_length=1, num_parallel_calls=num_parallel_calls,
+                                deterministic=True)
+    return descriptors.flat_map(read_group)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""Records per shard: what makes resuming a constant-time computation instead of a re-read.
+
+A resume position is a count of raw records; turning it into (shard group, offset in each
+shard) needs the record count of every shard read before it. Counts come, cheapest first, from
+this process's memory, a JSON cache in `index_dir` (the trainer uses `<workdir>/data_index`, so a
+restarted run finds the counts its predecessor wrote), img2dataset's `<shard>_stats.json`
+beside a remote tar shard (`successes`), or a header scan of the shard: tar headers with data seeked
+over (`tar_shards.count_records`), TFRecord length prefixes with data seeked over.
+
+Cache entries are keyed by path, size and modification time, so a rewritten shard is recounted.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+from typing import Sequence
+
+from clip_jax.data import tar_shards
+
+_CACHE_FILE = "shard_counts.json"
+
+
+def _stat_key(path: str) -> str:
+    """`path|size|mtime_ns` for local files; remote paths use tf.io.gfile.stat."""
+    if "://" in path:
+        import tensorflow as tf
+        st = tf.io.gfile.stat(path)
+        return f"{path}|{st.length}|{st.mtime_nsec}"
+    st = os.stat(path)
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def count_tfrecord_records(path: str) -> int:
+    """Complete records of a TFRecord file (8-byte length, 4-byte CRC, data, 4-byte CRC).
+
+    Reads only the length prefixes and seeks over the data. A file cut inside a record counts
+    the complete records before the cut (what the reader then reads, see `sources`).
+    """
+    if "://" in path:
+        import tensorflow as tf
+        f = tf.io.gfile.GFile(path, "rb")
+        size = tf.io.gfile.stat(path).length
+    else:
+        f = open(path, "rb", buffering=1 << 16)  # noqa: SIM115 - closed below
+        size = os.fstat(f.fileno()).st_size
+    count, offset = 0, 0
+    with f:
+        while offset + 12 <= size:
+            head = f.read(12)
+            if len(head) < 12:
+                break
+            (length,) = struct.unpack("<Q", head[:8])
+            end = offset + 12 + length + 4
+            if end > size:
+                break
+            f.seek(end)
+            offset = end
+            count += 1
+    if offset != size:
+        logging.warning("tfrecord shard %s is truncated after %d records (%d of %d bytes are "
+                        "whole records); the rest of it is skipped", path, count, offset, size)
+    return count
+
+
+def _img2dataset_count(path: str) -> int | None:
+    """`successes` from img2dataset's `<shard>_stats.json` beside a remote `<shard>.tar`.
+
+    Used for remote shards only, where a header scan costs one request per member; local
+    shards are scanned, which is exact even for a shard damaged after its stats were written.
+    """
+    if "://" not in path or not path.endswith(".tar"):
+        return None
+    import tensorflow as tf
+    stats = path[: -len(".tar")] + "_stats.json"
+    if not tf.io.gfile.exists(stats):
+        return None
+    try:
+        with tf.io.gfile.GFile(stats, "r") as f:
+            value = json.load(f).get("successes")
+    except (OSError, ValueError, tf.errors.OpError) as err:
+        logging.warning("ignoring unreadable img2dataset stats %s (%s)", stats, err)
+        return None
+    return int(value) if isinstance(value, int) and value >= 0 else None
+
+
+class ShardCounter:
+    """Record counts of shards of one format, cached in memory and in `index_dir` (optional).
+
+    Thread-safe: the input pipeline asks from tf.data worker threads.
+    """
+
+    def __init__(self, fmt: str, index_dir: str = ""):
+        if fmt not in ("tar", "tfrecord"):
+            raise ValueError(f"cannot count records of format {fmt!r}")
+        self.fmt = fmt
+        self.index_dir = index_dir
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._dirty = False
+        self._seen: dict[str, int] = {}  # path -> count, for the shards of this run
+        if index_dir:
+            self._load()
+
+    def _cache_path(self) -> str:
+        return os.path.join(self.index_dir, _CACHE_FILE)
+
+    def _load(self) -> None:
+        path = self._cache_path()
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            self._counts = {str(k): int(v) for k, v in data.get("counts", {}).items()}
+        except (OSError, ValueError, AttributeError) as err:
+            logging.warning("shard count cache %s is unreadable (%s); counting again", path, err)
+            self._counts = {}
+
+    def save(self) -> None:
+        """Writes the cache (atomically) if anything was counted since the last save."""
+        if not self.index_dir or not self._dirty:
+            return
+        with self._lock:
+            data = {"counts": dict(self._counts)}
+            self._dirty = False
+        os.makedirs(self.index_dir, exist_ok=True)
+        tmp = f"{self._cache_path()}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, self._cache_path())
+
+    def record(self, path: str, n: int) -> None:
+        """Notes that reading `path` from its first record yielded `n` records."""
+        key = _stat_key(path)
+        with self._lock:
+            self._seen[path] = n
+            if self._counts.get(key) != n:
+                self._counts[key] = n
+                self._dirty = True
+
+    def all_known_empty(self, num_files: int) -> bool:
+        """True when `num_files` distinct shards (all of a source's) were counted or read
+        through and none holds a record."""
+        with self._lock:
+            return len(self._seen) >= num_files and not any(self._seen.values())
+
+    def count(self, path: str) -> int:
+        """Records of `path` (what the shard reader yields from it)."""
+        key = _stat_key(path)
+        with self._lock:
+            if key in self._counts:
+                self._seen[path] = self._counts[key]
+                return self._counts[key]
+        n = None
+        if self.fmt == "tar":
+            n = _img2dataset_count(path)
+            if n is None:
+                n = tar_shards.count_records(path)
+        else:
+            n = count_tfrecord_records(path)
+        with self._lock:
+            self._counts[key] = n
+            self._seen[path] = n
+            self._dirty = True
+        return n
+
+    def counts(self, paths: Sequence[str]) -> list[int]:
+        out = [self.count(p) for p in paths]
+        self.save()
+        return out
