@@ -159,7 +159,6 @@ def _train_raw_source(spec, *, seed, process_index, process_count, key, start, b
         group, slots, starts = plan.resume_point(raw_start, lambda i: counter.count(files[i]))
     except ValueError as err:
         raise NoUsableData(f"{err}: {spec.shards or spec.source}") from None
-    counter.save()
     return sources.read_groups(files, plan, _shard_reader(spec, counter, watch),
                                start_group=group, first_slots=slots, first_starts=starts,
                                num_parallel_calls=num_parallel_calls, counter=counter,
@@ -169,7 +168,7 @@ def _train_raw_source(spec, *, seed, process_index, process_count, key, start, b
 def build_train_dataset(data_config, *, image_size: int, tokenizer, context_length: int,
                         local_batch_size: int, seed: int, process_index: int = 0,
                         process_count: int = 1, start_position=None,
-                        watch: InputWatch | None = None) -> tf.data.Dataset:
+                        watch: InputWatch | None = None, index_dir: str = "") -> tf.data.Dataset:
     """Endless training batches for this process.
 
     Yields dicts:
@@ -180,7 +179,8 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
     Rebuilding with `start_position=<a batch's position>` continues with exactly the batch the
     uninterrupted pipeline would have produced next (same samples, augmentation, order), in
     the same time whatever the position. `watch` (optional) is filled so that a consumer can
-    tell a pipeline that will never deliver (see `InputWatch`).
+    tell a pipeline that will never deliver (see `InputWatch`). `index_dir` (optional) caches
+    per-shard record counts across runs (`shard_counts`); the trainer uses `<workdir>/data_index`.
     """
     config_lib.validate(data_config)
     specs = config_lib.source_specs(data_config)
@@ -202,7 +202,7 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
             spec, seed=seed, process_index=process_index, process_count=process_count, key=j,
             start=source_start, block=block, cycle_length=int(data_config.shard_cycle_length),
             resample=bool(data_config.resample), num_parallel_calls=npc,
-            index_dir=str(data_config.get("index_dir", "") or ""), watch=watch)
+            index_dir=index_dir, watch=watch)
         streams.append(ordering.block_shuffle(
             raw, block=block, key=ordering.fold_in(key, _SALT_BLOCKS), start=source_start))
     mixed = ordering.mix(streams, [s.weight for s in specs],

@@ -16,11 +16,10 @@ import logging
 import os
 import struct
 import threading
-from typing import Sequence
 
 from clip_jax.data import tar_shards
 
-_CACHE_FILE = "shard_counts.json"
+_CACHE_FILE = "shard_counts.jsonl"
 
 
 def _stat_key(path: str) -> str:
@@ -89,7 +88,10 @@ def _img2dataset_count(path: str) -> int | None:
 class ShardCounter:
     """Record counts of shards of one format, cached in memory and in `index_dir` (optional).
 
-    Thread-safe: the input pipeline asks from tf.data worker threads.
+    The cache is an append-only JSON-lines file (`{"key": "path|size|mtime", "count": n}` per
+    line, the last line for a key wins): each new count costs one small append, several
+    processes may share it, and a torn last line is ignored. Thread-safe: the input pipeline
+    asks from tf.data worker threads.
     """
 
     def __init__(self, fmt: str, index_dir: str = ""):
@@ -99,7 +101,6 @@ class ShardCounter:
         self.index_dir = index_dir
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
-        self._dirty = False
         self._seen: dict[str, int] = {}  # path -> count, for the shards of this run
         if index_dir:
             self._load()
@@ -111,35 +112,30 @@ class ShardCounter:
         path = self._cache_path()
         if not os.path.isfile(path):
             return
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            self._counts = {str(k): int(v) for k, v in data.get("counts", {}).items()}
-        except (OSError, ValueError, AttributeError) as err:
-            logging.warning("shard count cache %s is unreadable (%s); counting again", path, err)
-            self._counts = {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    self._counts[str(entry["key"])] = int(entry["count"])
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line torn by a crash mid-append: that shard is recounted
 
-    def save(self) -> None:
-        """Writes the cache (atomically) if anything was counted since the last save."""
-        if not self.index_dir or not self._dirty:
+    def _store(self, key: str, n: int) -> None:
+        """Caches `n` for `key` (lock held)."""
+        if self._counts.get(key) == n:
             return
-        with self._lock:
-            data = {"counts": dict(self._counts)}
-            self._dirty = False
-        os.makedirs(self.index_dir, exist_ok=True)
-        tmp = f"{self._cache_path()}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, self._cache_path())
+        self._counts[key] = n
+        if self.index_dir:
+            os.makedirs(self.index_dir, exist_ok=True)
+            with open(self._cache_path(), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "count": n}) + "\n")
 
     def record(self, path: str, n: int) -> None:
         """Notes that reading `path` from its first record yielded `n` records."""
         key = _stat_key(path)
         with self._lock:
             self._seen[path] = n
-            if self._counts.get(key) != n:
-                self._counts[key] = n
-                self._dirty = True
+            self._store(key, n)
 
     def all_known_empty(self, num_files: int) -> bool:
         """True when `num_files` distinct shards (all of a source's) were counted or read
@@ -154,7 +150,6 @@ class ShardCounter:
             if key in self._counts:
                 self._seen[path] = self._counts[key]
                 return self._counts[key]
-        n = None
         if self.fmt == "tar":
             n = _img2dataset_count(path)
             if n is None:
@@ -162,12 +157,6 @@ class ShardCounter:
         else:
             n = count_tfrecord_records(path)
         with self._lock:
-            self._counts[key] = n
             self._seen[path] = n
-            self._dirty = True
+            self._store(key, n)
         return n
-
-    def counts(self, paths: Sequence[str]) -> list[int]:
-        out = [self.count(p) for p in paths]
-        self.save()
-        return out

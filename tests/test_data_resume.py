@@ -1,0 +1,155 @@
+"""Constant-time resume: the shard-group plan, per-shard counts, and what a resume opens."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from clip_jax.data import ordering, shard_counts, tar_shards
+from clip_jax.data.make_shards import write_shards
+from clip_jax.data.pipeline import build_train_dataset
+from test_data_helpers import FakeTokenizer, data_config, make_samples, take
+
+TOK = FakeTokenizer()
+SIZE, CTX, BATCH = 8, 12, 4
+
+
+def _train(cfg, start=None, index_dir=""):
+    return build_train_dataset(cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX,
+                               local_batch_size=BATCH, seed=5, start_position=start,
+                               index_dir=index_dir)
+
+
+def _write_uneven(tmp_path, sizes, fmt):
+    """One shard per entry of `sizes` (0 = an empty shard); returns the file list."""
+    out = os.path.join(str(tmp_path), fmt)
+    paths, offset = [], 0
+    for i, n in enumerate(sizes):
+        samples = make_samples(n, seed=i, prefix=f"f{i}x") if n else []
+        ext = "tfrecord" if fmt == "tfrecord" else "tar"
+        path = os.path.join(out, f"{i:05d}.{ext}")
+        if n:
+            written = write_shards(samples, os.path.join(out, f"tmp{i}"), fmt=fmt,
+                                   shard_size=n)
+            os.replace(written[0], path)
+        else:
+            os.makedirs(out, exist_ok=True)
+            if fmt == "tar":
+                import tarfile
+                tarfile.open(path, "w").close()
+            else:
+                open(path, "wb").close()
+        paths.append(path)
+        offset += n
+    return paths
+
+
+def _simulate(plan, sizes, n):
+    """The first `n` raw records (file, record) by literal round-robin over groups."""
+    out, g = [], 0
+    while len(out) < n:
+        files = plan.group(g)
+        left = [sizes[f] for f in files]
+        taken = [0] * len(files)
+        while any(t < s for t, s in zip(taken, left)):
+            for i, f in enumerate(files):
+                if taken[i] < left[i]:
+                    out.append((f, taken[i]))
+                    taken[i] += 1
+        g += 1
+    return out[:n]
+
+
+@pytest.mark.parametrize("resample", [False, True])
+def test_resume_point_matches_round_robin(resample):
+    sizes = [7, 0, 13, 4, 9, 1, 0, 5]
+    plan = ordering.ShardPlan(len(sizes), seed=[1, 2], cycle_length=3, resample=resample)
+    order = _simulate(plan, sizes, 200)
+    for pos in range(0, 150, 7):
+        g, slots, starts = plan.resume_point(pos, lambda f: sizes[f])
+        # Continuing the round-robin from the rotated group gives the rest of the order.
+        rest, taken = [], list(starts)
+        while any(t < sizes[f] for t, f in zip(taken, slots)):
+            for i, f in enumerate(slots):
+                if taken[i] < sizes[f]:
+                    rest.append((f, taken[i]))
+                    taken[i] += 1
+        assert rest == order[pos:pos + len(rest)], pos
+        assert sorted(slots) == sorted(plan.group(g))
+
+
+def test_resume_point_rejects_all_empty():
+    plan = ordering.ShardPlan(3, seed=[0], cycle_length=2, resample=False)
+    with pytest.raises(ValueError, match="empty"):
+        plan.resume_point(5, lambda f: 0)
+
+
+@pytest.mark.parametrize("fmt", ["tar", "tfrecord"])
+def test_exact_resume_uneven_and_empty_shards(tmp_path, fmt):
+    # Shards of unequal sizes, two empty; groups of 3 shards; blocks of 5 records.
+    paths = _write_uneven(tmp_path, [7, 0, 13, 4, 9, 1, 0, 5], fmt)
+    cfg = data_config(source=fmt, shards=" ".join(paths), shard_cycle_length=3,
+                      shuffle_buffer=5)
+    full = take(_train(cfg), 24)  # 96 samples: more than two epochs of 39 records
+    for k in (1, 5, 9, 13, 20):
+        resumed = take(_train(cfg, start=full[k - 1]["position"]), 3)
+        for a, b in zip(resumed, full[k:k + 3]):
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{k} {name}")
+
+
+def test_resume_opens_only_the_shards_in_flight(tmp_path, monkeypatch):
+    # 30 shards of 6 records, read 2 at a time: position 150 lies in group 12 of 15.
+    out = os.path.join(str(tmp_path), "many")
+    write_shards(make_samples(180, prefix="m"), out, fmt="tar", shard_size=6)
+    cfg = data_config(source="tar", shards=os.path.join(out, "*.tar"), shard_cycle_length=2,
+                      shuffle_buffer=0)
+    index_dir = os.path.join(str(tmp_path), "index")
+    first = take(_train(cfg, index_dir=index_dir), 40)  # reads every shard once: counts cached
+    assert os.path.isfile(os.path.join(index_dir, "shard_counts.jsonl"))
+
+    opened = []
+    real_open = tar_shards.open_shard
+    monkeypatch.setattr(tar_shards, "open_shard", lambda p: opened.append(p) or real_open(p))
+    resumed = take(_train(cfg, start=first[37]["position"], index_dir=index_dir), 2)
+    np.testing.assert_array_equal(resumed[0]["text"], first[38]["text"])
+    np.testing.assert_array_equal(resumed[1]["text"], first[39]["text"])
+    # Position 152 is in group 12 (records 144-155): its 2 shards, then group 13's 2 shards
+    # for the second batch; none of the 24 shards before them.
+    assert 2 <= len(set(opened)) <= 4, sorted(set(opened))
+
+    # Without the cache the consumed shards are counted once (headers only), then cached.
+    opened.clear()
+    fresh_index = os.path.join(str(tmp_path), "index2")
+    take(_train(cfg, start=first[37]["position"], index_dir=fresh_index), 1)
+    assert len(set(opened)) >= 24
+    opened.clear()
+    take(_train(cfg, start=first[37]["position"], index_dir=fresh_index), 1)
+    assert len(set(opened)) <= 4
+
+
+def test_counts_match_reader_on_damaged_shards(tmp_path):
+    out = os.path.join(str(tmp_path), "dmg")
+    tar_path, = write_shards(make_samples(10, prefix="t"), out, fmt="tar", shard_size=10)
+    rec_path, = write_shards(make_samples(10, prefix="r"), out, fmt="tfrecord", shard_size=10)
+    for path in (tar_path, rec_path):
+        data = open(path, "rb").read()
+        with open(path, "wb") as f:
+            f.write(data[: int(len(data) * 0.55)])  # cut inside a record
+    tar_n = shard_counts.ShardCounter("tar").count(tar_path)
+    assert tar_n == sum(len(b["key"]) for b in tar_shards.iter_tar_blocks(tar_path))
+    assert 0 < tar_n < 10
+    rec_n = shard_counts.count_tfrecord_records(rec_path)
+    import tensorflow as tf
+    good = 0
+    try:
+        for _ in tf.data.TFRecordDataset(rec_path):
+            good += 1
+    except tf.errors.DataLossError:
+        pass
+    assert rec_n == good and 0 < rec_n < 10
+    # The pipeline reads the damaged TFRecord up to the damage instead of failing.
+    cfg = data_config(source="tfrecord", shards=rec_path, shuffle_buffer=0)
+    batches = take(_train(cfg), 4)
+    assert len(batches) == 4
