@@ -7,7 +7,9 @@ the global array without any cross-host copy.
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -45,8 +47,38 @@ def make_global_batch(local_batch: Mapping[str, Any], sharding,
     return out
 
 
+class _End:
+    """Queue marker: the host iterator ended (or raised `error`)."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def _fetch_in_background(iterator: Iterable, size: int) -> "queue.Queue":
+    """Pulls from `iterator` in a daemon thread into a bounded queue (ends with an `_End`).
+
+    tf.data's `next()` blocks inside C++ holding no Python frame the interpreter can interrupt,
+    so a main thread waiting there would not run signal handlers (SIGTERM) until a batch came.
+    """
+    out: queue.Queue = queue.Queue(maxsize=max(1, size))
+
+    def work():
+        try:
+            for item in iterator:
+                out.put(item)
+        except BaseException as err:  # handed to the consumer, which re-raises it
+            out.put(_End(err))
+            return
+        out.put(_End())
+
+    threading.Thread(target=work, name="clip_jax-input", daemon=True).start()
+    return out
+
+
 def prefetch_to_device(iterator: Iterable[Mapping[str, Any]], size: int, sharding,
-                       host_keys: Sequence[str] = DEFAULT_HOST_KEYS) -> Iterator[dict]:
+                       host_keys: Sequence[str] = DEFAULT_HOST_KEYS,
+                       poll: Callable[[], None] | None = None,
+                       poll_interval_s: float = 1.0) -> Iterator[dict]:
     """Yields `make_global_batch(batch)` for each host batch, keeping `size` batches ahead.
 
     Transfers are asynchronous, so while the step runs on batch i the next `size` batches are
@@ -54,14 +86,35 @@ def prefetch_to_device(iterator: Iterable[Mapping[str, Any]], size: int, shardin
     the position a consumer sees always belongs to the batch it just received — not to the
     batches pulled ahead (those must not be counted as consumed when checkpointing).
     `size=0` converts batches without prefetching.
+
+    With `poll`, host batches are fetched in a background thread and `poll()` is called every
+    `poll_interval_s` while the consumer waits for data; it may raise to stop waiting (e.g. on
+    SIGTERM, or when the input pipeline can never deliver).
     """
     if size < 0:
         raise ValueError(f"prefetch size must be >= 0, got {size}")
-    queue: collections.deque = collections.deque()
-    it = iter(iterator)
-    for batch in it:
-        queue.append(make_global_batch(batch, sharding, host_keys))
-        if len(queue) > size:
-            yield queue.popleft()
-    while queue:
-        yield queue.popleft()
+    if poll is None:
+        source = iter(iterator)
+    else:
+        source = _polled(_fetch_in_background(iterator, size + 1), poll, poll_interval_s)
+    pending: collections.deque = collections.deque()
+    for batch in source:
+        pending.append(make_global_batch(batch, sharding, host_keys))
+        if len(pending) > size:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def _polled(items: "queue.Queue", poll: Callable[[], None], interval: float) -> Iterator:
+    while True:
+        try:
+            item = items.get(timeout=interval)
+        except queue.Empty:
+            poll()
+            continue
+        if isinstance(item, _End):
+            if item.error is not None:
+                raise item.error
+            return
+        yield item

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import os
 import re
 from typing import Sequence, Union
 
@@ -75,12 +76,34 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
+def _check_readable(path: str, what: str, pattern: str) -> None:
+    """One-line errors for a shard that is a directory or cannot be read (local paths; remote
+    filesystems report such problems when read)."""
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"{what} {path!r} is a directory, not a shard file (from {pattern!r}); "
+                         "give a pattern of files, e.g. 'dir/*.tar'")
+    if "://" not in path and not os.access(path, os.R_OK):
+        raise ValueError(f"permission denied: {what} file {path!r} cannot be read")
+
+
+def _glob(path: str, what: str) -> list[str]:
+    matches = sorted(tf.io.gfile.glob(path))
+    if matches:
+        return matches
+    parent = os.path.dirname(path) or "."
+    if "://" not in path and not (_GLOB_CHARS & set(parent)) and os.path.isdir(parent) \
+            and not os.access(parent, os.R_OK | os.X_OK):
+        raise ValueError(f"permission denied: cannot list {parent!r} for {what} glob {path!r}")
+    raise ValueError(f"{what} glob {path!r} matches no file")
+
+
 def resolve_files(spec: PatternSpec, *, what: str = "shards") -> list[str]:
-    """Expands patterns to an ordered, de-duplicated list of existing files.
+    """Expands patterns to an ordered, de-duplicated list of existing, readable files.
 
     Raises:
-      ValueError: when the spec is empty, a glob matches nothing, or a named file is missing —
-        at pipeline build time, so a typo never turns into an empty or hanging input pipeline.
+      ValueError (one line): when the spec is empty, a glob matches nothing, a named file is
+        missing, a directory or unreadable — at pipeline build time, so a typo never turns into
+        an empty or hanging input pipeline.
     """
     patterns = split_patterns(spec)
     if not patterns:
@@ -89,13 +112,18 @@ def resolve_files(spec: PatternSpec, *, what: str = "shards") -> list[str]:
     for pattern in patterns:
         for path in expand_braces(pattern):
             if _GLOB_CHARS & set(path):
-                matches = sorted(tf.io.gfile.glob(path))
-                if not matches:
-                    raise ValueError(f"{what} glob {path!r} matches no file")
-                files.extend(matches)
+                for match in _glob(path, what):
+                    _check_readable(match, what, pattern)
+                    files.append(match)
             else:
                 if not tf.io.gfile.exists(path):
+                    parent = os.path.dirname(path) or "."
+                    if "://" not in path and os.path.isdir(parent) and \
+                            not os.access(parent, os.X_OK):
+                        raise ValueError(f"permission denied: cannot reach {what} file "
+                                         f"{path!r} (directory {parent!r})")
                     raise ValueError(f"{what} file {path!r} does not exist (from {pattern!r})")
+                _check_readable(path, what, pattern)
                 files.append(path)
     seen = set()
     unique = [f for f in files if not (f in seen or seen.add(f))]
