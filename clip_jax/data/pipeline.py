@@ -2,9 +2,9 @@
 
 Train, per source: this process's shards in seeded groups read round-robin (`ordering.ShardPlan`;
 tar records cross from Python a block at a time, TFRecords are read natively) -> block shuffle
-+ exact skip -> weighted mix (one source: a plain map) -> cheap filter (missing image / empty
-caption) -> parallel decode + stateless random resized crop, undecodable samples dropped ->
-batch (drop_remainder) -> batched tokenisation -> prefetch. Every batch carries `position`, the
++ exact skip -> weighted mix (one source: nothing) -> parallel decode + stateless random resized
+crop, samples without image or caption and undecodable ones dropped -> batch (drop_remainder)
+-> batched tokenisation -> prefetch. Every batch carries `position`, the
 resume point after it (see `ordering` for the layout and `ordering.num_skipped`).
 
 Resuming costs the same at any position: the position is mapped to (shard group, records to
@@ -42,17 +42,19 @@ class InputWatch:
 
     A pipeline whose every record is dropped (undecodable images, empty captions) or whose
     shards hold no record would otherwise spin forever without output. The pipeline counts the
-    records it has taken (`records_seen`, a counter updated inside tf.data) and notes reader
-    failures that tf.data would only log; `check(delivered)` raises NoUsableData naming the
-    shards once far more records were taken than samples delivered, or a failure was noted.
+    raw records it has taken per source (`counters`, updated inside tf.data once per shuffled
+    block) and notes reader failures that tf.data would only log; `check(delivered)` raises
+    NoUsableData naming the shards when, since the last delivered batch, far more records were
+    taken than can be in flight, or when a failure was noted. Call it while waiting for data.
     """
 
     def __init__(self):
-        self.records_seen: tf.Variable | None = None
+        self.counters: list[tf.Variable] = []
         self.description = ""
         self.slack = 0
         self._errors: list[str] = []
         self._lock = threading.Lock()
+        self._mark: tuple[int, int] | None = None  # (samples delivered, records seen) then
 
     def note_error(self, message: str) -> None:
         with self._lock:
@@ -65,13 +67,16 @@ class InputWatch:
         with self._lock:
             if self._errors:
                 raise NoUsableData(self._errors[0])
-        if self.records_seen is None:
+        if not self.counters:
             return
-        seen = int(self.records_seen.numpy())
-        if seen - samples_delivered > self.slack:
+        seen = sum(int(c.numpy()) for c in self.counters)
+        if self._mark is None or self._mark[0] != samples_delivered:
+            self._mark = (samples_delivered, seen)  # a batch came since the last check
+            return
+        if seen - self._mark[1] > self.slack:
             raise NoUsableData(
-                f"no usable sample in {seen - samples_delivered} consecutive records of "
-                f"{self.description}: every image failed to decode or every caption is empty")
+                f"no usable sample in {seen - self._mark[1]} records of {self.description}: "
+                "every image failed to decode or every caption is empty")
 
 
 def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
@@ -194,6 +199,14 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
             process_count=process_count, start_position=int(start[-1]) if start else 0)
     npc = int(data_config.num_parallel_calls)
     block = int(data_config.shuffle_buffer)
+    if watch is not None:
+        watch.counters = [tf.Variable(start[j] if start else 0, dtype=tf.int64, trainable=False)
+                          for j in range(len(specs))]
+        watch.description = "; ".join(str(s.shards or f"{s.source}:{s.split}") for s in specs)
+        # Records between the counters (taken when a block is shuffled) and the consumer: up
+        # to a block per source ahead, the decode stage's buffers, the batch being filled and
+        # the batches prefetched by tf.data and onto the devices.
+        watch.slack = 2 * max(block, 1) * len(specs) + 8 * local_batch_size + 4096
     streams = []
     for j, spec in enumerate(specs):
         key = ordering.seed_key(seed, process_index, j)
@@ -203,36 +216,28 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
             start=source_start, block=block, cycle_length=int(data_config.shard_cycle_length),
             resample=bool(data_config.resample), num_parallel_calls=npc,
             index_dir=index_dir, watch=watch)
+        on_block = watch.counters[j].assign if watch is not None else None
         streams.append(ordering.block_shuffle(
-            raw, block=block, key=ordering.fold_in(key, _SALT_BLOCKS), start=source_start))
+            raw, block=block, key=ordering.fold_in(key, _SALT_BLOCKS), start=source_start,
+            on_block=on_block))
     mixed = ordering.mix(streams, [s.weight for s in specs],
                          key=ordering.seed_key(seed, process_index, _SALT_MIX), start=start)
-    if watch is not None:
-        watch.records_seen = tf.Variable(int(start[-1]) if start else 0, dtype=tf.int64,
-                                         trainable=False)
-        watch.description = "; ".join(str(s.shards or f"{s.source}:{s.split}") for s in specs)
-        # Records between this counter and the consumer: the decode stage's buffers, one
-        # batch being filled, tf.data's and the device's prefetched batches.
-        watch.slack = 8 * local_batch_size + 4096
-        seen = watch.records_seen
-
-        def count_seen(rec):
-            with tf.control_dependencies([seen.assign(rec["position"][-1])]):
-                return {k: tf.identity(v) for k, v in rec.items()}
-        mixed = mixed.map(count_seen)
-    # Cheap checks before any decoding; dropped records still count in `position`.
-    mixed = mixed.filter(lambda r: tf.logical_and(tf.strings.length(r["image"]) > 0,
-                                                  tf.strings.length(r["text"]) > 0))
     aug_key = ordering.seed_key(seed, process_index, _SALT_AUGMENT)
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
     method = data_config.resize_method
 
     def transform(rec):
-        image = transforms.decode_image(rec["image"])
+        # Records without an image or caption are dropped here, with undecodable images, by
+        # failing the map (one stage fewer than a filter); they still count in `position`.
+        usable = tf.logical_and(tf.strings.length(rec["image"]) > 0,
+                                tf.strings.length(rec["text"]) > 0)
+        position, index = ordering.position_and_index(rec)
+        with tf.control_dependencies([tf.debugging.Assert(usable, ["no image or caption"])]):
+            image = transforms.decode_image(rec["image"])
         image = transforms.random_resized_crop(
-            image, ordering.fold_in(aug_key, rec["index"]), image_size, scale=scale,
+            image, ordering.fold_in(aug_key, index), image_size, scale=scale,
             ratio=ratio, method=method)
-        return {"image": image, "text": rec["text"], "position": rec["position"]}
+        return {"image": image, "text": rec["text"], "position": position}
 
     ds = decode_dropping_errors(mixed, transform, npc)
     ds = ds.batch(local_batch_size, drop_remainder=True)
