@@ -9,6 +9,8 @@ _LAZY = {
     "build_train_dataset": "clip_jax.data.pipeline",
     "build_eval_dataset": "clip_jax.data.pipeline",
     "image_folder_classnames": "clip_jax.data.pipeline",
+    "InputWatch": "clip_jax.data.pipeline",
+    "NoUsableData": "clip_jax.data.pipeline",
     "get_default_config": "clip_jax.data.config",
     "validate": "clip_jax.data.config",
     "SourceSpec": "clip_jax.data.config",

@@ -91,10 +91,32 @@ def _glob(path: str, what: str) -> list[str]:
     if matches:
         return matches
     parent = os.path.dirname(path) or "."
-    if "://" not in path and not (_GLOB_CHARS & set(parent)) and os.path.isdir(parent) \
-            and not os.access(parent, os.R_OK | os.X_OK):
-        raise ValueError(f"permission denied: cannot list {parent!r} for {what} glob {path!r}")
+    if "://" not in path and not (_GLOB_CHARS & set(parent)):
+        blocked = _unreachable_ancestor(parent) or (
+            parent if os.path.isdir(parent) and not os.access(parent, os.R_OK | os.X_OK)
+            else None)
+        if blocked:
+            raise ValueError(f"permission denied: cannot list {blocked!r} for {what} glob "
+                             f"{path!r}")
     raise ValueError(f"{what} glob {path!r} matches no file")
+
+
+def _unreachable_ancestor(path: str) -> str | None:
+    """The first directory on the way to a local `path` this process cannot search, if any
+    (so that an unreadable location is not reported as a missing file)."""
+    if "://" in path:
+        return None
+    current = os.path.abspath(path)
+    ancestors = []
+    while os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+        ancestors.append(current)
+    for directory in reversed(ancestors):
+        if not os.path.isdir(directory):
+            return None
+        if not os.access(directory, os.X_OK):
+            return directory
+    return None
 
 
 def resolve_files(spec: PatternSpec, *, what: str = "shards") -> list[str]:
@@ -117,11 +139,10 @@ def resolve_files(spec: PatternSpec, *, what: str = "shards") -> list[str]:
                     files.append(match)
             else:
                 if not tf.io.gfile.exists(path):
-                    parent = os.path.dirname(path) or "."
-                    if "://" not in path and os.path.isdir(parent) and \
-                            not os.access(parent, os.X_OK):
+                    blocked = _unreachable_ancestor(path)
+                    if blocked:
                         raise ValueError(f"permission denied: cannot reach {what} file "
-                                         f"{path!r} (directory {parent!r})")
+                                         f"{path!r} (directory {blocked!r} is not searchable)")
                     raise ValueError(f"{what} file {path!r} does not exist (from {pattern!r})")
                 _check_readable(path, what, pattern)
                 files.append(path)
