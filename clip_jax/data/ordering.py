@@ -22,6 +22,9 @@ import tensorflow as tf
 
 fold_in = tf.random.experimental.stateless_fold_in
 
+# Mixture choices are drawn this many at a time (see `mix`).
+CHOICE_CHUNK = 1024
+
 
 def seed_key(seed: int, *salts: int) -> tf.Tensor:
     """A stateless-RNG key `int64 [2]` for `seed`, folded with `salts` (process, source, ...)."""
@@ -173,8 +176,9 @@ def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf
         start: Sequence[int] | None = None) -> tf.data.Dataset:
     """Mixes endless per-source streams (from `block_shuffle`) and attaches `position`.
 
-    Element i comes from source `categorical(weights)` drawn statelessly from (key, i), so the
-    choice sequence is a pure function of the seed and can be restarted at any i.
+    Element i comes from the source a uniform draw falls to in the weights' cumulative sum; the
+    draws are stateless, from (key, i // CHOICE_CHUNK), so the choice sequence is a pure
+    function of the seed and can be restarted at any i.
     `start` is a previous `position` vector (per-source counts + mixed count); the sources must
     already have been skipped to their counts.
 
@@ -196,27 +200,35 @@ def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf
         if w.shape != (num,) or np.any(w < 0) or w.sum() <= 0:
             raise ValueError(f"mixture weights {list(weights)} must be {num} non-negative "
                              "numbers with a positive sum")
-        logits = tf.constant(np.log(np.maximum(w / w.sum(), 1e-30))[None, :], tf.float32)
+    # Choices are drawn CHOICE_CHUNK at a time (one uniform draw per chunk from (key, chunk)),
+    # and the per-source counts of each element come from a cumulative sum over the chunk:
+    # per element only an unbatch, the choice and a zip remain (a per-element categorical draw
+    # plus a running `scan` cost several times more).
+    cdf = tf.constant(np.cumsum(w / w.sum())[:-1], tf.float64)
+    first_chunk, offset = divmod(start[-1], CHOICE_CHUNK)
+    lanes = tf.range(CHOICE_CHUNK, dtype=tf.int64)
 
-        def choose(i):
-            return tf.random.stateless_categorical(logits, 1, fold_in(key, i), dtype=tf.int64)[0, 0]
+    def chunk(counts, c):
+        u = tf.random.stateless_uniform([CHOICE_CHUNK], fold_in(key, c), dtype=tf.float64)
+        src = tf.searchsorted(cdf, u, side="right", out_type=tf.int64)
+        taken = tf.cast(tf.logical_or(c > first_chunk, lanes >= offset), tf.int64)
+        cum = counts[None, :] + tf.cumsum(tf.one_hot(src, num, dtype=tf.int64) *
+                                          taken[:, None], axis=0)
+        index = c * CHOICE_CHUNK + lanes
+        return cum[-1], {"source": src, "index": index,
+                         "position": tf.concat([cum, (index + 1)[:, None]], axis=1)}
 
-        choices = tf.data.Dataset.range(start[-1], tf.int64.max).map(choose)
-        tagged = [s.map(lambda r, j=j: {**r, "source": tf.constant(j, tf.int64)})
-                  for j, s in enumerate(sources)]
-        mixed = tf.data.Dataset.choose_from_datasets(tagged, choices, stop_on_empty_dataset=True)
+    choices = (tf.data.Dataset.range(first_chunk, tf.int64.max)
+               .scan(tf.constant(start[:num], tf.int64), chunk).unbatch().skip(offset))
+    mixed = tf.data.Dataset.choose_from_datasets(
+        list(sources), choices.map(lambda c: c["source"]), stop_on_empty_dataset=True)
 
-    init = (tf.constant(start[:num], tf.int64), tf.constant(start[-1], tf.int64))
+    def attach(rec, choice):
+        out = {k: v for k, v in rec.items() if k != "src_pos"}
+        out["index"], out["position"] = choice["index"], choice["position"]
+        return out
 
-    def track(state, rec):
-        counts, n = state
-        counts = tf.tensor_scatter_nd_update(counts, [[rec["source"]]], [rec["src_pos"]])
-        out = {k: v for k, v in rec.items() if k not in ("src_pos", "source")}
-        out["index"] = n
-        out["position"] = tf.concat([counts, [n + 1]], axis=0)
-        return (counts, n + 1), out
-
-    return mixed.scan(init, track)
+    return tf.data.Dataset.zip(mixed, choices).map(attach)
 
 
 def position_and_index(rec: dict) -> tuple[tf.Tensor, tf.Tensor]:
