@@ -327,24 +327,34 @@ class Timed:
     rss_growth_mb: float = 0.0
     rounds: list = dataclasses.field(default_factory=list)
     drained: int = 0
+    batch_s: float = 0.0
 
 
-def drain_prefetched(it: Iterator, minimum: int, *, fast_s: float = 0.002,
-                     cap: int = 64) -> int:
-    """Pulls `minimum` batches, then more while they come back within `fast_s` (i.e. were
-    prefetched while other pipelines ran); returns how many were pulled.
-
-    Without this, a pipeline's first timed batches after a switch are free: tf.data's
-    AUTOTUNE prefetch can hold several batches, which would flatter short rounds.
-    """
-    for _ in range(minimum):
-        next(it)
-    pulled = minimum
-    while pulled < cap:
+def pull_times(it: Iterator, n: int) -> list[float]:
+    """Seconds each of the next `n` batches took to come back."""
+    times = []
+    for _ in range(n):
         start = time.perf_counter()
         next(it)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def drain_prefetched(it: Iterator, minimum: int, batch_s: float, cap: int) -> int:
+    """Pulls `minimum` batches, then more while each comes back in under a third of the
+    pipeline's own per-batch time `batch_s` (it was prefetched while other pipelines ran), plus
+    the first slow one, at most `cap`; returns how many were pulled.
+
+    Without this a pipeline's first timed batches after a switch are free: tf.data's AUTOTUNE
+    prefetch and parallel-map buffers held 6+ batches of 128 at 224 px here, which made a
+    6-batch round read 33k samples/s. A fixed time threshold does not work: a prefetched
+    19 MB batch can take a few ms to come back on a loaded machine.
+    """
+    pulled = minimum
+    pull_times(it, minimum)
+    while pulled < cap:
         pulled += 1
-        if time.perf_counter() - start > fast_s:
+        if pull_times(it, 1)[0] > batch_s / 3:
             break
     return pulled
 
@@ -368,6 +378,7 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
               lambda: clip_jax_dataset(data["tfrecord"], "tfrecord", tokenizer=tokenizer,
                                        **common)),
     ]
+    warmup = min(case.round_batches, 8)
     for p in pipes:
         logging.info("%s: warming up %s", case.name, p.name)
         before = rss_mb()
@@ -378,15 +389,18 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
         expected = (case.batch_size, case.image_size, case.image_size, 3)
         if batch["image"].shape != expected:
             raise RuntimeError(f"{p.name}: image batch {batch['image'].shape}, want {expected}")
+        # Alone on the machine (the others' buffers are full): its per-batch time, which
+        # tells prefetched batches from produced ones in `drain_prefetched`.
+        p.batch_s = statistics.median(pull_times(p.it, warmup))
         p.rss_growth_mb = round(rss_mb() - before, 1)
     samples = case.round_batches * case.batch_size
     for r in range(rounds):
         for p in pipes[r % len(pipes):] + pipes[:r % len(pipes)]:
-            p.drained += drain_prefetched(p.it, drain)
-            start = time.perf_counter()
-            for _ in range(case.round_batches):
-                next(p.it)
-            p.rounds.append(samples / (time.perf_counter() - start))
+            p.drained += drain_prefetched(p.it, drain, p.batch_s,
+                                          cap=2 * case.round_batches + 4)
+            times = pull_times(p.it, case.round_batches)
+            p.rounds.append(samples / sum(times))
+            p.batch_s = statistics.median(times)
         logging.info("%s round %d: %s", case.name, r,
                      ", ".join(f"{p.name} {p.rounds[-1]:.0f}/s" for p in pipes))
     reference = pipes[0]
