@@ -4,11 +4,12 @@ tf.data reference doing the same work on the same TFRecords.
 Prints JSON lines (one run, one process):
 - `setup`: cores, CPU, load average, the datasets (generated or reused) and their sizes.
 - `throughput`, one per pipeline and case: samples/s (median of `--rounds` timed rounds, min,
-  max, every round), per core, ratio to the reference, time to the first batch, RSS growth
-  while warming that pipeline, and the process's peak RSS so far. Pipelines of one case are
-  built together and timed alternately, round by round (rotating which goes first), so machine
-  load hits them alike; each round starts with untimed batches that drain what a pipeline
-  prefetched while the others ran.
+  max, every round), per core, ratio to the reference; process CPU ms per sample and its
+  ratio to the reference (steadier than samples/s on a shared machine), cores kept busy; time
+  to the first batch, RSS growth while warming that pipeline, the process's peak RSS so far.
+  Pipelines of one case are built together and timed alternately, round by round (rotating
+  which goes first), so machine load hits them alike; each round starts with untimed batches
+  that drain what a pipeline prefetched while the others ran.
   Pipelines: `clip_jax_tar`, `clip_jax_tfrecord` (`build_train_dataset`, default data config),
   `reference` (plain tf.data on the TFRecords: files interleaved (cycle 16) -> shuffle(10k) ->
   parse -> decode_jpeg -> random crop (area 0.9-1.0, aspect 3/4-4/3) + antialiased bicubic
@@ -328,6 +329,8 @@ class Timed:
     rounds: list = dataclasses.field(default_factory=list)
     drained: int = 0
     batch_s: float = 0.0
+    cpu_ms: list = dataclasses.field(default_factory=list)  # process CPU ms per sample
+    busy: list = dataclasses.field(default_factory=list)    # process CPU s per wall s
 
 
 def pull_times(it: Iterator, n: int) -> list[float]:
@@ -378,7 +381,7 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
               lambda: clip_jax_dataset(data["tfrecord"], "tfrecord", tokenizer=tokenizer,
                                        **common)),
     ]
-    warmup = min(case.round_batches, 8)
+    warmup = min(case.round_batches, 4)
     for p in pipes:
         logging.info("%s: warming up %s", case.name, p.name)
         before = rss_mb()
@@ -398,13 +401,18 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
         for p in pipes[r % len(pipes):] + pipes[:r % len(pipes)]:
             p.drained += drain_prefetched(p.it, drain, p.batch_s,
                                           cap=2 * case.round_batches + 4)
+            cpu_start = time.process_time()
             times = pull_times(p.it, case.round_batches)
+            cpu = time.process_time() - cpu_start
             p.rounds.append(samples / sum(times))
+            p.cpu_ms.append(1000 * cpu / samples)
+            p.busy.append(cpu / sum(times))
             p.batch_s = statistics.median(times)
         logging.info("%s round %d: %s", case.name, r,
                      ", ".join(f"{p.name} {p.rounds[-1]:.0f}/s" for p in pipes))
     reference = pipes[0]
     ref_median = statistics.median(reference.rounds)
+    ref_cpu = statistics.median(reference.cpu_ms)
     for p in pipes:
         median = statistics.median(p.rounds)
         emit({
@@ -418,6 +426,11 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
             "ratio_to_reference": round(median / ref_median, 3),
             "round_ratios_to_reference": [round(a / b, 3)
                                           for a, b in zip(p.rounds, reference.rounds)],
+            # CPU cost holds up under machine load better than samples/s: idle pipelines use
+            # no CPU (measured), so process CPU time during a round is this pipeline's.
+            "cpu_ms_per_sample": round(statistics.median(p.cpu_ms), 3),
+            "cpu_ratio_to_reference": round(statistics.median(p.cpu_ms) / ref_cpu, 3),
+            "cores_busy": round(statistics.median(p.busy), 2),
             "rounds": rounds, "round_samples": samples, "drained_batches": p.drained,
             "first_batch_s": round(p.first_batch_s, 2), "rss_growth_mb": p.rss_growth_mb,
             "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(), "loadavg_1m": loadavg(),
@@ -435,7 +448,7 @@ def run_resume(case: Case, data: dict, positions, *, tokenizer, shuffle_buffer: 
         base_s = None
         for p in positions:
             logging.info("resume: %s from position %d", source, p)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             ds = clip_jax_dataset(data[source], source, image_size=case.image_size,
                                   batch_size=case.batch_size, shuffle_buffer=shuffle_buffer,
                                   tokenizer=tokenizer, threads=threads,
@@ -443,10 +456,12 @@ def run_resume(case: Case, data: dict, positions, *, tokenizer, shuffle_buffer: 
             it = ds.as_numpy_iterator()
             batch = next(it)
             seconds = time.perf_counter() - start
+            cpu_s = time.process_time() - cpu_start
             base_s = seconds if base_s is None else base_s
             ratio = seconds / base_s
             emit({"kind": "resume", "source": source, "start_position": p,
-                  "first_batch_s": round(seconds, 2), "ratio_to_p0": round(ratio, 2),
+                  "first_batch_s": round(seconds, 2), "first_batch_cpu_s": round(cpu_s, 2),
+                  "ratio_to_p0": round(ratio, 2),
                   "within_goal": bool(ratio <= RESUME_RATIO_GOAL),
                   "goal_ratio": RESUME_RATIO_GOAL,
                   # After one batch of a clean dataset this is p + batch size.

@@ -67,6 +67,7 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
         assert row["samples_per_s_per_core"] == row["samples_per_s"]  # one core
         assert row["ratio_to_reference"] > 0 and row["first_batch_s"] > 0
         assert row["peak_rss_mb"] > 0 and row["cores"] == 1
+        assert row["cpu_ms_per_sample"] > 0 and row["cpu_ratio_to_reference"] > 0
         if row["pipeline"] == "reference":
             assert row["ratio_to_reference"] == 1.0
     resume = rows[9:]
