@@ -44,3 +44,38 @@ def test_train_step_reports_throughput_and_model_flops():
     assert row["step_s"] > 0 and row["samples_per_s"] == 8 / row["step_s"]
     # Forward + backward of both towers: a few GFLOP for tiny-vit at batch 8, not zero/None.
     assert 1e8 < row["flops_per_step"] < 1e11
+
+
+def test_input_pipeline_quick_prints_throughput_and_resume_rows():
+    # Two cases (the non-decode 16 px one and one resize case) keep this under a minute on a
+    # busy 2-core machine; --threads 1 exercises the pinning path.
+    rows = _run("input_pipeline.py", "--quick", "--cases", "16px,256px,resume", "--threads", "1")
+    kinds = [row["kind"] for row in rows]
+    assert kinds == ["setup"] + ["throughput"] * 8 + ["resume"] * 6, kinds
+    setup = rows[0]
+    assert setup["cores"] == 1 and setup["threads"] == 1
+    assert set(setup["datasets"]) == {"16px", "256px"}
+    throughput = rows[1:9]
+    assert {(r["case"], r["pipeline"]) for r in throughput} == {
+        (case, pipe) for case in ("16px", "256px")
+        for pipe in ("reference", "reference_notok", "clip_jax_tar", "clip_jax_tfrecord")}
+    for row in throughput:
+        assert row["image_size"] == {"16px": 16, "256px": 224}[row["case"]]
+        rounds = row["round_samples_per_s"]
+        assert len(rounds) == row["rounds"] == 3 and all(v > 0 for v in rounds)
+        assert row["samples_per_s_min"] <= row["samples_per_s"] <= row["samples_per_s_max"]
+        assert row["samples_per_s_per_core"] == row["samples_per_s"]  # one core
+        assert row["ratio_to_reference"] > 0 and row["first_batch_s"] > 0
+        assert row["peak_rss_mb"] > 0 and row["cores"] == 1
+        assert row["cpu_ms_per_sample"] > 0 and row["cpu_ratio_to_reference"] > 0
+        if row["pipeline"] == "reference":
+            assert row["ratio_to_reference"] == 1.0
+    resume = rows[9:]
+    assert [(r["source"], r["start_position"]) for r in resume] == [
+        (s, p) for s in ("tar", "tfrecord") for p in (0, 512, 1536)]
+    for row in resume:
+        # The first batch after resuming at p ends at raw position p + batch size.
+        assert row["first_batch_position"] == row["start_position"] + row["batch_size"]
+        assert row["first_batch_s"] > 0 and row["ratio_to_p0"] > 0
+        assert isinstance(row["within_goal"], bool)
+    assert [r["ratio_to_p0"] for r in resume if r["start_position"] == 0] == [1.0, 1.0]
