@@ -41,7 +41,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes, mtime: float) -> N
 def write_tar_shard(path: str, samples: Iterable[Sample]) -> int:
     """Writes one WebDataset tar shard (gzipped if `path` ends in .gz); returns the count."""
     mode = "w:gz" if path.endswith(".gz") else "w"
-    count, mtime = 0, time.time()
+    count, mtime = 0, int(time.time())  # an int: a float mtime adds a PAX header per member
     with tarfile.open(path, mode) as tar:
         for s in samples:
             _add_member(tar, f"{s.key}.{s.image_ext}", s.image, mtime)
