@@ -44,7 +44,7 @@ def tar_shard_dataset(path, caption_field: str = "caption", start=0, *, counter=
     """Raw records of one tar shard from record `start` on (`path`/`start` may be tensors).
 
     Records cross from Python in blocks (`tar_shards.iter_tar_blocks`) and are unbatched
-    natively: one Python crossing per 256 records instead of one per record. A shard read
+    natively: one Python crossing per 64 records instead of one per record. A shard read
     from its start reports its record count to `counter` (a `shard_counts.ShardCounter`), so
     a later resume needs no count of its own; a failure to read it (not damage, which is
     logged and read up to) is reported to `on_error(message)` before it is raised.

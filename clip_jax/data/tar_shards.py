@@ -127,10 +127,12 @@ def iter_members(f: BinaryIO, want_data: Callable[[str], bool] = lambda name: Tr
                 if prefix:
                     name = prefix + "/" + name
         if want_data(name):
-            data = f.read(padded)
+            data = f.read(size)  # exactly the member: slicing off the padding would copy it
             if len(data) < size:
                 raise ShardDamage(f"the file ends inside member {name!r}")
-            yield name, data[:size]
+            if padded > size:
+                f.read(padded - size)
+            yield name, data
         else:
             _skip(f, padded, seekable)
             yield name, None
@@ -239,7 +241,7 @@ def _label(key: str, members: dict[str, bytes]) -> int:
         return -1
 
 
-def iter_tar_blocks(path, caption_field="caption", start=0, block_size=256
+def iter_tar_blocks(path, caption_field="caption", start=0, block_size=64
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Raw records of one shard from record `start` on, in blocks of up to `block_size`.
 
