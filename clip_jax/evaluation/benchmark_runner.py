@@ -148,21 +148,20 @@ def format_benchmark_table(record: dict[str, Any]) -> str:
         row = [name, f"{r['tfds_name']} {r['split']}", r["metric"], str(r["num_classes"]),
                str(int(r["metrics"]["num_examples"])), f"{100 * r['score']:.2f}"]
         if paper_model:
-            paper = r["paper_score"]
-            row += ["-", "-"] if paper is None else [
-                f"{100 * paper:.1f}", f"{100 * (r['score'] - paper):+.2f}"]
+            row += _paper_cells(r["score"], r["paper_score"])
         rows.append(row)
     summary = record.get("summary", {})
-    if summary.get("mean_score") is not None:
-        row = ["mean", f"{summary['num_evaluated']} benchmarks", "", "", "",
-               f"{100 * summary['mean_score']:.2f}"]
+    evaluated, with_paper = summary.get("num_evaluated", 0), summary.get("num_with_paper", 0)
+    if evaluated:
+        row = ["mean", f"{evaluated} benchmarks", "", "", "", f"{100 * summary['mean_score']:.2f}"]
         if paper_model:
-            row += ["-", "-"]
+            row += _paper_cells(summary["mean_score"], summary.get("mean_paper_score")
+                                if with_paper == evaluated else None)
         rows.append(row)
-    if paper_model and summary.get("num_with_paper"):
-        ours, theirs = summary["mean_score_with_paper"], summary["mean_paper_score"]
-        rows.append(["mean w/ paper", f"{summary['num_with_paper']} benchmarks", "", "", "",
-                     f"{100 * ours:.2f}", f"{100 * theirs:.1f}", f"{100 * (ours - theirs):+.2f}"])
+    if paper_model and 0 < with_paper < evaluated:
+        ours = summary["mean_score_with_paper"]
+        rows.append(["mean w/ paper", f"{with_paper} benchmarks", "", "", "",
+                     f"{100 * ours:.2f}", *_paper_cells(ours, summary["mean_paper_score"])])
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
     lines = ["  ".join(f"{c:<{w}}" for c, w in zip(header, widths)).rstrip(),
              "  ".join("-" * w for w in widths)]
@@ -172,3 +171,10 @@ def format_benchmark_table(record: dict[str, Any]) -> str:
     for name, s in record.get("skipped", {}).items():
         lines.append(f"skipped {name}: {s['reason']}; prepare it with: {s['command']}")
     return "\n".join(lines)
+
+
+def _paper_cells(score: float, paper: float | None) -> list[str]:
+    """[paper %, measured - paper in points], or dashes without a paper number."""
+    if paper is None:
+        return ["-", "-"]
+    return [f"{100 * paper:.1f}", f"{100 * (score - paper):+.2f}"]
