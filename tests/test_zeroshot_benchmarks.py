@@ -22,15 +22,23 @@ from clip_jax import sharding as sharding_lib
 from clip_jax import tokenizers
 from clip_jax.evaluate import EvalError, evaluate_benchmarks
 from clip_jax.evaluation import benchmark, list_benchmarks
-from clip_jax.evaluation.benchmark_runner import (format_benchmark_table, paper_model_for,
-                                                  run_benchmarks)
+from clip_jax.evaluation.benchmark_runner import (
+    format_benchmark_table,
+    paper_model_for,
+    run_benchmarks,
+)
 from clip_jax.evaluation.benchmarks import METRICS, PAPER_MODELS, resolve
 from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.templates import IMAGENET80
 from clip_jax.evaluation.zeroshot import class_embeddings, remap_labels
 from clip_jax.inference import preprocess_images
-from clip_jax.models import (CLIPConfig, TextTransformerConfig, VisionTransformerConfig,
-                             create_model, get_model_config)
+from clip_jax.models import (
+    CLIPConfig,
+    TextTransformerConfig,
+    VisionTransformerConfig,
+    create_model,
+    get_model_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # Small enough that ImageNet's 1,000 x 80 prompts embed in a few seconds on 2 CPU cores.
