@@ -115,7 +115,7 @@ def run_benchmarks(benchmarks: Sequence[Benchmark], model, variables: dict[str, 
         results[bench.name] = {
             "title": bench.title, "tfds_name": bench.tfds_name, "split": bench.split,
             "metric": bench.metric, "score": float(result.metrics[bench.metric]),
-            "paper_score": None if paper is None else paper / 100.0,
+            "paper_score": None if paper is None else round(paper / 100.0, 6),
             "metrics": dict(result.metrics), "num_classes": bench.num_classes,
             "num_templates": len(bench.templates), "seconds": seconds,
             "details": result.details}
