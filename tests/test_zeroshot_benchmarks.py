@@ -187,6 +187,27 @@ def test_benchmark_end_to_end(name, mocked, env):
     assert r["score"] == r["metrics"][b.metric]
 
 
+def test_benchmark_as_a_config_evaluator(mocked, env):
+    """`benchmark(name).zeroshot_block(dir)` in `config.eval` (the trainer's path) gives the
+    runner's numbers, ImageNet-R's 200-of-1,000 label mapping included."""
+    import ml_collections
+
+    from clip_jax.evaluation import config as eval_config_lib
+    from clip_jax.evaluation.runner import evaluate_all
+
+    model, variables, tokenizer, mesh, embedder, cache = env
+    config = eval_config_lib.get_default_config()
+    config.batch_size = BATCH
+    config.evaluators = ml_collections.ConfigDict()
+    config.evaluators.imagenet_r = benchmark("imagenet_r").zeroshot_block(mocked)
+    metrics, _ = evaluate_all(config, model, variables, tokenizer, mesh)
+    record = run_benchmarks([benchmark("imagenet_r")], model, variables, tokenizer, mesh, mocked,
+                            batch_size=BATCH, embedder=embedder, class_cache=cache)
+    ours = record["results"]["imagenet_r"]["metrics"]
+    for key in ("top1", "top5", "mean_per_class", "num_examples"):
+        assert metrics[f"imagenet_r/{key}"] == pytest.approx(ours[key]), key
+
+
 def test_unprepared_benchmarks_are_skipped_with_the_build_command(mocked, env):
     model, variables, tokenizer, mesh, embedder, cache = env
     for name in ("imagenet1k", "resisc45"):

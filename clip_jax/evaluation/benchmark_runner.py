@@ -103,11 +103,8 @@ def run_benchmarks(benchmarks: Sequence[Benchmark], model, variables: dict[str, 
                             bench.tfds_name, hint)
             continue
         start = time.perf_counter()
-        block = {"data": dataclasses.asdict(bench.source_spec(tfds_data_dir)),
-                 "classnames": bench.classnames, "templates": bench.templates,
-                 "class_indices": bench.class_indices or (), "batch_size": batch_size,
-                 "resize_method": resize_method}
-        block["data"].pop("weight")
+        block = bench.zeroshot_block(tfds_data_dir)
+        block.batch_size, block.resize_method = batch_size, resize_method
         result = evaluate_zeroshot(model, variables, tokenizer, mesh, block, embedder=embedder,
                                    class_cache=class_cache)
         seconds = time.perf_counter() - start

@@ -71,6 +71,21 @@ class Benchmark:
             tfds_data_dir=tfds_data_dir, image_key=self.image_key, text_key="",
             label_key=self.label_key)
 
+    def zeroshot_block(self, tfds_data_dir: str):
+        """This benchmark as a `zeroshot` evaluator block (`clip_jax.evaluation.config`), e.g.
+        `config.eval.evaluators.imagenet = benchmark("imagenet1k").zeroshot_block("/data/tfds")`
+        to evaluate ImageNet zero-shot during training."""
+        import ml_collections
+
+        from clip_jax.evaluation.config import zeroshot_block
+
+        block = zeroshot_block(**{k: v for k, v in dataclasses.asdict(
+            self.source_spec(tfds_data_dir)).items() if k != "weight"}).to_dict()
+        # A fresh ConfigDict: the defaults' field types (str) would refuse these tuples.
+        return ml_collections.ConfigDict(dict(
+            block, classnames=self.classnames, templates=self.templates,
+            class_indices=self.class_indices or ()))
+
     def build_command(self, tfds_data_dir: str) -> str:
         """The shell command that prepares this benchmark's TFDS data in `tfds_data_dir`."""
         return f"tfds build {self.tfds_name} --data_dir {tfds_data_dir}"
