@@ -5,6 +5,11 @@ now, whatever device count wrote it, or converted weights with `--init_from DIR`
 evaluators of `config.eval` (default: `clip_jax.evaluation.get_default_config()`), prints a
 results table and writes `<workdir>/eval_<step>.json` (`eval_converted.json` with
 `--init_from`). Bad checkpoints and configs end with a one-line error and exit status 1.
+
+`--benchmarks imagenet1k,cifar10 --tfds_data_dir DIR` (or `--benchmarks all`) runs the CLIP
+paper's zero-shot benchmarks on prepared TFDS data instead (never downloads; unprepared ones are
+listed with the `tfds build` command that prepares them), prints a table beside the paper's
+numbers for OpenAI's models and writes `<workdir>/benchmarks_<step>.json`.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import jax
 from ml_collections import config_flags
 
 _CONFIG = _WORKDIR = _STEP = _INIT_FROM = _DTYPE = None
+_BENCHMARKS = _TFDS_DATA_DIR = _PAPER_MODEL = None
 
 
 def define_flags() -> None:
@@ -38,6 +44,24 @@ def define_flags() -> None:
                                      "checkpoint of --workdir.")
     _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the training run's, "
                                  "float32 for converted weights).")
+    define_benchmark_flags()
+
+
+def define_benchmark_flags() -> None:
+    """The flags of the zero-shot benchmark suite (`--benchmarks`)."""
+    global _BENCHMARKS, _TFDS_DATA_DIR, _PAPER_MODEL  # pylint: disable=global-statement
+    _BENCHMARKS = flags.DEFINE_string(
+        "benchmarks", None, "Run zero-shot benchmarks instead of the config's evaluators: 'all' "
+        "or a comma-separated list (clip_jax.evaluation.list_benchmarks(), e.g. "
+        "imagenet1k,cifar10); writes benchmarks_<step>.json.")
+    _TFDS_DATA_DIR = flags.DEFINE_string(
+        "tfds_data_dir", None, "TFDS data_dir holding the prepared benchmark datasets (nothing is "
+        "downloaded; unprepared ones are skipped with the command that prepares them).")
+    _PAPER_MODEL = flags.DEFINE_string(
+        "paper_model", None, "Show the CLIP paper's zero-shot numbers of this OpenAI model "
+        "(RN50, ViT-B-32, ViT-B-16, ViT-L-14) beside the measured ones; default: detected for "
+        "converted OpenAI weights (model.json 'source' mentions openai and the architecture "
+        "matches).")
 
 
 class EvalError(RuntimeError):
@@ -121,6 +145,84 @@ def _one_line(error: BaseException) -> str:
     return text if len(text) <= 600 else text[:597] + "..."
 
 
+def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: str | None,
+                        step: int | None = None, init_from: str | None = None,
+                        dtype: str | None = None, paper_model: str | None = None
+                        ) -> tuple[dict[str, Any], str]:
+    """Restores the model, runs the zero-shot `benchmarks` ("all" or "a,b") on the prepared
+    TFDS data in `tfds_data_dir` and writes the JSON; returns (record, path of the JSON).
+
+    The eval config (`config.eval` or the defaults) gives batch_size and resize_method.
+    """
+    from clip_jax import checkpoint as ckpt_lib
+    from clip_jax import inference, models, sharding, tokenizers
+    from clip_jax.evaluation import benchmark_runner
+    from clip_jax.evaluation import benchmarks as benchmarks_lib
+
+    try:
+        selected = benchmarks_lib.resolve(benchmarks)
+    except ValueError as e:
+        raise EvalError(f"--benchmarks: {e}") from None
+    if not tfds_data_dir:
+        raise EvalError("--benchmarks needs --tfds_data_dir, the TFDS data_dir holding the "
+                        "prepared datasets (nothing is downloaded)")
+    tfds_data_dir = os.path.expanduser(tfds_data_dir)
+    if not os.path.isdir(tfds_data_dir) and "://" not in tfds_data_dir:
+        raise EvalError(f"--tfds_data_dir {tfds_data_dir} does not exist")
+    if paper_model is not None and paper_model not in benchmarks_lib.PAPER_MODELS:
+        raise EvalError(f"--paper_model {paper_model!r}: the paper has numbers for "
+                        f"{', '.join(benchmarks_lib.PAPER_MODELS)}")
+    if init_from and step is not None:
+        raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
+    eval_config = eval_config_of(config)
+    mesh = sharding.create_mesh()
+    source = init_from or workdir
+    if init_from and not inference.is_converted_dir(init_from):
+        raise EvalError(f"--init_from {init_from} is not a converted checkpoint (expected "
+                        f"model.json and variables/ in it)")
+    try:
+        restored = inference.restore(source, step, sharding.replicated(mesh))
+    except ckpt_lib.CheckpointError as e:
+        raise EvalError(str(e)) from None
+    if paper_model is None and restored.kind == "converted":
+        with open(os.path.join(source, "model.json"), encoding="utf-8") as f:
+            origin = json.load(f).get("source")
+        paper_model = benchmark_runner.paper_model_for(restored.config, origin)
+        if paper_model:
+            logging.info("%s holds OpenAI's %s: showing the paper's numbers", source, paper_model)
+    model = models.create_model(restored.config, dtype=dtype or restored.dtype)
+    record = benchmark_runner.run_benchmarks(
+        selected, model, restored.variables, tokenizers.get(restored.tokenizer), mesh,
+        tfds_data_dir, batch_size=int(eval_config.batch_size),
+        resize_method=eval_config.resize_method, paper_model=paper_model)
+    record.update(step=restored.step, checkpoint=os.path.abspath(source), kind=restored.kind,
+                  num_devices=jax.device_count())
+    name = "benchmarks_converted.json" if init_from else f"benchmarks_{restored.step}.json"
+    path = os.path.join(workdir, name)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2, default=_json_default)
+            f.write("\n")
+        os.replace(tmp, path)   # never leaves a half-written results file
+    return record, path
+
+
+def _benchmarks_main() -> None:
+    """`main` for `--benchmarks`: one-line errors, the table, the JSON path."""
+    from clip_jax.checkpoint import CheckpointError
+    from clip_jax.evaluation.benchmark_runner import format_benchmark_table
+    try:
+        record, path = evaluate_benchmarks(
+            _CONFIG.value, _WORKDIR.value, _BENCHMARKS.value, _TFDS_DATA_DIR.value, _STEP.value,
+            _INIT_FROM.value, _DTYPE.value, _PAPER_MODEL.value)
+    except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"clip_jax.evaluate: error: {_one_line(e)}")
+    print(format_benchmark_table(record))
+    print(f"wrote {path}")
+
+
 def main(argv) -> None:
     from clip_jax.host_memory import tune_for_xla_cpu
     from clip_jax.metrics import quiet_library_logs
@@ -131,6 +233,9 @@ def main(argv) -> None:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (checkpoints are read from it and results "
                              "written to it)")
+    if _BENCHMARKS.value:
+        _benchmarks_main()
+        return
     from clip_jax.checkpoint import CheckpointError
     try:
         metrics, path = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value,

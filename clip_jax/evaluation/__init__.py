@@ -4,6 +4,9 @@
     metrics = evaluation.run_evaluators(evaluation.get_default_config(), model, variables,
                                         tokenizer, mesh, step)   # {"zeroshot/top1": ..., ...}
 
+The CLIP paper's zero-shot benchmarks (class names, templates, TFDS sources, published numbers):
+`evaluation.benchmark("imagenet1k")`, `evaluation.list_benchmarks()`.
+
 The command line is `python -m clip_jax.evaluate`; the inference API is `clip_jax.load`.
 Importing this package is cheap (configs import `clip_jax.evaluation.config`): the names
 below and the submodules load on first use.
@@ -11,6 +14,11 @@ below and the submodules load on first use.
 import importlib
 
 _LAZY = {
+    "Benchmark": "clip_jax.evaluation.benchmarks",
+    "benchmark": "clip_jax.evaluation.benchmarks",
+    "list_benchmarks": "clip_jax.evaluation.benchmarks",
+    "format_benchmark_table": "clip_jax.evaluation.benchmark_runner",
+    "run_benchmarks": "clip_jax.evaluation.benchmark_runner",
     "get_default_config": "clip_jax.evaluation.config",
     "Embedder": "clip_jax.evaluation.embed",
     "LogisticRegression": "clip_jax.evaluation.linear_probe",
@@ -26,10 +34,11 @@ _LAZY = {
     "get_templates": "clip_jax.evaluation.templates",
     "class_embeddings": "clip_jax.evaluation.zeroshot",
     "evaluate_zeroshot": "clip_jax.evaluation.zeroshot",
+    "remap_labels": "clip_jax.evaluation.zeroshot",
     "zeroshot_metrics": "clip_jax.evaluation.zeroshot",
 }
-_SUBMODULES = ("config", "data", "embed", "linear_probe", "result", "retrieval", "runner",
-               "templates", "zeroshot")
+_SUBMODULES = ("benchmark_runner", "benchmarks", "config", "data", "embed", "linear_probe",
+               "result", "retrieval", "runner", "templates", "zeroshot")
 
 __all__ = sorted(_LAZY)
 

@@ -18,18 +18,48 @@ from clip_jax.evaluation.templates import format_prompts, get_templates
 
 
 def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
+                     templates: Sequence[str],
+                     cache: dict[tuple[tuple[str, ...], str], np.ndarray] | None = None
+                     ) -> np.ndarray:
     """float32 [C, D] unit-norm class embeddings.
 
     `embed_texts`: strings -> float32 [N, D] unit-norm embeddings (e.g. `Embedder.embed_texts`
-    with a tokenizer bound).
+    with a tokenizer bound). `cache`: {(templates, classname): [D] row} shared between calls
+    with the same model; only classes not in it are embedded (ImageNet-V2/-Sketch/-A/-R reuse
+    ImageNet's 1,000 x 80 prompts instead of embedding them again).
     """
     if not classnames:
         raise ValueError("zero-shot classification needs at least one class name")
-    prompts = format_prompts(classnames, templates)
-    emb = np.asarray(embed_texts(prompts), np.float32)
-    emb = emb.reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return emb / np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+    templates = tuple(templates)
+    cache = {} if cache is None else cache
+    missing = list(dict.fromkeys(c for c in classnames if (templates, c) not in cache))
+    if missing:
+        prompts = format_prompts(missing, templates)
+        emb = np.asarray(embed_texts(prompts), np.float32)
+        emb = emb.reshape(len(missing), len(templates), -1).mean(axis=1)
+        emb /= np.maximum(np.linalg.norm(emb, axis=-1, keepdims=True), 1e-12)
+        cache.update(((templates, c), row) for c, row in zip(missing, emb))
+    return np.stack([cache[(templates, c)] for c in classnames])
+
+
+def remap_labels(labels: np.ndarray, class_indices: Sequence[int]) -> np.ndarray:
+    """int [N] source labels -> int [N] classifier rows: label `class_indices[i]` becomes i.
+
+    For benchmarks that classify among a subset of the source's label space (ImageNet-A/-R:
+    200 of the 1,000 ImageNet labels). Raises ValueError when a label is not in the subset.
+    """
+    labels = np.asarray(labels, np.int64)
+    indices = np.asarray(class_indices, np.int64)
+    if indices.ndim != 1 or len(np.unique(indices)) != len(indices) or indices.min() < 0:
+        raise ValueError("class_indices must be distinct non-negative labels")
+    lookup = np.full(max(int(indices.max()), int(labels.max(initial=0))) + 1, -1, np.int64)
+    lookup[indices] = np.arange(len(indices))
+    rows = lookup[labels]
+    if (rows < 0).any():
+        bad = sorted(set(labels[rows < 0].tolist()))
+        raise ValueError(f"{int((rows < 0).sum())} image(s) have labels outside the "
+                         f"{len(indices)} classes of class_indices (e.g. {bad[:5]})")
+    return rows
 
 
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -90,18 +120,25 @@ def zeroshot_metrics(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.nd
 
 
 def evaluate_zeroshot(model, variables: dict[str, Any], tokenizer, mesh, config,
-                      embedder: Embedder | None = None) -> EvalResult:
+                      embedder: Embedder | None = None,
+                      class_cache: dict | None = None) -> EvalResult:
     """Zero-shot accuracy on the labelled source `config.data`.
 
     `config` (an evaluator block of `clip_jax.evaluation.config`): data, classnames, templates,
-    batch_size, resize_method. `embedder` reuses compiled embedding functions if given.
+    batch_size, resize_method, and optionally class_indices (the source labels the class names
+    stand for, when they are a subset; see `remap_labels`). `embedder` reuses compiled
+    embedding functions if given; `class_cache` reuses class embeddings (`class_embeddings`).
     """
     spec = data_lib.source_spec(get_option(config, "data", {}), "zeroshot.data")
     classnames = data_lib.classnames_for(spec, get_option(config, "classnames", None))
     templates = get_templates(get_option(config, "templates", "generic"))
+    class_indices = tuple(get_option(config, "class_indices", ()))
+    if class_indices and len(class_indices) != len(classnames):
+        raise ValueError(f"zero-shot: {len(class_indices)} class_indices for {len(classnames)} "
+                         f"class names")
     embedder = embedder or Embedder(model, variables, mesh, get_option(config, "batch_size", 256))
     class_emb = class_embeddings(lambda t: embedder.embed_texts(t, tokenizer), classnames,
-                                 templates)
+                                 templates, class_cache)
     cfg = model.config
     data = embedder.embed_dataset(data_lib.eval_batches(
         spec, image_size=cfg.image_size, tokenizer=None, context_length=cfg.context_length,
@@ -112,7 +149,9 @@ def evaluate_zeroshot(model, variables: dict[str, Any], tokenizer, mesh, config,
     if not labelled.all():
         logging.warning("zero-shot: %d of %d samples have no label and are skipped",
                         int((~labelled).sum()), len(labelled))
-    result = zeroshot_metrics(data["image"][labelled], data["label"][labelled], class_emb,
-                              classnames)
+    labels = data["label"][labelled]
+    if class_indices:
+        labels = remap_labels(labels, class_indices)
+    result = zeroshot_metrics(data["image"][labelled], labels, class_emb, classnames)
     result.details["num_templates"] = len(templates)
     return result
