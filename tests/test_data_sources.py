@@ -230,3 +230,32 @@ def test_make_shards_roundtrip(tmp_path, fmt, capsys):
     with pytest.raises(ValueError, match="bad.jsonl:1.*does not exist"):
         make_shards.main(["--images", str(images), "--captions", str(tmp_path / "bad.jsonl"),
                           "--output", str(tmp_path / "out2")])
+
+
+def test_img2dataset_tfrecord_layout(tmp_path):
+    """img2dataset's `--output_format tfrecord` writes `key`/`jpg`/`txt` (+ metadata features)."""
+    import tensorflow as tf
+    from clip_jax.data.pipeline import build_eval_dataset
+    from test_data_helpers import FakeTokenizer, jpeg_bytes
+
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "00000.tfrecord")
+
+    def feature(value):
+        if isinstance(value, int):
+            return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    with tf.io.TFRecordWriter(path) as writer:
+        for i in range(5):
+            ex = {"key": feature(f"{i:09d}".encode()), "jpg": feature(jpeg_bytes(rng)),
+                  "txt": feature(f"caption {i}".encode()), "width": feature(28),
+                  "url": feature(b"http://example.invalid/x.jpg")}
+            writer.write(tf.train.Example(features=tf.train.Features(feature=ex))
+                         .SerializeToString())
+    batches = list(build_eval_dataset({"source": "tfrecord", "shards": path}, image_size=8,
+                                      tokenizer=FakeTokenizer(), context_length=16,
+                                      batch_size=8).as_numpy_iterator())
+    captions = [c.decode() for c, m in zip(batches[0]["caption"], batches[0]["mask"]) if m]
+    assert captions == [f"caption {i}" for i in range(5)]
+    assert [k.decode() for k in batches[0]["key"][:5]] == [f"{i:09d}" for i in range(5)]

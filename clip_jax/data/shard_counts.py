@@ -65,15 +65,16 @@ def count_tfrecord_records(path: str) -> int:
 
 
 def _img2dataset_count(path: str) -> int | None:
-    """`successes` from img2dataset's `<shard>_stats.json` beside a remote `<shard>.tar`.
+    """`successes` from img2dataset's `<shard>_stats.json` beside a remote `<shard>.tar` or
+    `<shard>.tfrecord`.
 
     Used for remote shards only, where a header scan costs one request per member; local
     shards are scanned, which is exact even for a shard damaged after its stats were written.
     """
-    if "://" not in path or not path.endswith(".tar"):
+    if "://" not in path or not path.endswith((".tar", ".tfrecord")):
         return None
     import tensorflow as tf
-    stats = path[: -len(".tar")] + "_stats.json"
+    stats = path.rsplit(".", 1)[0] + "_stats.json"
     if not tf.io.gfile.exists(stats):
         return None
     try:
@@ -155,7 +156,9 @@ class ShardCounter:
             if n is None:
                 n = tar_shards.count_records(path)
         else:
-            n = count_tfrecord_records(path)
+            n = _img2dataset_count(path)
+            if n is None:
+                n = count_tfrecord_records(path)
         with self._lock:
             self._seen[path] = n
             self._store(key, n)

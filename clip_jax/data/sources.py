@@ -71,19 +71,32 @@ def tar_shard_dataset(path, caption_field: str = "caption", start=0, *, counter=
 # --------------------------------------------------------------------------------------------
 # TFRecords
 # --------------------------------------------------------------------------------------------
+# img2dataset's `--output_format tfrecord` names the features "jpg" and "txt" (and "key"): both
+# layouts are read, whichever is present.
+IMG2DATASET_IMAGE, IMG2DATASET_TEXT = "jpg", "txt"
 _TFRECORD_FEATURES = {
     TFRECORD_IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
     TFRECORD_TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
     TFRECORD_LABEL: tf.io.FixedLenFeature([], tf.int64, default_value=-1),
     TFRECORD_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    IMG2DATASET_IMAGE: tf.io.FixedLenFeature([], tf.string, default_value=""),
+    IMG2DATASET_TEXT: tf.io.FixedLenFeature([], tf.string, default_value=""),
 }
 
 
 def parse_tfrecord(serialized: tf.Tensor) -> dict:
-    """Parses one serialized `tf.train.Example` into a raw record (no image decoding)."""
+    """Parses one serialized `tf.train.Example` into a raw record (no image decoding).
+
+    Reads clip_jax's layout (`image/encoded`, `text`, `image/class/label`, `key`) and
+    img2dataset's (`jpg`, `txt`, `key`).
+    """
     ex = tf.io.parse_single_example(serialized, _TFRECORD_FEATURES)
-    return {"key": ex[TFRECORD_KEY], "image": ex[TFRECORD_IMAGE],
-            "text": tf.strings.strip(ex[TFRECORD_TEXT]), "label": ex[TFRECORD_LABEL]}
+
+    def first(a, b):
+        return tf.where(tf.strings.length(ex[a]) > 0, ex[a], ex[b])
+    return {"key": ex[TFRECORD_KEY], "image": first(TFRECORD_IMAGE, IMG2DATASET_IMAGE),
+            "text": tf.strings.strip(first(TFRECORD_TEXT, IMG2DATASET_TEXT)),
+            "label": ex[TFRECORD_LABEL]}
 
 
 def tfrecord_shard_dataset(path, start=0, count=None) -> tf.data.Dataset:
