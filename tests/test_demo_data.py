@@ -5,17 +5,22 @@ Reads the committed shards with tarfile + PIL only (no TensorFlow), about 2 s in
 from __future__ import annotations
 
 import collections
+import importlib.resources
 import io
 import re
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from clip_jax.data import build_demo
 
-DEMO = Path(build_demo.__file__).resolve().parent / "demo"
+# The builder is a development tool outside the installed package (tools/build_demo.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import build_demo  # noqa: E402
+
+DEMO = Path(str(importlib.resources.files("clip_jax.data") / "demo"))
 SIZE = 64
 BUDGET_BYTES = 16 * 2**20
 SPLITS = ("train", "heldout", "classify")

@@ -1,6 +1,6 @@
 """Builds the demo dataset shipped in ``clip_jax/data/demo`` from Debian's openclipart packages.
 
-    python -m clip_jax.data.build_demo [--output clip_jax/data/demo] [--size 64] [--seed 0]
+    python tools/build_demo.py [--output clip_jax/data/demo] [--size 64] [--seed 0]
 
 Source: the public-domain clip art of Debian's ``openclipart-png`` (bitmaps) and
 ``openclipart-svg`` (the same drawings as SVG, whose RDF metadata gives each image a title,
@@ -56,7 +56,7 @@ from PIL import Image, ImageChops
 
 SOURCE_ROOT = Path("/usr/share/openclipart")
 REQUIRED_PACKAGES = ("openclipart-png", "openclipart-svg", "librsvg2-bin")
-DEFAULT_OUTPUT = Path(__file__).resolve().parent / "demo"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "clip_jax" / "data" / "demo"
 _WHITE = (255, 255, 255, 255)
 
 # XML namespaces of the RDF metadata block that Inkscape-era SVGs carry.
@@ -719,7 +719,7 @@ def write_provenance(
         command,
         "```",
         "",
-        f"Builder: `clip_jax/data/build_demo.py`, seed {seed}. Rebuilding with the same seed and",
+        f"Builder: `tools/build_demo.py`, seed {seed}. Rebuilding with the same seed and",
         "package versions gives byte-identical shards.",
         "",
         "- Images: the package's PNGs (symlinked duplicates counted once); PNGs above PIL's",
@@ -834,7 +834,7 @@ def build(output: Path, size: int, seed: int, quality: int, train_shards: int,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m clip_jax.data.build_demo", description=__doc__.split("\n\n")[0])
+        prog="python tools/build_demo.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                         help="output folder (default: the package's data/demo)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -848,7 +848,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.size < 8 or not 1 <= args.quality <= 100 or args.train_shards < 1:
         parser.error("need --size >= 8, 1 <= --quality <= 100 and --train-shards >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    command = "python -m clip_jax.data.build_demo " + " ".join(
+    command = "python tools/build_demo.py " + " ".join(
         sys.argv[1:] if argv is None else list(argv))
     try:
         result = build(args.output, args.size, args.seed, args.quality, args.train_shards,
