@@ -178,7 +178,7 @@ def test_counts_match_provenance(demo, classnames, provenance):
     per_class = collections.Counter(int(p["cls"]) for p in demo["classify"].values())
     assert {int(label): int(n) for label, _, n in classes} == dict(per_class)
     assert "public domain" in provenance.lower() and "openclipart-png" in provenance
-    assert "python -m clip_jax.data.build_demo" in provenance
+    assert "python tools/build_demo.py" in provenance
 
 
 def test_sources_tsv_maps_every_key(demo):
