@@ -19,6 +19,11 @@ The architecture is inferred from the tensor shapes, as open_clip's
 Command line (writes an orbax checkpoint directory readable by `load_converted`):
 
     python -m clip_jax.convert --model ViT-B-32 --input ViT-B-32.pt --output /ckpt/vit-b-32
+    python -m clip_jax.convert --input pretrained:ViT-B-32/openai --output /ckpt/vit-b-32
+    python -m clip_jax.convert --input hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K --output ...
+    python -m clip_jax.convert --list-pretrained
+
+(Hub references: see `clip_jax.hub`.)
 
 No code from an input file ever runs: OpenAI's TorchScript archives are read without torch by
 `clip_jax.torchscript` (tensors only; `torch.jit.load` would run the archive's code), and
@@ -187,7 +192,7 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state_dict)
 
 
-def _to_numpy(value: Any, key: str) -> np.ndarray:
+def to_numpy(value: Any, key: str) -> np.ndarray:
     """torch tensor / numpy array / scalar -> numpy; floating point becomes float32."""
     if hasattr(value, "detach"):            # a torch tensor (torch itself is not imported here)
         value = value.detach().cpu()
@@ -212,7 +217,7 @@ def _prepare(state_dict: Mapping[str, Any]) -> "_Prepared":
     state_dict = _unwrap(state_dict)
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}   # DDP wrapper
-    return _Prepared({k: _to_numpy(v, k) for k, v in state_dict.items()
+    return _Prepared({k: to_numpy(v, k) for k, v in state_dict.items()
                       if not (k.endswith(_IGNORED_SUFFIXES) or k in _IGNORED_KEYS)})
 
 
@@ -410,6 +415,30 @@ def _to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
     return array
 
 
+def _to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(3, 2, 0, 1)   # [kh, kw, in, out] -> [out, in, kh, kw]
+    return array
+
+
+def to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables -> OpenAI / open_clip state dict: the inverse of `convert_state_dict`.
+
+    Returns {torch name: contiguous float32 NumPy array} in torch layouts ([out, in] Linear
+    weights, [out, in, kh, kw] convs; BatchNorm `running_mean`/`running_var` from
+    `batch_stats`). BatchNorm's `num_batches_tracked` counters are not part of clip_jax's
+    variables and are not included.
+    """
+    state_dict = {}
+    for path, leaf in traverse_util.flatten_dict(dict(variables)).items():
+        array = np.asarray(jax.device_get(leaf), np.float32)
+        key, layout = torch_name(path, array.ndim)
+        state_dict[key] = np.ascontiguousarray(_to_torch_layout(array, layout))
+    return state_dict
+
+
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConfig | None = None,
                        quick_gelu: bool | None = None) -> tuple[CLIPConfig, dict[str, Any]]:
     """OpenAI / open_clip PyTorch state dict -> (CLIPConfig, Flax variables).
@@ -542,9 +571,21 @@ def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
                  overwrite: bool = False) -> tuple[CLIPConfig, Path]:
     """Read a checkpoint file, convert it and save it with `save_converted`.
 
-    `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their released weights
-    need it), otherwise as in `convert_state_dict`.
+    `input_path` may also be a Hub reference (`hf-hub:ORG/NAME[@REV]`, `pretrained:ARCH/TAG`,
+    see `clip_jax.hub`); its config fixes the architecture, so `model_name` and `quick_gelu`
+    must then be None. `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their
+    released weights need it), otherwise as in `convert_state_dict`.
     """
+    from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
+
+    if hub.is_reference(input_path):
+        if model_name is not None or quick_gelu is not None:
+            raise ValueError(f"{input_path}: the repo's config sets the architecture and "
+                             f"activation; --model/--quick-gelu apply to checkpoint files only")
+        config, variables, source = hub.load(input_path)
+        directory = save_converted(output_dir, config, variables, overwrite=overwrite,
+                                   source=source)
+        return config, directory
     state_dict, is_jit = _read_checkpoint(input_path)
     if quick_gelu is None and is_jit:
         quick_gelu = True
@@ -582,20 +623,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None,
                         help="registry name to check the weights against (e.g. ViT-B-32, "
                              "RN50-quickgelu); default: infer the architecture from the weights")
-    parser.add_argument("--input", required=True,
+    parser.add_argument("--input",
                         help="checkpoint: OpenAI .pt (TorchScript), .pt/.pth/.bin/.ckpt "
-                             "(torch.save), or .safetensors")
-    parser.add_argument("--output", required=True, help="output directory")
+                             "(torch.save), .safetensors, or a Hub reference "
+                             "hf-hub:ORG/NAME[@REVISION] / pretrained:ARCH/TAG")
+    parser.add_argument("--output", help="output directory")
+    parser.add_argument("--list-pretrained", action="store_true",
+                        help="list the pretrained:ARCH/TAG names and their Hub repos, then exit")
     parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                         help="QuickGELU (OpenAI weights) vs exact GELU; default: QuickGELU for "
                              "OpenAI TorchScript archives and -quickgelu names, else the model's")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory")
     args = parser.parse_args(argv)
+    from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
+
+    if args.list_pretrained:
+        print("\n".join(hub.list_pretrained()))
+        return
+    missing = [f"--{name}" for name in ("input", "output") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     # orbax logs every save step at INFO through absl; keep the CLI output to what matters.
     logging.basicConfig(level=logging.WARNING)
     logger.setLevel(logging.INFO)
-    if not os.path.isfile(args.input):
+    if hub.is_reference(args.input):
+        if args.model is not None or args.quick_gelu is not None:
+            _fail(2, f"--input {args.input}: the repo's config sets the architecture; "
+                     f"--model/--quick-gelu apply to checkpoint files only")
+        try:
+            hub.parse(args.input)
+        except hub.HubError as e:
+            _fail(2, f"--input: {e}")
+    elif not os.path.isfile(args.input):
         _fail(2, f"--input {args.input!r}: no such file")
     output = Path(args.output)
     if output.exists() and not args.overwrite and (not output.is_dir() or any(output.iterdir())):
