@@ -435,7 +435,7 @@ def to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     for path, leaf in traverse_util.flatten_dict(dict(variables)).items():
         array = np.asarray(jax.device_get(leaf), np.float32)
         key, layout = torch_name(path, array.ndim)
-        state_dict[key] = np.ascontiguousarray(_to_torch_layout(array, layout))
+        state_dict[key] = np.array(_to_torch_layout(array, layout), order="C")
     return state_dict
 
 
@@ -595,11 +595,16 @@ def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
     return config, directory
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (exit status 2)."""
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr: `fail(status, message)`; usage errors
+    exit with status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.fail(2, f"{message} (see --help)")
+
+    def fail(self, status: int, message: str):
+        print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
+        sys.exit(status)
 
 
 def one_line(error: BaseException | str, limit: int = 800) -> str:
@@ -608,15 +613,10 @@ def one_line(error: BaseException | str, limit: int = 800) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _fail(status: int, message: str) -> None:
-    print(f"python -m clip_jax.convert: error: {one_line(message)}", file=sys.stderr)
-    sys.exit(status)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command line. Every error is one line on stderr: exit status 2 for bad arguments
     (missing input, existing output, unknown --model), 1 when the file cannot be converted."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip PyTorch CLIP checkpoint to a clip_jax orbax "
                     "checkpoint directory. No code from the input file is run.")
@@ -649,28 +649,28 @@ def main(argv: list[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     if hub.is_reference(args.input):
         if args.model is not None or args.quick_gelu is not None:
-            _fail(2, f"--input {args.input}: the repo's config sets the architecture; "
-                     f"--model/--quick-gelu apply to checkpoint files only")
+            parser.fail(2, f"--input {args.input}: the repo's config sets the architecture; "
+                           f"--model/--quick-gelu apply to checkpoint files only")
         try:
             hub.parse(args.input)
         except hub.HubError as e:
-            _fail(2, f"--input: {e}")
+            parser.fail(2, f"--input: {e}")
     elif not os.path.isfile(args.input):
-        _fail(2, f"--input {args.input!r}: no such file")
+        parser.fail(2, f"--input {args.input!r}: no such file")
     output = Path(args.output)
     if output.exists() and not args.overwrite and (not output.is_dir() or any(output.iterdir())):
-        _fail(2, f"--output {args.output!r} already exists and is not empty; pass --overwrite "
-                 f"to replace it")
+        parser.fail(2, f"--output {args.output!r} already exists and is not empty; pass "
+                       f"--overwrite to replace it")
     if args.model is not None:
         try:
             get_model_config(args.model)
         except ValueError as e:
-            _fail(2, f"--model: {e}")
+            parser.fail(2, f"--model: {e}")
     try:
         config, directory = convert_file(args.input, args.output, args.model, args.quick_gelu,
                                          args.overwrite)
     except (ValueError, OSError, ImportError) as e:
-        _fail(1, str(e))
+        parser.fail(1, str(e))
     print(f"wrote {directory} ({config.vision.type}, embed_dim {config.embed_dim}, image "
           f"{config.image_size}px, activation {config.text.activation})")
 

@@ -129,7 +129,7 @@ def state_dict_to_hf(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
                 out[f"{prefix}{in_block[module]}.{leaf}"] = value
         else:
             raise ValueError(f"{key} has no transformers CLIPModel counterpart")
-    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+    return {k: np.require(v, requirements="C") for k, v in out.items()}
 
 
 def _activation(tower: Mapping[str, Any], what: str) -> str:

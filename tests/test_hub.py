@@ -120,7 +120,8 @@ def test_open_clip_layout_is_preferred_and_clip_jax_load_embeds(hub_cache, tmp_p
     files = open_clip_repo_files(model, _model_cfg(VIT_CFG, False))
     files["config.json"] = "{not json: the transformers layout must not be read"
     add_hub_repo(hub_cache, "test-org/both", files)
-    loaded = clip_jax.load("hf-hub:test-org/both", batch_size=8)
+    one_device = clip_jax.sharding.create_mesh(devices=jax.devices()[:1])
+    loaded = clip_jax.load("hf-hub:test-org/both", batch_size=8, mesh=one_device)
     texts = ["a photo of a cat", "a diagram, drawn in pencil!"]
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     x = (images / np.float32(255) - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(
