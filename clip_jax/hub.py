@@ -233,7 +233,7 @@ def read(files: HubFiles, quick_gelu: bool | None = None
             state_dict = hf_format.state_dict_from_hf(
                 {k: convert.to_numpy(v, k)
                  for k, v in convert.load_checkpoint_file(files.weights_path).items()})
-    except ValueError as e:
+    except (ValueError, OSError) as e:   # bad config or weights; a vanished cache file
         raise HubError(f"{reference}: {convert.one_line(e)}") from e
     return config, state_dict
 
