@@ -19,8 +19,16 @@ The architecture is inferred from the tensor shapes, as open_clip's
 Command line (writes an orbax checkpoint directory readable by `load_converted`):
 
     python -m clip_jax.convert --model ViT-B-32 --input ViT-B-32.pt --output /ckpt/vit-b-32
+    python -m clip_jax.convert --input pretrained:ViT-B-32/openai --output /ckpt/vit-b-32
+    python -m clip_jax.convert --input hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K --output ...
+    python -m clip_jax.convert --list-pretrained
 
-torch is needed only to read `.pt`/`.bin` files and is imported lazily.
+(Hub references: see `clip_jax.hub`.)
+
+No code from an input file ever runs: OpenAI's TorchScript archives are read without torch by
+`clip_jax.torchscript` (tensors only; `torch.jit.load` would run the archive's code), and
+`torch.save` files with `torch.load(weights_only=True)`. torch is needed only for the latter
+and is imported lazily.
 """
 from __future__ import annotations
 
@@ -29,7 +37,9 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from clip_jax import torchscript
 from clip_jax.models import CLIPConfig, create_model, get_model_config
 from clip_jax.models.config import (ModifiedResNetConfig, TextTransformerConfig,
                                     VisionTransformerConfig)
@@ -89,7 +100,12 @@ def is_torch_jit_archive(path: str | os.PathLike) -> bool:
 
 
 def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
-    """(state dict, whether the file is an OpenAI-style TorchScript archive)."""
+    """(state dict, whether the file is an OpenAI-style TorchScript archive).
+
+    No code from the file runs: TorchScript archives are read by `clip_jax.torchscript` (tensors
+    only, no torch needed), `torch.save` files by `torch.load(weights_only=True)`. Every failure
+    is a one-line ValueError (or FileNotFoundError / ImportError) naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
@@ -98,24 +114,64 @@ def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
     if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
         raise ValueError(f"unsupported checkpoint file {str(path)!r}: expected .pt, .pth, .bin, "
                          f".ckpt (PyTorch) or .safetensors")
-    torch = _import_torch(path)
     if is_torch_jit_archive(path):
-        # OpenAI's CLIP releases: the whole TorchScript model; we only need its tensors.
-        return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), True
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        # OpenAI's CLIP releases: the whole TorchScript model; only its tensors are read.
+        try:
+            return torchscript.read_tensors(path), True
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
+            raise ValueError(f"cannot read the TorchScript archive {str(path)!r}: "
+                             f"{_first_line(e)}") from e
+    torch = _import_torch(path)
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:   # weights_only refused a global: never load it anyway
+        raise ValueError(f"refusing to read {str(path)!r}: it holds "
+                         f"{_refused_global(e)}, which is not a tensor or plain container, and "
+                         f"clip_jax never runs code from a checkpoint; save the weights as a "
+                         f"state dict of tensors or as .safetensors") from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:   # damaged or not a torch file
+        raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint: "
+                         f"{_torch_error_text(e)}") from e
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
     return dict(checkpoint), False
 
 
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def _refused_global(error: BaseException) -> str:
+    """What torch's weights-only unpickler refused, e.g. 'builtins.open' (its own message goes
+    on to suggest `weights_only=False`, i.e. running the file's code: never shown)."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return match.group(1) if match else "a pickled object"
+
+
+def _torch_error_text(error: BaseException) -> str:
+    """torch's error without its advice to load with `weights_only=False`."""
+    text = " ".join(str(error).split())
+    for marker in (" In PyTorch 2.6", " Re-running", " Weights only load failed"):
+        text = text.split(marker)[0]
+    if "weights_only" in text or not text:
+        return type(error).__name__
+    return f"{type(error).__name__}: {text[:300]}"
+
+
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     # The numpy reader needs no torch and reads bfloat16 too (as an ml_dtypes array).
     try:
+        from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     except ImportError as e:
         raise ImportError(f"reading {str(path)!r} needs the `safetensors` package: "
                           f"`pip install safetensors`") from e
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:   # truncated or not a safetensors file
+        raise ValueError(f"cannot read {str(path)!r} as .safetensors (damaged or truncated?): "
+                         f"{_first_line(e)}") from e
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -136,7 +192,7 @@ def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return dict(state_dict)
 
 
-def _to_numpy(value: Any, key: str) -> np.ndarray:
+def to_numpy(value: Any, key: str) -> np.ndarray:
     """torch tensor / numpy array / scalar -> numpy; floating point becomes float32."""
     if hasattr(value, "detach"):            # a torch tensor (torch itself is not imported here)
         value = value.detach().cpu()
@@ -161,7 +217,7 @@ def _prepare(state_dict: Mapping[str, Any]) -> "_Prepared":
     state_dict = _unwrap(state_dict)
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}   # DDP wrapper
-    return _Prepared({k: _to_numpy(v, k) for k, v in state_dict.items()
+    return _Prepared({k: to_numpy(v, k) for k, v in state_dict.items()
                       if not (k.endswith(_IGNORED_SUFFIXES) or k in _IGNORED_KEYS)})
 
 
@@ -282,7 +338,8 @@ def _resolve_config(sd: _Prepared, model_name: str | CLIPConfig | None,
         diffs = config_differences(inferred, reference)
         if diffs:
             name = model_name if isinstance(model_name, str) else "the given config"
-            raise ValueError(f"the state dict does not match {name}:\n  " + "\n  ".join(diffs))
+            raise ValueError(f"the state dict does not match {name}: "
+                             f"{_listing(diffs, limit=30)}")
         config = set_activation(reference, "quick_gelu" if quick_gelu else "gelu")
         if inferred.init_logit_bias is not None:
             config = dataclasses.replace(config, init_logit_bias=inferred.init_logit_bias)
@@ -344,12 +401,42 @@ def torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
     return ".".join(names + [leaf]), layout
 
 
+def _listing(items: list[str], limit: int = 8) -> str:
+    """'a, b, c' on one line; past `limit` items, '... and N more'."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _to_flax_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
         return array.T
     if layout == "conv":
         return array.transpose(2, 3, 1, 0)
     return array
+
+
+def _to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
+    if layout == "linear":
+        return array.T
+    if layout == "conv":
+        return array.transpose(3, 2, 0, 1)   # [kh, kw, in, out] -> [out, in, kh, kw]
+    return array
+
+
+def to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Flax variables -> OpenAI / open_clip state dict: the inverse of `convert_state_dict`.
+
+    Returns {torch name: contiguous float32 NumPy array} in torch layouts ([out, in] Linear
+    weights, [out, in, kh, kw] convs; BatchNorm `running_mean`/`running_var` from
+    `batch_stats`). BatchNorm's `num_batches_tracked` counters are not part of clip_jax's
+    variables and are not included.
+    """
+    state_dict = {}
+    for path, leaf in traverse_util.flatten_dict(dict(variables)).items():
+        array = np.asarray(jax.device_get(leaf), np.float32)
+        key, layout = torch_name(path, array.ndim)
+        state_dict[key] = np.array(_to_torch_layout(array, layout), order="C")
+    return state_dict
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConfig | None = None,
@@ -410,12 +497,10 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConf
             continue
         flat[path] = jnp.asarray(value, dtype=flat_abstract[path].dtype)
     if missing or unexpected or mismatched:
-        problems = []
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", mismatched)):
-            if items:
-                problems.append(f"{len(items)} {title}:\n    " + "\n    ".join(items))
-        raise ValueError("the state dict does not match the model\n  " + "\n  ".join(problems))
+        problems = [f"{len(items)} {title}: {_listing(items)}"
+                    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                         ("shape mismatches", mismatched)) if items]
+        raise ValueError("the state dict does not match the model: " + "; ".join(problems))
     return config, traverse_util.unflatten_dict(flat)
 
 
@@ -486,9 +571,21 @@ def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
                  overwrite: bool = False) -> tuple[CLIPConfig, Path]:
     """Read a checkpoint file, convert it and save it with `save_converted`.
 
-    `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their released weights
-    need it), otherwise as in `convert_state_dict`.
+    `input_path` may also be a Hub reference (`hf-hub:ORG/NAME[@REV]`, `pretrained:ARCH/TAG`,
+    see `clip_jax.hub`); its config fixes the architecture, so `model_name` and `quick_gelu`
+    must then be None. `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their
+    released weights need it), otherwise as in `convert_state_dict`.
     """
+    from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
+
+    if hub.is_reference(input_path):
+        if model_name is not None or quick_gelu is not None:
+            raise ValueError(f"{input_path}: the repo's config sets the architecture and "
+                             f"activation; --model/--quick-gelu apply to checkpoint files only")
+        config, variables, source = hub.load(input_path)
+        directory = save_converted(output_dir, config, variables, overwrite=overwrite,
+                                   source=source)
+        return config, directory
     state_dict, is_jit = _read_checkpoint(input_path)
     if quick_gelu is None and is_jit:
         quick_gelu = True
@@ -498,29 +595,82 @@ def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
     return config, directory
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr: `fail(status, message)`; usage errors
+    exit with status 2."""
+
+    def error(self, message: str):
+        self.fail(2, f"{message} (see --help)")
+
+    def fail(self, status: int, message: str):
+        print(f"{self.prog}: error: {one_line(message)}", file=sys.stderr)
+        sys.exit(status)
+
+
+def one_line(error: BaseException | str, limit: int = 800) -> str:
+    """An error message squeezed onto one line (whitespace runs become one space)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    """Command line. Every error is one line on stderr: exit status 2 for bad arguments
+    (missing input, existing output, unknown --model), 1 when the file cannot be converted."""
+    parser = OneLineParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip PyTorch CLIP checkpoint to a clip_jax orbax "
-                    "checkpoint directory.")
+                    "checkpoint directory. No code from the input file is run.")
     parser.add_argument("--model", default=None,
                         help="registry name to check the weights against (e.g. ViT-B-32, "
                              "RN50-quickgelu); default: infer the architecture from the weights")
-    parser.add_argument("--input", required=True,
+    parser.add_argument("--input",
                         help="checkpoint: OpenAI .pt (TorchScript), .pt/.pth/.bin/.ckpt "
-                             "(torch.save), or .safetensors")
-    parser.add_argument("--output", required=True, help="output directory")
+                             "(torch.save), .safetensors, or a Hub reference "
+                             "hf-hub:ORG/NAME[@REVISION] / pretrained:ARCH/TAG")
+    parser.add_argument("--output", help="output directory")
+    parser.add_argument("--list-pretrained", action="store_true",
+                        help="list the pretrained:ARCH/TAG names and their Hub repos, then exit")
     parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
                         help="QuickGELU (OpenAI weights) vs exact GELU; default: QuickGELU for "
                              "OpenAI TorchScript archives and -quickgelu names, else the model's")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output directory")
     args = parser.parse_args(argv)
+    from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
+
+    if args.list_pretrained:
+        print("\n".join(hub.list_pretrained()))
+        return
+    missing = [f"--{name}" for name in ("input", "output") if getattr(args, name) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
     # orbax logs every save step at INFO through absl; keep the CLI output to what matters.
     logging.basicConfig(level=logging.WARNING)
     logger.setLevel(logging.INFO)
-    config, directory = convert_file(args.input, args.output, args.model, args.quick_gelu,
-                                     args.overwrite)
+    if hub.is_reference(args.input):
+        if args.model is not None or args.quick_gelu is not None:
+            parser.fail(2, f"--input {args.input}: the repo's config sets the architecture; "
+                           f"--model/--quick-gelu apply to checkpoint files only")
+        try:
+            hub.parse(args.input)
+        except hub.HubError as e:
+            parser.fail(2, f"--input: {e}")
+    elif not os.path.isfile(args.input):
+        parser.fail(2, f"--input {args.input!r}: no such file")
+    output = Path(args.output)
+    if output.exists() and not args.overwrite and (not output.is_dir() or any(output.iterdir())):
+        parser.fail(2, f"--output {args.output!r} already exists and is not empty; pass "
+                       f"--overwrite to replace it")
+    if args.model is not None:
+        try:
+            get_model_config(args.model)
+        except ValueError as e:
+            parser.fail(2, f"--model: {e}")
+    try:
+        config, directory = convert_file(args.input, args.output, args.model, args.quick_gelu,
+                                         args.overwrite)
+    except (ValueError, OSError, ImportError) as e:
+        parser.fail(1, str(e))
     print(f"wrote {directory} ({config.vision.type}, embed_dim {config.embed_dim}, image "
           f"{config.image_size}px, activation {config.text.activation})")
 

@@ -40,7 +40,8 @@ def define_flags() -> None:
                                    "it and eval_<step>.json is written to it.")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
     _INIT_FROM = flags.DEFINE_string("init_from", None, "Evaluate converted weights (a directory "
-                                     "written by python -m clip_jax.convert) instead of a "
+                                     "written by python -m clip_jax.convert, or a Hub reference "
+                                     "hf-hub:ORG/NAME[@REV] / pretrained:ARCH/TAG) instead of a "
                                      "checkpoint of --workdir.")
     _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the training run's, "
                                  "float32 for converted weights).")
@@ -91,9 +92,11 @@ def evaluate(config, workdir: str, step: int | None = None, init_from: str | Non
     if init_from and step is not None:
         raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
     source = init_from or workdir
-    if init_from and not inference.is_converted_dir(init_from):
+    from clip_jax import hub
+    if init_from and not (inference.is_converted_dir(init_from) or hub.is_reference(init_from)):
         raise EvalError(f"--init_from {init_from} is not a converted checkpoint (expected "
-                        f"model.json and variables/ in it)")
+                        f"model.json and variables/ in it) nor a Hub reference (hf-hub:ORG/NAME "
+                        f"or pretrained:ARCH/TAG)")
     try:
         restored = inference.restore(source, step, sharding.replicated(mesh))
     except ckpt_lib.CheckpointError as e:
@@ -108,7 +111,8 @@ def evaluate(config, workdir: str, step: int | None = None, init_from: str | Non
     path = os.path.join(workdir, name)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        record = {"step": restored.step, "checkpoint": os.path.abspath(source),
+        record = {"step": restored.step,
+                  "checkpoint": source if hub.is_reference(source) else os.path.abspath(source),
                   "kind": restored.kind, "num_devices": jax.device_count(),
                   "metrics": metrics, "details": details, "eval_config": eval_config.to_dict()}
         tmp = path + ".tmp"

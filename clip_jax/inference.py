@@ -3,6 +3,7 @@
     import clip_jax
     model = clip_jax.load("runs/tiny")              # a training workdir (latest checkpoint)
     model = clip_jax.load("converted/ViT-B-32")     # or a `python -m clip_jax.convert` output
+    model = clip_jax.load("pretrained:ViT-B-32/openai")   # or Hub weights (clip_jax.hub)
     img = model.encode_image(images)    # uint8 [N, H, W, 3] -> float32 [N, D], unit L2 norm
     txt = model.encode_text(["a photo of a dog"])    # [N] strings -> float32 [N, D], unit norm
     probs = model.classify(images, ["dog", "cat"], templates="imagenet80")   # float32 [N, C]
@@ -35,7 +36,7 @@ class Restored:
     tokenizer: str
     dtype: str
     step: int | None          # training step; None for converted weights
-    kind: str                 # "workdir" or "converted"
+    kind: str                 # "workdir", "converted" or "hub"
 
 
 def is_converted_dir(path: str) -> bool:
@@ -69,8 +70,9 @@ def check_variables(model: models.CLIP, variables: dict[str, Any], where: str) -
 
 
 def restore(path: str, step: int | None = None, sharding=None) -> Restored:
-    """Reads a training workdir (checkpoint `step`, default the latest) or a converted-weights
-    directory; arrays are placed on `sharding` (default: replicated over all devices).
+    """Reads a training workdir (checkpoint `step`, default the latest), a converted-weights
+    directory or a Hub reference (`hf-hub:ORG/NAME[@REV]`, `pretrained:ARCH/TAG`; see
+    `clip_jax.hub`); arrays are placed on `sharding` (default: replicated over all devices).
 
     Raises CheckpointError (a clear message) when `path` is neither, or the checkpoint is
     missing, damaged or does not match its model config.
@@ -79,6 +81,17 @@ def restore(path: str, step: int | None = None, sharding=None) -> Restored:
         from clip_jax import sharding as sharding_lib
         sharding = sharding_lib.replicated(sharding_lib.create_mesh())
     path = os.fspath(path)
+    from clip_jax import hub
+    if hub.is_reference(path):   # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
+        if step is not None:
+            raise CheckpointError(f"{path} names pretrained weights, which have no steps; "
+                                  f"drop step={step}")
+        try:
+            config, variables, _ = hub.load(path)
+        except (ValueError, ImportError) as e:
+            raise CheckpointError(str(e)) from e
+        return Restored(config, jax.device_put(variables, sharding), hub.TOKENIZER, "float32",
+                        None, "hub")
     if is_converted_dir(path):
         if step is not None:
             raise CheckpointError(f"{path} holds converted weights, which have no steps; "
@@ -246,8 +259,10 @@ def load(path: str | os.PathLike, *, step: int | None = None, batch_size: int = 
 
     Args:
       path: `--workdir` of `python -m clip_jax.train` (restores checkpoint `step`, default the
-        latest, onto the devices present now, whatever device count wrote it), or an output
-        directory of `python -m clip_jax.convert`.
+        latest, onto the devices present now, whatever device count wrote it), an output
+        directory of `python -m clip_jax.convert`, or pretrained weights from the Hugging Face
+        Hub: `hf-hub:ORG/NAME[@REVISION]` or `pretrained:ARCH/TAG` (e.g.
+        `pretrained:ViT-B-32/openai`; downloaded into the Hugging Face cache on first use).
       batch_size: rows per device call (rounded up to a multiple of the devices).
       dtype: compute dtype; default the training run's (float32 for converted weights).
       mesh: device mesh; default all devices, data parallel.

@@ -104,8 +104,9 @@ def validate_config(config, mesh=None) -> None:
         except ValueError as e:
             raise ConfigError(f"config.eval: {e}") from None
     if config.init_from:
-        check(os.path.isdir(config.init_from), "init_from", config.init_from,
-              "directory does not exist")
+        from clip_jax import hub  # a Hub reference is resolved (downloaded) by _load_model
+        check(hub.is_reference(config.init_from) or os.path.isdir(config.init_from),
+              "init_from", config.init_from, "directory does not exist")
     else:
         try:
             models.get_model_config(config.model.name)
@@ -164,15 +165,22 @@ def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
                 init_logit_scale=losses_lib.SIGLIP_INIT_LOGIT_SCALE,
                 init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
         return model_config, None, config.data.tokenizer
-    from clip_jax import convert  # torch-free; only needs orbax
-    model_config, variables = convert.load_converted(config.init_from)
+    from clip_jax import convert, hub  # torch-free; only needs orbax
+    tokenizer = config.data.tokenizer
+    if hub.is_reference(config.init_from):   # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
+        try:
+            model_config, variables, _ = hub.load(config.init_from)
+        except hub.HubError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
+        tokenizer = hub.TOKENIZER
+    else:
+        model_config, variables = convert.load_converted(config.init_from)
+        meta_path = os.path.join(config.init_from, "model.json")
+        if os.path.exists(meta_path):
+            with open(meta_path, encoding="utf-8") as f:
+                tokenizer = json.load(f).get("tokenizer", tokenizer)
     if siglip and model_config.init_logit_bias is None:
         model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    meta_path = os.path.join(config.init_from, "model.json")
-    tokenizer = config.data.tokenizer
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            tokenizer = json.load(f).get("tokenizer", tokenizer)
     return model_config, variables, tokenizer
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -378,3 +379,99 @@ def test_cli_round_trip(tmp_path):
     ours = jax_encode(config, variables, images, tokens)
     _assert_close(ours[0], ref[0], "cli encode_image")
     _assert_close(ours[1], ref[1], "cli encode_text")
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI errors: one line on stderr, exit status 2 (arguments) or 1 (the file); no code runs
+# ------------------------------------------------------------------------------------------------
+
+def _cli_error(argv: list[str], capsys) -> tuple[int, str]:
+    """Runs `convert.main(argv)`, which must fail; (exit status, its one-line message)."""
+    with pytest.raises(SystemExit) as info:
+        convert.main(argv)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("python -m clip_jax.convert: error: "), lines[0]
+    # torch's own advice to load with weights_only=False (running the file) never shows.
+    assert "weights_only" not in lines[0]
+    return info.value.code, lines[0]
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory, tiny_vit_state_dict):
+    """Good and broken input files, built once."""
+    from safetensors.numpy import save_file
+    from unsafe_checkpoints import Opener
+
+    root = tmp_path_factory.mktemp("cli")
+    arrays = {k: v.numpy() for k, v in tiny_vit_state_dict.items()}
+    save_file(arrays, str(root / "good.safetensors"))
+    data = (root / "good.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[:len(data) // 2])
+    save_file({k: v for k, v in arrays.items() if k != "ln_final.bias"},
+              str(root / "missing.safetensors"))
+    torch.save(dict(tiny_vit_state_dict), root / "good.pt")
+    data = (root / "good.pt").read_bytes()
+    (root / "truncated.pt").write_bytes(data[:len(data) // 2])
+    torch.save({"state_dict": Opener(str(root / "pickle-marker"))}, root / "pickled-code.pt")
+    (root / "output").mkdir()
+    (root / "output" / "keep.txt").write_text("existing")
+    return root
+
+
+@pytest.mark.parametrize("case, status, expected", [
+    ("missing input", 2, r"--input '.*absent\.pt': no such file"),
+    ("existing output", 2, r"--output '.*output' already exists and is not empty; pass "
+                           r"--overwrite"),
+    ("unknown model", 2, r"--model: unknown model 'ViT-Q-99'"),
+    ("missing argument", 2, r"the following arguments are required: --output"),
+    ("truncated safetensors", 1, r"cannot read '.*truncated\.safetensors' as \.safetensors"),
+    ("truncated torch file", 1, r"cannot read '.*truncated\.pt' as a PyTorch checkpoint"),
+    ("missing key", 1, r"1 missing keys: ln_final\.bias"),
+    ("wrong architecture", 1, r"does not match ViT-B-32: .*vision\.width: weights have 128, "
+                              r"config has 768"),
+    ("pickled code", 1, r"refusing to read '.*pickled-code\.pt': it holds (io|builtins)\.open, "
+                        r"which is not a tensor"),
+])
+def test_cli_errors_are_one_line(cli_files, capsys, case, status, expected):
+    root, out = cli_files, str(cli_files / "out")
+    argv = {
+        "missing input": ["--input", str(root / "absent.pt"), "--output", out],
+        "existing output": ["--input", str(root / "good.pt"), "--output", str(root / "output")],
+        "unknown model": ["--model", "ViT-Q-99", "--input", str(root / "good.pt"), "--output",
+                          out],
+        "missing argument": ["--input", str(root / "good.pt")],
+        "truncated safetensors": ["--input", str(root / "truncated.safetensors"), "--output",
+                                  out],
+        "truncated torch file": ["--input", str(root / "truncated.pt"), "--output", out],
+        "missing key": ["--input", str(root / "missing.safetensors"), "--output", out],
+        "wrong architecture": ["--model", "ViT-B-32", "--input", str(root / "good.pt"),
+                               "--output", out],
+        "pickled code": ["--input", str(root / "pickled-code.pt"), "--output", out],
+    }[case]
+    code, message = _cli_error(argv, capsys)
+    assert code == status, message
+    assert re.search(expected, message), message
+    assert not (root / "out").exists()          # nothing written on failure
+    assert not (root / "pickle-marker").exists()
+
+
+def test_cli_torchscript_code_never_runs(tmp_path):
+    """The reported attack, end to end: `--input evil.pt` (a TorchScript archive whose loading
+    creates a file) fails in one line and the file is never created."""
+    from unsafe_checkpoints import EvilModule, save_scripted
+
+    archive = save_scripted(EvilModule(str(tmp_path / "marker")), tmp_path / "evil.pt")
+    assert convert.is_torch_jit_archive(archive)
+    result = subprocess.run(
+        [sys.executable, "-m", "clip_jax.convert", "--input", str(archive), "--output",
+         str(tmp_path / "out")],
+        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "custom pickled state" in result.stderr and "weights_only" not in result.stderr
+    assert not (tmp_path / "marker").exists()
+    assert not (tmp_path / "out").exists()
