@@ -4,6 +4,7 @@
     tok = clip_jax.tokenizers.get("captions.model")  # a SentencePiece model
     ids = tok(["a photo of a cat", b"utf-8 bytes work too"], context_length=77)
     # -> np.ndarray int32 [2, 77]: [sot] + ids + [eot], padded with 0, cut rows end with eot
+    clip_jax.tokenizers.check_name("openai")  # ValueError (one line) where get() would fail
 
 Every tokenizer has `__call__(texts, context_length)`, `encode(text)` (no special tokens),
 `decode(ids)`, `vocab_size`, `eot_id`, `sot_id` (None when no start token is used) and

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import abc
-import itertools
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
@@ -52,28 +51,16 @@ def pack(rows: Sequence[Sequence[int]], context_length: int, *, sot_id: Optional
     Each row is `[sot_id] + ids + [eot_id]` (no sot when `sot_id` is None). A row longer than
     `context_length` is cut to `context_length` and its last token is set to `eot_id`, so every
     row holds exactly one end-of-text token (open_clip's rule); shorter rows are right-padded
-    with `pad_id`. Vectorised: ~1 us per row of ~20 ids, a third of a per-row Python loop.
+    with `pad_id`.
     """
-    n = len(rows)
-    out = np.full((n, context_length), pad_id, dtype=np.int32)
-    if n == 0:
-        return out
-    head = 0 if sot_id is None else 1
-    lens = np.fromiter(map(len, rows), dtype=np.int64, count=n)
-    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype=np.int32,
-                       count=int(lens.sum()))
-    # Tokens before eot: [sot] + ids, cut to context_length - 1 (the sot too when that is 0).
-    eot_at = np.minimum(lens + head, context_length - 1)
-    keep = np.maximum(eot_at - head, 0)
-    if head and context_length > 1:
-        out[:, 0] = sot_id
-    total = int(keep.sum())
-    if total:
-        rows_of = np.repeat(np.arange(n), keep)
-        col = np.arange(total) - np.repeat(np.cumsum(keep) - keep, keep)
-        src = np.repeat(np.cumsum(lens) - lens, keep) + col
-        out[rows_of, col + head] = flat[src]
-    out[np.arange(n), eot_at] = eot_id
+    out = np.full((len(rows), context_length), pad_id, dtype=np.int32)
+    head = [] if sot_id is None else [sot_id]
+    for i, ids in enumerate(rows):
+        row = head + list(ids)
+        if len(row) >= context_length:  # no room for eot after the text: cut, end with eot
+            row = row[: context_length - 1]
+        row.append(eot_id)
+        out[i, : len(row)] = row
     return out
 
 
