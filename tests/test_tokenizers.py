@@ -6,6 +6,8 @@ import pickle
 import random
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -92,6 +94,15 @@ CORPUS = [
     "ǈ ǋ ǲ titlecase digraphs",
     "\U0001d400\U0001d401 math bold \U0001f600",
     "\ud800 lone surrogate".encode("utf-16", "surrogatepass").decode("utf-16", "replace"),
+    # Literal special tokens where CLIP's regex does or does not see them (after "!!" it does
+    # not: the punctuation run swallows the "<"), next to non-ASCII text and whitespace.
+    "!!<end_of_text> a<end_of_text>b <end_of_text>!! <end_of_text><start_of_text>",
+    "caf\u00e9<end_of_text>\t<START_OF_TEXT>x",
+    # Case folding in CLIP's IGNORECASE regex: "'\u017f" (long s) is the contraction "'s".
+    "it'\u017f IT'S it'\u017ft \ufb05 \u212a",
+    # Code points where Rust's regex engine (Oniguruma) and Python's `regex` classify letters
+    # differently (combining ypogegrammeni, letters new in Unicode 16), inside ASCII words.
+    "a\u0345b c\u0558d e\ua7ceF g\U00010940h",
 ]
 
 CONTEXT_LENGTHS = [77, 16, 5, 2, 1, 100]
@@ -130,8 +141,24 @@ def _random_texts(n, seed):
 # OpenAI CLIP BPE
 # --------------------------------------------------------------------------------------------
 
-def test_corpus_is_varied():
-    assert len(CORPUS) >= 60
+def test_bpe_routes_texts_as_documented(bpe):
+    """Which texts take which Rust tokenizer (bpe.py, top), and that the corpus covers each."""
+    v = bpe._vocab
+    texts = ["A Photo\tof a CAT", "Tom &amp; Jerry", "caf\u00e9 \U0001f600", "x<END_OF_TEXT>",
+             "null\x00byte", "", "\u201cquoted\u201d"]
+    ascii_at, ascii_texts, pieces_at, pieces = v.route(texts)
+    assert ascii_at == [0, 1, 4, 5, 6]
+    # Raw text only lower-cased (the regex drops whitespace); other text fully cleaned.
+    assert ascii_texts == ["a photo\tof a cat", "tom & jerry", "nullbyte", "", '"quoted"']
+    assert pieces_at == [2, 3]
+    assert pieces == [["caf\u00e9", "\U0001f600"], ["x", "<end_of_text>"]]
+    ascii_at, _, pieces_at, _ = v.route(CORPUS)
+    assert len(ascii_at) > 20 and len(pieces_at) > 20
+    assert any(bpe_mod.needs_full_clean(CORPUS[i]) for i in ascii_at)
+    assert any(not bpe_mod.needs_full_clean(CORPUS[i]) for i in pieces_at)
+    # The byte-level map skipped on the ASCII route is the identity there.
+    byte_map = bpe_mod.bytes_to_unicode()
+    assert all(byte_map[b] == chr(b) for b in range(0x21, 0x7F))
 
 
 @pytest.mark.parametrize("context_length", CONTEXT_LENGTHS)
@@ -160,6 +187,26 @@ def test_bpe_matches_open_clip_on_random_strings(open_clip, bpe, context_length)
     assert not mismatched, mismatched
 
 
+def test_bpe_ascii_route_matches_open_clip_on_every_character(open_clip, bpe):
+    """The ASCII route replaces CLIP's regex classes by [a-z], [0-9] and [^\\sa-z0-9]: check
+    every ASCII character in every context the regex distinguishes, and after apostrophes."""
+    chars = [chr(c) for c in range(128)]
+    texts = [f"a{c}a 1{c}1 !{c}! '{c} {c}{c}{c} x{c}'s {c}" for c in chars]
+    texts += ["'" + a + b for a in chars for b in "sStTrReEvVmMlLdD'a1! \t"]
+    ours = bpe(texts, context_length=32)
+    ref = open_clip.tokenize(texts, context_length=32).numpy()
+    mismatched = [texts[i] for i in np.flatnonzero((ours != ref).any(axis=1))]
+    assert not mismatched, mismatched
+
+
+def test_bpe_batch_equals_one_by_one(bpe):
+    """Batches mixing both routes come back in order, as if each text were alone."""
+    texts = CORPUS + _random_texts(50, seed=2)
+    rows = bpe(texts, context_length=20)
+    for text, row in zip(texts, rows):
+        np.testing.assert_array_equal(bpe(text, context_length=20)[0], row)
+
+
 def test_bpe_encode_and_clean_match_open_clip(open_clip, bpe):
     ref = open_clip.tokenizer._tokenizer
     for text in CORPUS + _random_texts(100, seed=1):
@@ -176,10 +223,16 @@ def test_ascii_fast_path_is_what_ftfy_does():
     texts = ["".join(rng.choice(safe) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
     texts += ["a\nb\n", "\n\n", "x;#39;", "<b>hi</b>", "'s'''", "\t\t"]
     for text in texts:
-        assert bpe_mod._NEEDS_FULL_CLEAN.search(text) is None
+        assert not bpe_mod.needs_full_clean(text)
         assert html.unescape(html.unescape(ftfy.fix_text(text))) == text, repr(text)
-    for text in ["&amp;", "é", "\r", "\x0b", "\x1b[0m", "\x7f", "\x00"]:
-        assert bpe_mod._NEEDS_FULL_CLEAN.search(text) is not None
+    for text in ["&amp;", "é", "\r", "\x0b", "\x1b[0m", "\x7f", "\x00", "a\tb&", "\u00a0"]:
+        assert bpe_mod.needs_full_clean(text)
+    # needs_full_clean's shortcuts (isascii, isprintable) agree with the regex alone.
+    chars = [chr(c) for c in range(0x80)] + ["\u00e9", "\u00a0", "\U0001f600"]
+    for _ in range(3000):
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(0, 8)))
+        expected = bpe_mod._NEEDS_FULL_CLEAN.search(text) is not None
+        assert bpe_mod.needs_full_clean(text) == expected, repr(text)
 
 
 def test_bpe_ids_and_rows(bpe):
@@ -289,6 +342,84 @@ def test_vocabulary_file_is_openais():
     assert os.path.isfile(os.path.join(os.path.dirname(bpe_mod.DEFAULT_BPE_PATH), "NOTICE"))
 
 
+class _GilProbe:
+    """Tells whether another Python thread got to run while `method` of `obj` was running.
+
+    A helper thread loops: note the time, then block 1 ms on a lock (outside the GIL). With the
+    switch interval raised to 1000 s, the helper gets the GIL back only when the calling thread
+    gives it up itself, as C code that releases the GIL does, not by preemption. `ran_inside`:
+    whether the helper noted a time during a call of `obj.method` (the last call, if several).
+    """
+
+    def __init__(self, obj, method: str):
+        self.obj, self.method = obj, method
+        self.ran_inside = False
+
+    def _wrapped(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self._real(*args, **kwargs)
+        end = time.perf_counter()
+        self.ran_inside = any(start < t < end for t in self._ticks)
+        return out
+
+    def __enter__(self):
+        self._real = getattr(self.obj, self.method)
+        setattr(self.obj, self.method, self._wrapped)
+        self._ticks, self._stop, blocker = [], threading.Event(), threading.Lock()
+        blocker.acquire()
+
+        def helper():
+            while not self._stop.is_set():
+                self._ticks.append(time.perf_counter())
+                blocker.acquire(timeout=0.001)
+
+        self._thread = threading.Thread(target=helper, daemon=True)
+        self._interval = sys.getswitchinterval()
+        sys.setswitchinterval(1000.0)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        sys.setswitchinterval(self._interval)
+        self._thread.join()
+        delattr(self.obj, self.method)
+
+
+def test_gil_probe_detects_a_call_holding_the_gil():
+    class Work:
+        def python(self, n):
+            return sum(i * i for i in range(n))
+
+        def sleep(self, s):
+            time.sleep(s)
+
+    work = Work()
+    with _GilProbe(work, "python") as probe:
+        work.python(200_000)
+    assert probe.ran_inside is False
+    with _GilProbe(work, "sleep") as probe:
+        work.sleep(0.01)
+    assert probe.ran_inside is True
+
+
+def test_bpe_batch_runs_without_the_gil(bpe):
+    """The Rust encoder of both routes lets other Python threads run (tf.data's parallel
+    numpy_function calls then tokenise concurrently), unlike a Python BPE. (The `regex` module
+    also releases the GIL, but only within each regex call.)"""
+    texts = [t.lower() for t in _random_texts(3000, seed=3)]
+    ascii_texts = [t for t in texts if t.isascii()]
+    other_texts = [t for t in texts if not t.isascii()]
+    assert len(ascii_texts) > 100 and len(other_texts) > 1000
+    v = bpe._vocab
+    with _GilProbe(v.ascii, "encode_batch_fast") as probe:
+        bpe(ascii_texts * 5)
+    assert probe.ran_inside is True
+    with _GilProbe(v.pieces, "encode_batch_fast") as probe:
+        bpe(other_texts)
+    assert probe.ran_inside is True
+
+
 # --------------------------------------------------------------------------------------------
 # SentencePiece
 # --------------------------------------------------------------------------------------------
@@ -362,16 +493,29 @@ def test_spm_batch_bytes_and_decode(sp):
         sp.decode([sp.vocab_size])
 
 
+def test_spm_batch_runs_without_the_gil(spm_path):
+    caps = _captions(3000, seed=10)
+    for num_threads in [1, 2]:
+        tok = tokenizers.SentencePieceTokenizer(spm_path, num_threads=num_threads)
+        with _GilProbe(tok._sp, "encode") as probe:
+            rows = tok(caps)
+        assert probe.ran_inside is True
+        np.testing.assert_array_equal(rows[:50], np.concatenate([tok(c) for c in caps[:50]]))
+    for bad in [0, -2, 1.5, True]:
+        with pytest.raises(ValueError, match="num_threads"):
+            tokenizers.SentencePieceTokenizer(spm_path, num_threads=bad)
+
+
 def test_spm_is_picklable_without_the_file(spm_path, tmp_path):
     copy = tmp_path / "copy.model"
     copy.write_bytes(open(spm_path, "rb").read())
-    tok = tokenizers.SentencePieceTokenizer(copy, context_length=8)
+    tok = tokenizers.SentencePieceTokenizer(copy, context_length=8, num_threads=2)
     blob = pickle.dumps(tok)
     copy.unlink()
     tok2 = pickle.loads(blob)
     caps = _captions(5, seed=6)
     np.testing.assert_array_equal(tok2(caps), tok(caps))
-    assert tok2.context_length == 8
+    assert tok2.context_length == 8 and tok2.num_threads == 2
 
 
 def test_train_from_file_and_bpe_type(tmp_path):
@@ -452,6 +596,7 @@ def test_get(spm_path, tmp_path):
 
     # A model with SentencePiece's default layout (unk=0, no pad) is refused with advice.
     import io
+
     import sentencepiece
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -461,6 +606,24 @@ def test_get(spm_path, tmp_path):
     default_layout.write_bytes(buf.getvalue())
     with pytest.raises(ValueError, match="pad id 0"):
         tokenizers.get(default_layout)
+
+
+def test_check_name_agrees_with_get(spm_path, tmp_path):
+    import pathlib
+    for name in ["clip-bpe", "openai", "OpenAI", " CLIP-BPE ", spm_path, pathlib.Path(spm_path)]:
+        assert tokenizers.check_name(name) is None
+        tokenizers.get(name)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"not a model")
+    bad = {"bert-base-uncased": "accepted", "": "accepted", "clip": "accepted",
+           str(tmp_path): "accepted", str(tmp_path / "missing.model"): "not found",
+           str(garbage): "garbage.model", 3: "str or path", None: "str or path"}
+    for name, message in bad.items():
+        with pytest.raises(ValueError, match=message) as err:
+            tokenizers.check_name(name)
+        assert "\n" not in str(err.value)
+        with pytest.raises((ValueError, TypeError, FileNotFoundError)):
+            tokenizers.get(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -196,6 +196,11 @@ def validate(config) -> None:
         if int(config[key]) < -1 or (key == "num_parallel_calls" and int(config[key]) == 0):
             raise ValueError(f"data.{key}={config[key]!r} must be -1 (AUTOTUNE) or positive")
     tok = config.tokenizer
-    if not isinstance(tok, str) or not (tok == "clip-bpe" or tok.endswith(".model")):
-        raise ValueError(f"data.tokenizer={tok!r} must be 'clip-bpe' or a SentencePiece "
+    if not isinstance(tok, str):
+        raise ValueError(f"data.tokenizer={tok!r} must be a tokenizer name or a SentencePiece "
                          "'.model' path")
+    from clip_jax import tokenizers  # the one owner of which names exist
+    try:
+        tokenizers.check_name(tok)
+    except ValueError as err:
+        raise ValueError(f"data.tokenizer={tok!r}: {err}") from None

@@ -4,6 +4,7 @@
     tok = clip_jax.tokenizers.get("captions.model")  # a SentencePiece model
     ids = tok(["a photo of a cat", b"utf-8 bytes work too"], context_length=77)
     # -> np.ndarray int32 [2, 77]: [sot] + ids + [eot], padded with 0, cut rows end with eot
+    clip_jax.tokenizers.check_name("openai")  # ValueError (one line) where get() would fail
 
 Every tokenizer has `__call__(texts, context_length)`, `encode(text)` (no special tokens),
 `decode(ids)`, `vocab_size`, `eot_id`, `sot_id` (None when no start token is used) and
@@ -27,7 +28,7 @@ from clip_jax.tokenizers.base import DEFAULT_CONTEXT_LENGTH, Tokenizer
 from clip_jax.tokenizers.bpe import ClipBPETokenizer
 from clip_jax.tokenizers.spm import SentencePieceTokenizer, train_sentencepiece
 
-__all__ = ["get", "Tokenizer", "ClipBPETokenizer", "SentencePieceTokenizer",
+__all__ = ["get", "check_name", "Tokenizer", "ClipBPETokenizer", "SentencePieceTokenizer",
            "train_sentencepiece", "DEFAULT_CONTEXT_LENGTH", "CLIP_BPE_NAMES"]
 
 #: Names accepted by `get` for the OpenAI CLIP BPE tokenizer (case-insensitive).
@@ -59,3 +60,16 @@ def get(name_or_path: Union[str, os.PathLike, Tokenizer],
         f"unknown tokenizer {spec!r}; accepted: {' or '.join(map(repr, CLIP_BPE_NAMES))} (OpenAI"
         " CLIP BPE), or a path to a SentencePiece '.model' file (train one with"
         " `python -m clip_jax.tokenizers train`)")
+
+
+def check_name(name: Union[str, os.PathLike]) -> None:
+    """Raises a one-line ValueError unless `get(name)` accepts `name`; returns None otherwise.
+
+    For validating configs early: the check is `get` itself (a SentencePiece model is loaded,
+    a few ms; the CLIP BPE vocabulary is not), so the two cannot disagree. A missing `.model`
+    file, which `get` reports as FileNotFoundError, is a ValueError here too.
+    """
+    try:
+        get(name)
+    except (TypeError, ValueError, FileNotFoundError) as e:
+        raise ValueError(" ".join(str(e).split())) from None
