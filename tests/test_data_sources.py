@@ -175,6 +175,8 @@ def test_config_defaults_and_validation():
     cfg = config_lib.get_default_config()
     assert cfg.source == "demo" and cfg.tokenizer == "clip-bpe"
     config_lib.validate(cfg)
+    cfg.tokenizer = "openai"  # every name clip_jax.tokenizers.get accepts
+    config_lib.validate(cfg)
     bad = [("source", "s3", "data.source"), ("aug_scale", (0.5, 1.2), "data.aug_scale"),
            ("resize_method", "cubic", "data.resize_method"), ("tokenizer", "bpe", "tokenizer"),
            ("shuffle_buffer", -1, "shuffle_buffer"), ("num_parallel_calls", 0, "num_parallel"),
