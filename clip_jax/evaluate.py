@@ -116,11 +116,6 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 600 else text[:597] + "..."
-
-
 def main(argv) -> None:
     from clip_jax.host_memory import tune_for_xla_cpu
     from clip_jax.metrics import quiet_library_logs
@@ -132,15 +127,17 @@ def main(argv) -> None:
         raise app.UsageError("--workdir is required (checkpoints are read from it and results "
                              "written to it)")
     from clip_jax.checkpoint import CheckpointError
+    from clip_jax.cli import one_line
     try:
         metrics, path = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value,
                                  _DTYPE.value)
     except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"clip_jax.evaluate: error: {_one_line(e)}")
+        sys.exit(f"clip_jax.evaluate: error: {one_line(e)}")
     print(format_table(metrics))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    from clip_jax.cli import flags_parser
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("clip_jax.evaluate"))
