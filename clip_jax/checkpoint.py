@@ -303,11 +303,11 @@ def load_model_variables(workdir: str, step: int | None = None,
         if sharding is None:
             sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)),
                                      PartitionSpec())
-        saved = checkpointer.saved_state_tree(step)
-        abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-            dict(saved))
         try:
+            saved = checkpointer.saved_state_tree(step)
+            abstract = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
+                dict(saved))
             state, meta = checkpointer.restore(step, abstract)
         except DamagedCheckpointError as e:
             others = [s for s in steps if s != step]
