@@ -100,20 +100,54 @@ def _jitted(out_sharding: jax.sharding.Sharding | None):
     return jax.jit(_device_checksum, out_shardings=out_sharding)
 
 
+# Elements per NumPy step: the ~4 temporaries of a chunk stay in the CPU's L2 cache. Measured
+# on the tiny model's train state (21.6M elements): 0.44 s in one go -> see README.
+_HOST_CHUNK = 1 << 16
+
+
 def _host_partial_checksum(data: np.ndarray, global_shape: tuple[int, ...],
                            index: tuple[slice, ...]) -> np.ndarray:
     """uint32 [2] partial sums of one shard `data` at position `index` of the global array."""
     words = _host_words(data)
     shape = tuple(global_shape) + words.shape[len(global_shape):]
     starts = [s.start or 0 for s in index] + [0] * (words.ndim - len(index))
-    linear = np.zeros(words.shape, np.uint32)
-    stride = 1
-    for axis in reversed(range(words.ndim)):
-        iota = np.arange(starts[axis], starts[axis] + words.shape[axis], dtype=np.uint64)
-        along = (iota * np.uint64(stride % 2**32) % 2**32).astype(np.uint32)
-        linear += along.reshape([-1 if a == axis else 1 for a in range(words.ndim)])
-        stride *= shape[axis]
-    return np.asarray(_partial_sums(words, linear), np.uint32)
+    flat = words.reshape(-1)
+    if words.ndim == 0 or words.shape[1:] == shape[1:]:
+        # A block of whole rows (replicated, unsharded or split along the first axis): the
+        # global index is an offset plus the local one.
+        base = np.uint32(starts[0] * int(np.prod(shape[1:], dtype=np.int64)) % 2**32
+                         if words.ndim else 0)
+        linear = None
+    else:
+        linear = np.zeros(words.shape, np.uint32)
+        stride = 1
+        for axis in reversed(range(words.ndim)):
+            iota = np.arange(starts[axis], starts[axis] + words.shape[axis], dtype=np.uint64)
+            along = (iota * np.uint64(stride % 2**32) % 2**32).astype(np.uint32)
+            linear += along.reshape([-1 if a == axis else 1 for a in range(words.ndim)])
+            stride *= shape[axis]
+        linear = linear.reshape(-1)
+    sums = []
+    for lo in range(0, flat.size, _HOST_CHUNK):
+        hi = min(lo + _HOST_CHUNK, flat.size)
+        if linear is None:
+            i = np.arange(lo, hi, dtype=np.uint32)
+            i += base
+        else:
+            i = linear[lo:hi].copy()
+        h = i * _GOLDEN
+        h ^= flat[lo:hi]
+        for shift, multiplier in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+            h ^= h >> np.uint32(shift)
+            h *= np.uint32(multiplier)
+        h ^= h >> np.uint32(16)
+        s1 = h.sum(dtype=np.uint32)
+        i *= np.uint32(2)
+        i += np.uint32(1)
+        h *= i
+        sums.append((s1, h.sum(dtype=np.uint32)))
+    # Array reductions wrap modulo 2^32 silently (scalar additions would warn).
+    return np.sum(np.asarray(sums, np.uint32).reshape(-1, 2), axis=0, dtype=np.uint32)
 
 
 def _on_cpu(x: Any) -> bool:
