@@ -84,7 +84,7 @@ class Checkpointer:
         checksums that `restore` verifies added to `meta`. Every process must call it."""
         meta = dict(meta, checksums=checksum.tree_checksums(state),
                     checksum_version=_CHECKSUM_VERSION)
-        meta["meta_checksum"] = _meta_checksum(meta)
+        meta["meta_checksum"] = meta_checksum(meta)
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
@@ -197,7 +197,7 @@ class Checkpointer:
         except Exception as e:  # orbax raises plain Exception for damaged files
             raise DamagedCheckpointError(self.directory, step,
                                          f"unreadable metadata ({root_cause(e)})") from e
-        if "meta_checksum" in meta and _meta_checksum(meta) != meta["meta_checksum"]:
+        if "meta_checksum" in meta and meta_checksum(meta) != meta["meta_checksum"]:
             raise DamagedCheckpointError(self.directory, step, "metadata checksum mismatch")
         return meta
 
@@ -224,7 +224,7 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"[:400]
 
 
-def _meta_checksum(meta: dict[str, Any]) -> str:
+def meta_checksum(meta: dict[str, Any]) -> str:
     """sha256 of the metadata without its own checksum (key order independent)."""
     body = {k: v for k, v in meta.items() if k != "meta_checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -236,7 +236,7 @@ def _verify(state: Any, meta: dict[str, Any]) -> str | None:
         logging.warning("checkpoint written without checksums (by an older clip_jax): restored "
                         "unverified")
         return None
-    if meta.get("meta_checksum") != _meta_checksum(meta):
+    if meta.get("meta_checksum") != meta_checksum(meta):
         return "metadata checksum mismatch"
     saved = meta["checksums"]
     actual = checksum.tree_checksums(state)
