@@ -144,11 +144,6 @@ def format_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 600 else text[:597] + "..."
-
-
 def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: str | None,
                         step: int | None = None, init_from: str | None = None,
                         dtype: str | None = None, paper_model: str | None = None
@@ -216,13 +211,14 @@ def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: st
 def _benchmarks_main() -> None:
     """`main` for `--benchmarks`: one-line errors, the table, the JSON path."""
     from clip_jax.checkpoint import CheckpointError
+    from clip_jax.cli import one_line
     from clip_jax.evaluation.benchmark_runner import format_benchmark_table
     try:
         record, path = evaluate_benchmarks(
             _CONFIG.value, _WORKDIR.value, _BENCHMARKS.value, _TFDS_DATA_DIR.value, _STEP.value,
             _INIT_FROM.value, _DTYPE.value, _PAPER_MODEL.value)
     except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"clip_jax.evaluate: error: {_one_line(e)}")
+        sys.exit(f"clip_jax.evaluate: error: {one_line(e)}")
     print(format_benchmark_table(record))
     print(f"wrote {path}")
 
@@ -241,15 +237,17 @@ def main(argv) -> None:
         _benchmarks_main()
         return
     from clip_jax.checkpoint import CheckpointError
+    from clip_jax.cli import one_line
     try:
         metrics, path = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value,
                                  _DTYPE.value)
     except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"clip_jax.evaluate: error: {_one_line(e)}")
+        sys.exit(f"clip_jax.evaluate: error: {one_line(e)}")
     print(format_table(metrics))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    from clip_jax.cli import flags_parser
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=flags_parser("clip_jax.evaluate"))

@@ -110,15 +110,9 @@ def restore(path: str, step: int | None = None, sharding=None) -> Restored:
         raise CheckpointError(f"{path} is neither a training workdir (no checkpoints/ in it) nor "
                               f"a converted checkpoint (model.json + variables/)")
     from clip_jax.checkpoint import load_model_variables
-    try:
-        step, variables, meta = load_model_variables(path, step, sharding=sharding)
-    except CheckpointError:
-        raise
-    except Exception as e:  # pylint: disable=broad-except
-        # orbax/tensorstore raise a bare `Exception` for unreadable array data (a damaged
-        # checkpoint); it is re-raised as CheckpointError, chained, with its root cause.
-        raise CheckpointError(f"cannot restore a checkpoint of {path} (damaged?): "
-                              f"{_root_cause(e)}") from e
+    # Damaged checkpoints (missing/unreadable files, failed checksums) raise
+    # DamagedCheckpointError, a CheckpointError, with a one-line message.
+    step, variables, meta = load_model_variables(path, step, sharding=sharding)
     try:
         config = models.CLIPConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -127,14 +121,6 @@ def restore(path: str, step: int | None = None, sharding=None) -> Restored:
     check_variables(models.create_model(config), variables, f"checkpoint step {step} of {path}")
     return Restored(config, variables, meta.get("tokenizer", "clip-bpe"),
                     meta.get("dtype", "float32"), step, "workdir")
-
-
-def _root_cause(error: BaseException) -> str:
-    """The first line of the innermost chained exception (orbax wraps the informative one)."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:400]
 
 
 class CLIPInference:

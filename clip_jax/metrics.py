@@ -6,22 +6,31 @@ import os
 import time
 from typing import Any, Mapping
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` (one JSON object per logged step) and to
-    TensorBoard event files under `workdir/tensorboard`. Only the primary process writes."""
+    TensorBoard event files under `workdir/tensorboard`. Only the primary process writes.
 
-    def __init__(self, workdir: str, enabled: bool = True, filename: str = "metrics.jsonl"):
+    `resume_step`: the step training (re)starts from. Rows of a previous attempt for later
+    steps are dropped first (those steps run again and are logged again), so the file keeps
+    one row per logged step across preemptions and restarts.
+    """
+
+    def __init__(self, workdir: str, enabled: bool = True, filename: str = "metrics.jsonl",
+                 resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, filename), "a", encoding="utf-8")
+        path = os.path.join(workdir, filename)
+        if resume_step is not None:
+            drop_rows_after(path, resume_step)
+        self._jsonl = open(path, "a", encoding="utf-8")
         import tensorflow as tf  # tf.summary writes the event files; already a dependency
         self._tf = tf
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
@@ -46,6 +55,38 @@ class MetricWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def drop_rows_after(path: str, step: int) -> int:
+    """Rewrites the JSONL file `path` without rows whose "step" is > `step` and without
+    unparsable lines (a row torn by a crash mid-write); atomic (temporary file + rename).
+    Returns how many lines were dropped; a missing file is left missing."""
+    if not os.path.exists(path):
+        return 0
+    kept, dropped, torn = [], 0, 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row_step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                torn += 1
+                continue
+            if isinstance(row_step, (int, float)) and row_step > step:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped or torn:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        logging.info("%s: dropped %d rows after step %d (they are logged again on resume)%s",
+                     path, dropped, step, f" and {torn} unreadable lines" if torn else "")
+    return dropped + torn
 
 
 def _to_python(value: Any) -> Any:

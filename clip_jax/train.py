@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 # TensorFlow (tf.data) is loud by default; keep its C++ logs to warnings and up.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -25,10 +25,11 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
+from clip_jax import cli
 from clip_jax import host_memory
 from clip_jax import metrics as metrics_lib
 from clip_jax import losses as losses_lib
-from clip_jax import models, optim, sharding, step as step_lib, tokenizers
+from clip_jax import models, optim, sharding, step as step_lib, tokenizers, workdir_lock
 from clip_jax.models import transformer
 from clip_jax import data as data_lib
 
@@ -116,7 +117,9 @@ def validate_config(config, mesh=None) -> None:
         data_lib.validate(config.data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
-    if mesh is not None:
+    if mesh is None:
+        _check_data_files(config.data)
+    else:
         shards = sharding.num_batch_shards(mesh)
         check(config.batch_size % shards == 0, "batch_size", config.batch_size,
               f"must be divisible by the {shards} data-parallel devices of mesh "
@@ -127,6 +130,56 @@ def validate_config(config, mesh=None) -> None:
               f"{shards} (each micro-batch is split over all devices)")
         check(config.batch_size % jax.process_count() == 0, "batch_size", config.batch_size,
               f"must be divisible by the {jax.process_count()} processes")
+
+
+def _check_data_files(data_config) -> None:
+    """Resolves the tar/tfrecord shard patterns now, before the workdir is created, so a
+    missing, unmatched or unreadable shard is a ConfigError naming it (the pipeline resolves
+    them again when it is built: for remote shard lists this doubles the listing cost)."""
+    from clip_jax.data import config as data_config_lib
+    from clip_jax.data import shards as shards_lib
+    for spec in data_config_lib.source_specs(data_config):
+        if spec.source not in ("tar", "tfrecord"):
+            continue
+        try:
+            files = shards_lib.resolve_files(spec.shards, what=f"{spec.source} shards")
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"config.data: {e}") from None
+        for path in files:
+            if "://" not in path and os.path.isdir(path):
+                raise ConfigError(f"config.data: {spec.source} shard {path!r} is a directory, "
+                                  f"not a shard file (use a pattern like {path}/*.tar)")
+
+
+def _prepare_workdir(workdir: str) -> None:
+    """Creates `workdir` (and parents); a path that cannot be a directory is a ConfigError."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"--workdir {workdir}: exists and is not a directory") from None
+    except NotADirectoryError:
+        parent = os.path.dirname(os.path.abspath(workdir))
+        while parent != os.path.dirname(parent) and not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        raise ConfigError(f"--workdir {workdir}: cannot create it, {parent} is a file, not a "
+                          f"directory") from None
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot create it: {e.strerror}") from None
+
+
+def _lock_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
+    """Process 0 locks the workdir; every process raises WorkdirLockedError if that failed."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        lock = workdir_lock.WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except workdir_lock.WorkdirLockedError as e:
+            lock, error = None, e
+    if _any_process(error is not None):
+        raise error or workdir_lock.WorkdirLockedError(
+            f"workdir {os.path.abspath(workdir)} is in use by another run (see process 0)")
+    return lock
 
 
 def _model_overrides(config) -> dict:
@@ -211,8 +264,6 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     """
     maybe_initialize_distributed(config)
     validate_config(config)
-    is_primary = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
 
     # Mesh: every device of every process; batch split over (data, fsdp).
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
@@ -234,6 +285,37 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     image_frozen = bool(config.freeze) and all(jax.tree.leaves(
         optim.frozen_mask(abstract_params, config.freeze)["image"]))
 
+    # Everything above only reads; from here on the workdir is written, by one run at a time.
+    _prepare_workdir(workdir)
+    lock = _lock_workdir(workdir)
+    try:
+        return _train_locked(config, workdir, _Setup(
+            mesh, model, model_config, init_variables, tokenizer, tokenizer_name, tx, schedule,
+            image_frozen, local_batch))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+class _Setup(NamedTuple):
+    """What `train` built before touching the workdir."""
+    mesh: Any
+    model: models.CLIP
+    model_config: models.CLIPConfig
+    init_variables: dict | None
+    tokenizer: Any
+    tokenizer_name: str
+    tx: Any
+    schedule: Any
+    image_frozen: bool
+    local_batch: int
+
+
+def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
+    """The part of `train` that writes to the workdir (called with the workdir lock held)."""
+    (mesh, model, model_config, init_variables, tokenizer, tokenizer_name, tx, schedule,
+     image_frozen, local_batch) = setup
+    is_primary = jax.process_index() == 0
     if is_primary:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -254,8 +336,14 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     data_position, samples_delivered = None, 0
     if checkpointer.latest_step() is not None:
-        state, meta = checkpointer.restore(
-            None, ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+        # Damaged checkpoints are skipped (a warning each) and moved to damaged_checkpoints/,
+        # so that this run can write their steps again.
+        state, meta, skipped = checkpointer.restore_latest_intact(
+            ckpt_lib.abstract_with_shardings(abstract_state, state_shardings))
+        for damaged in skipped:
+            moved = checkpointer.quarantine(damaged.step)
+            logging.warning("resuming from step %d instead of damaged step %d (moved to %s)",
+                            int(state.step), damaged.step, moved)
         positions = meta["data_position"]
         if len(positions) != jax.process_count():
             raise ckpt_lib.CheckpointError(
@@ -315,7 +403,7 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     jit_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=start_step)
     history: dict[str, Any] = {"step": start_step}
     compiled = None
     flops_per_step = None
@@ -494,7 +582,7 @@ def main(argv) -> None:
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, ckpt_lib.CheckpointError, FloatingPointError,
-            data_lib.NoUsableData) as e:
+            data_lib.NoUsableData, workdir_lock.WorkdirLockedError) as e:
         sys.exit(f"clip_jax.train: error: {e}")
     except jax.errors.JaxRuntimeError as e:
         if jax.process_count() == 1:
@@ -507,19 +595,6 @@ def main(argv) -> None:
         # Skip atexit: jax.distributed's shutdown barrier would wait for the dead peer and
         # then abort with a C++ stack trace, burying the message above.
         os._exit(1)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors for bad config overrides (unknown key, wrong
-    type) instead of a traceback."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"clip_jax.train: error: {e}\nTry --help.")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        message = (str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-                   .strip("'\""))
-        sys.exit(f"clip_jax.train: error: bad config override: {message}")
 
 
 def _main_exiting_hard_on_error(argv) -> None:
@@ -547,4 +622,4 @@ def _main_exiting_hard_on_error(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(_main_exiting_hard_on_error, flags_parser=_parse_flags)
+    app.run(_main_exiting_hard_on_error, flags_parser=cli.flags_parser("clip_jax.train"))

@@ -10,8 +10,15 @@ from clip_jax.data import config as data_config
 from clip_jax.evaluation import config as eval_config
 
 
+VARIANTS = ("tiny", "tiny_rn", "vit_b32", "vit_b16", "vit_l14", "rn50", "rn101", "lit_b32")
+
+
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     variant = variant or "tiny"
+    if variant not in VARIANTS:
+        # Checked first, so the message lists exactly the variants built below.
+        raise ValueError(f"unknown config variant {variant!r}; choose one of "
+                         f"{', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -105,7 +112,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.dtype = "bfloat16"
         c.checkpoint_every = 1000
         c.log_every = 50
-    elif variant == "lit_b32":
+    else:  # lit_b32
         # Locked-image tuning: a converted image tower, frozen; the text tower trains.
         c.model.name = "ViT-B-32"
         c.init_from = "converted/ViT-B-32"
@@ -114,7 +121,4 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.total_steps = 20_000
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 1000
-    else:
-        raise ValueError(f"unknown config variant {variant!r}; choose one of tiny, tiny_rn, "
-                         f"vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32")
     return c

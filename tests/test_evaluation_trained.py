@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import evaluation, inference, models, tokenizers
+from clip_jax import checkpoint, evaluation, inference, models, tokenizers
 from clip_jax import sharding as sharding_lib
 from clip_jax.evaluate import EvalError, evaluate
 
@@ -150,12 +150,19 @@ def test_damaged_and_mismatched_checkpoints(workdir, tmp_path):
     for f in (damaged / "checkpoints" / str(STEPS) / "state").rglob("*"):
         if f.is_file() and f.parent.name == "d":     # truncate every array data file
             f.write_bytes(f.read_bytes()[:100])
-    with pytest.raises(EvalError, match=r"cannot restore a checkpoint of .* \(damaged\?\)"):
+    with pytest.raises(EvalError, match=rf"^damaged checkpoint: step {STEPS} in .*: unreadable "
+                       r"\(\w+: [^\n]*\)$"):
         evaluate(None, str(damaged))
     mismatched = tmp_path / "mismatched"
     shutil.copytree(workdir, mismatched, ignore=shutil.ignore_patterns("eval_*.json"))
     meta = mismatched / "checkpoints" / str(STEPS) / "meta" / "metadata"
-    meta.write_text(meta.read_text().replace('"embed_dim": 128', '"embed_dim": 64'))
+    edited = json.loads(meta.read_text().replace('"embed_dim": 128', '"embed_dim": 64'))
+    meta.write_text(json.dumps(edited))
+    # An edited metadata file fails its checksum ...
+    with pytest.raises(EvalError, match=r"damaged checkpoint: .*: metadata checksum mismatch"):
+        evaluate(None, str(mismatched))
+    # ... and one whose checksum matches but whose arrays do not fit its model config is named.
+    meta.write_text(json.dumps(dict(edited, meta_checksum=checkpoint.meta_checksum(edited))))
     with pytest.raises(EvalError, match=r"does not match its model config: 2 shape mismatch"):
         evaluate(None, str(mismatched))
     assert not list(damaged.glob("eval_*.json")) and not list(mismatched.glob("eval_*.json"))
