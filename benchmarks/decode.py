@@ -1,13 +1,17 @@
-"""Decode + crop + resize throughput: two-step (full decode, then crop/resize) vs one-step
-(`decode_random_resized_crop` / `decode_resize_center_crop`, which decode only the window used).
+"""Decode + crop + resize throughput at 224 px, three ways, in the same process:
 
-For each source size, a pool of synthetic photo-like JPEGs (`input_pipeline.synthetic_photo`)
-is mapped in a plain tf.data pipeline with a fixed `num_parallel_calls` and a private thread
-pool of the same size (one intra-op thread per call). Two per-core rates: samples per CPU
-second of the process (`cpu_*`, robust to other load on a shared machine) and samples per wall
-second / num_parallel_calls (`wall_*`, right on an idle machine). Old and new alternate within
-each round, in the same process; medians over rounds, the ratio of medians and the spread
-(min, max) of the per-round ratios. One JSON line per (source size, transform):
+  main:     full decode, crop, `tf.image.resize` (the code before this change)
+  two_step: full decode, crop, `transforms._resize_uint8` (same pixels, faster resize)
+  one_step: `decode_random_resized_crop` / `decode_resize_center_crop` (decode only the JPEG
+            window used, DCT-scaled when >= 2x the output)
+
+For each source size, a pool of synthetic photo-like JPEGs (`input_pipeline.synthetic_photo`,
+quality 90) is mapped in a plain tf.data pipeline with a fixed `num_parallel_calls` and a
+private thread pool of the same size (one intra-op thread per call). Two per-core rates:
+samples per CPU second of the process (`cpu`, robust to other load on a shared machine) and
+samples per wall second / num_parallel_calls (`wall`, right on an idle machine). The variants
+alternate within each round (order rotated); medians over rounds, and per-round ratios to
+`main` with their spread (min, max). One JSON line per (source size, transform):
 
     python benchmarks/decode.py [--sizes 16x16,256x256,480x360,1024x768 --rounds 5 \
         --samples 400 --parallel 1 --image-size 224 --resize-method bicubic]
@@ -31,21 +35,45 @@ from input_pipeline import synthetic_photo  # noqa: E402
 
 from clip_jax.data import transforms  # noqa: E402
 
+VARIANTS = ("main", "two_step", "one_step")
 
-def _variants(size: int, method: str):
-    """name -> fn(encoded, index) -> uint8 [size, size, 3]; (old, new) pairs by prefix."""
+
+def _main_resize(image, height, width, method):
+    """The resize before this change: tf.image.resize, rounded to uint8."""
+    resized = tf.image.resize(image, tf.stack([height, width]), method=method, antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def _functions(kind: str, size: int, method: str):
+    """variant -> fn(encoded, index) -> uint8 [size, size, 3]."""
     def key(index):
         return tf.stack([tf.constant(17, tf.int64), index])
 
-    return {
-        "train_old": lambda e, i: transforms.random_resized_crop(
-            transforms.decode_image(e), key(i), size, method=method),
-        "train_new": lambda e, i: transforms.decode_random_resized_crop(
-            e, key(i), size, method=method),
-        "eval_old": lambda e, i: transforms.resize_center_crop(
-            transforms.decode_image(e), size, method=method),
-        "eval_new": lambda e, i: transforms.decode_resize_center_crop(e, size, method=method),
-    }
+    if kind == "train":
+        def main(e, i):
+            image = transforms.decode_image(e)
+            begin, crop_size = transforms._sample_crop(tf.shape(image), key(i), (0.9, 1.0),
+                                                       (3 / 4, 4 / 3))
+            return _main_resize(tf.slice(image, begin, crop_size), size, size, method)
+
+        return {"main": main,
+                "two_step": lambda e, i: transforms.random_resized_crop(
+                    transforms.decode_image(e), key(i), size, method=method),
+                "one_step": lambda e, i: transforms.decode_random_resized_crop(
+                    e, key(i), size, method=method)}
+
+    def main_eval(e, i):
+        image = transforms.decode_image(e)
+        shape = tf.shape(image)
+        new_h, new_w, top, left = transforms._center_crop_geometry(shape[0], shape[1], size)
+        resized = _main_resize(image, new_h, new_w, method)
+        return tf.slice(resized, tf.stack([top, left, 0]), [size, size, 3])
+
+    return {"main": main_eval,
+            "two_step": lambda e, i: transforms.resize_center_crop(
+                transforms.decode_image(e), size, method=method),
+            "one_step": lambda e, i: transforms.decode_resize_center_crop(e, size,
+                                                                          method=method)}
 
 
 def _dataset(pool: list[bytes], fn, samples: int, parallel: int) -> tf.data.Dataset:
@@ -80,36 +108,40 @@ def main() -> None:
     parser.add_argument("--only", default="train,eval", help="transforms to run")
     args = parser.parse_args()
 
-    variants = _variants(args.image_size, args.resize_method)
     rng = np.random.default_rng(0)
     for spec in args.sizes.split(","):
         width, height = (int(v) for v in spec.split("x"))
         pool = [synthetic_photo(rng, width, height) for _ in range(args.pool)]
         for kind in args.only.split(","):
-            names = (f"{kind}_old", f"{kind}_new")
-            datasets = {n: _dataset(pool, variants[n], args.samples, args.parallel)
-                        for n in names}
-            for n in names:  # warm-up: traces the functions, fills caches
-                _rate(datasets[n].take(max(args.samples // 8, 1)), max(args.samples // 8, 1))
-            wall: dict[str, list[float]] = {n: [] for n in names}
-            cpu: dict[str, list[float]] = {n: [] for n in names}
+            fns = _functions(kind, args.image_size, args.resize_method)
+            datasets = {n: _dataset(pool, fns[n], args.samples, args.parallel)
+                        for n in VARIANTS}
+            warm = max(args.samples // 8, 1)
+            for n in VARIANTS:  # warm-up: traces the functions, fills caches
+                _rate(datasets[n].take(warm), warm)
+            wall: dict[str, list[float]] = {n: [] for n in VARIANTS}
+            cpu: dict[str, list[float]] = {n: [] for n in VARIANTS}
             for r in range(args.rounds):
-                for n in (names if r % 2 == 0 else names[::-1]):
+                for n in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
                     w, c = _rate(datasets[n], args.samples)
                     wall[n].append(w)
                     cpu[n].append(c)
             line = {"source": f"{width}x{height}", "transform": kind,
                     "image_size": args.image_size, "method": args.resize_method,
-                    "parallel": args.parallel,
+                    "parallel": args.parallel, "rounds": args.rounds,
                     "mean_jpeg_kb": round(sum(map(len, pool)) / len(pool) / 1024, 1)}
             for label, rates, per in (("cpu", cpu, 1), ("wall", wall, args.parallel)):
-                old, new = (statistics.median(rates[n]) for n in names)
-                ratios = [b / a for a, b in zip(rates[names[0]], rates[names[1]])]
-                line.update({
-                    f"{label}_old_per_core": round(old / per, 1),
-                    f"{label}_new_per_core": round(new / per, 1),
-                    f"{label}_ratio_of_medians": round(new / old, 2),
-                    f"{label}_ratio_spread": [round(min(ratios), 2), round(max(ratios), 2)]})
+                line[f"{label}_per_core"] = {
+                    n: round(statistics.median(rates[n]) / per, 1) for n in VARIANTS}
+                for n in VARIANTS[1:]:
+                    ratios = [b / a for a, b in zip(rates["main"], rates[n])]
+                    line[f"{label}_{n}_vs_main"] = [round(statistics.median(ratios), 2),
+                                                    round(min(ratios), 2),
+                                                    round(max(ratios), 2)]
+                ratios = [b / a for a, b in zip(rates["two_step"], rates["one_step"])]
+                line[f"{label}_one_vs_two_step"] = [round(statistics.median(ratios), 2),
+                                                    round(min(ratios), 2),
+                                                    round(max(ratios), 2)]
             print(json.dumps(line), flush=True)
 
 

@@ -188,15 +188,16 @@ def resize_center_crop(image, size: int, *, method: str = "bicubic"):
 #   average than libjpeg's accurate IDCT (and PIL); the scaled IDCTs are accurate. Most of the
 #   difference between DCT-scaled and two-step outputs is that bias, not detail.
 #
-# Control flow, measured in a tf.data map at 256 px (CPU time per element): any functional
-# tf.cond / tf.switch_case costs ~0.1-0.3 ms, more when ops run outside its branches (the
-# function holding an If runs slower per op); under `pipeline.guarded_map`, which builds a
-# dataset per element, ~0.4 ms; and ~0.1 s per new iterator (branch functions are
-# instantiated again). A branch-free variant (every decoder runs, unused ones on 1x1
-# stand-ins, the used crop picked by slicing a concatenation) cost as much. So: the header
-# read and the crop choice, then one tf.cond whose common branch (JPEG at full scale) holds
-# all its ops; DCT scaling and other formats, whose decodes cost milliseconds anyway, sit in
-# a switch inside the other branch.
+# Control flow (CPU time per element in a tf.data map, 256 px JPEGs -> 224): a functional
+# tf.cond / tf.switch_case is not free: wrapping the two-step path in a tf.cond alone cost 12%
+# (~0.2 ms); under `pipeline.guarded_map`, which builds a dataset per element, more; and
+# ~0.1 s per new iterator (branch functions are instantiated again). A branch-free variant
+# (every decoder runs, unused ones on 1x1 stand-ins, the used crop picked out of a
+# concatenation) cost as much. So: header read and crop choice, then one tf.cond whose common
+# branch (JPEG at full scale) holds all its ops; DCT scaling and other formats, whose decodes
+# cost milliseconds anyway, sit in a switch inside the other branch. Net (benchmarks/decode.py,
+# train): 0.83x the two-step path's rate for 256 px sources, 0.87x for 480x360 (nothing to
+# gain below 2x: the crop covers ~95% of the image), 1.47x for 1024x768.
 
 _JPEG_MAGIC = b"\xff\xd8\xff"  # what tf.io.decode_image itself checks to pick its JPEG decoder
 # A 1x1 grey JPEG (PIL, quality 1, optimize=True): `extract_jpeg_shape` reads it instead of
@@ -274,6 +275,8 @@ def decode_random_resized_crop(encoded, key, size: int, *,
     the window (mean difference to the two-step path ~1 grey level, see the tests; with
     method "area" or "nearest" there is no DCT scaling). Other formats: the two-step path.
     Undecodable or truncated bytes raise InvalidArgumentError, like `decode_image`.
+    Pays off for sources >= 2x `size`; below that it costs ~0.2-0.4 ms more per element than
+    the two-step path (control flow, see above).
     """
     import tensorflow as tf
 
@@ -326,7 +329,9 @@ def decode_resize_center_crop(encoded, size: int, *, method: str = "bicubic"):
     8) and resizes that window with the geometry of the full resize. Without DCT scaling the
     result equals the two-step path up to float rounding in the resize weights (measured: one
     value in ~50k one grey level off); with it, ~1 grey level on average (see the tests).
-    Other formats and methods: the two-step path. Errors as `decode_image`.
+    Other formats and methods: the two-step path. Errors as `decode_image`. Pays off for
+    sources whose shorter side is >= 2x `size` or much longer than it (measured: 0.8x the
+    two-step rate at 256x256, 1.0x at 480x360, 1.46x at 1024x768).
     """
     import tensorflow as tf
 
