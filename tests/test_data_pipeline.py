@@ -161,3 +161,17 @@ def test_eval_every_sample_once(tmp_path):
         list(build_eval_dataset({"source": "tar", "shards": pattern}, image_size=SIZE,
                                 tokenizer=TOK, context_length=CTX, batch_size=8,
                                 num_batches=2).as_numpy_iterator())
+
+
+def test_windowed_decode_gives_the_same_batches_below_2x(tmp_path):
+    # 20-32 px JPEGs cropped to 16 px are < 2x the target: "window" decodes only the crop, with
+    # pixels identical to decoding the whole image; "auto" picks "full" for them.
+    from clip_jax.data import pipeline
+    pattern, _ = write_dataset(tmp_path, n=40, shard_size=20, fmt="tar")
+    full = take(_train(data_config(source="tar", shards=pattern, decode="full")), 3)
+    window = take(_train(data_config(source="tar", shards=pattern, decode="window")), 3)
+    _assert_same(full, window)
+    spec = pipeline.config_lib.source_specs(data_config(source="tar", shards=pattern))[0]
+    files = pipeline._shard_files(spec)
+    assert not pipeline.use_windowed_decode({"decode": "auto"}, spec, files, SIZE)
+    assert pipeline.use_windowed_decode({"decode": "auto"}, spec, files, 8)

@@ -16,6 +16,7 @@ SOURCES = ("demo", "tfds", "tar", "tfrecord", "image_folder", "synthetic")
 SOURCE_KEYS = ("source", "split", "shards", "tfds_name", "tfds_data_dir", "image_key",
                "text_key", "label_key", "label_template", "caption_field", "image_folder")
 _RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
+DECODE_MODES = ("auto", "window", "full")
 
 
 def get_default_config() -> ml_collections.ConfigDict:
@@ -68,6 +69,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     # tf.image.resize method for train and eval transforms (antialiased). "bicubic" matches
     # OpenAI CLIP preprocessing; "bilinear" is ~1.3x faster on CPU.
     c.resize_method = "bicubic"
+    # Image decoding: "window" decodes only the pixels the crop uses (libjpeg crop + DCT-domain
+    # downscaling when the source is >= 2x the target: 1.5x faster from 1024x768 JPEGs, but
+    # its control flow costs ~15% on sources < 2x the target), "full" decodes whole images,
+    # "auto" picks by the shorter side of a few images of the first shard (window if >= 2x).
+    c.decode = "auto"
     # Parallel decode/augment calls; -1 = tf.data.AUTOTUNE (output order stays deterministic).
     c.num_parallel_calls = -1
     # Host-side batches prefetched by tf.data (-1 = AUTOTUNE).
@@ -184,6 +190,8 @@ def validate(config) -> None:
         raise ValueError("data.sources: 'image_folder' is an eval-only source and cannot be mixed")
     _check_range("aug_scale", config.aug_scale, 0.0, 1.0)
     _check_range("aug_ratio", config.aug_ratio, 0.0, float("inf"))
+    if _get(config, "decode", "auto") not in DECODE_MODES:
+        raise ValueError(f"data.decode={config.decode!r}; choose one of {DECODE_MODES}")
     if config.resize_method not in _RESIZE_METHODS:
         raise ValueError(f"data.resize_method={config.resize_method!r}; choose one of "
                          f"{_RESIZE_METHODS}")

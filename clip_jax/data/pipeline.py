@@ -118,6 +118,41 @@ def _tokenize_batch(texts: tf.Tensor, tokenizer, context_length: int,
     return tokens
 
 
+def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
+    """Shorter sides of up to `n` JPEGs at the start of the first shard (others are skipped)."""
+    if spec.source == "tfrecord":
+        images = [sources.parse_tfrecord(r)["image"].numpy()
+                  for r in tf.data.TFRecordDataset(files[0]).take(n)]
+    else:
+        from clip_jax.data import tar_shards
+        images = []
+        for _, members in tar_shards.iter_samples(files[0]):
+            images.extend(members[e] for e in tar_shards.IMAGE_EXTENSIONS if e in members)
+            if len(images) >= n:
+                break
+    sides = []
+    for image in images[:n]:
+        if image[:2] == b"\xff\xd8":
+            h, w, _ = tf.image.extract_jpeg_shape(image).numpy()
+            sides.append(int(min(h, w)))
+    return sides
+
+
+def use_windowed_decode(data_config, spec, files: list[str] | None, image_size: int) -> bool:
+    """`data.decode`: "window"/"full", or for "auto" whether the source's JPEGs are >= 2x the
+    target (peeked from the first shard; demo, TFDS and folders decode in full)."""
+    mode = str(data_config.get("decode", "auto")) if hasattr(data_config, "get") else "auto"
+    if mode != "auto":
+        return mode == "window"
+    if spec.source not in ("tar", "tfrecord") or not files:
+        return False
+    sides = _peek_short_sides(spec, files)
+    window = bool(sides) and float(np.median(sides)) >= 2 * image_size
+    logging.info("data.decode=auto: median shorter side %s px of %d peeked JPEGs -> %s decoding",
+                 np.median(sides) if sides else "n/a", len(sides), "window" if window else "full")
+    return window
+
+
 def _shard_files(spec: config_lib.SourceSpec) -> list[str]:
     if spec.source == "demo":
         return shards_lib.demo_shards(spec.split)
@@ -141,7 +176,7 @@ def _shard_reader(spec, counter: shard_counts.ShardCounter, watch: InputWatch | 
 
 
 def _train_raw_source(spec, *, seed, process_index, process_count, key, start, block,
-                      cycle_length, resample, num_parallel_calls, index_dir, watch):
+                      cycle_length, resample, num_parallel_calls, index_dir, watch, files):
     """Raw records of one source for this process, from raw record `block_start(start)` on."""
     if spec.source == "tfds":
         raw = sources.tfds_records(
@@ -154,7 +189,7 @@ def _train_raw_source(spec, *, seed, process_index, process_count, key, start, b
         return raw.skip(ordering.block_start(start, block))
     if spec.source == "image_folder":
         raise ValueError("source 'image_folder' is for evaluation only (it has no captions)")
-    files = shards_lib.split_for_process(_shard_files(spec), process_index, process_count)
+    files = shards_lib.split_for_process(files, process_index, process_count)
     fmt = "tfrecord" if spec.source == "tfrecord" else "tar"
     counter = shard_counts.ShardCounter(fmt, index_dir)
     plan = ordering.ShardPlan(len(files), seed=[seed, process_index, key, _SALT_SHARDS],
@@ -207,6 +242,8 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
         # to a block per source ahead, the decode stage's buffers, the batch being filled and
         # the batches prefetched by tf.data and onto the devices.
         watch.slack = 2 * max(block, 1) * len(specs) + 8 * local_batch_size + 4096
+    shard_lists = [_shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None
+                   for spec in specs]
     streams = []
     for j, spec in enumerate(specs):
         key = ordering.seed_key(seed, process_index, j)
@@ -215,7 +252,7 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
             spec, seed=seed, process_index=process_index, process_count=process_count, key=j,
             start=source_start, block=block, cycle_length=int(data_config.shard_cycle_length),
             resample=bool(data_config.resample), num_parallel_calls=npc,
-            index_dir=index_dir, watch=watch)
+            index_dir=index_dir, watch=watch, files=shard_lists[j])
         on_block = watch.counters[j].assign if watch is not None else None
         streams.append(ordering.block_shuffle(
             raw, block=block, key=ordering.fold_in(key, _SALT_BLOCKS), start=source_start,
@@ -226,17 +263,26 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
     method = data_config.resize_method
 
+    if len(specs) == 1:
+        window = use_windowed_decode(data_config, specs[0], shard_lists[0], image_size)
+    else:  # "auto" keeps full decoding for mixtures
+        window = str(data_config.get("decode", "auto")) == "window"
+
     def transform(rec):
         # Records without an image or caption are dropped here, with undecodable images, by
         # failing the map (one stage fewer than a filter); they still count in `position`.
         usable = tf.logical_and(tf.strings.length(rec["image"]) > 0,
                                 tf.strings.length(rec["text"]) > 0)
         position, index = ordering.position_and_index(rec)
+        crop_key = ordering.fold_in(aug_key, index)
         with tf.control_dependencies([tf.debugging.Assert(usable, ["no image or caption"])]):
-            image = transforms.decode_image(rec["image"])
-        image = transforms.random_resized_crop(
-            image, ordering.fold_in(aug_key, index), image_size, scale=scale,
-            ratio=ratio, method=method)
+            if window:  # same crop windows as the two-step path, decoding only them
+                image = transforms.decode_random_resized_crop(
+                    rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method)
+            else:
+                image = transforms.random_resized_crop(
+                    transforms.decode_image(rec["image"]), crop_key, image_size, scale=scale,
+                    ratio=ratio, method=method)
         return {"image": image, "text": rec["text"], "position": position}
 
     ds = decode_dropping_errors(mixed, transform, npc)
@@ -290,7 +336,7 @@ def _eval_raw_source(spec, *, process_index, process_count, cycle_length, num_pa
 def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_length: int,
                        batch_size: int, process_index: int = 0, process_count: int = 1,
                        num_batches: int | None = None, resize_method: str | None = None,
-                       num_parallel_calls: int = -1) -> tf.data.Dataset:
+                       num_parallel_calls: int = -1, decode: str = "auto") -> tf.data.Dataset:
     """Every sample of one source exactly once (across processes), in a fixed order.
 
     `spec_or_config` is a data config (single source), a per-source dict, or a `SourceSpec`.
@@ -306,7 +352,8 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
     `num_batches`: if given, the stream is padded with all-False-mask batches to exactly that
     many batches (equal step counts on every process) and raises if there is more data.
     Resize: `resize_method` (default the config's, else bicubic), shorter side to image_size,
-    then center crop.
+    then center crop; `decode` as `data.decode` ("auto": decode only the used window when the
+    source's JPEGs are >= 2x image_size).
     """
     if isinstance(spec_or_config, config_lib.SourceSpec):
         spec = spec_or_config
@@ -315,6 +362,8 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
         if resize_method is None and not isinstance(spec_or_config, dict):
             resize_method = getattr(spec_or_config, "resize_method", None)
     config_lib.validate_source(spec)
+    if decode not in config_lib.DECODE_MODES:
+        raise ValueError(f"decode={decode!r}; choose one of {config_lib.DECODE_MODES}")
     method = resize_method or "bicubic"
     if method not in transforms.RESIZE_METHODS:
         raise ValueError(f"resize_method={method!r}; choose one of {transforms.RESIZE_METHODS}")
@@ -324,10 +373,16 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
         tf.strings.length(r["image"]) > 0,
         tf.logical_or(tf.strings.length(r["text"]) > 0, r["label"] >= 0)))
     with_text = spec.source != "image_folder" and tokenizer is not None
+    window = use_windowed_decode(
+        {"decode": decode}, spec,
+        _shard_files(spec) if spec.source in ("tar", "tfrecord") else None, image_size)
 
     def transform(rec):
-        image = transforms.resize_center_crop(transforms.decode_image(rec["image"]), image_size,
-                                              method=method)
+        if window:
+            image = transforms.decode_resize_center_crop(rec["image"], image_size, method=method)
+        else:
+            image = transforms.resize_center_crop(transforms.decode_image(rec["image"]),
+                                                  image_size, method=method)
         return {"image": image, "label": tf.cast(rec["label"], tf.int32),
                 "caption": rec["text"], "key": rec["key"]}
 
