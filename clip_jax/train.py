@@ -414,6 +414,7 @@ def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
     skipped_logged = data_lib.num_skipped(data_position, samples_delivered) \
         if data_position is not None else 0
     step = start_step
+    position = data_position  # the last consumed batch's; set by every batch below
     try:
         while step < config.total_steps:
             t0 = time.perf_counter()
