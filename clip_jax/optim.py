@@ -7,8 +7,18 @@ from typing import Any, Callable
 import jax
 import optax
 
-# Parameters that get no weight decay: gains and biases (1-D), embeddings, the temperature.
-_NO_DECAY = re.compile(r"(embedding|logit_scale|logit_bias)")
+# Weight decay by parameter role, read from the leaf name (the last path component), so a
+# stacked `resblocks` tree (scan_layers=True: LayerNorm gains [L, W], biases [L, W]) decays
+# exactly what the unrolled tree decays. A rank test (`ndim >= 2`) cannot tell a stacked gain
+# from a matrix. Decayed: weight matrices and conv kernels (nn.Dense/nn.Conv/QKV `kernel`, the
+# towers' output projections `proj` and `text_projection`). Not decayed: LayerNorm/BatchNorm
+# gains (`scale`) and all biases (CLIP paper: "all weights that are not gains or biases"), the
+# token, positional and class embeddings (as big_vision, which decays only `.../kernel`; open_clip
+# decays token and positional embeddings because they are 2-D), and the temperature/bias of the
+# loss (`logit_scale`, `logit_bias`).
+DECAYED_NAMES = frozenset({"kernel", "proj", "text_projection"})
+NOT_DECAYED_NAMES = frozenset({"scale", "bias", "embedding", "positional_embedding",
+                               "class_embedding", "logit_scale", "logit_bias"})
 
 
 def path_str(path: tuple) -> str:
@@ -16,10 +26,24 @@ def path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
+def is_decayed(path: str) -> bool:
+    """Whether the parameter at `path` ('text/ln_final/scale') gets weight decay, by the role
+    its leaf name states (see DECAYED_NAMES / NOT_DECAYED_NAMES). Raises ValueError for a
+    name with no known role, so a new kind of parameter cannot be decayed by accident."""
+    name = path.rsplit("/", 1)[-1]
+    if name in DECAYED_NAMES:
+        return True
+    if name in NOT_DECAYED_NAMES:
+        return False
+    raise ValueError(f"parameter {path!r}: no weight-decay role for the name {name!r}; add it "
+                     f"to clip_jax.optim.DECAYED_NAMES or NOT_DECAYED_NAMES")
+
+
 def weight_decay_mask(params: Any) -> Any:
-    """True for parameters that are decayed: matrices and conv kernels, not embeddings."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and not _NO_DECAY.search(path_str(path)), params)
+    """True for parameters that are decayed (kernels and projections), False for gains,
+    biases, embeddings and the loss's temperature/bias; the same for scanned (stacked) and
+    unrolled parameter trees."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: is_decayed(path_str(path)), params)
 
 
 def frozen_mask(params: Any, freeze: str) -> Any:
