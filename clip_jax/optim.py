@@ -73,22 +73,53 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
         end_value=lr * float(optim_config.end_lr_factor))
 
 
+def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
+    """Multiplies updates by `-schedule(step)`, `step` given to `update(..., step=...)`.
+
+    optax's own schedules count the updates they have seen; a step skipped for a non-finite
+    gradient (step.py leaves the optimizer state unchanged) would stop that count while the
+    train step counter goes on, so the learning rate applied, the learning rate logged and the
+    schedule's end would drift apart. Reading the train step counter keeps one clock.
+    """
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, step=None, **extra_args):
+        del params, extra_args
+        if step is None:
+            raise TypeError("this optimizer needs the train step: tx.update(grads, opt_state, "
+                            "params, step=state.step)")
+        lr = schedule(step)
+        return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def create_optimizer(optim_config, total_steps: int, params: Any,
                      freeze: str = "") -> tuple[optax.GradientTransformation, Callable]:
     """AdamW (b1, b2, eps, decoupled weight decay on `weight_decay_mask`), optional global-norm
     clipping, frozen parameters (regex over paths) receiving zero updates and no optimizer state.
 
-    `params` may be abstract (ShapeDtypeStructs): only the tree structure and ranks are read.
+    The learning rate follows the train step counter, passed at every update:
+    `tx.update(grads, opt_state, params, step=state.step)`. A step skipped for a non-finite
+    gradient uses up its place in the schedule (as open_clip's per-iteration scheduler does), so
+    the schedule ends at `total_steps` and the logged `schedule(step)` is the rate applied;
+    Adam's bias correction counts the updates actually applied.
+
+    `params` may be abstract (ShapeDtypeStructs): only the tree structure and names are read.
     Returns the transformation and the schedule (for logging the learning rate).
     """
     schedule = learning_rate_schedule(optim_config, total_steps)
     chain = []
     if float(optim_config.grad_clip_norm) > 0:
         chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)))
-    chain.append(optax.adamw(schedule, b1=float(optim_config.b1), b2=float(optim_config.b2),
-                             eps=float(optim_config.eps),
-                             weight_decay=float(optim_config.weight_decay),
-                             mask=weight_decay_mask(params)))
+    # optax.adamw's own chain, with the schedule read at the train step instead of its count.
+    chain += [optax.scale_by_adam(b1=float(optim_config.b1), b2=float(optim_config.b2),
+                                  eps=float(optim_config.eps)),
+              optax.add_decayed_weights(float(optim_config.weight_decay),
+                                        mask=weight_decay_mask(params)),
+              scale_by_schedule_at_step(schedule)]
     tx = optax.chain(*chain)
     frozen = frozen_mask(params, freeze)
     if any(jax.tree.leaves(frozen)):

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from clip_jax import models, optim
@@ -79,25 +80,35 @@ def _batch(config: models.CLIPConfig, size: int = 8) -> dict:
     return {"image": jnp.asarray(image), "text": jnp.asarray(text)}
 
 
-def test_scanned_and_unrolled_runs_end_with_the_same_parameters():
-    """From the same weights, several AdamW steps with weight decay (lr 0.01, wd 0.2) give the
-    same parameters whether the Transformer blocks are scanned or unrolled. Under the old rank
-    rule every stacked LayerNorm gain of the scanned run drifted by ~-0.006."""
+@pytest.fixture(scope="module")
+def small_clip() -> tuple[models.CLIPConfig, dict]:
+    """A ~0.1M-parameter ViT CLIP (16 px, width 32, 2 layers per tower) and its weights."""
     config = models.get_model_config(
         "tiny-vit", embed_dim=16, vision={"width": 32, "image_size": 16},
         text={"width": 32, "vocab_size": 1000, "context_length": 12})
+    # Every setup step is jitted: run eagerly, each small op compiles on its own (200 compiles,
+    # most of a test's time).
+    return config, jax.jit(models.CLIP(config).init_variables)(jax.random.key(0))["params"]
+
+
+def _state(tx, params) -> step_lib.TrainState:
+    return step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats={},
+                               opt_state=jax.jit(tx.init)(params), rng=jnp.zeros(2, jnp.uint32))
+
+
+def test_scanned_and_unrolled_runs_end_with_the_same_parameters(small_clip):
+    """From the same weights, several AdamW steps with weight decay (lr 0.01, wd 0.2) give the
+    same parameters whether the Transformer blocks are scanned or unrolled. Under the old rank
+    rule every stacked LayerNorm gain of the scanned run drifted (by 0.009 here)."""
+    config, weights = small_clip
     batch = _batch(config)
-    # Every setup step jitted: run eagerly, each small op compiles on its own (200 compiles).
-    weights = jax.jit(models.CLIP(config).init_variables)(jax.random.key(0))["params"]
     final = {}
     for scan in (False, True):
         model = models.CLIP(config, scan_layers=scan)
         params = jax.jit(transformer.stack_layers)(weights) if scan else weights
         tx, schedule = optim.create_optimizer(
             optim_config(lr=0.01, warmup_steps=0, weight_decay=0.2), 10, params)
-        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    batch_stats={}, opt_state=jax.jit(tx.init)(params),
-                                    rng=jnp.zeros(2, jnp.uint32))
+        state = _state(tx, params)
         train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, mesh=None))
         for _ in range(5):
             state, _ = train_step(state, batch)
@@ -120,3 +131,52 @@ def test_scanned_and_unrolled_runs_end_with_the_same_parameters():
             width = a.shape[-1] // 3
             a, b = np.delete(a, np.s_[width:2 * width]), np.delete(b, np.s_[width:2 * width])
         np.testing.assert_allclose(b, a, atol=2e-4, err_msg=name)
+
+
+def test_optimizer_is_optax_adamw_when_no_step_is_skipped():
+    """Same updates as optax.adamw with the schedule (its own count equals the step then)."""
+    rng = np.random.default_rng(0)
+    params = {"dense": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                        "bias": jnp.asarray(rng.normal(size=4), jnp.float32)}}
+    config = optim_config(lr=0.1, warmup_steps=2, weight_decay=0.2)
+    tx, schedule = optim.create_optimizer(config, 6, params)
+    reference = optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.2,
+                            mask=optim.weight_decay_mask(params))
+    ours, theirs = params, params
+    ours_state, theirs_state = tx.init(params), reference.init(params)
+    for step in range(6):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        updates, ours_state = tx.update(grads, ours_state, ours, step=jnp.int32(step))
+        ours = optax.apply_updates(ours, updates)
+        updates, theirs_state = reference.update(grads, theirs_state, theirs)
+        theirs = optax.apply_updates(theirs, updates)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    with pytest.raises(TypeError, match="step=state.step"):
+        tx.update(grads, ours_state, ours)
+
+
+def test_learning_rate_after_skipped_steps_is_the_logged_one(small_clip):
+    """Steps 1 and 2 are skipped (a token id beyond the vocabulary embeds as NaN): step 3
+    applies schedule(2), the rate its metrics log, and the schedule keeps its length. With the
+    schedule counting optax's updates instead, step 3 applied schedule(0) = 0 while logging
+    schedule(2)."""
+    config, weights = small_clip
+    model = models.CLIP(config)
+    tx, schedule = optim.create_optimizer(optim_config(lr=0.01, warmup_steps=4), 8, weights)
+    train_step = jax.jit(step_lib.make_train_step(model, tx, schedule, mesh=None))
+    good = _batch(config)
+    bad = dict(good, text=good["text"].at[0, 0].set(config.text.vocab_size + 5))
+    state = _state(tx, weights)
+    logged, applied = [], []
+    for batch in (bad, bad, good, good):
+        before = float(state.params["logit_scale"])
+        state, metrics = train_step(state, batch)
+        logged.append(float(metrics["lr"]))
+        applied.append(abs(float(state.params["logit_scale"]) - before))
+    assert int(state.step) == 4
+    np.testing.assert_allclose(logged, [schedule(i) for i in range(4)], rtol=1e-6)
+    # logit_scale is not decayed: Adam's first update of a scalar is lr * g / (|g| + eps).
+    assert applied[:2] == [0.0, 0.0]
+    np.testing.assert_allclose(applied[2], logged[2], rtol=1e-3)
+    assert applied[3] > 0
