@@ -1,6 +1,7 @@
 """Optimizer: AdamW with CLIP's defaults, warmup + cosine schedule, decay and freeze masks."""
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Callable
 
@@ -60,6 +61,40 @@ def frozen_mask(params: Any, freeze: str) -> Any:
         raise ValueError(f"config.freeze={freeze!r} matches no parameter path (paths look like "
                          f"'image/conv1/kernel' or 'text/ln_final/scale')")
     return mask
+
+
+def _real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+# Every key of configs/clip.py's `optim` block, with the test its value must pass.
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda x: _real(x) and x >= 0, "must be a finite number >= 0"),
+    "warmup_steps": (lambda x: _integer(x) and x >= 0, "must be an integer >= 0"),
+    "end_lr_factor": (lambda x: _real(x) and 0 <= x <= 1,
+                      "must be in [0, 1] (final LR as a fraction of the peak)"),
+    "weight_decay": (lambda x: _real(x) and x >= 0, "must be a finite number >= 0"),
+    "b1": (lambda x: _real(x) and 0 <= x < 1, "must be in [0, 1)"),
+    "b2": (lambda x: _real(x) and 0 <= x < 1, "must be in [0, 1)"),
+    "eps": (lambda x: _real(x) and x > 0, "must be a finite number > 0"),
+    "grad_clip_norm": (lambda x: _real(x) and x >= 0, "must be a finite number >= 0 (0: off)"),
+}
+
+
+def validate(optim_config) -> None:
+    """Raises a one-line ValueError naming the first `optim.<key>` that is missing or has an
+    impossible value (e.g. "config.optim.b2=1.5: must be in [0, 1)"). Accepts a ConfigDict or
+    any object with the keys as attributes."""
+    for key, (ok, why) in _CHECKS.items():
+        if not hasattr(optim_config, key):
+            raise ValueError(f"config.optim.{key} is missing")
+        value = getattr(optim_config, key)
+        if not ok(value):
+            raise ValueError(f"config.optim.{key}={value!r}: {why}")
 
 
 def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:

@@ -1,13 +1,16 @@
 """Optimizer: which parameters decay, scanned == unrolled training, one step counter, config
 validation."""
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
+from test_train import get_config
 
-from clip_jax import models, optim
+from clip_jax import models, optim, train
 from clip_jax import step as step_lib
 from clip_jax.models import transformer
 
@@ -180,3 +183,37 @@ def test_learning_rate_after_skipped_steps_is_the_logged_one(small_clip):
     assert applied[:2] == [0.0, 0.0]
     np.testing.assert_allclose(applied[2], logged[2], rtol=1e-3)
     assert applied[3] > 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("lr", -1e-3, "must be a finite number >= 0"),
+    ("lr", float("nan"), "must be a finite number >= 0"),
+    ("warmup_steps", -1, "must be an integer >= 0"),
+    ("warmup_steps", 2.5, "must be an integer >= 0"),
+    ("end_lr_factor", 1.5, "must be in [0, 1] (final LR as a fraction of the peak)"),
+    ("weight_decay", -1.0, "must be a finite number >= 0"),
+    ("b1", 1.0, "must be in [0, 1)"),
+    ("b2", 1.5, "must be in [0, 1)"),
+    ("eps", 0.0, "must be a finite number > 0"),
+    ("grad_clip_norm", -1.0, "must be a finite number >= 0 (0: off)"),
+])
+def test_validate_names_the_bad_key_and_value(key, value, message):
+    optim.validate(optim_config())  # the defaults pass
+    # A namespace, as benchmarks pass: a ConfigDict would already refuse 2.5 for an int key.
+    bad = types.SimpleNamespace(**dict(optim_config().to_dict(), **{key: value}))
+    with pytest.raises(ValueError) as error:
+        optim.validate(bad)
+    assert str(error.value) == f"config.optim.{key}={value!r}: {message}"
+
+
+def test_validate_refuses_a_missing_key():
+    config = optim_config()
+    del config["eps"]
+    with pytest.raises(ValueError, match=r"^config.optim.eps is missing$"):
+        optim.validate(config)
+
+
+def test_training_config_checks_the_optimizer_first():
+    for key, value in (("weight_decay", -1.0), ("b2", 1.5), ("grad_clip_norm", -1.0)):
+        with pytest.raises(train.ConfigError, match=f"config.optim.{key}={value!r}"):
+            train.validate_config(get_config(**{f"optim.{key}": value}))
