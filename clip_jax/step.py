@@ -7,7 +7,8 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clip_jax import losses, sharding
 from clip_jax.data.transforms import normalize_images
@@ -191,8 +192,10 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, schedule: opt
 
     batch: image uint8 [B, H, W, 3] (not normalised), text int32 [B, L]; both batch-sharded.
     A non-finite loss or gradient leaves params, optimizer state and BN statistics unchanged
-    (the step counter still advances) and sets metrics["nonfinite"]; the caller decides whether
-    to stop or carry on.
+    and sets metrics["nonfinite"]; the caller decides whether to stop or carry on. The step
+    counter still advances and the learning rate follows it (`tx` reads `step=state.step`, see
+    optim.create_optimizer): metrics["lr"] is the rate this step applied (or would have), and
+    the schedule ends at the last step whatever was skipped.
     `train_image_tower=False` runs the image tower in inference mode (frozen BN statistics),
     for locked-image tuning (LiT). `loss`: "clip" or "siglip"; `accumulation_steps`: exact
     large-batch gradient accumulation (see `make_grad_fn`).
@@ -209,7 +212,7 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, schedule: opt
 
         def update(operands):
             params, opt_state, _, new_batch_stats, grads = operands
-            updates, opt_state = tx.update(grads, opt_state, params)
+            updates, opt_state = tx.update(grads, opt_state, params, step=state.step)
             return optax.apply_updates(params, updates), opt_state, new_batch_stats
 
         def skip(operands):

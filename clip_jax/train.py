@@ -79,9 +79,10 @@ def validate_config(config, mesh=None) -> None:
     check(config.dtype in _DTYPES, "dtype", config.dtype, f"must be one of {_DTYPES}")
     check(config.nan_policy in ("stop", "skip"), "nan_policy", config.nan_policy,
           "must be 'stop' or 'skip'")
-    check(config.optim.lr >= 0, "optim.lr", config.optim.lr, "must be >= 0")
-    check(config.optim.warmup_steps >= 0, "optim.warmup_steps", config.optim.warmup_steps,
-          "must be >= 0")
+    try:
+        optim.validate(config.optim)  # every optim.* key: lr, warmup_steps, b1, b2, eps, ...
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check(config.accumulation_steps >= 1, "accumulation_steps", config.accumulation_steps,
           "must be >= 1 (1: no accumulation)")
     check(config.batch_size % config.accumulation_steps == 0, "batch_size", config.batch_size,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -33,7 +34,8 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 
 
 def _probe(**env_overrides) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MALLOC_") and k != "CLIP_JAX_TUNE_MALLOC"}
     env.update(JAX_PLATFORMS="cpu", **env_overrides)
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                          text=True, check=True).stdout
@@ -43,8 +45,8 @@ def _probe(**env_overrides) -> dict:
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc malloc only")
 def test_tuned_allocator_reuses_freed_pages():
-    default = _probe(CLIP_JAX_TUNE_MALLOC="0")
-    tuned = _probe()
+    default = _probe()  # off unless asked for: the tuned heap costs peak memory
+    tuned = _probe(CLIP_JAX_TUNE_MALLOC="1")
     assert default["tuned"] is False and tuned["tuned"] is True
     # Faults are counted per page touched: 65,536 pages of 4 KiB, or 128 where numpy gets
     # transparent huge pages (2 MiB) for its large buffers, as on Linux's madvise default.
@@ -55,10 +57,17 @@ def test_tuned_allocator_reuses_freed_pages():
     assert tuned["faults"][1] < least_faults // 10, tuned
 
 
-def test_respects_user_choices(monkeypatch):
-    monkeypatch.setenv("CLIP_JAX_TUNE_MALLOC", "0")
+def test_off_by_default_and_respects_user_choices(monkeypatch, caplog):
+    # Decisions that return before mallopt is called, so this process's allocator is untouched.
+    monkeypatch.delenv("CLIP_JAX_TUNE_MALLOC", raising=False)
     assert host_memory.tune_for_xla_cpu() is False
-    monkeypatch.delenv("CLIP_JAX_TUNE_MALLOC")
+    monkeypatch.setenv("CLIP_JAX_TUNE_MALLOC", "0")
+    assert host_memory.tune_for_xla_cpu(default=True) is False
+    monkeypatch.setenv("CLIP_JAX_TUNE_MALLOC", "yes")
+    with caplog.at_level(logging.WARNING):
+        assert host_memory.tune_for_xla_cpu(default=True) is False
+    assert "CLIP_JAX_TUNE_MALLOC='yes': expected 1" in caplog.text
+    monkeypatch.setenv("CLIP_JAX_TUNE_MALLOC", "1")
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's own glibc tuning wins
     assert host_memory.tune_for_xla_cpu() is False
 

@@ -44,6 +44,17 @@ def test_config_round_trips_through_dict_and_rejects_unknown_keys():
         CLIPConfig.from_dict(bad)
 
 
+def test_create_model_applies_overrides_to_a_name_or_a_config():
+    by_name = models.create_model("tiny-vit", embed_dim=64, vision={"layers": 1})
+    by_config = models.create_model(get_model_config("tiny-vit"), embed_dim=64,
+                                    vision={"layers": 1})
+    assert by_config.config == by_name.config
+    assert by_config.config.embed_dim == 64 and by_config.config.vision.layers == 1
+    assert by_config.config.text == get_model_config("tiny-vit").text
+    with pytest.raises(ValueError, match="patch_sise"):
+        models.create_model(get_model_config("tiny-vit"), vision={"patch_sise": 4})
+
+
 @pytest.mark.parametrize("overrides", [TINY_VIT, TINY_RN], ids=["vit", "resnet"])
 def test_outputs_are_normalised_and_bfloat16_compute_keeps_float32_params(overrides):
     base = "tiny-vit" if "patch_size" in overrides["vision"] else "tiny-rn"

@@ -70,17 +70,22 @@ def get_model_config(name: str, **overrides: Any) -> CLIPConfig:
     config = _MODELS[base]
     if name.endswith("-quickgelu"):
         config = set_activation(config, "quick_gelu")
+    return apply_overrides(config, name, **overrides)
+
+
+def apply_overrides(config: CLIPConfig, name: str = "", **overrides: Any) -> CLIPConfig:
+    """`config` with `overrides` replacing top-level fields; `vision={...}` / `text={...}`
+    dicts replace fields of a tower. `name` only labels the error for an unknown field."""
     vision_overrides = overrides.pop("vision", None) or {}
     text_overrides = overrides.pop("text", None) or {}
     try:
-        config = dataclasses.replace(
+        return dataclasses.replace(
             config,
             vision=dataclasses.replace(config.vision, **vision_overrides),
             text=dataclasses.replace(config.text, **text_overrides),
             **overrides)
     except TypeError as e:
-        raise ValueError(f"bad override for model {name!r}: {e}") from None
-    return config
+        raise ValueError(f"bad override for model {name or 'config'!r}: {e}") from None
 
 
 def set_activation(config: CLIPConfig, activation: str) -> CLIPConfig:

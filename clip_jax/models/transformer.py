@@ -51,7 +51,9 @@ class QKVProjection(nn.Module):
 
     Three matmuls rather than one [W, 3W] matmul followed by slicing: the slice's backward pads
     dq, dk and dv back to [B, T, 3W] and transposes them for the weight gradient, which cost
-    ~20% of the attention layer's time on XLA:CPU; XLA:GPU merges dots that share an operand.
+    ~20% of the attention layer's time on XLA:CPU. The FLOPs are the same either way; XLA:GPU
+    merges dots that share an operand only below `--xla_gpu_dot_merger_threshold_mb`, so at
+    training sizes these stay three [B*T, W] x [W, W] GEMMs (not measured on a GPU).
     """
 
     heads: int
