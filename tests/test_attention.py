@@ -116,9 +116,9 @@ def test_cudnn_plan_tries_even_then_multiple_of_64(monkeypatch):
         attention.cudnn_plan.cache_clear()
 
 
-def test_model_outputs_and_gradients_unchanged_by_padding():
+def test_model_outputs_unchanged_by_padding():
     """The whole CLIP model through the Transformer's call site: image sequence 17 -> 18,
-    text 9 -> 10 (causal), both towers padded."""
+    text 9 -> 10 (causal), both towers padded. (Gradients: the attention-level test above.)"""
     config = models.get_model_config(
         "tiny-vit", embed_dim=32, vision=dict(image_size=32, width=32, layers=1),
         text=dict(context_length=9, width=32, layers=1, vocab_size=500))
@@ -126,17 +126,9 @@ def test_model_outputs_and_gradients_unchanged_by_padding():
     tokens = jax.random.randint(jax.random.key(2), (2, config.context_length), 1, 499)
     ref_model = models.create_model(config)
     variables = jax.jit(ref_model.init_variables)(jax.random.key(0))
-    model = models.create_model(config, attention_impl="xla_pad2")
-
-    def loss_and_grads(m):
-        def loss(params):
-            out = m.apply({**variables, "params": params}, images, tokens)
-            return jnp.sum(out["image_embeddings"] @ out["text_embeddings"].T)
-        return jax.jit(jax.value_and_grad(loss))(variables["params"])
-
-    ref, ref_grads = loss_and_grads(ref_model)
-    value, grads = loss_and_grads(model)
-    np.testing.assert_allclose(value, ref, rtol=1e-5)
-    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
-                                         grads, ref_grads))
-    assert max(diffs) < 1e-5
+    ref = jax.jit(ref_model.apply)(variables, images, tokens)
+    out = jax.jit(models.create_model(config, attention_impl="xla_pad2").apply)(
+        variables, images, tokens)
+    for key in ("image_embeddings", "text_embeddings"):
+        assert float(jnp.max(jnp.abs(ref[key]))) > 1e-2
+        np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=0, err_msg=key)
