@@ -122,16 +122,17 @@ def _cudnn_candidates(seq: int, pad_multiple: int | None) -> list[int]:
 def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
                pad_multiple: int | None) -> int | None:
     """The sequence length cuDNN attention will run at for q/k/v of `shape` [B, T, N, H], or
-    None if cuDNN refuses every candidate (use XLA). Decided by tracing cuDNN attention's
-    gradient on abstract inputs, so that refusals of the training (backward) kernel are seen
-    too, including under remat or scan, where the backward is traced after the forward.
-    Cached: one decision (and one log line) per shape."""
+    None if cuDNN refuses every candidate (use XLA). Decided by compiling cuDNN attention's
+    gradient for one example of that shape: JAX's shape checks run when the backward is
+    traced (under remat or scan that would be after the model's own forward, outside any
+    try), and cuDNN's own refusals come at compile time. Cached: one decision (and one log
+    line) per shape; the probe costs one small compile per shape on the GPU."""
     backend = jax.default_backend()
     if backend != "gpu":
         logger.warning("attention_impl=cudnn needs an NVIDIA GPU (JAX backend is %r): "
                        "using XLA attention for %s", backend, shape)
         return None
-    abstract = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
+    probe = jax.ShapeDtypeStruct((1, *shape[1:]), jnp.dtype(dtype))
     refusals = []
     for length in _cudnn_candidates(shape[1], pad_multiple):
         def loss(q, k, v, length=length):
@@ -139,8 +140,10 @@ def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
                                    implementation="cudnn")
             return jnp.sum(out.astype(jnp.float32))
         try:
-            jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), abstract, abstract, abstract)
-        except (NotImplementedError, RuntimeError) as e:  # JAX's "unsupported" / "no cuDNN"
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(probe, probe, probe).compile()
+        except (NotImplementedError, RuntimeError) as e:
+            # NotImplementedError: JAX's shape checks; RuntimeError: "cuDNN is not detected"
+            # and XLA's compile errors (jax.errors.JaxRuntimeError is a RuntimeError).
             refusals.append(f"length {length}: {e}")
             continue
         if refusals or length != shape[1]:
