@@ -188,6 +188,14 @@ def table(headers: list[str], rows: list[list]) -> list[str]:
     return out
 
 
+def plan_text(row: dict) -> str | None:
+    """'197->198, 77->78' from a train_step row's cuDNN plans (None: none made)."""
+    plans = {(p["shape"][1], p["length"]) for p in row.get("attention_plans") or []}
+    if not plans:
+        return None
+    return ", ".join(f"{t}->{'xla' if n is None else n}" for t, n in sorted(plans))
+
+
 def summary(rows: list[dict], args, seconds: float) -> str:
     lines = [f"# clip_jax device check{' (dry run, CPU)' if args.dry_run else ''}", ""]
     env = next((r for r in rows if r["part"] == "env" and "jax" in r), None)
@@ -202,9 +210,9 @@ def summary(rows: list[dict], args, seconds: float) -> str:
     if steps:
         lines += ["## Train step (bf16, synthetic inputs on device)", ""]
         lines += table(
-            ["run", "model", "batch", "attention", "remat", "status", "step ms", "samples/s",
-             "MFU", "peak GiB", "compile s"],
-            [[r["run"], r.get("model"), r.get("batch"), r.get("attention_impl"),
+            ["run", "model", "batch", "attention", "cuDNN lengths", "remat", "status", "step ms",
+             "samples/s", "MFU", "peak GiB", "compile s"],
+            [[r["run"], r.get("model"), r.get("batch"), r.get("attention_impl"), plan_text(r),
               r.get("remat"), r.get("status", "ok"),
               r["step_s"] * 1e3 if r.get("step_s") else None, r.get("samples_per_s"),
               f"{100 * r['mfu']:.1f}%" if r.get("mfu") else None, r.get("peak_memory_gib"),

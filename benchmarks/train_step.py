@@ -148,6 +148,7 @@ def main() -> None:
         "devices": jax.device_count(), "device_kind": device.device_kind,
         **result, "samples_per_s": args.batch / result["step_s"],
         "flops_per_step": flops, "flops_source": flops_source,
+        "attention_plans": attention.cudnn_plans(),
         "flops_per_s": flops / result["step_s"] if flops else None,
         "mfu": flops / result["step_s"] / (peak * jax.device_count()) if flops and peak
         else None,

@@ -132,3 +132,17 @@ def test_model_outputs_unchanged_by_padding():
     for key in ("image_embeddings", "text_embeddings"):
         assert float(jnp.max(jnp.abs(ref[key]))) > 1e-2
         np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+def test_cudnn_plans_are_reported(monkeypatch):
+    monkeypatch.setattr(attention, "padded_attention",
+                        lambda q, k, v, *, causal, length, implementation: q)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_PLANS", {})
+    attention.cudnn_plan.cache_clear()
+    try:
+        attention.cudnn_plan((2, 77, 2, 8), "bfloat16", True, 2)
+    finally:
+        attention.cudnn_plan.cache_clear()
+    assert attention.cudnn_plans() == [{"shape": [2, 77, 2, 8], "dtype": "bfloat16",
+                                        "causal": True, "pad_multiple": 2, "length": 78}]

@@ -49,6 +49,7 @@ DEFAULT_PAD_MULTIPLE = 64
 # "cudnn" retries a refused length at these multiples, in order.
 CUDNN_RETRY_MULTIPLES = (2, DEFAULT_PAD_MULTIPLE)
 _NAME = re.compile(r"(xla|cudnn)(?:_pad(\d+)|_padded)?$")
+_PLANS: dict[tuple, int | None] = {}  # what cudnn_plan decided, for reports
 
 
 class Implementation(NamedTuple):
@@ -146,13 +147,23 @@ def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
             # and XLA's compile errors (jax.errors.JaxRuntimeError is a RuntimeError).
             refusals.append(f"length {length}: {e}")
             continue
+        _PLANS[(shape, dtype, causal, pad_multiple)] = length
         if refusals or length != shape[1]:
             logger.info("cuDNN attention for %s (causal=%s) at sequence length %d%s", shape,
                         causal, length, f" (refused: {'; '.join(refusals)})" if refusals else "")
         return length
     logger.warning("cuDNN refused attention for %s (causal=%s), using XLA: %s", shape, causal,
                    "; ".join(refusals))
+    _PLANS[(shape, dtype, causal, pad_multiple)] = None
     return None
+
+
+def cudnn_plans() -> list[dict]:
+    """The decisions `cudnn_plan` made in this process on a GPU: shape [B, T, N, H], causal,
+    and the length cuDNN runs at (None: XLA), e.g. for a benchmark's report."""
+    return [{"shape": list(shape), "dtype": dtype, "causal": causal, "pad_multiple": multiple,
+             "length": length}
+            for (shape, dtype, causal, multiple), length in _PLANS.items()]
 
 
 def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool,
