@@ -208,7 +208,7 @@ def summary(rows: list[dict], args, seconds: float) -> str:
                   f"Total {seconds:.0f} s.", ""]
     steps = [r for r in rows if r["part"] == "train_step"]
     if steps:
-        lines += ["## Train step (bf16, synthetic inputs on device)", ""]
+        lines += ["## Train step (synthetic inputs on the device; bf16, float32 in the dry run)", ""]
         lines += table(
             ["run", "model", "batch", "attention", "cuDNN lengths", "remat", "status", "step ms",
              "samples/s", "MFU", "peak GiB", "compile s"],
