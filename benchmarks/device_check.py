@@ -8,7 +8,8 @@ total time budget: measurements run in priority order and the ones that no longe
 recorded as skipped. Output:
 - stdout: one JSON line per result, each with "part" and "run";
 - OUT/results.jsonl: the same lines; OUT/summary.md: the tables; OUT/runs.log: the last
-  lines of each subprocess's stderr (a failure's telling line is also in its JSON row).
+  lines of each subprocess's stderr (a failure's telling line is also in its JSON row);
+  OUT/trace.json.gz: the profiled step's perfetto trace if under 15 MiB (ui.perfetto.dev).
 OUT is `--out`, else $OUT.
 
 `--dry-run` runs the same parts on CPU at toy sizes (tiny-vit, batch 8, one step, one thread
@@ -208,7 +209,7 @@ def summary(rows: list[dict], args, seconds: float) -> str:
                   f"Total {seconds:.0f} s.", ""]
     steps = [r for r in rows if r["part"] == "train_step"]
     if steps:
-        lines += ["## Train step (synthetic inputs on the device; bf16, float32 in the dry run)", ""]
+        lines += ["## Train step (synthetic inputs on device; bf16, float32 in the dry run)", ""]
         lines += table(
             ["run", "model", "batch", "attention", "cuDNN lengths", "remat", "status", "step ms",
              "samples/s", "MFU", "peak GiB", "compile s"],
@@ -402,6 +403,9 @@ def main(argv=None) -> None:
                 try:
                     for row in profile_summary.summarize(run.profile_dir, top=15):
                         emit({"part": "profile", "run": run.name, **row})
+                    trace = profile_summary.find_trace(run.profile_dir)
+                    if os.path.getsize(trace) < 15 * 2**20:  # $OUT brings back <= 16 MiB/file
+                        shutil.copy(trace, os.path.join(args.out, "trace.json.gz"))
                 except (OSError, ValueError, KeyError) as e:
                     emit({"part": "profile", "run": run.name, "status": "failed",
                           "error": f"{type(e).__name__}: {e}"})

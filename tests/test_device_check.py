@@ -65,6 +65,7 @@ def test_dry_run_produces_every_part(tmp_path):
                     "## Where the step goes"):
         assert heading in summary, summary
     assert (out / "runs.log").stat().st_size > 0
+    assert profile_summary.summarize(str(out / "trace.json.gz"))[0]["steps"] == 2
     assert len(list(out.iterdir())) <= 8  # what `run` brings back from $OUT
 
 
