@@ -43,27 +43,39 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-vit")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--attention-impl", default=None,
+                        help="an attention_impl (clip_jax.models.attention); default: JAX's")
+    parser.add_argument("--steps", type=int, default=8, help="timed calls per part")
+    parser.add_argument("--overrides", default="",
+                        help="JSON object of model config overrides (see train_step.py)")
     args = parser.parse_args()
-    config = models.get_model_config(args.model)
-    model = models.create_model(config, dtype=args.dtype)
+    config = models.get_model_config(args.model, **(json.loads(args.overrides)
+                                                    if args.overrides else {}))
+    model = models.create_model(config, dtype=args.dtype, attention_impl=args.attention_impl)
     variables = jax.jit(model.init_variables)(jax.random.key(0))
     params = variables["params"]
     b, size = args.batch, config.image_size
     images = jax.random.normal(jax.random.key(1), (b, size, size, 3), jnp.float32)
     tokens = jax.random.randint(jax.random.key(2), (b, config.context_length), 1, 1000)
 
-    def image_loss(p, x):
-        return jnp.sum(model.apply({**variables, "params": p}, x, method=model.encode_image))
+    # FLOPs are counted on the model with XLA attention on the unpadded sequence (the model's
+    # FLOPs), whatever --attention-impl runs.
+    flops_model = models.create_model(config, dtype=args.dtype)
 
-    def text_loss(p, t):
-        return jnp.sum(model.apply({**variables, "params": p}, t, method=model.encode_text))
+    def image_loss(p, x, m=model):
+        return jnp.sum(m.apply({**variables, "params": p}, x, method=m.encode_image))
+
+    def text_loss(p, t, m=model):
+        return jnp.sum(m.apply({**variables, "params": p}, t, method=m.encode_text))
 
     abstract = lambda *xs: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), xs)
     for part, fn, data in (("image_fwd_bwd", image_loss, images),
                            ("text_fwd_bwd", text_loss, tokens)):
         grad = jax.grad(fn)
-        report(part, timed(grad, params, data),
-               metrics.model_flops(grad, *abstract(params, data)))
+        count = jax.grad(lambda p, x, fn=fn: fn(p, x, flops_model))
+        report(part, timed(grad, params, data, steps=args.steps),
+               metrics.model_flops(count, *abstract(params, data)),
+               attention_impl=args.attention_impl or "default")
 
     if config.vision.type == "vit":
         tokens_per_image = (size // config.vision.patch_size) ** 2 + 1
@@ -71,7 +83,7 @@ def main() -> None:
         a = jnp.ones((b * tokens_per_image, width), args.dtype)
         w = jnp.ones((width, 4 * width), args.dtype)
         matmul = lambda a, w: a @ w
-        report("matmul_reference", timed(matmul, a, w),
+        report("matmul_reference", timed(matmul, a, w, steps=args.steps),
                2.0 * a.shape[0] * width * 4 * width, shape=[a.shape[0], width, 4 * width])
 
 

@@ -30,7 +30,7 @@ from clip_jax import host_memory
 from clip_jax import metrics as metrics_lib
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding, step as step_lib, tokenizers, workdir_lock
-from clip_jax.models import transformer
+from clip_jax.models import attention, transformer
 from clip_jax import data as data_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -93,6 +93,10 @@ def validate_config(config, mesh=None) -> None:
         transformer.remat_policy(config.model.remat)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        attention.parse_implementation(config.model.attention_impl)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     check(isinstance(config.model.scan_layers, bool), "model.scan_layers",
           config.model.scan_layers, "must be True or False")
     _model_overrides(config)

@@ -26,8 +26,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # ViT-B-16, ViT-L-14, ViT-L-14-336, RN50, RN101, RN50x4, ... ; a "-quickgelu" suffix
     # selects OpenAI's QuickGELU activation. Ignored (taken from the weights) with init_from.
     c.model.name = "tiny-vit"
-    # Attention kernel for jax.nn.dot_product_attention: "" lets XLA choose, "cudnn" uses the
-    # fused cuDNN kernel on NVIDIA GPUs (bf16/fp16 only).
+    # Attention kernel (clip_jax.models.attention): "" lets XLA choose, "cudnn" uses the fused
+    # cuDNN kernel on NVIDIA GPUs (bf16/fp16), padding the sequence where cuDNN refuses its
+    # length and falling back to XLA where it refuses altogether; "cudnn_padded" always pads
+    # to a multiple of 64.
     c.model.attention_impl = ""
     # Activation rematerialisation per Transformer/residual block, trading compute for memory:
     # "none", "full" (recompute each block in the backward pass) or a jax.checkpoint_policies

@@ -124,6 +124,7 @@ def _run_cli(*args, env_extra=None, **kwargs):
     ("--config.batch_size=12", "divisible by the 8"),
     ("--config.data.source=tar", "data.shards is empty"),
     ("--config.model.name=ViT-Z-1", "unknown model"),
+    ("--config.model.attention_impl=flash", "model.attention_impl='flash'"),
 ])
 def test_bad_config_is_a_one_line_error(tmp_path, override, message):
     proc = _run_cli("--workdir", str(tmp_path / "w"), override, timeout=120)

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from clip_jax.models import attention
+
 Dtype = Any
 
 # torch.nn.LayerNorm's default epsilon; flax's default (1e-6) would not match imported weights.
@@ -98,8 +100,8 @@ class MultiHeadSelfAttention(nn.Module):
         """[B, T, W] -> [B, T, W]."""
         batch, length, width = x.shape
         q, k, v = QKVProjection(self.heads, dtype=self.dtype, name="in_proj")(x)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal,
-                                           implementation=self.attention_impl)
+        out = attention.dot_product_attention(q, k, v, causal=self.causal,
+                                              implementation=self.attention_impl)
         out = out.reshape(batch, length, width)
         out_std = self.out_init_std if self.out_init_std is not None else width ** -0.5
         return nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std),
