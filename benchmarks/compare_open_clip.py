@@ -24,8 +24,8 @@ import time
 sys.modules.setdefault("triton", None)  # torch runs on CPU here; triton clashes with TF/JAX
 import jax
 import numpy as np
-import torch
 import open_clip
+import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from train_step import build_step  # noqa: E402  (same folder)

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import host_memory, metrics, models, optim, sharding, step as step_lib
+from clip_jax import host_memory, metrics, models, optim, sharding
+from clip_jax import step as step_lib
 from clip_jax.models import attention
 
 

@@ -52,8 +52,11 @@ from flax import traverse_util
 
 from clip_jax import torchscript
 from clip_jax.models import CLIPConfig, create_model, get_model_config
-from clip_jax.models.config import (ModifiedResNetConfig, TextTransformerConfig,
-                                    VisionTransformerConfig)
+from clip_jax.models.config import (
+    ModifiedResNetConfig,
+    TextTransformerConfig,
+    VisionTransformerConfig,
+)
 from clip_jax.models.registry import set_activation
 
 logger = logging.getLogger(__name__)

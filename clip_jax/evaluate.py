@@ -21,8 +21,8 @@ from typing import Any
 # TensorFlow (tf.data) is loud by default; keep its C++ logs to warnings and up.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags, logging
 import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = _WORKDIR = _STEP = _INIT_FROM = _DTYPE = None

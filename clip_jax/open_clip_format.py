@@ -20,8 +20,11 @@ from typing import Any
 
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD
 from clip_jax.models import CLIPConfig
-from clip_jax.models.config import (ModifiedResNetConfig, TextTransformerConfig,
-                                    VisionTransformerConfig)
+from clip_jax.models.config import (
+    ModifiedResNetConfig,
+    TextTransformerConfig,
+    VisionTransformerConfig,
+)
 
 logger = logging.getLogger(__name__)
 

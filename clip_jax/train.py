@@ -17,21 +17,20 @@ from typing import Any, NamedTuple
 # TensorFlow (tf.data) is loud by default; keep its C++ logs to warnings and up.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
-from clip_jax import cli
-from clip_jax import host_memory
-from clip_jax import metrics as metrics_lib
-from clip_jax import losses as losses_lib
-from clip_jax import models, optim, sharding, step as step_lib, tokenizers, workdir_lock
-from clip_jax.models import attention, transformer
+from clip_jax import cli, host_memory, models, optim, sharding, tokenizers, workdir_lock
 from clip_jax import data as data_lib
+from clip_jax import losses as losses_lib
+from clip_jax import metrics as metrics_lib
+from clip_jax import step as step_lib
+from clip_jax.models import attention, transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/clip.py:tiny.", lock_config=True)

@@ -8,12 +8,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never download anything
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import open_clip
 import torch
-
-import jax
-import jax.numpy as jnp
 
 from clip_jax.models import CLIPConfig, create_model
 

@@ -20,11 +20,17 @@ open_clip = pytest.importorskip("open_clip")
 
 import jax  # noqa: E402  (after importorskip, like the peer helpers)
 from flax import traverse_util  # noqa: E402
+from open_clip_peer import (  # noqa: E402
+    jax_encode,
+    make_small_model,
+    random_images,
+    random_tokens,
+    randomize_batchnorm,
+    torch_encode,
+)
 
 from clip_jax import convert  # noqa: E402
 from clip_jax.models import get_model_config  # noqa: E402
-from open_clip_peer import (jax_encode, make_small_model, random_images,  # noqa: E402
-                                  random_tokens, randomize_batchnorm, torch_encode)
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]

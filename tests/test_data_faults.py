@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 import pytest
+from test_data_helpers import FakeTokenizer, data_config
 
 from clip_jax.data import device, shards
 from clip_jax.data.pipeline import InputWatch, NoUsableData, build_train_dataset
-from test_data_helpers import FakeTokenizer, data_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOK = FakeTokenizer()

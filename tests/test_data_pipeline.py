@@ -6,11 +6,18 @@ import tarfile
 
 import numpy as np
 import pytest
+from test_data_helpers import (
+    FakeTokenizer,
+    add_members,
+    captions_of,
+    data_config,
+    jpeg_bytes,
+    take,
+    write_dataset,
+)
 
 from clip_jax.data import ordering
 from clip_jax.data.pipeline import build_eval_dataset, build_train_dataset
-from test_data_helpers import (FakeTokenizer, add_members, captions_of, data_config,
-                               jpeg_bytes, take, write_dataset)
 
 TOK = FakeTokenizer()
 SIZE, CTX, BATCH = 16, 16, 8

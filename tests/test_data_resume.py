@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
+from test_data_helpers import FakeTokenizer, data_config, make_samples, take
 
 from clip_jax.data import ordering, shard_counts, tar_shards
 from clip_jax.data.make_shards import write_shards
 from clip_jax.data.pipeline import build_train_dataset
-from test_data_helpers import FakeTokenizer, data_config, make_samples, take
 
 TOK = FakeTokenizer()
 SIZE, CTX, BATCH = 8, 12, 4

@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from test_data_helpers import (
+    FakeTokenizer,
+    captions_of,
+    data_config,
+    png_bytes,
+    take,
+    write_dataset,
+)
 
 from clip_jax.data import config as config_lib
 from clip_jax.data import make_shards, shards
-from clip_jax.data.pipeline import (build_eval_dataset, build_train_dataset,
-                                    image_folder_classnames)
-from test_data_helpers import (FakeTokenizer, captions_of, data_config, png_bytes, take,
-                               write_dataset)
+from clip_jax.data.pipeline import build_eval_dataset, build_train_dataset, image_folder_classnames
 
 TOK = FakeTokenizer()
 SIZE, CTX = 16, 16
@@ -133,7 +138,8 @@ def test_tfds_train_resume_and_eval(tfds_dir):
 def test_tfds_image_label_captions(tfds_dir):
     b = _eval_all({"source": "tfds", "split": "test", "tfds_name": "tiny_captions",
                    "tfds_data_dir": tfds_dir, "text_key": "", "label_key": "label"})
-    got = {(c.decode(), int(l)) for c, l in zip(_valid(b, "caption"), _valid(b, "label"))}
+    got = {(c.decode(), int(label))
+           for c, label in zip(_valid(b, "caption"), _valid(b, "label"))}
     assert got == {("a photo of a cat.", 0), ("a photo of a dog.", 1),
                    ("a photo of a red bird.", 2)}
     with pytest.raises(ValueError, match="no text feature"):
@@ -237,8 +243,9 @@ def test_make_shards_roundtrip(tmp_path, fmt, capsys):
 def test_img2dataset_tfrecord_layout(tmp_path):
     """img2dataset's `--output_format tfrecord` writes `key`/`jpg`/`txt` (+ metadata features)."""
     import tensorflow as tf
-    from clip_jax.data.pipeline import build_eval_dataset
     from test_data_helpers import FakeTokenizer, jpeg_bytes
+
+    from clip_jax.data.pipeline import build_eval_dataset
 
     rng = np.random.default_rng(0)
     path = str(tmp_path / "00000.tfrecord")

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-
 # The builder is a development tool outside the installed package (tools/build_demo.py).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import build_demo  # noqa: E402

@@ -5,12 +5,19 @@ import numpy as np
 import pytest
 
 from clip_jax.evaluation import config as eval_config
-from clip_jax.evaluation.linear_probe import (LogisticRegression, few_shot_indices,
-                                              hash_fraction, linear_probe_metrics)
-from clip_jax.evaluation.retrieval import (group_captions, image_to_text_ranks,
-                                           retrieval_metrics, text_to_image_ranks)
-from clip_jax.evaluation.templates import (IMAGENET80, TEMPLATE_SETS, format_prompts,
-                                           get_templates)
+from clip_jax.evaluation.linear_probe import (
+    LogisticRegression,
+    few_shot_indices,
+    hash_fraction,
+    linear_probe_metrics,
+)
+from clip_jax.evaluation.retrieval import (
+    group_captions,
+    image_to_text_ranks,
+    retrieval_metrics,
+    text_to_image_ranks,
+)
+from clip_jax.evaluation.templates import IMAGENET80, TEMPLATE_SETS, format_prompts, get_templates
 from clip_jax.evaluation.zeroshot import class_embeddings, topk_correct, zeroshot_metrics
 
 # Retrieval fixture: 3 images, 5 captions (image 0 and 2 have two each). With identity image

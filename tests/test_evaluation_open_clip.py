@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
+from open_clip_peer import make_small_model  # noqa: E402
+
 from clip_jax import convert, evaluation, tokenizers  # noqa: E402
 from clip_jax import sharding as sharding_lib  # noqa: E402
 from clip_jax.data import demo_classnames  # noqa: E402
@@ -25,7 +27,6 @@ from clip_jax.evaluation import data as eval_data  # noqa: E402
 from clip_jax.evaluation.templates import get_templates  # noqa: E402
 from clip_jax.inference import load, restore  # noqa: E402
 from clip_jax.models import create_model  # noqa: E402
-from open_clip_peer import make_small_model  # noqa: E402
 
 TEXT = dict(context_length=32, width=128, layers=2, heads=2)
 VISION = dict(image_size=64, patch_size=8, width=128, layers=2)

@@ -15,13 +15,12 @@ open_clip = pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
 
 import jax  # noqa: E402
+from hf_peer import hf_encode  # noqa: E402
+from open_clip_peer import jax_encode, make_small_model, random_images, random_tokens, torch_encode  # noqa: E402
 
 from clip_jax import convert, export, tokenizers  # noqa: E402
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from clip_jax.models import CLIPConfig  # noqa: E402
-from hf_peer import hf_encode  # noqa: E402
-from open_clip_peer import (jax_encode, make_small_model, random_images,  # noqa: E402
-                            random_tokens, torch_encode)
 
 TOL = 1e-4
 TEXT_CFG = dict(context_length=16, width=64, heads=2, layers=2)
@@ -150,8 +149,9 @@ def test_refusals_are_one_line(tmp_path, capsys):
 def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
     """Train the tiny config 2 steps; export its checkpoint in both formats (one through the
     command line, --step); both reload with clip_jax's embeddings."""
-    from clip_jax import checkpoint, train
     from test_train import get_config
+
+    from clip_jax import checkpoint, train
 
     config = get_config(batch_size=8, total_steps=2, checkpoint_every=2,
                         **{"data.source": "synthetic"})

@@ -21,12 +21,10 @@ pytest.importorskip("transformers")
 huggingface_hub = pytest.importorskip("huggingface_hub")
 
 import jax  # noqa: E402
+from hf_peer import add_hub_repo, hf_encode, hf_repo_files, make_hf_clip, open_clip_repo_files  # noqa: E402
+from open_clip_peer import jax_encode, make_small_model, random_images, random_tokens, torch_encode  # noqa: E402
 
 from clip_jax import convert, hub  # noqa: E402
-from hf_peer import (add_hub_repo, hf_encode, hf_repo_files, make_hf_clip,  # noqa: E402
-                     open_clip_repo_files)
-from open_clip_peer import (jax_encode, make_small_model, random_images,  # noqa: E402
-                            random_tokens, torch_encode)
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -239,10 +237,10 @@ def test_convert_cli_reads_hub_and_lists_pretrained(hub_cache, tmp_path, capsys)
 
 def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
     import ml_collections
+    from test_train import get_config
 
     from clip_jax import evaluation, train
     from clip_jax.evaluate import evaluate
-    from test_train import get_config
 
     model = _open_clip_model(VIT_CFG, quick_gelu=True)
     add_hub_repo(hub_cache, "test-org/tiny", open_clip_repo_files(model, _model_cfg(VIT_CFG,

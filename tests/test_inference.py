@@ -2,9 +2,9 @@
 batching/padding, resizing, error messages."""
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
-import jax
 
 from clip_jax import convert
 from clip_jax.checkpoint import CheckpointError

@@ -1,5 +1,4 @@
 """Model-level behaviour: shapes, dtypes, registry, synchronised BatchNorm, causal text mask."""
-import dataclasses
 
 import jax
 import jax.numpy as jnp

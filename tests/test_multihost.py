@@ -10,10 +10,10 @@ import time
 
 import jax
 import numpy as np
-
-from clip_jax import checkpoint, train
 from test_scale import SMALL_JSON, small_config
 from test_train import losses, read_metrics
+
+from clip_jax import checkpoint, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local.sh"

@@ -68,7 +68,8 @@ def _one_line(message):
 
 
 def test_checksum_is_mesh_independent_and_catches_any_single_flip():
-    """Same value for any sharding, on the jitted and the NumPy path; one flipped bit in any element of any dtype changes it;
+    """Same value for any sharding, on the jitted and the NumPy path; one flipped bit in any
+    element of any dtype changes it;
     moving values around (same multiset) changes it too."""
     rng = np.random.default_rng(0)
     tree = {"f32": rng.standard_normal((16, 24)).astype(np.float32),

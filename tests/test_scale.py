@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_train import get_config, losses, read_metrics
 
 from clip_jax import checkpoint, models, sharding, step, train
 from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
-from test_train import get_config, losses, read_metrics
 
 # A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
 SMALL = {"embed_dim": 64, "vision": {"width": 64, "heads": 2},
@@ -63,7 +63,8 @@ def test_fsdp_meshes_match_one_device_shrink_params_and_restore_across_meshes(tm
 
 def test_sharding_rules_and_optimizer_state_follow_params():
     mesh = sharding.create_mesh(data=2, fsdp=4, devices=jax.devices()[:8])
-    params = {"text": {"token_embedding": {"embedding": jax.ShapeDtypeStruct((100, 64), jnp.float32)},
+    params = {"text": {"token_embedding": {
+        "embedding": jax.ShapeDtypeStruct((100, 64), jnp.float32)},
                        "proj": jax.ShapeDtypeStruct((64, 12), jnp.float32)},
               "scale": jax.ShapeDtypeStruct((), jnp.float32),
               "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32)}

@@ -16,8 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from clip_jax import torchscript  # noqa: E402
 from unsafe_checkpoints import EvilModule, HoldsEvilObject, Opener, save_scripted  # noqa: E402
+
+from clip_jax import torchscript  # noqa: E402
 
 
 class _Plain(torch.nn.Module):

@@ -144,7 +144,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     deadline = time.time() + 120
     metrics = workdir / "metrics.jsonl"
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    while time.time() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)

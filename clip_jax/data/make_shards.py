@@ -55,6 +55,7 @@ def write_tar_shard(path: str, samples: Iterable[Sample]) -> int:
 def write_tfrecord_shard(path: str, samples: Iterable[Sample]) -> int:
     """Writes one TFRecord shard of `tf.train.Example`s; returns the count."""
     import tensorflow as tf
+
     from clip_jax.data.sources import make_tfrecord_example
 
     count = 0

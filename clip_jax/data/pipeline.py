@@ -23,11 +23,8 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import config as config_lib
-from clip_jax.data import ordering
-from clip_jax.data import shard_counts
+from clip_jax.data import ordering, shard_counts, sources, transforms
 from clip_jax.data import shards as shards_lib
-from clip_jax.data import sources
-from clip_jax.data import transforms
 
 # Salts that separate the random streams derived from one seed.
 _SALT_SHARDS, _SALT_BLOCKS, _SALT_MIX, _SALT_AUGMENT = 1, 2, 3, 4

@@ -149,7 +149,8 @@ def resolve_files(spec: PatternSpec, *, what: str = "shards") -> list[str]:
     seen = set()
     unique = [f for f in files if not (f in seen or seen.add(f))]
     if len(unique) != len(files):
-        logging.warning("%d duplicate %s removed from the shard list", len(files) - len(unique), what)
+        logging.warning("%d duplicate %s removed from the shard list", len(files) - len(unique),
+                        what)
     return unique
 
 
@@ -186,7 +187,8 @@ def demo_shards(split: str) -> list[str]:
             entry.name for entry in folder.iterdir()
             if entry.name.startswith(prefix) and entry.name.endswith(".tar.gz"))
     except FileNotFoundError as err:
-        raise ValueError(f"demo data folder {folder} is missing from the installed package") from err
+        raise ValueError(f"demo data folder {folder} is missing from the installed "
+                         "package") from err
     if not names:
         raise ValueError(f"no demo shards {pattern} in {folder}; is the package data installed?")
     return [str(folder / name) for name in names]

@@ -116,12 +116,14 @@ def make_tfrecord_example(image: bytes, text: str, label: int | None = None,
     """Serializes one sample as the project's `tf.train.Example` layout."""
     feature = {
         TFRECORD_IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
-        TFRECORD_TEXT: tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode("utf-8")])),
+        TFRECORD_TEXT: tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[text.encode("utf-8")])),
     }
     if label is not None:
         feature[TFRECORD_LABEL] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
     if key is not None:
-        feature[TFRECORD_KEY] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[key.encode("utf-8")]))
+        feature[TFRECORD_KEY] = tf.train.Feature(
+            bytes_list=tf.train.BytesList(value=[key.encode("utf-8")]))
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 

@@ -12,10 +12,10 @@ import functools
 import hashlib
 from typing import Any, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from clip_jax.evaluation import data as data_lib
 from clip_jax.evaluation.embed import Embedder

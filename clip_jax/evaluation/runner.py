@@ -4,8 +4,8 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from absl import logging
 import ml_collections
+from absl import logging
 
 from clip_jax.evaluation import config as config_lib
 from clip_jax.evaluation.embed import Embedder

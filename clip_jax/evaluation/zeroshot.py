@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from absl import logging
 import numpy as np
+from absl import logging
 
 from clip_jax.evaluation import data as data_lib
 from clip_jax.evaluation.embed import Embedder

@@ -1,7 +1,11 @@
 """CLIP model definitions: towers, the two-tower model and the registry of named configs."""
 from clip_jax.models.clip import CLIP, l2_normalize
-from clip_jax.models.config import (CLIPConfig, ModifiedResNetConfig, TextTransformerConfig,
-                                    VisionTransformerConfig)
+from clip_jax.models.config import (
+    CLIPConfig,
+    ModifiedResNetConfig,
+    TextTransformerConfig,
+    VisionTransformerConfig,
+)
 from clip_jax.models.registry import apply_overrides, get_model_config, list_models
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from clip_jax.models.config import CLIPConfig
 from clip_jax.models.resnet import ModifiedResNet

@@ -10,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from clip_jax.models.config import (CLIPConfig, ModifiedResNetConfig, TextTransformerConfig,
-                                    VisionTransformerConfig)
+from clip_jax.models.config import (
+    CLIPConfig,
+    ModifiedResNetConfig,
+    TextTransformerConfig,
+    VisionTransformerConfig,
+)
 
 
 def _vit(embed, image, patch, width, layers, text_width, text_heads, text_layers=12):

@@ -13,9 +13,9 @@ inserts the cross-device reduction itself, so this is synchronised BN without an
 """
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from clip_jax.models.config import ModifiedResNetConfig
 from clip_jax.models.transformer import Dtype, remat_policy

@@ -1,9 +1,9 @@
 """Causal text Transformer tower (OpenAI CLIP layout)."""
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from clip_jax.models.config import TextTransformerConfig
 from clip_jax.models.transformer import Dtype, Transformer, layer_norm
