@@ -118,8 +118,13 @@ def _tokenize_batch(texts: tf.Tensor, tokenizer, context_length: int,
 def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
     """Shorter sides of up to `n` JPEGs at the start of the first shard (others are skipped)."""
     if spec.source == "tfrecord":
-        images = [sources.parse_tfrecord(r)["image"].numpy()
-                  for r in tf.data.TFRecordDataset(files[0]).take(n)]
+        images = []
+        try:
+            for record in tf.data.TFRecordDataset(files[0]).take(n):
+                images.append(sources.parse_tfrecord(record)["image"].numpy())
+        except tf.errors.OpError as err:  # a damaged first shard: decide on what was read
+            logging.info("data.decode=auto: peeking stopped at damage in %s (%s)", files[0],
+                         type(err).__name__)
     else:
         from clip_jax.data import tar_shards
         images = []
@@ -196,10 +201,15 @@ def _train_raw_source(spec, *, seed, process_index, process_count, key, start, b
         group, slots, starts = plan.resume_point(raw_start, lambda i: counter.count(files[i]))
     except ValueError as err:
         raise NoUsableData(f"{err}: {spec.shards or spec.source}") from None
+    on_error = watch.note_error if watch else None
+    if fmt == "tar":
+        return sources.tar_stream(files, plan, start_group=group, first_slots=slots,
+                                  first_starts=starts, caption_field=spec.caption_field,
+                                  counter=counter, on_error=on_error)
     return sources.read_groups(files, plan, _shard_reader(spec, counter, watch),
                                start_group=group, first_slots=slots, first_starts=starts,
                                num_parallel_calls=num_parallel_calls, counter=counter,
-                               on_error=watch.note_error if watch else None)
+                               on_error=on_error)
 
 
 def build_train_dataset(data_config, *, image_size: int, tokenizer, context_length: int,

@@ -241,6 +241,16 @@ def _label(key: str, members: dict[str, bytes]) -> int:
         return -1
 
 
+def iter_records(path: str, caption_field: str = "caption", start: int = 0
+                 ) -> Iterator[tuple[bytes, bytes, bytes, int]]:
+    """`(key, image, text, label)` per record of one shard from record `start` on (image and
+    text b"" when missing, label -1)."""
+    for key, members in iter_samples(path, start=start):
+        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), b"")
+        yield (key.encode("utf-8"), image, _caption(key, members, caption_field),
+               _label(key, members))
+
+
 def iter_tar_blocks(path, caption_field="caption", start=0, block_size=64
                     ) -> Iterator[dict[str, np.ndarray]]:
     """Raw records of one shard from record `start` on, in blocks of up to `block_size`.
@@ -252,21 +262,24 @@ def iter_tar_blocks(path, caption_field="caption", start=0, block_size=64
     path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
     caption_field = (caption_field.decode("utf-8") if isinstance(caption_field, bytes)
                      else str(caption_field))
-    keys, images, texts, labels = [], [], [], []
-    for key, members in iter_samples(path, start=int(start)):
-        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), b"")
-        keys.append(key.encode("utf-8"))
-        images.append(image)
-        texts.append(_caption(key, members, caption_field))
-        labels.append(_label(key, members))
-        if len(keys) == block_size:
-            yield _block(keys, images, texts, labels)
-            keys, images, texts, labels = [], [], [], []
-    if keys:
-        yield _block(keys, images, texts, labels)
+    yield from to_blocks(iter_records(path, caption_field, int(start)), block_size)
 
 
-def _block(keys, images, texts, labels) -> dict[str, np.ndarray]:
+def to_blocks(records, block_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Groups `(key, image, text, label)` tuples into blocks of up to `block_size`."""
+    rows = []
+    for record in records:
+        rows.append(record)
+        if len(rows) == block_size:
+            yield _block(rows)
+            rows = []
+    if rows:
+        yield _block(rows)
+
+
+def _block(rows) -> dict[str, np.ndarray]:
+    keys, images, texts, labels = zip(*rows)
+
     def objects(values):
         out = np.empty(len(values), dtype=object)
         out[:] = values
