@@ -182,13 +182,31 @@ def compile_memory(lowered, compiler_options: dict | None = None) -> dict[str, A
 
 
 def per_chip_bytes(abstract_tree) -> int:
-    """Bytes one chip holds of a tree of ShapeDtypeStructs carrying shardings."""
+    """Logical bytes one chip holds of a tree of ShapeDtypeStructs carrying shardings."""
     import jax
     total = 0
     for leaf in jax.tree.leaves(abstract_tree):
         shape = leaf.sharding.shard_shape(leaf.shape)
         total += math.prod(shape) * leaf.dtype.itemsize
     return int(total)
+
+
+def device_bytes(abstract_tree) -> int:
+    """Bytes one chip holds of a tree of sharded ShapeDtypeStructs in the device's layout.
+
+    TPUs store arrays in tiles, so small or odd trailing dimensions take more than their
+    logical size (measured on v5e: a [16] float32 shard 8x, an int32 [16, 77] batch 1.7x,
+    uint8 [B, 224, 224, 3] images 1.14x). Read from the argument size of a trivial program
+    over the tree, which the compiler lays out as the step's own arguments.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def touch(tree):  # uses every leaf, so jit keeps every argument
+        return sum(jnp.ravel(x)[0].astype(jnp.float32) for x in jax.tree.leaves(tree))
+
+    compiled = jax.jit(touch).lower(abstract_tree).compile()
+    return int(compiled.memory_analysis().argument_size_in_bytes)
 
 
 def _levers(config, topo) -> list[str]:
@@ -247,8 +265,8 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
     logging.info("compiling the train step for %s (%d chips, mesh %s)", topo.name,
                  topo.num_chips, dict(mesh.shape))
     train = compile_memory(setup.jit_step().lower(state, batch), options)
-    state_bytes = per_chip_bytes(state)
-    batch_bytes = per_chip_bytes(batch)
+    state_bytes = device_bytes(state)
+    batch_bytes = device_bytes(batch)
     # The trainer keeps `data.device_prefetch` more batches on the devices (device.py).
     train["prefetch"] = int(config.data.device_prefetch) * batch_bytes
     train["state"] = state_bytes

@@ -86,14 +86,21 @@ def get(name: str) -> Topology:
 
     Needs libtpu (`pip install "clip-jax-framework[tpu]"`, also part of the `test` extra);
     raises RuntimeError saying so when it is missing, ValueError for a shape libtpu rejects.
-    Sets TPU_SKIP_MDS_QUERY=1 first: libtpu would otherwise query the GCE metadata server for
-    the (absent) TPU's description.
     """
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     acc, dims = parse(name)
     import jax
-    from jax._src import xla_bridge  # get_topology_desc's own helper; tells "no libtpu" apart
+    from jax._src import hardware_utils, xla_bridge  # what jax's own TPU set-up consults
     from jax.experimental import topologies
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        # No TPU attached: libtpu would query the GCE metadata server for the (absent) TPU's
+        # description, then log three multi-line errors about unknown worker hostnames and
+        # accelerator type. These values only describe the local host, not the compile target
+        # (same compiled programs with and without them). libtpu also takes a machine-wide
+        # lock (/tmp/libtpu_lockfile) that would fail a second compiling process (pytest -n 2).
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     if xla_bridge.get_tpu_library_path() is None:
         raise RuntimeError("compiling for TPU topologies needs libtpu: pip install "
                            "'clip-jax-framework[tpu]' (or jax[tpu])")
