@@ -48,7 +48,9 @@ def define_flags() -> None:
         "clip_jax.train: --config.batch_size=32768 --config.mesh.fsdp=8 ...).",
         lock_config=True)
     _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, GENERATION:AxB[xC]: v5e:4x4, "
-                                    "v5p:4x4x4, v4:2x2x4, v6e:8x8.")
+                                    "v5p:4x4x4, v4:2x2x4, v6e:8x8; or NVIDIA hosts "
+                                    "h100:[HOSTSx]GPUS, e.g. h100:8, h100:4x8 (needs the cuda "
+                                    "extra, no GPU).")
     _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed fraction of the chips' peak bf16 FLOP/s at "
                               "which the step's executed FLOPs run (equals MFU when nothing "
                               "is recomputed); sets the estimated step time.")
@@ -226,8 +228,12 @@ def _levers(config, topo) -> list[str]:
 
 
 def _capacity(acc, hbm_gib: float | None) -> int:
-    """Bytes per chip to plan against: the chip's usable HBM, or `hbm_gib` below it."""
-    usable = acc.usable_hbm_bytes or acc.hbm_bytes
+    """Bytes per chip to plan against: the chip's usable HBM, or `hbm_gib` below it. On GPUs
+    JAX's allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the memory."""
+    usable = acc.usable_hbm_bytes
+    if usable is None:
+        usable = int(acc.hbm_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                                                          "0.75")))
     if hbm_gib is None:
         return usable
     if hbm_gib <= 0 or hbm_gib * GiB > usable:
@@ -237,9 +243,12 @@ def _capacity(acc, hbm_gib: float | None) -> int:
 
 
 def _compiler_options(acc, capacity: int) -> dict | None:
-    """Below the chip's usable HBM, the compiler's own limit is lowered too, so its fit
+    """TPU: below the chip's usable HBM, the compiler's own limit is lowered too, so its fit
     decisions (scheduling, rematerialisation) are made against the smaller budget (it cannot
-    be raised above the chip's)."""
+    be raised above the chip's). GPU: without a device XLA cannot autotune Triton GEMM tile
+    sizes (it fails "Couldn't find output tile sizes"), so matmuls go to cuBLAS."""
+    if acc.topology_prefix is None:
+        return {"xla_gpu_enable_triton_gemm": False}
     if acc.usable_hbm_bytes is None or capacity >= acc.usable_hbm_bytes:
         return None
     return {"xla_tpu_max_hbm_size_mib": capacity // 2 ** 20}

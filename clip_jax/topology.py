@@ -19,6 +19,7 @@ import re
 from clip_jax import accelerators
 
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+_GPU_NAME = re.compile(r"^(h100|h200):(?:(\d+)x)?(\d+)$")
 # libtpu's generation names in topology strings ("v5:4x4x4" is the v5p).
 _LIBTPU_PREFIX = {"v4": "v4", "v5e": "v5e", "v5p": "v5", "v6e": "v6e"}
 
@@ -47,11 +48,20 @@ class Topology:
 
 
 def parse(name: str) -> tuple[accelerators.Accelerator, tuple[int, ...]]:
-    """'v5e:4x4' -> (the v5e entry, (4, 4)); ValueError naming the expected form."""
+    """'v5e:4x4' -> (the v5e entry, (4, 4)); 'h100:4x8' -> (the h100 entry, (4 hosts, 8 GPUs));
+    ValueError naming the expected form."""
+    g = _GPU_NAME.match(name.strip().lower())
+    if g:
+        hosts, per_host = int(g.group(2) or 1), int(g.group(3))
+        if hosts < 1 or not 1 <= per_host <= 8:
+            raise ValueError(f"topology {name!r}: expected {g.group(1)}:[HOSTSx]GPUS with 1 to "
+                             f"8 GPUs per host")
+        return accelerators.by_name(g.group(1)), (hosts, per_host)
     m = _NAME.match(name.strip().lower())
     if not m:
         raise ValueError(f"topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
-                         f"v4, v5e, v5p, v6e, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x4")
+                         f"v4, v5e, v5p, v6e, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x4; or "
+                         f"h100:[HOSTSx]GPUS, h200:[HOSTSx]GPUS, e.g. h100:8, h100:4x8")
     gen, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
     if gen in ("v4", "v5p") and len(dims) != 3:
         raise ValueError(f"topology {name!r}: {gen} slices are 3-D (AxBxC), e.g. {gen}:2x2x1")
@@ -81,13 +91,64 @@ def _topology_kwargs(acc: accelerators.Accelerator, dims: tuple[int, ...]) -> di
     return kwargs
 
 
+# CUDA device properties of the SXM parts, for XLA's GPU compiler (GpuTargetConfigProto text):
+# NVIDIA's H100/H200 data sheets and the Hopper tuning guide (docs.nvidia.com/cuda/
+# hopper-tuning-guide): 132 SMs, compute capability 9.0, 228 KB shared memory per SM (227 KB
+# per block opt-in, 48 KB default), 64K 32-bit registers per SM, 50 MB L2, 1.98 GHz boost,
+# 3.35 TB/s (H100) / 4.8 TB/s (H200) HBM bandwidth.
+_GPU_SPECS = {
+    "h100": ("NVIDIA H100 80GB HBM3", 3.35e12),
+    "h200": ("NVIDIA H200", 4.8e12),
+}
+
+
+def _gpu_target_config(acc: accelerators.Accelerator) -> str:
+    description, bandwidth = _GPU_SPECS[acc.name]
+    info = {"threads_per_block_limit": 1024, "threads_per_warp": 32,
+            "shared_memory_per_block": 48 * 1024, "shared_memory_per_core": 228 * 1024,
+            "threads_per_core_limit": 2048, "core_count": 132, "fpus_per_core": 128,
+            "block_dim_limit_x": 2 ** 31 - 1, "block_dim_limit_y": 65535,
+            "block_dim_limit_z": 65535, "memory_bandwidth": int(bandwidth),
+            "l2_cache_size": 50 * 2 ** 20, "clock_rate_ghz": 1.98,
+            "device_memory_size": int(acc.hbm_bytes),
+            "shared_memory_per_block_optin": 227 * 1024,
+            "registers_per_core_limit": 65536, "registers_per_block_limit": 65536}
+    fields = "\n".join(f"  {k}: {v}" for k, v in info.items())
+    return (f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: 9 }}\n}}\n"
+            f'platform_name: "CUDA"\ndevice_description_str: "{description}"\n')
+
+
+def _get_gpu(name: str, acc: accelerators.Accelerator, dims: tuple[int, ...]) -> Topology:
+    """Compile-only CUDA devices (needs the CUDA PJRT plugin, `jax[cuda13]`; no GPU)."""
+    import jax
+    from jax.experimental import topologies
+    hosts, per_host = dims
+    try:
+        desc = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
+                                            target_config=_gpu_target_config(acc))
+    except (RuntimeError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
+        raise RuntimeError(f"topology {name!r}: compiling for NVIDIA GPUs without one needs "
+                           f"JAX's CUDA plugin: pip install 'clip-jax-framework[cuda]' "
+                           f"({_one_line(e)})") from None
+    devices = tuple(desc.devices)
+    return Topology(name=name, accelerator=acc, dims=dims, devices=devices, num_hosts=hosts)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text[:200]
+
+
 def get(name: str) -> Topology:
-    """The compile-only devices of slice `name` ("v5e:4x4", "v5p:4x4x4", "v4:2x2x4", "v6e:8x8").
+    """The compile-only devices of slice `name` ("v5e:4x4", "v5p:4x4x4", "v4:2x2x4", "v6e:8x8";
+    or NVIDIA hosts "h100:8", "h100:4x8", "h200:8").
 
     Needs libtpu (`pip install "clip-jax-framework[tpu]"`, also part of the `test` extra);
     raises RuntimeError saying so when it is missing, ValueError for a shape libtpu rejects.
     """
     acc, dims = parse(name)
+    if acc.topology_prefix is None:
+        return _get_gpu(name, acc, dims)
     import jax
     from jax._src import hardware_utils, xla_bridge  # what jax's own TPU set-up consults
     from jax.experimental import topologies
