@@ -9,6 +9,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
+from clip_jax import accelerators
+
 
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` (one JSON object per logged step) and to
@@ -136,19 +138,11 @@ def format_progress(step: int, total: int, scalars: Mapping[str, Any]) -> str:
             f"ETA {hours:d}:{rem // 60:02d}:{rem % 60:02d}")
 
 
-# Dense peak FLOP/s per chip for MFU (bf16/fp16 tensor units, without sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12}
-
-
 def peak_flops(device) -> float | None:
-    """The dense bf16 peak of `device` (None for CPUs and unknown chips)."""
-    kind = getattr(device, "device_kind", "").lower()
-    for name, flops in PEAK_FLOPS.items():
-        if name.lower() in kind:
-            return flops
-    return None
+    """The dense bf16 peak of `device` in FLOP/s (None for CPUs and unknown chips), from the
+    accelerator table in `clip_jax.accelerators`."""
+    acc = accelerators.for_device(device)
+    return acc.peak_bf16_flops if acc is not None else None
 
 
 def compiled_flops(compiled) -> float | None:

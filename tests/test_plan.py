@@ -1,0 +1,210 @@
+"""Planning for TPU pods without TPUs: train_setup builds what the trainer builds, the step and
+embedder compile for TPU slices (libtpu, compile-only devices), per-chip memory is consistent,
+FLOP counts, the fit verdict and the search, the accelerator table."""
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_train import REPO, get_config, read_metrics
+
+from clip_jax import (
+    accelerators,
+    checkpoint,
+    metrics,
+    plan,
+    sharding,
+    tokenizers,
+    topology,
+    train,
+    train_setup,
+)
+from clip_jax import data as data_lib
+
+# One layer per tower keeps each XLA:TPU compile to a few seconds.
+ONE_LAYER = json.dumps({"embed_dim": 64, "vision": {"layers": 1, "width": 64, "heads": 2},
+                        "text": {"layers": 1, "width": 64, "heads": 2}})
+
+
+def small_config(**overrides):
+    base = {"batch_size": 32, "total_steps": 1, "data.source": "synthetic",
+            "model.overrides": ONE_LAYER}
+    base.update(overrides)
+    return get_config(**base)
+
+
+def test_train_setup_builds_the_step_train_builds(tmp_path):
+    """One trainer step (FSDP 2x2 mesh, SigLIP, accumulation, remat) and one step of
+    train_setup's jitted step from the same init and batch: same loss, gradient norm and
+    parameters afterwards."""
+    config = small_config(batch_size=16, **{"mesh.data": 2, "mesh.fsdp": 2, "loss": "siglip",
+                                            "accumulation_steps": 2, "model.remat": "full"})
+    devices = jax.devices()[:4]
+    train.train(config, str(tmp_path / "run"), devices=devices)
+    logged = read_metrics(tmp_path / "run")[0]
+    _, trained_params, _ = checkpoint.load_model_variables(str(tmp_path / "run"))
+
+    mesh = sharding.create_mesh(2, 2, devices=devices)
+    setup = train_setup.build(config, mesh)
+    state = setup.jit_init()()
+    dataset = data_lib.build_train_dataset(
+        config.data, image_size=setup.model_config.image_size,
+        tokenizer=tokenizers.get(setup.tokenizer_name),
+        context_length=setup.model_config.context_length, local_batch_size=16,
+        seed=config.seed, process_index=0, process_count=1, start_position=None,
+        watch=data_lib.InputWatch(), index_dir=str(tmp_path / "index"))
+    batch = next(dataset.as_numpy_iterator())
+    batch = {k: jax.device_put(batch[k], setup.batch_sharding) for k in ("image", "text")}
+    state, step_metrics = setup.jit_step()(state, batch)
+
+    assert logged["step"] == 1
+    np.testing.assert_allclose(float(step_metrics["loss"]), logged["loss"], rtol=1e-6)
+    np.testing.assert_allclose(float(step_metrics["grad_norm"]), logged["grad_norm"], rtol=1e-6)
+    ours = jax.tree.leaves(state.params)
+    assert len(ours) == len(jax.tree.leaves(trained_params))
+    for x, y in zip(ours, jax.tree.leaves(trained_params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-7)
+
+
+def test_accelerator_table_matches_tpu_device_kinds():
+    """The table identifies libtpu's own device kinds, and GPU kinds as jax reports them."""
+    for name, gen in (("v5e:2x2", "v5e"), ("v4:2x2x1", "v4"), ("v5p:2x2x1", "v5p"),
+                      ("v6e:2x2", "v6e")):
+        topo = topology.get(name)
+        assert topo.num_chips == 4 and topo.num_hosts == 1
+        assert accelerators.for_device(topo.devices[0]).name == gen, topo.devices[0].device_kind
+        assert metrics.peak_flops(topo.devices[0]) == accelerators.by_name(gen).peak_bf16_flops
+
+    class Kind:
+        def __init__(self, kind):
+            self.device_kind = kind
+
+    assert metrics.peak_flops(Kind("TPU v5")) == 459e12  # v5p's device_kind
+    assert metrics.peak_flops(Kind("NVIDIA H100 80GB HBM3")) == 989e12
+    assert metrics.peak_flops(Kind("NVIDIA H100 PCIe")) == 756e12
+    assert accelerators.for_device(Kind("NVIDIA A100-SXM4-80GB")).hbm_bytes == 80e9
+    assert accelerators.for_device(Kind("NVIDIA A100-SXM4-40GB")).hbm_bytes == 40e9
+    assert metrics.peak_flops(jax.devices("cpu")[0]) is None
+    # v5p:4x4x4: 64 megacore chips on 16 hosts of 4, as the public slice tables say.
+    pod = topology.get("v5p:4x4x4")
+    assert (pod.num_chips, pod.num_hosts, pod.devices[0].num_cores) == (64, 16, 2)
+    with pytest.raises(ValueError, match="expected GENERATION"):
+        topology.get("v7x:2x2")
+    with pytest.raises(ValueError, match="libtpu rejects"):
+        topology.get("v5e:3x3")
+
+
+def _compile(config, topo_name):
+    topo = topology.get(topo_name)
+    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=topo.devices)
+    setup = train_setup.build(config, mesh)
+    state, batch = setup.sharded_abstract_state(), setup.abstract_batch()
+    lowered = setup.jit_step().lower(state, batch)
+    return plan.compile_memory(lowered), state, batch, lowered
+
+
+def test_tpu_step_memory_plain_vs_fsdp():
+    """XLA:TPU's per-chip argument bytes are the state's and the batch's shards in the TPU's
+    tiled layout (a little above their logical size); FSDP over 4 chips cuts the state's to
+    about a quarter (the batch is split the same way in both)."""
+    plain, state, batch, _ = _compile(small_config(**{"mesh.data": 4}), "v5e:2x2")
+    fsdp, fstate, fbatch, _ = _compile(small_config(**{"mesh.data": 1, "mesh.fsdp": 4}),
+                                       "v5e:2x2")
+    assert plain["fits"] and fsdp["fits"]
+    assert plain["arguments"] == plan.device_bytes(state) + plan.device_bytes(batch)
+    assert fsdp["arguments"] == plan.device_bytes(fstate) + plan.device_bytes(fbatch)
+    for compiled, s, b in ((plain, state, batch), (fsdp, fstate, fbatch)):
+        logical = plan.per_chip_bytes(s) + plan.per_chip_bytes(b)
+        assert logical < compiled["arguments"] < 1.1 * logical
+    assert plan.device_bytes(batch) == plan.device_bytes(fbatch)
+    assert 0.2 < fsdp["arguments"] / plain["arguments"] < 0.3
+    # The donated state comes back as the new state: aliased, not a second copy.
+    assert plain["aliased"] >= plan.per_chip_bytes(state)
+
+
+def test_tpu_siglip_ring_and_accumulation_on_v4_megacore():
+    """SigLIP's ring loss lowers to collective-permutes on a v4 slice; exact accumulation over
+    4 micro-batches needs fewer temporaries than the full batch at once."""
+    full, _, _, lowered = _compile(small_config(batch_size=512, loss="siglip"), "v4:2x2x1")
+    accum, _, _, _ = _compile(small_config(batch_size=512, loss="siglip",
+                                           accumulation_steps=4), "v4:2x2x1")
+    assert "collective-permute" in lowered.compile().as_text()
+    assert full["fits"] and accum["fits"]
+    assert accum["temporaries"] < 0.6 * full["temporaries"], (accum, full)
+
+
+def test_plan_report_fits_and_does_not_fit():
+    """The whole plan on v5e:2x2 (train step + eval embedder): fits in 16 GB; against a
+    40 MiB budget the compiler runs out of memory and the verdict names the levers."""
+    config = small_config(batch_size=256, **{"mesh.data": 4})
+    report = plan.plan(config, "v5e:2x2", mfu=0.5)
+    assert report["fits"] and report["verdict"] == "fits"
+    train_mem = report["train"]
+    assert train_mem["total"] == train_mem["program"] + train_mem["prefetch"]
+    # data.device_prefetch=2 batches of 64 rows per chip, in the TPU layout (>= logical size)
+    assert train_mem["prefetch"] >= 2 * 256 // 4 * (64 * 64 * 3 + 77 * 4)
+    assert report["eval"]["fits"] and report["eval"]["total"] > train_mem["state"]
+    speed = report["speed"]
+    assert speed["step_s"] == pytest.approx(speed["step_s_at_peak"] / 0.5)
+    assert speed["samples_per_s_per_host"] == pytest.approx(256 / speed["step_s"])
+    assert speed["executed_flops_per_chip"] == pytest.approx(speed["executed_flops"] / 4)
+    assert "per chip" in plan.format_report(report)
+    json.dumps(report, default=plan._json_default)  # the CLI prints it
+
+    tight = plan.plan(config, "v5e:2x2", hbm_gib=0.04, with_eval=False)
+    assert not tight["fits"]
+    assert tight["verdict"].startswith("does not fit: the train step")
+    for lever in ("mesh.fsdp", "model.remat=full", "accumulation_steps"):
+        assert lever in tight["verdict"], tight["verdict"]
+
+
+def test_flop_counts_include_recompute_and_accumulation():
+    """Loop-free counts: accumulation adds one forward pass (GradCache: ~4/3 of a plain step;
+    XLA's own count of the scanned step would see one micro-batch), full remat ~4/3 too."""
+    counter = plan.FlopCounter(small_config(batch_size=64))
+    model = counter.model()
+    assert 1.25 < counter.executed("none", 4) / model < 1.40
+    assert 1.2 < counter.executed("full", 1) / model < 1.45
+    assert counter.executed("none", 1) == model
+    assert counter.executed("full", 4) == pytest.approx(
+        counter.executed("full", 1) + counter.forward())
+
+
+def test_search_prefers_fastest_then_less_accumulation_then_small_fsdp():
+    """With a fake fit rule (no compiles): a config fits iff fsdp >= 2 and (accumulation >= 2
+    or full remat). The search tries the fastest candidate (no remat, no accumulation) at the
+    largest fsdp first, moves on to the next-fastest estimate, then bisects fsdp down to the
+    smallest that fits."""
+    config = small_config(batch_size=64)
+    counter = plan.FlopCounter(config)
+    calls = []
+
+    def compile_fits(variant):
+        key = (variant.mesh.fsdp, variant.model.remat, variant.accumulation_steps)
+        calls.append(key)
+        ok = key[0] >= 2 and (key[2] >= 2 or key[1] == "full")
+        return ok, 1 if ok else None
+
+    result = plan.search(config, "v5e:2x2", remats=("none", "full"), compile_fits=compile_fits,
+                         counter=counter)
+    # Next fastest after (none, 1): whichever of (none, 2) and (full, 1) executes fewer
+    # FLOPs (both about 4/3 of the model's), ties to less accumulation.
+    remat, k = min((("none", 2), ("full", 1)),
+                   key=lambda rk: (round(counter.executed(*rk) / counter.model(), 3), rk[1]))
+    assert calls == [(4, "none", 1), (4, remat, k), (2, remat, k), (1, remat, k)]
+    best = result["best"]
+    assert (best.mesh.data, best.mesh.fsdp, best.model.remat, best.accumulation_steps) == (
+        2, 2, remat, k)
+    assert [t["fits"] for t in result["tried"]] == [False, True, True, False]
+
+
+def test_plan_cli_bad_topology_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "clip_jax.plan", "--config",
+                           str(REPO / "configs" / "clip.py") + ":tiny", "--topology", "v9:2x2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "clip_jax.plan: error" in line]
+    assert len(errors) == 1 and "v9:2x2" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
