@@ -135,7 +135,10 @@ def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
     sides = []
     for image in images[:n]:
         if image[:2] == b"\xff\xd8":
-            h, w, _ = tf.image.extract_jpeg_shape(image).numpy()
+            try:
+                h, w, _ = tf.image.extract_jpeg_shape(image).numpy()
+            except tf.errors.OpError:
+                continue  # a damaged JPEG: the pipeline drops and counts it later
             sides.append(int(min(h, w)))
     return sides
 
