@@ -159,6 +159,32 @@ def test_truncated_or_metadata_less_checkpoints_are_one_line_damage_errors(train
     assert checkpoint.Checkpointer(str(workdir), read_only=True).all_steps() == [2, 4]
 
 
+def test_a_read_error_that_is_not_damage_stops_without_skipping(trained, tmp_path,
+                                                                monkeypatch):
+    """Running out of memory (or an unavailable filesystem) while restoring says nothing about
+    the files: no fallback to an older step, no checkpoint moved aside, a one-line error."""
+    workdir = _copy(trained, tmp_path)
+    checkpointer = checkpoint.Checkpointer(str(workdir), read_only=True)
+
+    def out_of_memory(*args, **kwargs):
+        try:
+            raise ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 1.8GiB")
+        except ValueError as e:
+            raise Exception("Encountered error while reading array index") from e
+    monkeypatch.setattr(checkpointer._manager, "restore", out_of_memory)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
+                                                           sharding=device),
+                            dict(checkpointer.saved_state_tree(4)))
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpointer.restore_latest_intact(abstract)
+    assert not isinstance(error.value, checkpoint.DamagedCheckpointError)
+    assert _one_line(str(error.value)) == (
+        f"could not read checkpoint step 4 in {workdir}/checkpoints: unreadable (ValueError: "
+        f"RESOURCE_EXHAUSTED: Out of memory allocating 1.8GiB) (not a sign of damage; retry)")
+    assert checkpointer.all_steps() == [2, 4]
+
+
 def test_metrics_rows_after_the_resume_step_are_dropped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
