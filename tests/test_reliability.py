@@ -144,6 +144,17 @@ def test_truncated_or_metadata_less_checkpoints_are_one_line_damage_errors(train
         checkpoint.load_model_variables(str(workdir))
     assert _one_line(str(error.value)).startswith("damaged checkpoint: step 4 in ")
     assert "unreadable (ValueError: OUT_OF_RANGE" in str(error.value)
+    # The CLI prints just that line: no traceback, not even from orbax's reads left behind.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 1
+    # (Which array's read fails first varies: reads run concurrently.)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"clip_jax.evaluate: error: damaged checkpoint: step 4 in {workdir}/"
+                           f"checkpoints: unreadable (ValueError: OUT_OF_RANGE: "), last
+    assert last.endswith("; other steps: [2]"), last
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stdout, proc.stderr[-3000:]
 
     os.remove(workdir / "checkpoints" / "2" / "state" / "_METADATA")
     with pytest.raises(checkpoint.DamagedCheckpointError) as error:
