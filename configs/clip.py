@@ -9,7 +9,6 @@ import ml_collections
 from clip_jax.data import config as data_config
 from clip_jax.evaluation import config as eval_config
 
-
 VARIANTS = ("tiny", "tiny_rn", "vit_b32", "vit_b16", "vit_l14", "rn50", "rn101", "lit_b32")
 
 
