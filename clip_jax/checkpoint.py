@@ -285,17 +285,21 @@ def _tree_difference(saved: Any, abstract: Any) -> str:
 
 
 def _silence_reads_left_behind() -> None:
-    """After a failed restore, orbax's other array reads finish after its event loop closed;
-    each then reports `RuntimeError: Event loop is closed` through sys.unraisablehook (a
-    5-line traceback each, after the one-line error). Those, and only those, are dropped from
-    then on; everything else goes to the previous hook."""
+    """After a failed restore, orbax's other array reads are left behind: later, each reports
+    through sys.unraisablehook either `RuntimeError: Event loop is closed` (it finished after
+    orbax's event loop closed) or, when garbage-collected, its own read error again with ~60
+    lines of TensorStore spec; all after the one-line error that already named the damage.
+    Those, and only those, are dropped from then on; anything else goes to the previous hook.
+    """
     previous = sys.unraisablehook
     if getattr(previous, "_clip_jax_filter", False):
         return
 
     def hook(unraisable):
-        error = unraisable.exc_value
+        error, source = unraisable.exc_value, unraisable.object
         if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if getattr(source, "__qualname__", "") == "_read_array_index_and_device_put":
             return
         previous(unraisable)
     hook._clip_jax_filter = True
