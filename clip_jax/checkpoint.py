@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -163,20 +164,37 @@ class Checkpointer:
 
     def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Structure check, restore, then the integrity check (see `save`)."""
-        difference = _tree_difference(self._saved_tree(step), abstract_state)
-        if difference:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} does not match "
-                                  f"this model/config: {difference}")
-        failure = None
+        # Outcome on this process: OK, DAMAGED (bad files) or FAILED (a read error that says
+        # nothing about the files: out of memory, an unavailable filesystem). The processes
+        # agree on the worst before going on: the checksum is a collective, and one process
+        # may fail alone.
+        outcome, reason, restored = _OK, "", None
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax/tensorstore raise plain Exception for damaged files
-            failure = f"unreadable ({root_cause(e)})"
-        # All processes must agree before the checksum collective (one may fail alone).
-        if _any_process(failure is not None):
+            saved = self._saved_tree(step)
+        except DamagedCheckpointError as e:
+            outcome, reason = _DAMAGED, e.reason
+        if outcome == _OK:
+            difference = _tree_difference(saved, abstract_state)
+            if difference:   # the same on every process: they read the same metadata
+                raise CheckpointError(f"checkpoint step {step} in {self.directory} does not "
+                                      f"match this model/config: {difference}")
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore()))
+            except Exception as e:  # orbax/tensorstore raise plain Exception for bad files
+                _silence_reads_left_behind()
+                cause = root_cause(e)
+                outcome = _FAILED if _is_transient(e, cause) else _DAMAGED
+                reason = f"unreadable ({cause})"
+        worst = _worst_over_processes(outcome)
+        if worst == _FAILED:
+            raise CheckpointError(f"could not read checkpoint step {step} in {self.directory}: "
+                                  f"{reason or 'failed on another process'} (not a sign of "
+                                  f"damage; retry)")
+        if worst == _DAMAGED:
             raise DamagedCheckpointError(self.directory, step,
-                                         failure or "unreadable on another process")
+                                         reason or "unreadable on another process")
         start = time.perf_counter()
         failure = _verify(restored["state"], restored["meta"])
         if failure:
@@ -266,10 +284,47 @@ def _tree_difference(saved: Any, abstract: Any) -> str:
     return "; ".join(parts)
 
 
-def _any_process(flag: bool) -> bool:
+def _silence_reads_left_behind() -> None:
+    """After a failed restore, orbax's other array reads are left behind: later, each reports
+    through sys.unraisablehook either `RuntimeError: Event loop is closed` (it finished after
+    orbax's event loop closed) or, when garbage-collected, its own read error again with ~60
+    lines of TensorStore spec; all after the one-line error that already named the damage.
+    Those, and only those, are dropped from then on; anything else goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_clip_jax_filter", False):
+        return
+
+    def hook(unraisable):
+        error, source = unraisable.exc_value, unraisable.object
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        if getattr(source, "__qualname__", "") == "_read_array_index_and_device_put":
+            return
+        previous(unraisable)
+    hook._clip_jax_filter = True
+    sys.unraisablehook = hook
+
+
+_OK, _DAMAGED, _FAILED = 0, 1, 2
+# TensorStore/absl status codes of read errors that say nothing about the files' content.
+_TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",
+                    "ABORTED")
+
+
+def _is_transient(error: BaseException, cause: str) -> bool:
+    """Whether a failed restore is no evidence of damage (memory, network, timeouts)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    if isinstance(error, (MemoryError, TimeoutError, ConnectionError)):
+        return True
+    return any(code in cause for code in _TRANSIENT_CODES)
+
+
+def _worst_over_processes(outcome: int) -> int:
     if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+        return outcome
+    return int(np.max(multihost_utils.process_allgather(np.asarray(outcome, np.int32))))
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

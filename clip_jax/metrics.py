@@ -86,8 +86,11 @@ def drop_rows_after(path: str, step: int) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        logging.info("%s: dropped %d rows after step %d (they are logged again on resume)%s",
-                     path, dropped, step, f" and {torn} unreadable lines" if torn else "")
+        logging.info("%s: dropped %d rows after step %d (they are logged again on resume)",
+                     path, dropped, step)
+        if torn:
+            logging.warning("%s: dropped %d unreadable lines (torn by a crash mid-write?)",
+                            path, torn)
     return dropped + torn
 
 
