@@ -94,6 +94,11 @@ def test_accelerator_table_matches_tpu_device_kinds():
         topology.get("v7x:2x2")
     with pytest.raises(ValueError, match="libtpu rejects"):
         topology.get("v5e:3x3")
+    # NVIDIA hosts: [HOSTSx]GPUS (compiled through the CUDA plugin, not installed for tests).
+    assert topology.parse("h100:4x8") == (accelerators.by_name("h100"), (4, 8))
+    assert topology.parse("h200:8") == (accelerators.by_name("h200"), (1, 8))
+    with pytest.raises(ValueError, match="1 to 8 GPUs per host"):
+        topology.parse("h100:16")
 
 
 def _compile(config, topo_name):
