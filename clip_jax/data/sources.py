@@ -140,6 +140,18 @@ def read_in_order(files: Sequence[str], reader, cycle_length: int,
                             deterministic=True)
 
 
+def _all_empty(files: list[str], num_distinct: int, counter, on_error) -> bool:
+    """True (after reporting to `on_error`) once every shard was read or counted and none holds
+    a record: an endless stream must then end instead of cycling through empty shards."""
+    if counter is None or not counter.all_known_empty(num_distinct):
+        return False
+    if on_error is not None:
+        on_error(f"no record in any of the {len(files)} shard(s) "
+                 f"({files[0]}{', ...' if len(files) > 1 else ''}): empty or not "
+                 f"{counter.fmt} files")
+    return True
+
+
 def read_groups(files: Sequence[str], plan, reader, *, start_group: int,
                 first_slots: Sequence[int], first_starts: Sequence[int],
                 num_parallel_calls: int, counter=None, on_error=None) -> tf.data.Dataset:
@@ -159,13 +171,7 @@ def read_groups(files: Sequence[str], plan, reader, *, start_group: int,
     def groups():
         yield {"path": [files[i] for i in first_slots], "start": list(first_starts)}
         g = start_group + 1
-        while True:
-            if counter is not None and counter.all_known_empty(num_distinct):
-                if on_error is not None:
-                    on_error(f"no record in any of the {len(files)} shard(s) "
-                             f"({files[0]}{', ...' if len(files) > 1 else ''}): empty or "
-                             "not tar/tfrecord files")
-                return
+        while not _all_empty(files, num_distinct, counter, on_error):
             yield {"path": [files[i] for i in plan.group(g)], "start": [0] * width}
             g += 1
 
@@ -220,13 +226,7 @@ def tar_stream(files: Sequence[str], plan, *, start_group: int, first_slots: Seq
     def stream():
         yield from group_records(first_slots, first_starts)
         g = start_group + 1
-        while True:
-            if counter is not None and counter.all_known_empty(num_distinct):
-                if on_error is not None:
-                    on_error(f"no record in any of the {len(files)} shard(s) "
-                             f"({files[0]}{', ...' if len(files) > 1 else ''}): empty or "
-                             "not tar files")
-                return
+        while not _all_empty(files, num_distinct, counter, on_error):
             yield from group_records(plan.group(g), [0] * plan.cycle_length)
             g += 1
 
