@@ -51,7 +51,7 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     # busy 2-core machine; --threads 1 exercises the pinning path.
     rows = _run("input_pipeline.py", "--quick", "--cases", "16px,256px,resume", "--threads", "1")
     kinds = [row["kind"] for row in rows]
-    assert kinds == ["setup"] + ["throughput"] * 8 + ["resume"] * 6, kinds
+    assert kinds == ["setup"] + ["throughput"] * 8 + ["resume"] * 10, kinds
     setup = rows[0]
     assert setup["cores"] == 1 and setup["threads"] == 1
     assert set(setup["datasets"]) == {"16px", "256px"}
@@ -71,8 +71,9 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
         if row["pipeline"] == "reference":
             assert row["ratio_to_reference"] == 1.0
     resume = rows[9:]
-    assert [(r["source"], r["start_position"]) for r in resume] == [
-        (s, p) for s in ("tar", "tfrecord") for p in (0, 512, 1536)]
+    assert [(r["source"], r["start_position"], r["count_cache"]) for r in resume] == [
+        (s, p, c) for s in ("tar", "tfrecord") for p in (0, 512, 1536)
+        for c in ("cold", "warm") if p or c == "cold"]
     for row in resume:
         # The first batch after resuming at p ends at raw position p + batch size.
         assert row["first_batch_position"] == row["start_position"] + row["batch_size"]
