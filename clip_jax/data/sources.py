@@ -11,7 +11,6 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from clip_jax.data import shards as shards_lib
 from clip_jax.data import tar_shards
 
 # One raw record. Missing members are empty strings / label -1, so that every sample reaches
@@ -353,8 +352,3 @@ def image_folder_records(root: str) -> tuple[tf.data.Dataset, list[str]]:
         return {"key": ex["key"], "image": tf.io.read_file(ex["path"]),
                 "text": tf.constant(b""), "label": ex["label"]}
     return ds.map(to_raw), classes
-
-
-def demo_files(split: str) -> list[str]:
-    """Paths of the shipped demo shards (`source: "demo"`)."""
-    return shards_lib.demo_shards(split)
