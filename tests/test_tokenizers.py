@@ -494,12 +494,17 @@ def test_spm_batch_bytes_and_decode(sp):
 
 
 def test_spm_batch_runs_without_the_gil(spm_path):
-    caps = _captions(3000, seed=10)
+    # 20k captions take ~50 ms to encode: long enough that the helper thread, if the GIL is
+    # released, ticks inside the call (3k captions, ~6 ms, missed it 1 time in 10 under load).
+    caps = _captions(20_000, seed=10)
     for num_threads in [1, 2]:
         tok = tokenizers.SentencePieceTokenizer(spm_path, num_threads=num_threads)
-        with _GilProbe(tok._sp, "encode") as probe:
-            rows = tok(caps)
-        assert probe.ran_inside is True
+        ran_inside = []
+        for _ in range(3):  # a loaded CI machine may still deschedule the helper once
+            with _GilProbe(tok._sp, "encode") as probe:
+                rows = tok(caps)
+            ran_inside.append(probe.ran_inside)
+        assert any(ran_inside), ran_inside
         np.testing.assert_array_equal(rows[:50], np.concatenate([tok(c) for c in caps[:50]]))
     for bad in [0, -2, 1.5, True]:
         with pytest.raises(ValueError, match="num_threads"):
