@@ -149,3 +149,43 @@ def test_sigterm_while_waiting_for_data_exits_cleanly(tmp_path):
     out = "".join(lines) + out
     assert proc.returncode == 0, out[-3000:]
     assert "SIGTERM received while waiting for data" in out
+
+
+def _jpeg(seed, size=32):
+    from PIL import Image
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("split", ["train", "eval"])
+def test_truncated_jpeg_is_named_once(tmp_path, caplog, split):
+    """libjpeg's 'Premature end of JPEG data' does not say which sample; the pipeline logs the
+    key of a truncated JPEG, once however often the sample comes around, and skips it."""
+    from clip_jax.data.pipeline import build_eval_dataset
+
+    members = []
+    for i in range(12):
+        data = _jpeg(i)
+        if i == 5:
+            data = data[: len(data) // 2]
+        if i == 7:  # trailing bytes after the end marker are not damage
+            data = data + b"\x00" * 10
+        members += [(f"s{i:03d}.jpg", data), (f"s{i:03d}.txt", b"a caption")]
+    path = str(tmp_path / "mixed.tar")
+    _write_tar(path, members)
+    caplog.set_level("WARNING")
+    if split == "train":
+        ds = build_train_dataset(data_config(source="tar", shards=path), image_size=8,
+                                 tokenizer=TOK, context_length=8, local_batch_size=4, seed=0)
+        batches = list(ds.take(9).as_numpy_iterator())  # 36 samples: three epochs of 11
+        from clip_jax.data import num_skipped
+        assert num_skipped(batches[-1]["position"], 36) == 3  # s005 skipped in each epoch
+    else:
+        ds = build_eval_dataset({"source": "tar", "shards": path}, image_size=8, tokenizer=TOK,
+                                context_length=8, batch_size=4)
+        batches = list(ds.as_numpy_iterator())
+        assert sum(int(b["mask"].sum()) for b in batches) == 11
+    named = [r.getMessage() for r in caplog.records if "truncated JPEG" in r.getMessage()]
+    assert len(named) == 1 and "'s005'" in named[0], named

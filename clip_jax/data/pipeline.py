@@ -76,6 +76,55 @@ class InputWatch:
                 "every image failed to decode or every caption is empty")
 
 
+class DamagedJpegLog:
+    """Names in the log the samples whose JPEG data looks truncated, each key once.
+
+    libjpeg reports damage ("Premature end of JPEG data. Stopped at line 14/64", "Corrupt JPEG
+    data: ...") without saying which sample it was. A JPEG whose last 64 bytes hold no
+    end-of-image marker (FF D9) was cut short, as interrupted downloads are: `check` flags it in
+    the graph (a few byte compares per sample) and logs its key from Python only then. The first
+    `named` keys are logged one by one, then one line per further 1,000. Damage inside the data
+    that leaves the end intact is reported by libjpeg alone.
+    """
+
+    def __init__(self, named: int = 20):
+        self.named = named
+        self.count = 0
+        self._seen: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    def _log(self, key) -> bool:
+        key = key.numpy()
+        with self._lock:
+            if key in self._seen:
+                return True
+            if len(self._seen) < 100_000:
+                self._seen.add(key)
+            self.count += 1
+            count = self.count
+        if count <= self.named:
+            logging.warning("input pipeline: sample %r has truncated JPEG data (no end-of-image "
+                            "marker); the libjpeg warning about it says 'Premature end of JPEG "
+                            "data'; undecodable samples are skipped and counted",
+                            key.decode("utf-8", errors="replace"))
+        elif count % 1000 == 0:
+            logging.warning("input pipeline: %d samples with truncated JPEG data so far", count)
+        return True
+
+    def check(self, encoded: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+        """A bool scalar op to run before decoding `encoded` (a string scalar)."""
+        n = tf.strings.length(encoded)
+        k = tf.minimum(n, 64)
+        tail = tf.io.decode_raw(tf.strings.substr(encoded, n - k, k), tf.uint8)
+        has_end = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF),
+                                               tf.equal(tail[1:], 0xD9)))
+        truncated = tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8"),
+                                   tf.logical_not(has_end))
+        return tf.cond(truncated,
+                       lambda: tf.py_function(self._log, [key], tf.bool),
+                       lambda: tf.constant(True))
+
+
 def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True
@@ -278,6 +327,8 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
     else:  # "auto" keeps full decoding for mixtures
         window = str(data_config.get("decode", "auto")) == "window"
 
+    damaged_jpegs = DamagedJpegLog()
+
     def transform(rec):
         # Records without an image or caption are dropped here, with undecodable images, by
         # failing the map (one stage fewer than a filter); they still count in `position`.
@@ -285,7 +336,9 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
                                 tf.strings.length(rec["text"]) > 0)
         position, index = ordering.position_and_index(rec)
         crop_key = ordering.fold_in(aug_key, index)
-        with tf.control_dependencies([tf.debugging.Assert(usable, ["no image or caption"])]):
+        checks = [tf.debugging.Assert(usable, ["no image or caption"]),
+                  damaged_jpegs.check(rec["image"], rec["key"])]
+        with tf.control_dependencies(checks):
             if window:  # same crop windows as the two-step path, decoding only them
                 image = transforms.decode_random_resized_crop(
                     rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method)
@@ -387,12 +440,16 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
         {"decode": decode}, spec,
         _shard_files(spec) if spec.source in ("tar", "tfrecord") else None, image_size)
 
+    damaged_jpegs = DamagedJpegLog()
+
     def transform(rec):
-        if window:
-            image = transforms.decode_resize_center_crop(rec["image"], image_size, method=method)
-        else:
-            image = transforms.resize_center_crop(transforms.decode_image(rec["image"]),
-                                                  image_size, method=method)
+        with tf.control_dependencies([damaged_jpegs.check(rec["image"], rec["key"])]):
+            if window:
+                image = transforms.decode_resize_center_crop(rec["image"], image_size,
+                                                             method=method)
+            else:
+                image = transforms.resize_center_crop(transforms.decode_image(rec["image"]),
+                                                      image_size, method=method)
         return {"image": image, "label": tf.cast(rec["label"], tf.int32),
                 "caption": rec["text"], "key": rec["key"]}
 

@@ -45,7 +45,7 @@ def decode_image(encoded):
     """Decodes JPEG/PNG/WebP/GIF(first frame)/BMP bytes to `uint8 [h, w, 3]` (TF op).
 
     Raises InvalidArgumentError on undecodable bytes; the pipeline runs it under a per-sample
-    error guard that drops and counts such samples (see `pipeline.guarded_map`).
+    error guard that drops and counts such samples (see `pipeline.decode_dropping_errors`).
     """
     import tensorflow as tf
 
