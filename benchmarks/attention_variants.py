@@ -14,6 +14,7 @@ Variants: xla, xla_pad2, xla_pad64 (XLA on the padded sequence: the cost of padd
 cudnn (the sequence as is), cudnn_pad2, cudnn_pad64, and model_cudnn: what
 `model.attention_impl="cudnn"` picks (`clip_jax.models.attention.cudnn_plan`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,18 +42,25 @@ VARIANTS = ("xla", "xla_pad2", "xla_pad64", "cudnn", "cudnn_pad2", "cudnn_pad64"
 def variant_fn(variant: str, causal: bool, seq: int):
     """(fn(q, k, v) -> out, the sequence length it runs at) for `variant`."""
     if variant == "model_cudnn":
-        return (lambda q, k, v: attention.dot_product_attention(
-            q, k, v, causal=causal, implementation="cudnn")), None
+        return (
+            lambda q, k, v: attention.dot_product_attention(
+                q, k, v, causal=causal, implementation="cudnn"
+            )
+        ), None
     impl = attention.parse_implementation(variant)
     length = seq if impl.pad_multiple is None else attention.padded_length(seq, impl.pad_multiple)
-    return (lambda q, k, v: attention.padded_attention(
-        q, k, v, causal=causal, length=length, implementation=impl.backend)), length
+    return (
+        lambda q, k, v: attention.padded_attention(
+            q, k, v, causal=causal, length=length, implementation=impl.backend
+        )
+    ), length
 
 
 def fwd_bwd(fn):
     def run(q, k, v, cotangent):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(cotangent)
+
     return run
 
 
@@ -71,8 +79,9 @@ def max_abs(a, b) -> float:
 
 
 def nonfinite(tree) -> int:
-    return int(sum(int(jnp.sum(~jnp.isfinite(x.astype(jnp.float32))))
-                   for x in jax.tree.leaves(tree)))
+    return int(
+        sum(int(jnp.sum(~jnp.isfinite(x.astype(jnp.float32)))) for x in jax.tree.leaves(tree))
+    )
 
 
 def first_line(e: BaseException) -> str:
@@ -86,17 +95,31 @@ def run_case(name: str, batch: int, dtype: str, variants, steps: int) -> None:
     shape = (batch, seq, heads, head_dim)
     q, k, v, ct = (jax.random.normal(key, shape, jnp.float32) for key in keys)
     with jax.default_matmul_precision("highest"):
-        ref_fn = jax.jit(fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, implementation="xla")))
+        ref_fn = jax.jit(
+            fwd_bwd(
+                lambda q, k, v: jax.nn.dot_product_attention(
+                    q, k, v, is_causal=causal, implementation="xla"
+                )
+            )
+        )
         ref_out, ref_grads = ref_fn(q, k, v, ct)
     args = tuple(x.astype(dtype) for x in (q, k, v, ct))
     base = None
     for variant in variants:
         fn, length = variant_fn(variant, causal, seq)
-        row = {"benchmark": "attention_variants", "case": name, "variant": variant,
-               "batch": batch, "seq": seq, "heads": heads, "head_dim": head_dim,
-               "causal": causal, "dtype": dtype, "length": length,
-               "backend": jax.default_backend()}
+        row = {
+            "benchmark": "attention_variants",
+            "case": name,
+            "variant": variant,
+            "batch": batch,
+            "seq": seq,
+            "heads": heads,
+            "head_dim": head_dim,
+            "causal": causal,
+            "dtype": dtype,
+            "length": length,
+            "backend": jax.default_backend(),
+        }
         if variant == "model_cudnn":
             row["length"] = attention.cudnn_plan(shape, str(jnp.dtype(dtype)), causal, None)
             row["plan"] = "xla (cuDNN refused)" if row["length"] is None else "cudnn"
@@ -129,8 +152,11 @@ def run_case(name: str, batch: int, dtype: str, variants, steps: int) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="vit-b16,vit-b32,text",
-                        help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument(
+        "--cases",
+        default="vit-b16,vit-b32,text",
+        help=f"comma-separated subset of {','.join(CASES)}",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -140,8 +166,9 @@ def main(argv=None) -> None:
     variants = [v for v in args.variants.split(",") if v]
     unknown = sorted(set(cases) - set(CASES)) + sorted(set(variants) - set(VARIANTS))
     if unknown:
-        parser.error(f"unknown cases/variants {unknown}; cases: {list(CASES)}, "
-                     f"variants: {list(VARIANTS)}")
+        parser.error(
+            f"unknown cases/variants {unknown}; cases: {list(CASES)}, variants: {list(VARIANTS)}"
+        )
     if "xla" in variants:  # the comparison base runs first
         variants.remove("xla")
         variants.insert(0, "xla")

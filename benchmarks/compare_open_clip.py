@@ -11,6 +11,7 @@ tiny-vit step that settles at 0.24 s; RN50 needed two rounds). Prints one JSON l
 framework (with every round's time, so the spread is visible) and one with the ratio
 clip_jax / open_clip (< 1: clip_jax faster). Needs the `test` extra (torch, open_clip_torch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,10 +42,20 @@ def open_clip_model(name: str) -> torch.nn.Module:
     v, t = config.vision, config.text
     if v.type != "vit":
         raise ValueError(f"no open_clip twin for {name!r}")
-    vision_cfg = {"image_size": v.image_size, "layers": v.layers, "width": v.width,
-                  "patch_size": v.patch_size, "head_width": v.width // v.heads}
-    text_cfg = {"context_length": t.context_length, "vocab_size": t.vocab_size,
-                "width": t.width, "heads": t.heads, "layers": t.layers}
+    vision_cfg = {
+        "image_size": v.image_size,
+        "layers": v.layers,
+        "width": v.width,
+        "patch_size": v.patch_size,
+        "head_width": v.width // v.heads,
+    }
+    text_cfg = {
+        "context_length": t.context_length,
+        "vocab_size": t.vocab_size,
+        "width": t.width,
+        "heads": t.heads,
+        "layers": t.layers,
+    }
     return open_clip.model.CLIP(config.embed_dim, vision_cfg, text_cfg)
 
 
@@ -60,14 +71,17 @@ def cpu_name() -> str:
                     break  # the first processor's block is enough
     except OSError:
         return platform.processor() or platform.machine()
-    return (f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
-            f"model {fields.get('model', '?')})")
+    return (
+        f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, "
+        f"model {fields.get('model', '?')})"
+    )
 
 
 def torch_step_fn(model: torch.nn.Module, batch: int, config):
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
-                            weight_decay=0.2)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2
+    )
     loss_fn = open_clip.ClipLoss()
     size, length = config.image_size, config.context_length
     images = torch.randn(batch, 3, size, size)
@@ -81,6 +95,7 @@ def torch_step_fn(model: torch.nn.Module, batch: int, config):
         loss.backward()
         opt.step()
         return float(loss)
+
     return step
 
 
@@ -90,8 +105,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="timed alternating rounds")
-    parser.add_argument("--warmup-rounds", type=int, default=2,
-                        help="untimed alternating rounds before the timed ones")
+    parser.add_argument(
+        "--warmup-rounds",
+        type=int,
+        default=2,
+        help="untimed alternating rounds before the timed ones",
+    )
     args = parser.parse_args()
     # Same process, so both frameworks run with the same allocator settings.
     malloc_tuned = host_memory.tune_for_xla_cpu(default=True)  # as RESULTS.md was measured
@@ -120,15 +139,32 @@ def main() -> None:
             jax_times.append(jax_s)
             torch_times.append(torch_s)
 
-    common = {"model": args.model, "batch": args.batch, "dtype": "float32",
-              "device": "cpu", "cpu": cpu_name(), "threads": os.cpu_count(),
-              "malloc_tuned": malloc_tuned}
+    common = {
+        "model": args.model,
+        "batch": args.batch,
+        "dtype": "float32",
+        "device": "cpu",
+        "cpu": cpu_name(),
+        "threads": os.cpu_count(),
+        "malloc_tuned": malloc_tuned,
+    }
     jax_s, torch_s = float(np.median(jax_times)), float(np.median(torch_times))
     rounded = lambda times: [round(t, 4) for t in times]
-    print(json.dumps({"framework": "clip_jax", "step_s": jax_s,
-                      "round_step_s": rounded(jax_times), **common}))
-    print(json.dumps({"framework": "open_clip", "step_s": torch_s,
-                      "round_step_s": rounded(torch_times), **common}))
+    print(
+        json.dumps(
+            {"framework": "clip_jax", "step_s": jax_s, "round_step_s": rounded(jax_times), **common}
+        )
+    )
+    print(
+        json.dumps(
+            {
+                "framework": "open_clip",
+                "step_s": torch_s,
+                "round_step_s": rounded(torch_times),
+                **common,
+            }
+        )
+    )
     print(json.dumps({"ratio_clip_jax_over_open_clip": jax_s / torch_s, **common}))
 
 

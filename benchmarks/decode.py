@@ -16,6 +16,7 @@ alternate within each round (order rotated); medians over rounds, and per-round 
     python benchmarks/decode.py [--sizes 16x16,256x256,480x360,1024x768 --rounds 5 \
         --samples 400 --parallel 1 --image-size 224 --resize-method bicubic]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,21 +47,28 @@ def _main_resize(image, height, width, method):
 
 def _functions(kind: str, size: int, method: str):
     """variant -> fn(encoded, index) -> uint8 [size, size, 3]."""
+
     def key(index):
         return tf.stack([tf.constant(17, tf.int64), index])
 
     if kind == "train":
+
         def main(e, i):
             image = transforms.decode_image(e)
-            begin, crop_size = transforms._sample_crop(tf.shape(image), key(i), (0.9, 1.0),
-                                                       (3 / 4, 4 / 3))
+            begin, crop_size = transforms._sample_crop(
+                tf.shape(image), key(i), (0.9, 1.0), (3 / 4, 4 / 3)
+            )
             return _main_resize(tf.slice(image, begin, crop_size), size, size, method)
 
-        return {"main": main,
-                "two_step": lambda e, i: transforms.random_resized_crop(
-                    transforms.decode_image(e), key(i), size, method=method),
-                "one_step": lambda e, i: transforms.decode_random_resized_crop(
-                    e, key(i), size, method=method)}
+        return {
+            "main": main,
+            "two_step": lambda e, i: transforms.random_resized_crop(
+                transforms.decode_image(e), key(i), size, method=method
+            ),
+            "one_step": lambda e, i: transforms.decode_random_resized_crop(
+                e, key(i), size, method=method
+            ),
+        }
 
     def main_eval(e, i):
         image = transforms.decode_image(e)
@@ -69,17 +77,22 @@ def _functions(kind: str, size: int, method: str):
         resized = _main_resize(image, new_h, new_w, method)
         return tf.slice(resized, tf.stack([top, left, 0]), [size, size, 3])
 
-    return {"main": main_eval,
-            "two_step": lambda e, i: transforms.resize_center_crop(
-                transforms.decode_image(e), size, method=method),
-            "one_step": lambda e, i: transforms.decode_resize_center_crop(e, size,
-                                                                          method=method)}
+    return {
+        "main": main_eval,
+        "two_step": lambda e, i: transforms.resize_center_crop(
+            transforms.decode_image(e), size, method=method
+        ),
+        "one_step": lambda e, i: transforms.decode_resize_center_crop(e, size, method=method),
+    }
 
 
 def _dataset(pool: list[bytes], fn, samples: int, parallel: int) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices(pool).repeat().take(samples).enumerate()
-    ds = ds.map(lambda i, e: tf.reduce_sum(tf.cast(fn(e, i), tf.int32)),
-                num_parallel_calls=parallel, deterministic=False)
+    ds = ds.map(
+        lambda i, e: tf.reduce_sum(tf.cast(fn(e, i), tf.int32)),
+        num_parallel_calls=parallel,
+        deterministic=False,
+    )
     options = tf.data.Options()
     options.threading.private_threadpool_size = parallel
     options.threading.max_intra_op_parallelism = 1
@@ -97,8 +110,11 @@ def _rate(ds: tf.data.Dataset, samples: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="16x16,256x256,480x360,1024x768",
-                        help="source JPEG sizes, WxH, comma separated")
+    parser.add_argument(
+        "--sizes",
+        default="16x16,256x256,480x360,1024x768",
+        help="source JPEG sizes, WxH, comma separated",
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=400, help="samples per timed run")
     parser.add_argument("--parallel", type=int, default=1, help="num_parallel_calls = threads")
@@ -114,34 +130,43 @@ def main() -> None:
         pool = [synthetic_photo(rng, width, height) for _ in range(args.pool)]
         for kind in args.only.split(","):
             fns = _functions(kind, args.image_size, args.resize_method)
-            datasets = {n: _dataset(pool, fns[n], args.samples, args.parallel)
-                        for n in VARIANTS}
+            datasets = {n: _dataset(pool, fns[n], args.samples, args.parallel) for n in VARIANTS}
             warm = max(args.samples // 8, 1)
             for n in VARIANTS:  # warm-up: traces the functions, fills caches
                 _rate(datasets[n].take(warm), warm)
             wall: dict[str, list[float]] = {n: [] for n in VARIANTS}
             cpu: dict[str, list[float]] = {n: [] for n in VARIANTS}
             for r in range(args.rounds):
-                for n in VARIANTS[r % 3:] + VARIANTS[:r % 3]:
+                for n in VARIANTS[r % 3 :] + VARIANTS[: r % 3]:
                     w, c = _rate(datasets[n], args.samples)
                     wall[n].append(w)
                     cpu[n].append(c)
-            line = {"source": f"{width}x{height}", "transform": kind,
-                    "image_size": args.image_size, "method": args.resize_method,
-                    "parallel": args.parallel, "rounds": args.rounds,
-                    "mean_jpeg_kb": round(sum(map(len, pool)) / len(pool) / 1024, 1)}
+            line = {
+                "source": f"{width}x{height}",
+                "transform": kind,
+                "image_size": args.image_size,
+                "method": args.resize_method,
+                "parallel": args.parallel,
+                "rounds": args.rounds,
+                "mean_jpeg_kb": round(sum(map(len, pool)) / len(pool) / 1024, 1),
+            }
             for label, rates, per in (("cpu", cpu, 1), ("wall", wall, args.parallel)):
                 line[f"{label}_per_core"] = {
-                    n: round(statistics.median(rates[n]) / per, 1) for n in VARIANTS}
+                    n: round(statistics.median(rates[n]) / per, 1) for n in VARIANTS
+                }
                 for n in VARIANTS[1:]:
                     ratios = [b / a for a, b in zip(rates["main"], rates[n])]
-                    line[f"{label}_{n}_vs_main"] = [round(statistics.median(ratios), 2),
-                                                    round(min(ratios), 2),
-                                                    round(max(ratios), 2)]
+                    line[f"{label}_{n}_vs_main"] = [
+                        round(statistics.median(ratios), 2),
+                        round(min(ratios), 2),
+                        round(max(ratios), 2),
+                    ]
                 ratios = [b / a for a, b in zip(rates["two_step"], rates["one_step"])]
-                line[f"{label}_one_vs_two_step"] = [round(statistics.median(ratios), 2),
-                                                    round(min(ratios), 2),
-                                                    round(max(ratios), 2)]
+                line[f"{label}_one_vs_two_step"] = [
+                    round(statistics.median(ratios), 2),
+                    round(min(ratios), 2),
+                    round(max(ratios), 2),
+                ]
             print(json.dumps(line), flush=True)
 
 

@@ -32,6 +32,7 @@ keeps generation fast; every record is still read and decoded.
 ~1 min). `--threads N` pins the process to N cores and sizes the tf.data thread pools to N.
 `--quick` is a seconds-long smoke run at toy sizes (tests/test_benchmarks.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageFilter  # noqa: E402
 
-WORDS = ("a photo of the red dog cat sitting on green grass near blue car house tree with "
-         "small large old young man woman city beach mountain sky sunset bird flower").split()
+WORDS = (
+    "a photo of the red dog cat sitting on green grass near blue car house tree with "
+    "small large old young man woman city beach mountain sky sunset bird flower"
+).split()
 CAPTION_WORDS = 12
 CONTEXT_LENGTH = 77
 RESUME_RATIO_GOAL = 2.0
@@ -66,15 +69,16 @@ RESUME_RATIO_GOAL = 2.0
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One throughput case: the stored images and what the pipelines make of them."""
+
     name: str
-    width: int            # stored JPEG size
+    width: int  # stored JPEG size
     height: int
-    image_size: int       # pipeline output: uint8 [batch, image_size, image_size, 3]
+    image_size: int  # pipeline output: uint8 [batch, image_size, image_size, 3]
     batch_size: int
-    records: int          # samples on disk, per format
+    records: int  # samples on disk, per format
     shard_size: int
-    pool: int             # distinct JPEGs reused across the records
-    round_batches: int    # timed batches per round
+    pool: int  # distinct JPEGs reused across the records
+    round_batches: int  # timed batches per round
 
 
 # 16 px: a round of 40 x 256 = 10,240 samples spans one 10k shuffle block, so every round sees
@@ -99,8 +103,14 @@ ALL_CASES = ("16px", "256px", "480x360", "resume")
 def synthetic_photo(rng: np.random.Generator, width=480, height=360) -> bytes:
     """A JPEG (quality 90) with smooth structure plus noise, sized like a typical web photo."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([(x / width) * rng.uniform(80, 255), (y / height) * rng.uniform(80, 255),
-                     np.full_like(x, rng.uniform(0, 255))], -1)
+    base = np.stack(
+        [
+            (x / width) * rng.uniform(80, 255),
+            (y / height) * rng.uniform(80, 255),
+            np.full_like(x, rng.uniform(0, 255)),
+        ],
+        -1,
+    )
     img = Image.fromarray(base.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(12):
@@ -154,8 +164,9 @@ def write_tar_shard(path: str, members: Iterator[tuple[bytes, bytes]]) -> None:
 
 
 def _dataset_dir(root: str, case: Case) -> str:
-    return os.path.join(root, f"{case.width}x{case.height}-{case.records}r-{case.shard_size}s"
-                              f"-{case.pool}p")
+    return os.path.join(
+        root, f"{case.width}x{case.height}-{case.records}r-{case.shard_size}s-{case.pool}p"
+    )
 
 
 def _caption_pool(rng: np.random.Generator, n: int) -> list[str]:
@@ -183,26 +194,45 @@ def ensure_dataset(root: str, case: Case) -> dict:
             if photos is None:
                 photos = [synthetic_photo(rng, case.width, case.height) for _ in range(case.pool)]
                 captions = _caption_pool(rng, 4096)
-            logging.info("writing %d %dx%d samples as %s to %s", case.records, case.width,
-                         case.height, fmt, folder)
+            logging.info(
+                "writing %d %dx%d samples as %s to %s",
+                case.records,
+                case.width,
+                case.height,
+                fmt,
+                folder,
+            )
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
             P, C = len(photos), len(captions)
 
             def caption(i, P=P, C=C):
                 return captions[(i * 7 + i // P) % C]
+
             if fmt == "tar":
                 for s in range(0, case.records, case.shard_size):
                     stop = min(s + case.shard_size, case.records)
-                    members = (m for i in range(s, stop) for m in (
-                        (b"%09d.jpg" % i, photos[i % P]),
-                        (b"%09d.txt" % i, caption(i).encode())))
-                    write_tar_shard(os.path.join(folder, f"{s // case.shard_size:05d}.tar"),
-                                    members)
+                    members = (
+                        m
+                        for i in range(s, stop)
+                        for m in (
+                            (b"%09d.jpg" % i, photos[i % P]),
+                            (b"%09d.txt" % i, caption(i).encode()),
+                        )
+                    )
+                    write_tar_shard(
+                        os.path.join(folder, f"{s // case.shard_size:05d}.tar"), members
+                    )
             else:
-                write_shards((Sample(f"{i:09d}", photos[i % P], "jpg", caption(i))
-                              for i in range(case.records)),
-                             folder, fmt="tfrecord", shard_size=case.shard_size)
+                write_shards(
+                    (
+                        Sample(f"{i:09d}", photos[i % P], "jpg", caption(i))
+                        for i in range(case.records)
+                    ),
+                    folder,
+                    fmt="tfrecord",
+                    shard_size=case.shard_size,
+                )
             with open(marker, "w"):
                 pass
             out["generate_s"] += time.perf_counter() - start
@@ -224,8 +254,16 @@ def _mean_jpeg_kb(tar_path: str) -> float:
 # --------------------------------------------------------------------------------------------
 # Pipelines
 # --------------------------------------------------------------------------------------------
-def reference_dataset(files: list[str], *, image_size: int, batch_size: int, shuffle_buffer: int,
-                      tokenizer, threads: int, seed: int = 0):
+def reference_dataset(
+    files: list[str],
+    *,
+    image_size: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    tokenizer,
+    threads: int,
+    seed: int = 0,
+):
     """Plain tf.data on TFRecords, the same work as clip_jax's train pipeline.
 
     Yields {"image": uint8 [B, image_size, image_size, 3], "text": int32 [B, 77] (or the raw
@@ -237,29 +275,38 @@ def reference_dataset(files: list[str], *, image_size: int, batch_size: int, shu
     import tensorflow as tf
 
     autotune = tf.data.AUTOTUNE
-    features = {"image/encoded": tf.io.FixedLenFeature([], tf.string),
-                "text": tf.io.FixedLenFeature([], tf.string)}
+    features = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "text": tf.io.FixedLenFeature([], tf.string),
+    }
     ds = tf.data.Dataset.from_tensor_slices(files).shuffle(len(files), seed=seed).repeat()
-    ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(16, len(files)),
-                       num_parallel_calls=autotune)
+    ds = ds.interleave(
+        tf.data.TFRecordDataset, cycle_length=min(16, len(files)), num_parallel_calls=autotune
+    )
     ds = ds.shuffle(shuffle_buffer, seed=seed)
 
     def prepare(serialized):
         ex = tf.io.parse_single_example(serialized, features)
         image = tf.io.decode_jpeg(ex["image/encoded"], channels=3)
         begin, size, _ = tf.image.sample_distorted_bounding_box(
-            tf.shape(image), bounding_boxes=tf.zeros([1, 0, 4]), seed=seed,
-            min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.9, 1.0),
-            max_attempts=10, use_image_if_no_bounding_boxes=True)
+            tf.shape(image),
+            bounding_boxes=tf.zeros([1, 0, 4]),
+            seed=seed,
+            min_object_covered=0.0,
+            aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.9, 1.0),
+            max_attempts=10,
+            use_image_if_no_bounding_boxes=True,
+        )
         crop = tf.slice(image, begin, size)
-        resized = tf.image.resize(crop, [image_size, image_size], method="bicubic",
-                                  antialias=True)
+        resized = tf.image.resize(crop, [image_size, image_size], method="bicubic", antialias=True)
         image = tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
         return {"image": image, "text": ex["text"]}
 
     ds = ds.map(prepare, num_parallel_calls=autotune)
     ds = ds.batch(batch_size, drop_remainder=True)
     if tokenizer is not None:
+
         def tokenize(texts):
             return tokenizer(list(texts), context_length=CONTEXT_LENGTH)
 
@@ -267,6 +314,7 @@ def reference_dataset(files: list[str], *, image_size: int, batch_size: int, shu
             tokens = tf.numpy_function(tokenize, [batch["text"]], tf.int32, stateful=False)
             tokens.set_shape([batch_size, CONTEXT_LENGTH])
             return {"image": batch["image"], "text": tokens}
+
         ds = ds.map(tokenize_batch, num_parallel_calls=autotune)
     ds = ds.prefetch(autotune)
     if threads:
@@ -276,9 +324,18 @@ def reference_dataset(files: list[str], *, image_size: int, batch_size: int, shu
     return ds
 
 
-def clip_jax_dataset(pattern: str, source: str, *, image_size: int, batch_size: int,
-                     shuffle_buffer: int, tokenizer, threads: int, start_position=None,
-                     index_dir: str = ""):
+def clip_jax_dataset(
+    pattern: str,
+    source: str,
+    *,
+    image_size: int,
+    batch_size: int,
+    shuffle_buffer: int,
+    tokenizer,
+    threads: int,
+    start_position=None,
+    index_dir: str = "",
+):
     """`build_train_dataset` with the default data config on one tar / TFRecord source."""
     from clip_jax.data import config as config_lib
     from clip_jax.data.pipeline import build_train_dataset
@@ -288,9 +345,16 @@ def clip_jax_dataset(pattern: str, source: str, *, image_size: int, batch_size: 
     cfg.shards = pattern
     cfg.shuffle_buffer = shuffle_buffer
     cfg.threadpool_size = threads
-    return build_train_dataset(cfg, image_size=image_size, tokenizer=tokenizer,
-                               context_length=CONTEXT_LENGTH, local_batch_size=batch_size,
-                               seed=0, start_position=start_position, index_dir=index_dir)
+    return build_train_dataset(
+        cfg,
+        image_size=image_size,
+        tokenizer=tokenizer,
+        context_length=CONTEXT_LENGTH,
+        local_batch_size=batch_size,
+        seed=0,
+        start_position=start_position,
+        index_dir=index_dir,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,6 +385,7 @@ def emit(row: dict) -> None:
 @dataclasses.dataclass
 class Timed:
     """One pipeline under measurement: its iterator and what was measured on it."""
+
     name: str
     source: str
     make: Callable
@@ -331,7 +396,7 @@ class Timed:
     drained: int = 0
     batch_s: float = 0.0
     cpu_ms: list = dataclasses.field(default_factory=list)  # process CPU ms per sample
-    busy: list = dataclasses.field(default_factory=list)    # process CPU s per wall s
+    busy: list = dataclasses.field(default_factory=list)  # process CPU s per wall s
 
 
 def pull_times(it: Iterator, n: int) -> list[float]:
@@ -363,24 +428,48 @@ def drain_prefetched(it: Iterator, minimum: int, batch_s: float, cap: int) -> in
     return pulled
 
 
-def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads: int,
-             rounds: int, drain: int, cores: int) -> None:
+def run_case(
+    case: Case,
+    data: dict,
+    *,
+    tokenizer,
+    shuffle_buffer: int,
+    threads: int,
+    rounds: int,
+    drain: int,
+    cores: int,
+) -> None:
     """Times the four pipelines of `case` alternately and prints one JSON line for each."""
     import tensorflow as tf
 
     tfrecords = sorted(tf.io.gfile.glob(data["tfrecord"]))
-    common = dict(image_size=case.image_size, batch_size=case.batch_size,
-                  shuffle_buffer=shuffle_buffer, threads=threads)
+    common = dict(
+        image_size=case.image_size,
+        batch_size=case.batch_size,
+        shuffle_buffer=shuffle_buffer,
+        threads=threads,
+    )
     pipes = [
-        Timed("reference", "tfrecord",
-              lambda: reference_dataset(tfrecords, tokenizer=tokenizer, **common)),
-        Timed("reference_notok", "tfrecord",
-              lambda: reference_dataset(tfrecords, tokenizer=None, **common)),
-        Timed("clip_jax_tar", "tar",
-              lambda: clip_jax_dataset(data["tar"], "tar", tokenizer=tokenizer, **common)),
-        Timed("clip_jax_tfrecord", "tfrecord",
-              lambda: clip_jax_dataset(data["tfrecord"], "tfrecord", tokenizer=tokenizer,
-                                       **common)),
+        Timed(
+            "reference",
+            "tfrecord",
+            lambda: reference_dataset(tfrecords, tokenizer=tokenizer, **common),
+        ),
+        Timed(
+            "reference_notok",
+            "tfrecord",
+            lambda: reference_dataset(tfrecords, tokenizer=None, **common),
+        ),
+        Timed(
+            "clip_jax_tar",
+            "tar",
+            lambda: clip_jax_dataset(data["tar"], "tar", tokenizer=tokenizer, **common),
+        ),
+        Timed(
+            "clip_jax_tfrecord",
+            "tfrecord",
+            lambda: clip_jax_dataset(data["tfrecord"], "tfrecord", tokenizer=tokenizer, **common),
+        ),
     ]
     warmup = min(case.round_batches, 4)
     for p in pipes:
@@ -399,9 +488,8 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
         p.rss_growth_mb = round(rss_mb() - before, 1)
     samples = case.round_batches * case.batch_size
     for r in range(rounds):
-        for p in pipes[r % len(pipes):] + pipes[:r % len(pipes)]:
-            p.drained += drain_prefetched(p.it, drain, p.batch_s,
-                                          cap=2 * case.round_batches + 4)
+        for p in pipes[r % len(pipes) :] + pipes[: r % len(pipes)]:
+            p.drained += drain_prefetched(p.it, drain, p.batch_s, cap=2 * case.round_batches + 4)
             cpu_start = time.process_time()
             times = pull_times(p.it, case.round_batches)
             cpu = time.process_time() - cpu_start
@@ -409,41 +497,63 @@ def run_case(case: Case, data: dict, *, tokenizer, shuffle_buffer: int, threads:
             p.cpu_ms.append(1000 * cpu / samples)
             p.busy.append(cpu / sum(times))
             p.batch_s = statistics.median(times)
-        logging.info("%s round %d: %s", case.name, r,
-                     ", ".join(f"{p.name} {p.rounds[-1]:.0f}/s" for p in pipes))
+        logging.info(
+            "%s round %d: %s",
+            case.name,
+            r,
+            ", ".join(f"{p.name} {p.rounds[-1]:.0f}/s" for p in pipes),
+        )
     reference = pipes[0]
     ref_median = statistics.median(reference.rounds)
     ref_cpu = statistics.median(reference.cpu_ms)
     for p in pipes:
         median = statistics.median(p.rounds)
-        emit({
-            "kind": "throughput", "case": case.name, "pipeline": p.name, "source": p.source,
-            "source_image": f"{case.width}x{case.height}", "image_size": case.image_size,
-            "batch_size": case.batch_size, "samples_per_s": round(median, 1),
-            "samples_per_s_min": round(min(p.rounds), 1),
-            "samples_per_s_max": round(max(p.rounds), 1),
-            "round_samples_per_s": [round(v, 1) for v in p.rounds],
-            "samples_per_s_per_core": round(median / cores, 1), "cores": cores,
-            "ratio_to_reference": round(median / ref_median, 3),
-            "round_ratios_to_reference": [round(a / b, 3)
-                                          for a, b in zip(p.rounds, reference.rounds)],
-            # CPU cost holds up under machine load better than samples/s: idle pipelines use
-            # no CPU (measured), so process CPU time during a round is this pipeline's.
-            "cpu_ms_per_sample": round(statistics.median(p.cpu_ms), 3),
-            "cpu_ratio_to_reference": round(statistics.median(p.cpu_ms) / ref_cpu, 3),
-            "cores_busy": round(statistics.median(p.busy), 2),
-            "rounds": rounds, "round_samples": samples, "drained_batches": p.drained,
-            "first_batch_s": round(p.first_batch_s, 2), "rss_growth_mb": p.rss_growth_mb,
-            "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(), "loadavg_1m": loadavg(),
-            "shuffle_buffer": shuffle_buffer, "records": case.records,
-            "mean_jpeg_kb": data["mean_jpeg_kb"], "threads": threads or None})
+        emit(
+            {
+                "kind": "throughput",
+                "case": case.name,
+                "pipeline": p.name,
+                "source": p.source,
+                "source_image": f"{case.width}x{case.height}",
+                "image_size": case.image_size,
+                "batch_size": case.batch_size,
+                "samples_per_s": round(median, 1),
+                "samples_per_s_min": round(min(p.rounds), 1),
+                "samples_per_s_max": round(max(p.rounds), 1),
+                "round_samples_per_s": [round(v, 1) for v in p.rounds],
+                "samples_per_s_per_core": round(median / cores, 1),
+                "cores": cores,
+                "ratio_to_reference": round(median / ref_median, 3),
+                "round_ratios_to_reference": [
+                    round(a / b, 3) for a, b in zip(p.rounds, reference.rounds)
+                ],
+                # CPU cost holds up under machine load better than samples/s: idle pipelines use
+                # no CPU (measured), so process CPU time during a round is this pipeline's.
+                "cpu_ms_per_sample": round(statistics.median(p.cpu_ms), 3),
+                "cpu_ratio_to_reference": round(statistics.median(p.cpu_ms) / ref_cpu, 3),
+                "cores_busy": round(statistics.median(p.busy), 2),
+                "rounds": rounds,
+                "round_samples": samples,
+                "drained_batches": p.drained,
+                "first_batch_s": round(p.first_batch_s, 2),
+                "rss_growth_mb": p.rss_growth_mb,
+                "rss_mb": rss_mb(),
+                "peak_rss_mb": peak_rss_mb(),
+                "loadavg_1m": loadavg(),
+                "shuffle_buffer": shuffle_buffer,
+                "records": case.records,
+                "mean_jpeg_kb": data["mean_jpeg_kb"],
+                "threads": threads or None,
+            }
+        )
     for p in pipes:
         p.it = None
     gc.collect()
 
 
-def run_resume(case: Case, data: dict, positions, *, tokenizer, shuffle_buffer: int,
-               threads: int) -> None:
+def run_resume(
+    case: Case, data: dict, positions, *, tokenizer, shuffle_buffer: int, threads: int
+) -> None:
     """Time to the first batch of `build_train_dataset` started at each raw position.
 
     Each source is resumed twice per position: with an empty shard-count cache (the one-time
@@ -459,28 +569,46 @@ def run_resume(case: Case, data: dict, positions, *, tokenizer, shuffle_buffer: 
                     continue  # a fresh start counts nothing
                 logging.info("resume: %s from position %d (%s count cache)", source, p, cache)
                 start, cpu_start = time.perf_counter(), time.process_time()
-                ds = clip_jax_dataset(data[source], source, image_size=case.image_size,
-                                      batch_size=case.batch_size, shuffle_buffer=shuffle_buffer,
-                                      tokenizer=tokenizer, threads=threads,
-                                      start_position=[p, p], index_dir=index_dir)
+                ds = clip_jax_dataset(
+                    data[source],
+                    source,
+                    image_size=case.image_size,
+                    batch_size=case.batch_size,
+                    shuffle_buffer=shuffle_buffer,
+                    tokenizer=tokenizer,
+                    threads=threads,
+                    start_position=[p, p],
+                    index_dir=index_dir,
+                )
                 it = ds.as_numpy_iterator()
                 batch = next(it)
                 seconds = time.perf_counter() - start
                 cpu_s = time.process_time() - cpu_start
                 base_s = seconds if base_s is None else base_s
                 ratio = seconds / base_s
-                emit({"kind": "resume", "source": source, "start_position": p,
-                      "count_cache": cache,
-                      "first_batch_s": round(seconds, 2), "first_batch_cpu_s": round(cpu_s, 2),
-                      "ratio_to_p0": round(ratio, 2),
-                      "within_goal": bool(ratio <= RESUME_RATIO_GOAL),
-                      "goal_ratio": RESUME_RATIO_GOAL,
-                      # After one batch of a clean dataset this is p + batch size.
-                      "first_batch_position": int(np.asarray(batch["position"]).reshape(-1)[-1]),
-                      "records": case.records, "shard_size": case.shard_size,
-                      "batch_size": case.batch_size, "shuffle_buffer": shuffle_buffer,
-                      "rss_mb": rss_mb(), "peak_rss_mb": peak_rss_mb(), "loadavg_1m": loadavg(),
-                      "threads": threads or None})
+                emit(
+                    {
+                        "kind": "resume",
+                        "source": source,
+                        "start_position": p,
+                        "count_cache": cache,
+                        "first_batch_s": round(seconds, 2),
+                        "first_batch_cpu_s": round(cpu_s, 2),
+                        "ratio_to_p0": round(ratio, 2),
+                        "within_goal": bool(ratio <= RESUME_RATIO_GOAL),
+                        "goal_ratio": RESUME_RATIO_GOAL,
+                        # After one batch of a clean dataset this is p + batch size.
+                        "first_batch_position": int(np.asarray(batch["position"]).reshape(-1)[-1]),
+                        "records": case.records,
+                        "shard_size": case.shard_size,
+                        "batch_size": case.batch_size,
+                        "shuffle_buffer": shuffle_buffer,
+                        "rss_mb": rss_mb(),
+                        "peak_rss_mb": peak_rss_mb(),
+                        "loadavg_1m": loadavg(),
+                        "threads": threads or None,
+                    }
+                )
                 del it, ds, batch
                 gc.collect()
         shutil.rmtree(index_dir, ignore_errors=True)
@@ -499,24 +627,44 @@ def _cpu_model() -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", default=None,
-                        help="keep/reuse generated shards here (default: a temp dir)")
-    parser.add_argument("--cases", default=",".join(ALL_CASES),
-                        help=f"comma-separated subset of {','.join(ALL_CASES)}")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="pin to this many cores and size tf.data thread pools to it")
+    parser.add_argument(
+        "--data-dir", default=None, help="keep/reuse generated shards here (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--cases",
+        default=",".join(ALL_CASES),
+        help=f"comma-separated subset of {','.join(ALL_CASES)}",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="pin to this many cores and size tf.data thread pools to it",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per pipeline")
-    parser.add_argument("--drain", type=int, default=1,
-                        help="untimed batches at the start of every round, before those that "
-                             "come back prefetched (see drain_prefetched)")
-    parser.add_argument("--shuffle-buffer", type=int, default=None,
-                        help="shuffle buffer / block (default 10000, --quick 256)")
-    parser.add_argument("--resume-positions", default=None,
-                        help="comma-separated start positions (default 0,100000,400000)")
+    parser.add_argument(
+        "--drain",
+        type=int,
+        default=1,
+        help="untimed batches at the start of every round, before those that "
+        "come back prefetched (see drain_prefetched)",
+    )
+    parser.add_argument(
+        "--shuffle-buffer",
+        type=int,
+        default=None,
+        help="shuffle buffer / block (default 10000, --quick 256)",
+    )
+    parser.add_argument(
+        "--resume-positions",
+        default=None,
+        help="comma-separated start positions (default 0,100000,400000)",
+    )
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke run")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s", datefmt="%H:%M:%S"
+    )
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = sorted(set(cases) - set(ALL_CASES))
@@ -529,12 +677,16 @@ def main(argv=None) -> None:
         available = sorted(os.sched_getaffinity(0))
         if args.threads > len(available):
             parser.error(f"--threads {args.threads}: only {len(available)} cores available")
-        os.sched_setaffinity(0, available[:args.threads])
+        os.sched_setaffinity(0, available[: args.threads])
     table = QUICK_CASES if args.quick else FULL_CASES
     shuffle_buffer = args.shuffle_buffer or (256 if args.quick else 10_000)
-    positions = (tuple(int(p) for p in args.resume_positions.split(","))
-                 if args.resume_positions else
-                 QUICK_RESUME_POSITIONS if args.quick else FULL_RESUME_POSITIONS)
+    positions = (
+        tuple(int(p) for p in args.resume_positions.split(","))
+        if args.resume_positions
+        else QUICK_RESUME_POSITIONS
+        if args.quick
+        else FULL_RESUME_POSITIONS
+    )
 
     import tensorflow as tf
 
@@ -555,19 +707,44 @@ def main(argv=None) -> None:
         if "resume" in cases and "16px" not in needed:
             needed.insert(0, "16px")
         datasets = {name: ensure_dataset(root, table[name]) for name in needed}
-        emit({"kind": "setup", "cores": cores, "cpu": _cpu_model(), "loadavg_1m": loadavg(),
-              "threads": args.threads or None, "quick": args.quick, "cases": cases,
-              "tensorflow": tf.__version__, "shuffle_buffer": shuffle_buffer,
-              "rounds": args.rounds, "tokenizer": "clip_jax clip-bpe",
-              "caption_words": CAPTION_WORDS, "datasets": datasets})
+        emit(
+            {
+                "kind": "setup",
+                "cores": cores,
+                "cpu": _cpu_model(),
+                "loadavg_1m": loadavg(),
+                "threads": args.threads or None,
+                "quick": args.quick,
+                "cases": cases,
+                "tensorflow": tf.__version__,
+                "shuffle_buffer": shuffle_buffer,
+                "rounds": args.rounds,
+                "tokenizer": "clip_jax clip-bpe",
+                "caption_words": CAPTION_WORDS,
+                "datasets": datasets,
+            }
+        )
         for name in needed:
             if name in cases:
-                run_case(table[name], datasets[name], tokenizer=tokenizer,
-                         shuffle_buffer=shuffle_buffer, threads=args.threads,
-                         rounds=args.rounds, drain=args.drain, cores=cores)
+                run_case(
+                    table[name],
+                    datasets[name],
+                    tokenizer=tokenizer,
+                    shuffle_buffer=shuffle_buffer,
+                    threads=args.threads,
+                    rounds=args.rounds,
+                    drain=args.drain,
+                    cores=cores,
+                )
         if "resume" in cases:
-            run_resume(table["16px"], datasets["16px"], positions, tokenizer=tokenizer,
-                       shuffle_buffer=shuffle_buffer, threads=args.threads)
+            run_resume(
+                table["16px"],
+                datasets["16px"],
+                positions,
+                tokenizer=tokenizer,
+                shuffle_buffer=shuffle_buffer,
+                threads=args.threads,
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()

@@ -20,6 +20,7 @@ the regexes in CATEGORIES: a rough split, printed as such.
 
 Prints JSON lines ({"kind": "profile_op" | "profile_category" | "profile_info", ...}).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,17 +117,41 @@ def summarize(path: str, top: int = 15, steps: int | None = None) -> list[dict]:
         for name, us in totals.items():
             by_category[category(name)] += us
         for name, us in totals.most_common(top):
-            rows.append({"kind": "profile_op", "level": level, "name": name,
-                         "category": category(name), "per_step_ms": us / 1e3 / steps,
-                         "count_per_step": counts[name] / steps, "share": us / busy})
+            rows.append(
+                {
+                    "kind": "profile_op",
+                    "level": level,
+                    "name": name,
+                    "category": category(name),
+                    "per_step_ms": us / 1e3 / steps,
+                    "count_per_step": counts[name] / steps,
+                    "share": us / busy,
+                }
+            )
         for label, us in by_category.most_common():
-            rows.append({"kind": "profile_category", "level": level, "category": label,
-                         "per_step_ms": us / 1e3 / steps, "share": us / busy})
-    rows.insert(0, {"kind": "profile_info", "trace": trace, "platform": platform,
-                    "steps": steps,
-                    "busy_ms_per_step": {level: sum(float(e["dur"]) for e in evs) / 1e3 / steps
-                                         for level, evs in groups.items()},
-                    "events": {level: len(evs) for level, evs in groups.items()}})
+            rows.append(
+                {
+                    "kind": "profile_category",
+                    "level": level,
+                    "category": label,
+                    "per_step_ms": us / 1e3 / steps,
+                    "share": us / busy,
+                }
+            )
+    rows.insert(
+        0,
+        {
+            "kind": "profile_info",
+            "trace": trace,
+            "platform": platform,
+            "steps": steps,
+            "busy_ms_per_step": {
+                level: sum(float(e["dur"]) for e in evs) / 1e3 / steps
+                for level, evs in groups.items()
+            },
+            "events": {level: len(evs) for level, evs in groups.items()},
+        },
+    )
     return rows
 
 
@@ -134,8 +159,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", help="the profiler logdir, a folder below it or a trace file")
     parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps in the trace (default: count 'train' step annotations)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps in the trace (default: count 'train' step annotations)",
+    )
     args = parser.parse_args(argv)
     for row in summarize(args.path, args.top, args.steps):
         print(json.dumps(row), flush=True)

@@ -6,6 +6,7 @@ Prints one JSON line per part: image tower forward+backward, text tower forward+
 with its model FLOPs and achieved FLOP/s), and a plain bf16 matmul of the MLP's shape as the
 attainable reference on this device.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,13 @@ def timed(fn, *args, steps=8, warmup=2) -> float:
 
 
 def report(part: str, seconds: float, flops: float | None, **extra) -> None:
-    row = {"part": part, "ms": 1e3 * seconds, "tflop": flops / 1e12 if flops else None,
-           "tflop_per_s": flops / seconds / 1e12 if flops else None, **extra}
+    row = {
+        "part": part,
+        "ms": 1e3 * seconds,
+        "tflop": flops / 1e12 if flops else None,
+        "tflop_per_s": flops / seconds / 1e12 if flops else None,
+        **extra,
+    }
     print(json.dumps(row), flush=True)
 
 
@@ -43,14 +49,19 @@ def main() -> None:
     parser.add_argument("--model", default="tiny-vit")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--attention-impl", default=None,
-                        help="an attention_impl (clip_jax.models.attention); default: JAX's")
+    parser.add_argument(
+        "--attention-impl",
+        default=None,
+        help="an attention_impl (clip_jax.models.attention); default: JAX's",
+    )
     parser.add_argument("--steps", type=int, default=8, help="timed calls per part")
-    parser.add_argument("--overrides", default="",
-                        help="JSON object of model config overrides (see train_step.py)")
+    parser.add_argument(
+        "--overrides", default="", help="JSON object of model config overrides (see train_step.py)"
+    )
     args = parser.parse_args()
-    config = models.get_model_config(args.model, **(json.loads(args.overrides)
-                                                    if args.overrides else {}))
+    config = models.get_model_config(
+        args.model, **(json.loads(args.overrides) if args.overrides else {})
+    )
     model = models.create_model(config, dtype=args.dtype, attention_impl=args.attention_impl)
     variables = jax.jit(model.init_variables)(jax.random.key(0))
     params = variables["params"]
@@ -69,13 +80,18 @@ def main() -> None:
         return jnp.sum(m.apply({**variables, "params": p}, t, method=m.encode_text))
 
     abstract = lambda *xs: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), xs)
-    for part, fn, data in (("image_fwd_bwd", image_loss, images),
-                           ("text_fwd_bwd", text_loss, tokens)):
+    for part, fn, data in (
+        ("image_fwd_bwd", image_loss, images),
+        ("text_fwd_bwd", text_loss, tokens),
+    ):
         grad = jax.grad(fn)
         count = jax.grad(lambda p, x, fn=fn: fn(p, x, flops_model))
-        report(part, timed(grad, params, data, steps=args.steps),
-               metrics.model_flops(count, *abstract(params, data)),
-               attention_impl=args.attention_impl or "default")
+        report(
+            part,
+            timed(grad, params, data, steps=args.steps),
+            metrics.model_flops(count, *abstract(params, data)),
+            attention_impl=args.attention_impl or "default",
+        )
 
     if config.vision.type == "vit":
         tokens_per_image = (size // config.vision.patch_size) ** 2 + 1
@@ -83,8 +99,12 @@ def main() -> None:
         a = jnp.ones((b * tokens_per_image, width), args.dtype)
         w = jnp.ones((width, 4 * width), args.dtype)
         matmul = lambda a, w: a @ w
-        report("matmul_reference", timed(matmul, a, w, steps=args.steps),
-               2.0 * a.shape[0] * width * 4 * width, shape=[a.shape[0], width, 4 * width])
+        report(
+            "matmul_reference",
+            timed(matmul, a, w, steps=args.steps),
+            2.0 * a.shape[0] * width * 4 * width,
+            shape=[a.shape[0], width, 4 * width],
+        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ once per process:
 With --open-clip, each process also times `open_clip.tokenize` (pure-Python BPE) on the same
 captions, rounds interleaved with the others, and reports the ratio to it.
 """
+
 import argparse
 import json
 import os
@@ -41,8 +42,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from clip_jax import tokenizers  # noqa: E402
 
-EXTRA = ["café", "naïve", "東京", "猫", "🙂", "&amp;", "it's", "don't", "2021", "42", "3.5",
-         "A-B", "Hello,", "World!"]
+EXTRA = [
+    "café",
+    "naïve",
+    "東京",
+    "猫",
+    "🙂",
+    "&amp;",
+    "it's",
+    "don't",
+    "2021",
+    "42",
+    "3.5",
+    "A-B",
+    "Hello,",
+    "World!",
+]
 
 
 def word_pool() -> list[str]:
@@ -50,8 +65,9 @@ def word_pool() -> list[str]:
     import gzip
 
     from clip_jax.tokenizers.bpe import DEFAULT_BPE_PATH, NUM_MERGES
+
     with gzip.open(DEFAULT_BPE_PATH, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1:NUM_MERGES + 1]
+        merges = f.read().split("\n")[1 : NUM_MERGES + 1]
     words = []
     for m in merges:
         w = m.replace(" ", "")
@@ -83,8 +99,10 @@ class NativeTimer:
     def __init__(self, tok):
         self.cpu_s = 0.0
         if isinstance(tok, tokenizers.ClipBPETokenizer):
-            targets = [(tok._vocab.ascii, "encode_batch_fast"),
-                       (tok._vocab.pieces, "encode_batch_fast")]
+            targets = [
+                (tok._vocab.ascii, "encode_batch_fast"),
+                (tok._vocab.pieces, "encode_batch_fast"),
+            ]
         else:
             targets = [(tok._sp, "encode")]
         for obj, name in targets:
@@ -97,20 +115,23 @@ class NativeTimer:
                 return fn(*args, **kwargs)
             finally:
                 self.cpu_s += time.process_time() - t0
+
         return timed
 
 
 def run_batches(fn, texts: list[str], batch_size: int, callers: int) -> tuple[float, float]:
     """Tokenises `texts` in batches with `callers` Python threads; returns (wall s, CPU s)."""
-    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
     cpu = time.process_time()
     start = time.perf_counter()
     if callers == 1:
         for b in batches:
             fn(b)
     else:
-        threads = [threading.Thread(target=lambda k=k: [fn(b) for b in batches[k::callers]])
-                   for k in range(callers)]
+        threads = [
+            threading.Thread(target=lambda k=k: [fn(b) for b in batches[k::callers]])
+            for k in range(callers)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -124,8 +145,9 @@ def worker(args) -> None:
     tmp = None
     if args.worker == "spm":
         tmp = tempfile.TemporaryDirectory()
-        path = tokenizers.train_sentencepiece(captions(5000, seed=1, pool=pool), 8000,
-                                              os.path.join(tmp.name, "bench.model"))
+        path = tokenizers.train_sentencepiece(
+            captions(5000, seed=1, pool=pool), 8000, os.path.join(tmp.name, "bench.model")
+        )
         tok = tokenizers.SentencePieceTokenizer(path, num_threads=args.threads)
     else:
         tok = tokenizers.get("clip-bpe")
@@ -136,13 +158,15 @@ def worker(args) -> None:
     fns = {"new": lambda b: tok(b, L)}
     if args.open_clip:
         import open_clip
+
         fns["open_clip"] = lambda b: open_clip.tokenize(b, L)
     med = statistics.median
     for name, extra in [("ascii", 0.0), ("mixed", 0.3)]:
         rates, cpu_us, gil_us = {k: [] for k in fns}, {k: [] for k in fns}, []
         for r in range(args.rounds + 1):  # round 0: untimed warm-up of the word caches
-            texts = captions(args.num_texts, seed=1000 * r + int(extra * 10), pool=pool,
-                             extra=extra)
+            texts = captions(
+                args.num_texts, seed=1000 * r + int(extra * 10), pool=pool, extra=extra
+            )
             for k, fn in fns.items():
                 callers = args.callers if k == "new" else 1
                 native_before = native.cpu_s
@@ -152,11 +176,17 @@ def worker(args) -> None:
                     cpu_us[k].append(cpu / len(texts) * 1e6)
                     if k == "new":
                         gil_us.append((cpu - native.cpu_s + native_before) / len(texts) * 1e6)
-        line = {"benchmark": "tokenizer", "tokenizer": args.worker, "captions": name,
-                "threads": args.threads, "callers": args.callers, "load_s": round(load_s, 3),
-                "texts_per_s": round(med(rates["new"])),
-                "spread": [round(min(rates["new"])), round(max(rates["new"]))],
-                "cpu_us_per_text": round(med(cpu_us["new"]), 1)}
+        line = {
+            "benchmark": "tokenizer",
+            "tokenizer": args.worker,
+            "captions": name,
+            "threads": args.threads,
+            "callers": args.callers,
+            "load_s": round(load_s, 3),
+            "texts_per_s": round(med(rates["new"])),
+            "spread": [round(min(rates["new"])), round(max(rates["new"]))],
+            "cpu_us_per_text": round(med(cpu_us["new"]), 1),
+        }
         if args.callers == 1:
             line["gil_us_per_text"] = round(med(gil_us), 1)
         if "open_clip" in rates:
@@ -176,8 +206,11 @@ def main():
     parser.add_argument("--context-length", type=int, default=77)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--open-clip", action="store_true",
-                        help="also time open_clip.tokenize (the reference) in each process")
+    parser.add_argument(
+        "--open-clip",
+        action="store_true",
+        help="also time open_clip.tokenize (the reference) in each process",
+    )
     parser.add_argument("--worker", choices=["clip-bpe", "spm"], help=argparse.SUPPRESS)
     parser.add_argument("--callers", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -185,21 +218,42 @@ def main():
         args.threads = args.threads[0]
         return worker(args)
 
-    print(json.dumps({"benchmark": "tokenizer", "num_texts": args.num_texts,
-                      "batch_size": args.batch_size, "context_length": args.context_length,
-                      "rounds": args.rounds, "python": platform.python_version(),
-                      "cpus": os.cpu_count()}), flush=True)
-    common = [sys.executable, os.path.abspath(__file__), "--num-texts", str(args.num_texts),
-              "--batch-size", str(args.batch_size), "--context-length",
-              str(args.context_length), "--rounds", str(args.rounds)]
+    print(
+        json.dumps(
+            {
+                "benchmark": "tokenizer",
+                "num_texts": args.num_texts,
+                "batch_size": args.batch_size,
+                "context_length": args.context_length,
+                "rounds": args.rounds,
+                "python": platform.python_version(),
+                "cpus": os.cpu_count(),
+            }
+        ),
+        flush=True,
+    )
+    common = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--num-texts",
+        str(args.num_texts),
+        "--batch-size",
+        str(args.batch_size),
+        "--context-length",
+        str(args.context_length),
+        "--rounds",
+        str(args.rounds),
+    ]
     common += ["--open-clip"] if args.open_clip else []
     runs = [("clip-bpe", n, 1, {"RAYON_NUM_THREADS": str(n)}) for n in args.threads]
     runs.append(("clip-bpe", 1, 2, {"TOKENIZERS_PARALLELISM": "false"}))
     runs += [("spm", n, 1, {}) for n in args.threads]
     for name, threads, callers, env in runs:
-        subprocess.run(common + ["--worker", name, "--threads", str(threads),
-                                 "--callers", str(callers)],
-                       env={**os.environ, **env}, check=True)
+        subprocess.run(
+            common + ["--worker", name, "--threads", str(threads), "--callers", str(callers)],
+            env={**os.environ, **env},
+            check=True,
+        )
 
 
 if __name__ == "__main__":

@@ -13,12 +13,24 @@ The library is usable without the trainer:
 
 Submodules are imported lazily so that `import clip_jax` stays cheap.
 """
+
 import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("checkpoint", "convert", "data", "evaluation", "losses", "metrics", "models",
-               "optim", "sharding", "step", "tokenizers")
+_SUBMODULES = (
+    "checkpoint",
+    "convert",
+    "data",
+    "evaluation",
+    "losses",
+    "metrics",
+    "models",
+    "optim",
+    "sharding",
+    "step",
+    "tokenizers",
+)
 
 
 def __getattr__(name):
@@ -28,6 +40,7 @@ def __getattr__(name):
         return module
     if name == "load":
         from clip_jax.inference import load
+
         globals()["load"] = load
         return load
     raise AttributeError(f"module 'clip_jax' has no attribute {name!r}")

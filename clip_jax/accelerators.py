@@ -20,12 +20,13 @@ out-of-memory messages when compiling for each topology ("... exceeds available 
 (15.75G)"): the runtime keeps the rest. None where not measured (GPUs: XLA's GPU client
 reserves 25% unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).
 """
+
 from __future__ import annotations
 
 import dataclasses
 
-GiB = 2 ** 30
-GB = 10 ** 9
+GiB = 2**30
+GB = 10**9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,14 +64,16 @@ def _gib(x: float) -> int:
 ACCELERATORS: tuple[Accelerator, ...] = (
     Accelerator("v4", ("tpu v4",), 275e12, 32 * GiB, _gib(30.75), 4, "v4", megacore=True),
     Accelerator("v5e", ("tpu v5 lite", "tpu v5e"), 197e12, 16 * GB, _gib(15.75), 4, "v5e"),
-    Accelerator("v5p", ("tpu v5p", "tpu v5"), 459e12, 95 * GB, _gib(95.74), 4, "v5p",
-                megacore=True),
+    Accelerator(
+        "v5p", ("tpu v5p", "tpu v5"), 459e12, 95 * GB, _gib(95.74), 4, "v5p", megacore=True
+    ),
     Accelerator("v6e", ("tpu v6 lite", "tpu v6e"), 918e12, 32 * GB, _gib(31.25), 4, "v6e"),
     Accelerator("h100-pcie", ("h100 pcie",), 756e12, 80 * GB, None, 8),
     Accelerator("h100", ("h100",), 989e12, 80 * GB, None, 8),
     Accelerator("h200", ("h200",), 989e12, 141 * GB, None, 8),
-    Accelerator("a100-80gb", ("a100-sxm4-80gb", "a100 80gb", "a100-80gb"), 312e12, 80 * GB,
-                None, 8),
+    Accelerator(
+        "a100-80gb", ("a100-sxm4-80gb", "a100 80gb", "a100-80gb"), 312e12, 80 * GB, None, 8
+    ),
     Accelerator("a100", ("a100",), 312e12, 40 * GB, None, 8),
     Accelerator("l40s", ("l40s",), 362e12, 48 * GB, None, 8),
     Accelerator("l4", ("l4",), 121e12, 24 * GB, None, 8),
@@ -85,8 +88,9 @@ def by_name(name: str) -> Accelerator:
     try:
         return _BY_NAME[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown accelerator {name!r}; known: "
-                         f"{', '.join(sorted(_BY_NAME))}") from None
+        raise ValueError(
+            f"unknown accelerator {name!r}; known: {', '.join(sorted(_BY_NAME))}"
+        ) from None
 
 
 def for_device(device) -> Accelerator | None:

@@ -4,6 +4,7 @@ Layout: `workdir/checkpoints/<step>/{state,meta}`. Orbax writes each step into a
 directory and renames it when complete, so a crash mid-save never leaves a checkpoint that
 restores wrongly: the half-written one is simply not listed. Saves are asynchronous.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -62,15 +63,17 @@ class Checkpointer:
         if read_only and not os.path.isdir(directory):
             raise CheckpointError(f"no checkpoints directory at {directory}")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
-            enable_async_checkpointing=not read_only)
+            max_to_keep=keep,
+            create=not read_only,
+            read_only=read_only,
+            enable_async_checkpointing=not read_only,
+        )
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
             registry.add("state", args, ocp.StandardCheckpointHandler)
         for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
             registry.add("meta", args, ocp.JsonCheckpointHandler)
-        self._manager = ocp.CheckpointManager(directory, options=options,
-                                              handler_registry=registry)
+        self._manager = ocp.CheckpointManager(directory, options=options, handler_registry=registry)
         self.directory = directory
         self.workdir = os.path.dirname(directory)
 
@@ -83,11 +86,17 @@ class Checkpointer:
     def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = True) -> None:
         """Starts an async save of `state` (a pytree of jax.Arrays) and `meta` (JSON), with the
         checksums that `restore` verifies added to `meta`. Every process must call it."""
-        meta = dict(meta, checksums=checksum.tree_checksums(state),
-                    checksum_version=_CHECKSUM_VERSION)
+        meta = dict(
+            meta, checksums=checksum.tree_checksums(state), checksum_version=_CHECKSUM_VERSION
+        )
         meta["meta_checksum"] = meta_checksum(meta)
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=force,
+        )
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs with sharding), so
@@ -103,12 +112,14 @@ class Checkpointer:
             if step is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
         elif step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"available steps: {steps}")
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+            )
         return self._restore_verified(step, abstract_state)
 
-    def restore_latest_intact(self, abstract_state: Any
-                              ) -> tuple[Any, dict[str, Any], list[DamagedCheckpointError]]:
+    def restore_latest_intact(
+        self, abstract_state: Any
+    ) -> tuple[Any, dict[str, Any], list[DamagedCheckpointError]]:
         """Restores the newest checkpoint that is intact, skipping damaged ones with a
         warning; returns (state, meta, the errors of the skipped ones, newest first).
 
@@ -125,15 +136,17 @@ class Checkpointer:
                 state, meta = self._restore_verified(step, abstract_state)
             except DamagedCheckpointError as e:
                 skipped.append(e)
-                fallback = (f"trying step {steps[i + 1]}" if i + 1 < len(steps)
-                            else "no older checkpoint")
+                fallback = (
+                    f"trying step {steps[i + 1]}" if i + 1 < len(steps) else "no older checkpoint"
+                )
                 logging.warning("%s; skipping it, %s", e, fallback)
                 continue
             return state, meta, skipped
         raise CheckpointError(
             f"all {len(steps)} checkpoints in {self.directory} are damaged (steps "
             f"{', '.join(str(e.step) for e in skipped)}; newest: {skipped[0].reason}); move "
-            f"them aside to start from scratch")
+            f"them aside to start from scratch"
+        )
 
     def quarantine(self, step: int) -> str:
         """Moves checkpoint `step` out of the checkpoints directory, to `damaged_dir`, so the
@@ -154,12 +167,14 @@ class Checkpointer:
         try:
             metadata = self._manager.item_metadata(step)
         except Exception as e:  # orbax raises varied types for unreadable metadata
-            raise DamagedCheckpointError(self.directory, step,
-                                         f"unreadable metadata ({root_cause(e)})") from e
+            raise DamagedCheckpointError(
+                self.directory, step, f"unreadable metadata ({root_cause(e)})"
+            ) from e
         state = metadata.get("state") if metadata is not None else None
         if state is None:
-            raise DamagedCheckpointError(self.directory, step,
-                                         "state/_METADATA is missing or unreadable")
+            raise DamagedCheckpointError(
+                self.directory, step, "state/_METADATA is missing or unreadable"
+            )
         return state
 
     def _restore_verified(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -175,13 +190,18 @@ class Checkpointer:
             outcome, reason = _DAMAGED, e.reason
         if outcome == _OK:
             difference = _tree_difference(saved, abstract_state)
-            if difference:   # the same on every process: they read the same metadata
-                raise CheckpointError(f"checkpoint step {step} in {self.directory} does not "
-                                      f"match this model/config: {difference}")
+            if difference:  # the same on every process: they read the same metadata
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory} does not "
+                    f"match this model/config: {difference}"
+                )
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    meta=ocp.args.JsonRestore()))
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
+                )
             except Exception as e:  # orbax/tensorstore raise plain Exception for bad files
                 _silence_reads_left_behind()
                 cause = root_cause(e)
@@ -189,32 +209,40 @@ class Checkpointer:
                 reason = f"unreadable ({cause})"
         worst = _worst_over_processes(outcome)
         if worst == _FAILED:
-            raise CheckpointError(f"could not read checkpoint step {step} in {self.directory}: "
-                                  f"{reason or 'failed on another process'} (not a sign of "
-                                  f"damage; retry)")
+            raise CheckpointError(
+                f"could not read checkpoint step {step} in {self.directory}: "
+                f"{reason or 'failed on another process'} (not a sign of "
+                f"damage; retry)"
+            )
         if worst == _DAMAGED:
-            raise DamagedCheckpointError(self.directory, step,
-                                         reason or "unreadable on another process")
+            raise DamagedCheckpointError(
+                self.directory, step, reason or "unreadable on another process"
+            )
         start = time.perf_counter()
         failure = _verify(restored["state"], restored["meta"])
         if failure:
             raise DamagedCheckpointError(self.directory, step, failure)
-        logging.info("restored checkpoint step %d from %s (integrity verified in %.2f s)", step,
-                     self.directory, time.perf_counter() - start)
+        logging.info(
+            "restored checkpoint step %d from %s (integrity verified in %.2f s)",
+            step,
+            self.directory,
+            time.perf_counter() - start,
+        )
         return restored["state"], restored["meta"]
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON metadata of checkpoint `step` (default: the latest), its checksum verified.
-        """
+        """The JSON metadata of checkpoint `step` (default: the latest), its checksum verified."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
+            meta = self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )["meta"]
         except Exception as e:  # orbax raises plain Exception for damaged files
-            raise DamagedCheckpointError(self.directory, step,
-                                         f"unreadable metadata ({root_cause(e)})") from e
+            raise DamagedCheckpointError(
+                self.directory, step, f"unreadable metadata ({root_cause(e)})"
+            ) from e
         if "meta_checksum" in meta and meta_checksum(meta) != meta["meta_checksum"]:
             raise DamagedCheckpointError(self.directory, step, "metadata checksum mismatch")
         return meta
@@ -251,8 +279,9 @@ def meta_checksum(meta: dict[str, Any]) -> str:
 def _verify(state: Any, meta: dict[str, Any]) -> str | None:
     """None when `state` and `meta` match the checksums written at save time, else why not."""
     if "checksums" not in meta:
-        logging.warning("checkpoint written without checksums (by an older clip_jax): restored "
-                        "unverified")
+        logging.warning(
+            "checkpoint written without checksums (by an older clip_jax): restored unverified"
+        )
         return None
     if meta.get("meta_checksum") != meta_checksum(meta):
         return "metadata checksum mismatch"
@@ -262,25 +291,40 @@ def _verify(state: Any, meta: dict[str, Any]) -> str | None:
         return f"checksums for {len(saved)} arrays, {len(actual)} restored"
     bad = sorted(name for name in saved if saved[name] != actual[name])
     if bad:
-        return (f"{len(bad)} of {len(saved)} arrays fail their checksum (e.g. {bad[0]}: saved "
-                f"{saved[bad[0]]}, read {actual[bad[0]]})")
+        return (
+            f"{len(bad)} of {len(saved)} arrays fail their checksum (e.g. {bad[0]}: saved "
+            f"{saved[bad[0]]}, read {actual[bad[0]]})"
+        )
     return None
 
 
 def _tree_difference(saved: Any, abstract: Any) -> str:
     """'' when the saved tree (ArrayMetadata leaves) has the same array names and shapes as
     `abstract`, else a summary of the differences."""
+
     def shapes(tree):
-        return {checksum.path_name(p): tuple(x.shape)
-                for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        return {
+            checksum.path_name(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
+
     got, expected = shapes(dict(saved)), shapes(abstract)
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    mismatched = [f"{k}: saved {got[k]}, model {expected[k]}"
-                  for k in sorted(set(expected) & set(got)) if got[k] != expected[k]]
-    parts = [f"{len(items)} {title} (e.g. {', '.join(items[:3])})"
-             for title, items in (("missing", missing), ("unexpected", unexpected),
-                                  ("shape mismatch", mismatched)) if items]
+    mismatched = [
+        f"{k}: saved {got[k]}, model {expected[k]}"
+        for k in sorted(set(expected) & set(got))
+        if got[k] != expected[k]
+    ]
+    parts = [
+        f"{len(items)} {title} (e.g. {', '.join(items[:3])})"
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if items
+    ]
     return "; ".join(parts)
 
 
@@ -302,14 +346,20 @@ def _silence_reads_left_behind() -> None:
         if getattr(source, "__qualname__", "") == "_read_array_index_and_device_put":
             return
         previous(unraisable)
+
     hook._clip_jax_filter = True
     sys.unraisablehook = hook
 
 
 _OK, _DAMAGED, _FAILED = 0, 1, 2
 # TensorStore/absl status codes of read errors that say nothing about the files' content.
-_TRANSIENT_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED",
-                    "ABORTED")
+_TRANSIENT_CODES = (
+    "RESOURCE_EXHAUSTED",
+    "UNAVAILABLE",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "ABORTED",
+)
 
 
 def _is_transient(error: BaseException, cause: str) -> bool:
@@ -329,12 +379,14 @@ def _worst_over_processes(outcome: int) -> int:
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of `tree` (abstract or concrete) carrying the target shardings."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        tree, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
-def load_model_variables(workdir: str, step: int | None = None,
-                         sharding: Any = None) -> tuple[int, dict[str, Any], dict[str, Any]]:
+def load_model_variables(
+    workdir: str, step: int | None = None, sharding: Any = None
+) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """Model variables of a training run, without knowing its optimizer or config.
 
     Restores `params` and `batch_stats` of checkpoint `step` (default: the latest) of
@@ -353,28 +405,33 @@ def load_model_variables(workdir: str, step: int | None = None,
                 raise CheckpointError(f"no complete checkpoint in {checkpointer.directory}")
             step = max(steps)
         elif step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {checkpointer.directory}; "
-                                  f"available steps: {steps}")
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {checkpointer.directory}; "
+                f"available steps: {steps}"
+            )
         if sharding is None:
-            sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)),
-                                     PartitionSpec())
+            sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)), PartitionSpec())
         try:
             saved = checkpointer.saved_state_tree(step)
             abstract = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-                dict(saved))
+                dict(saved),
+            )
             state, meta = checkpointer.restore(step, abstract)
         except DamagedCheckpointError as e:
             others = [s for s in steps if s != step]
             if not others:
                 raise
-            raise DamagedCheckpointError(checkpointer.directory, step,
-                                         f"{e.reason}; other steps: {others}") from None
+            raise DamagedCheckpointError(
+                checkpointer.directory, step, f"{e.reason}; other steps: {others}"
+            ) from None
     finally:
         checkpointer.close()
     if "model_config" not in meta:
-        raise CheckpointError(f"checkpoint step {step} of {workdir} has no model_config in its "
-                              f"metadata; it was not written by clip_jax.train")
+        raise CheckpointError(
+            f"checkpoint step {step} of {workdir} has no model_config in its "
+            f"metadata; it was not written by clip_jax.train"
+        )
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
@@ -382,5 +439,6 @@ def load_model_variables(workdir: str, step: int | None = None,
         # Trained with nn.scan over layers: back to the unrolled `resblocks_{i}` layout that
         # `clip_jax.models.create_model` builds by default (and that conversion writes).
         from clip_jax.models.transformer import unstack_layers
+
         variables = unstack_layers(variables)
     return step, variables, meta

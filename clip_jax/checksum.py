@@ -22,6 +22,7 @@ one compile per array shape/dtype/sharding per process). Arrays on the CPU backe
 with NumPy on their shards instead: XLA:CPU took ~10x longer to compile the per-array programs
 than NumPy takes to hash the whole tiny-model state.
 """
+
 from __future__ import annotations
 
 import functools
@@ -106,18 +107,20 @@ def _jitted(out_sharding: jax.sharding.Sharding | None):
 _HOST_CHUNK = 1 << 16
 
 
-def _host_partial_checksum(data: np.ndarray, global_shape: tuple[int, ...],
-                           index: tuple[slice, ...]) -> np.ndarray:
+def _host_partial_checksum(
+    data: np.ndarray, global_shape: tuple[int, ...], index: tuple[slice, ...]
+) -> np.ndarray:
     """uint32 [2] partial sums of one shard `data` at position `index` of the global array."""
     words = _host_words(data)
-    shape = tuple(global_shape) + words.shape[len(global_shape):]
+    shape = tuple(global_shape) + words.shape[len(global_shape) :]
     starts = [s.start or 0 for s in index] + [0] * (words.ndim - len(index))
     flat = words.reshape(-1)
     if words.ndim == 0 or words.shape[1:] == shape[1:]:
         # A block of whole rows (replicated, unsharded or split along the first axis): the
         # global index is an offset plus the local one.
-        base = np.uint32(starts[0] * int(np.prod(shape[1:], dtype=np.int64)) % 2**32
-                         if words.ndim else 0)
+        base = np.uint32(
+            starts[0] * int(np.prod(shape[1:], dtype=np.int64)) % 2**32 if words.ndim else 0
+        )
         linear = None
     else:
         linear = np.zeros(words.shape, np.uint32)
@@ -152,8 +155,7 @@ def _host_partial_checksum(data: np.ndarray, global_shape: tuple[int, ...],
 
 
 def _on_cpu(x: Any) -> bool:
-    return not isinstance(x, jax.Array) or all(d.platform == "cpu"
-                                               for d in x.sharding.device_set)
+    return not isinstance(x, jax.Array) or all(d.platform == "cpu" for d in x.sharding.device_set)
 
 
 def _host_checksums(arrays: list[Any]) -> np.ndarray:
@@ -171,7 +173,7 @@ def _host_checksums(arrays: list[Any]) -> np.ndarray:
             if shard.replica_id == 0:
                 sums[i] += _host_partial_checksum(np.asarray(shard.data), x.shape, shard.index)
     if jax.process_count() > 1 and any(isinstance(x, jax.Array) for x in arrays):
-        gathered = multihost_utils.process_allgather(sums)    # [processes, N, 2]
+        gathered = multihost_utils.process_allgather(sums)  # [processes, N, 2]
         sums = np.sum(gathered, axis=0, dtype=np.uint32)
     return sums
 
@@ -202,10 +204,20 @@ def tree_checksums(tree: Any, on_device: bool | None = None) -> dict[str, str]:
     if on_device is None:
         on_device = not all(_on_cpu(x) for x in arrays)
     if on_device:
-        arrays = [jax.random.key_data(x) if isinstance(x, jax.Array) and jnp.issubdtype(
-            x.dtype, jax.dtypes.prng_key) else x for x in arrays]
-        mesh = next((x.sharding.mesh for x in arrays
-                     if isinstance(getattr(x, "sharding", None), NamedSharding)), None)
+        arrays = [
+            jax.random.key_data(x)
+            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x
+            for x in arrays
+        ]
+        mesh = next(
+            (
+                x.sharding.mesh
+                for x in arrays
+                if isinstance(getattr(x, "sharding", None), NamedSharding)
+            ),
+            None,
+        )
         fn = _jitted(NamedSharding(mesh, PartitionSpec()) if mesh is not None else None)
         sums = np.asarray(jax.device_get([fn(x).addressable_data(0) for x in arrays]))
     else:

@@ -30,6 +30,7 @@ No code from an input file ever runs: OpenAI's TorchScript archives are read wit
 `torch.save` files with `torch.load(weights_only=True)`. torch is needed only for the latter
 and is imported lazily.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,22 +71,25 @@ OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".attn_mask")
 _IGNORED_KEYS = ("attn_mask",)
 
-VARIABLES_ITEM = "variables"   # orbax item (sub-directory) holding the Flax variables
-MODEL_JSON = "model.json"      # model config and provenance, beside the orbax item
-TOKENIZER_NAME = "clip-bpe"    # OpenAI/open_clip CLIP models all use OpenAI's BPE
+VARIABLES_ITEM = "variables"  # orbax item (sub-directory) holding the Flax variables
+MODEL_JSON = "model.json"  # model config and provenance, beside the orbax item
+TOKENIZER_NAME = "clip-bpe"  # OpenAI/open_clip CLIP models all use OpenAI's BPE
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoint files
 # ----------------------------------------------------------------------------------------------
 
+
 def _import_torch(path: str | os.PathLike):
     try:
         import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-        raise ImportError(f"reading the PyTorch checkpoint {os.fspath(path)!r} needs torch, which "
-                          f"is not installed: `pip install torch` (CPU build is enough), or "
-                          f"convert the file to .safetensors first") from e
+        raise ImportError(
+            f"reading the PyTorch checkpoint {os.fspath(path)!r} needs torch, which "
+            f"is not installed: `pip install torch` (CPU build is enough), or "
+            f"convert the file to .safetensors first"
+        ) from e
     return torch
 
 
@@ -98,8 +102,10 @@ def is_torch_jit_archive(path: str | os.PathLike) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") or name == "constants.pkl"
-                   for name in archive.namelist())
+        return any(
+            name.endswith("/constants.pkl") or name == "constants.pkl"
+            for name in archive.namelist()
+        )
 
 
 def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
@@ -115,26 +121,32 @@ def _read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], bool]:
     if path.suffix == ".safetensors":
         return _read_safetensors(path), False
     if path.suffix not in (".pt", ".pth", ".bin", ".ckpt"):
-        raise ValueError(f"unsupported checkpoint file {str(path)!r}: expected .pt, .pth, .bin, "
-                         f".ckpt (PyTorch) or .safetensors")
+        raise ValueError(
+            f"unsupported checkpoint file {str(path)!r}: expected .pt, .pth, .bin, "
+            f".ckpt (PyTorch) or .safetensors"
+        )
     if is_torch_jit_archive(path):
         # OpenAI's CLIP releases: the whole TorchScript model; only its tensors are read.
         try:
             return torchscript.read_tensors(path), True
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
-            raise ValueError(f"cannot read the TorchScript archive {str(path)!r}: "
-                             f"{_first_line(e)}") from e
+            raise ValueError(
+                f"cannot read the TorchScript archive {str(path)!r}: {_first_line(e)}"
+            ) from e
     torch = _import_torch(path)
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:   # weights_only refused a global: never load it anyway
-        raise ValueError(f"refusing to read {str(path)!r}: it holds "
-                         f"{_refused_global(e)}, which is not a tensor or plain container, and "
-                         f"clip_jax never runs code from a checkpoint; save the weights as a "
-                         f"state dict of tensors or as .safetensors") from e
-    except (RuntimeError, OSError, EOFError, ValueError) as e:   # damaged or not a torch file
-        raise ValueError(f"cannot read {str(path)!r} as a PyTorch checkpoint: "
-                         f"{_torch_error_text(e)}") from e
+    except pickle.UnpicklingError as e:  # weights_only refused a global: never load it anyway
+        raise ValueError(
+            f"refusing to read {str(path)!r}: it holds "
+            f"{_refused_global(e)}, which is not a tensor or plain container, and "
+            f"clip_jax never runs code from a checkpoint; save the weights as a "
+            f"state dict of tensors or as .safetensors"
+        ) from e
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # damaged or not a torch file
+        raise ValueError(
+            f"cannot read {str(path)!r} as a PyTorch checkpoint: {_torch_error_text(e)}"
+        ) from e
     if not isinstance(checkpoint, Mapping):
         raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a state dict")
     return dict(checkpoint), False
@@ -168,13 +180,15 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
         from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
     except ImportError as e:
-        raise ImportError(f"reading {str(path)!r} needs the `safetensors` package: "
-                          f"`pip install safetensors`") from e
+        raise ImportError(
+            f"reading {str(path)!r} needs the `safetensors` package: `pip install safetensors`"
+        ) from e
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:   # truncated or not a safetensors file
-        raise ValueError(f"cannot read {str(path)!r} as .safetensors (damaged or truncated?): "
-                         f"{_first_line(e)}") from e
+    except (SafetensorError, OSError, ValueError) as e:  # truncated or not a safetensors file
+        raise ValueError(
+            f"cannot read {str(path)!r} as .safetensors (damaged or truncated?): {_first_line(e)}"
+        ) from e
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -191,22 +205,23 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
 
 def _unwrap(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        state_dict = state_dict["state_dict"]   # open_clip training checkpoints
+        state_dict = state_dict["state_dict"]  # open_clip training checkpoints
     return dict(state_dict)
 
 
 def to_numpy(value: Any, key: str) -> np.ndarray:
     """torch tensor / numpy array / scalar -> numpy; floating point becomes float32."""
-    if hasattr(value, "detach"):            # a torch tensor (torch itself is not imported here)
+    if hasattr(value, "detach"):  # a torch tensor (torch itself is not imported here)
         value = value.detach().cpu()
         if value.is_floating_point():
-            value = value.float()           # also covers bfloat16, which numpy cannot hold
+            value = value.float()  # also covers bfloat16, which numpy cannot hold
         value = value.numpy()
     try:
         array = np.asarray(value)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"state dict entry {key!r} is not an array "
-                         f"({type(value).__name__})") from e
+        raise ValueError(
+            f"state dict entry {key!r} is not an array ({type(value).__name__})"
+        ) from e
     if array.dtype.kind == "f" or array.dtype.name == "bfloat16":
         array = array.astype(np.float32)
     return array
@@ -219,19 +234,27 @@ class _Prepared(dict):
 def _prepare(state_dict: Mapping[str, Any]) -> "_Prepared":
     state_dict = _unwrap(state_dict)
     if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}   # DDP wrapper
-    return _Prepared({k: to_numpy(v, k) for k, v in state_dict.items()
-                      if not (k.endswith(_IGNORED_SUFFIXES) or k in _IGNORED_KEYS)})
+        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}  # DDP wrapper
+    return _Prepared(
+        {
+            k: to_numpy(v, k)
+            for k, v in state_dict.items()
+            if not (k.endswith(_IGNORED_SUFFIXES) or k in _IGNORED_KEYS)
+        }
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Architecture inference
 # ----------------------------------------------------------------------------------------------
 
+
 def _shape(sd: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
     if key not in sd:
-        raise ValueError(f"cannot infer the architecture: the state dict has no {key!r} "
-                         f"(is this an OpenAI/open_clip CLIP checkpoint?)")
+        raise ValueError(
+            f"cannot infer the architecture: the state dict has no {key!r} "
+            f"(is this an OpenAI/open_clip CLIP checkpoint?)"
+        )
     return sd[key].shape
 
 
@@ -248,10 +271,11 @@ def _count_blocks(sd: Mapping[str, np.ndarray], prefix: str) -> int:
 
 
 def _square_grid(tokens: int, key: str) -> int:
-    grid = round(tokens ** 0.5)
+    grid = round(tokens**0.5)
     if grid * grid != tokens:
-        raise ValueError(f"{key} has {tokens} positions, not a square grid (+1 for the class/"
-                         f"mean token)")
+        raise ValueError(
+            f"{key} has {tokens} positions, not a square grid (+1 for the class/mean token)"
+        )
     return grid
 
 
@@ -266,39 +290,62 @@ def infer_config(state_dict: Mapping[str, Any], quick_gelu: bool = False) -> CLI
         width, _, patch, patch_w = _shape(sd, "visual.conv1.weight")
         if patch != patch_w:
             raise ValueError(f"non-square patches {patch}x{patch_w} are not supported")
-        grid = _square_grid(_shape(sd, "visual.positional_embedding")[0] - 1,
-                            "visual.positional_embedding")
+        grid = _square_grid(
+            _shape(sd, "visual.positional_embedding")[0] - 1, "visual.positional_embedding"
+        )
         vision = VisionTransformerConfig(
-            image_size=patch * grid, patch_size=patch, width=width,
-            layers=_count_blocks(sd, "visual.transformer.resblocks."), heads=max(width // 64, 1),
+            image_size=patch * grid,
+            patch_size=patch,
+            width=width,
+            layers=_count_blocks(sd, "visual.transformer.resblocks."),
+            heads=max(width // 64, 1),
             mlp_ratio=_shape(sd, "visual.transformer.resblocks.0.mlp.c_fc.weight")[0] / width,
-            activation=activation)
+            activation=activation,
+        )
     elif "visual.attnpool.positional_embedding" in sd:
         width = _shape(sd, "visual.layer1.0.conv1.weight")[0]
-        grid = _square_grid(_shape(sd, "visual.attnpool.positional_embedding")[0] - 1,
-                            "visual.attnpool.positional_embedding")
+        grid = _square_grid(
+            _shape(sd, "visual.attnpool.positional_embedding")[0] - 1,
+            "visual.attnpool.positional_embedding",
+        )
         layers = tuple(_count_blocks(sd, f"visual.layer{stage}.") for stage in (1, 2, 3, 4))
-        vision = ModifiedResNetConfig(image_size=grid * 32, layers=layers, width=width,
-                                      heads=max(width * 32 // 64, 1))
+        vision = ModifiedResNetConfig(
+            image_size=grid * 32, layers=layers, width=width, heads=max(width * 32 // 64, 1)
+        )
     else:
-        raise ValueError("cannot infer the image tower: the state dict has neither 'visual.proj' "
-                         "(ViT) nor 'visual.attnpool.positional_embedding' (ModifiedResNet)")
+        raise ValueError(
+            "cannot infer the image tower: the state dict has neither 'visual.proj' "
+            "(ViT) nor 'visual.attnpool.positional_embedding' (ModifiedResNet)"
+        )
     text_width = _shape(sd, "ln_final.weight")[0]
     text = TextTransformerConfig(
         context_length=_shape(sd, "positional_embedding")[0],
         vocab_size=_shape(sd, "token_embedding.weight")[0],
-        width=text_width, layers=_count_blocks(sd, "transformer.resblocks."),
+        width=text_width,
+        layers=_count_blocks(sd, "transformer.resblocks."),
         heads=max(text_width // 64, 1),
         mlp_ratio=_shape(sd, "transformer.resblocks.0.mlp.c_fc.weight")[0] / text_width,
-        activation=activation)
+        activation=activation,
+    )
     logit_bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
-    return CLIPConfig(embed_dim=_shape(sd, "text_projection")[1], vision=vision, text=text,
-                      init_logit_bias=logit_bias)
+    return CLIPConfig(
+        embed_dim=_shape(sd, "text_projection")[1],
+        vision=vision,
+        text=text,
+        init_logit_bias=logit_bias,
+    )
 
 
 # Fields a state dict cannot determine: they come from the reference config when one is given.
-_NOT_IN_WEIGHTS = ("vision.heads", "text.heads", "vision.activation", "text.activation",
-                   "text.pad_id", "init_logit_scale", "init_logit_bias")
+_NOT_IN_WEIGHTS = (
+    "vision.heads",
+    "text.heads",
+    "vision.activation",
+    "text.activation",
+    "text.pad_id",
+    "init_logit_scale",
+    "init_logit_bias",
+)
 
 
 def config_differences(inferred: CLIPConfig, reference: CLIPConfig) -> list[str]:
@@ -309,26 +356,34 @@ def config_differences(inferred: CLIPConfig, reference: CLIPConfig) -> list[str]
     """
     a = traverse_util.flatten_dict(inferred.to_dict(), sep=".")
     b = traverse_util.flatten_dict(reference.to_dict(), sep=".")
-    diffs = [f"{key}: weights have {a.get(key)!r}, config has {b.get(key)!r}"
-             for key in sorted(set(a) | set(b))
-             if key not in _NOT_IN_WEIGHTS and a.get(key) != b.get(key)]
-    has_bias, wants_bias = (inferred.init_logit_bias is not None,
-                            reference.init_logit_bias is not None)
+    diffs = [
+        f"{key}: weights have {a.get(key)!r}, config has {b.get(key)!r}"
+        for key in sorted(set(a) | set(b))
+        if key not in _NOT_IN_WEIGHTS and a.get(key) != b.get(key)
+    ]
+    has_bias, wants_bias = (
+        inferred.init_logit_bias is not None,
+        reference.init_logit_bias is not None,
+    )
     if has_bias != wants_bias:
-        diffs.append(f"logit_bias: weights {'have' if has_bias else 'lack'} it, config "
-                     f"{'has' if wants_bias else 'lacks'} it")
+        diffs.append(
+            f"logit_bias: weights {'have' if has_bias else 'lack'} it, config "
+            f"{'has' if wants_bias else 'lacks'} it"
+        )
     return diffs
 
 
-def _resolve_config(sd: _Prepared, model_name: str | CLIPConfig | None,
-                    quick_gelu: bool | None) -> CLIPConfig:
+def _resolve_config(
+    sd: _Prepared, model_name: str | CLIPConfig | None, quick_gelu: bool | None
+) -> CLIPConfig:
     is_openai = any(k in sd for k in OPENAI_METADATA_KEYS)
     if quick_gelu is None:
         if is_openai or (isinstance(model_name, str) and model_name.endswith("-quickgelu")):
             quick_gelu = True
         elif model_name is not None:
-            reference = (model_name if isinstance(model_name, CLIPConfig)
-                         else get_model_config(model_name))
+            reference = (
+                model_name if isinstance(model_name, CLIPConfig) else get_model_config(model_name)
+            )
             quick_gelu = reference.text.activation == "quick_gelu"
         else:
             quick_gelu = False
@@ -336,13 +391,13 @@ def _resolve_config(sd: _Prepared, model_name: str | CLIPConfig | None,
     if model_name is None:
         config = inferred
     else:
-        reference = (model_name if isinstance(model_name, CLIPConfig)
-                     else get_model_config(model_name))
+        reference = (
+            model_name if isinstance(model_name, CLIPConfig) else get_model_config(model_name)
+        )
         diffs = config_differences(inferred, reference)
         if diffs:
             name = model_name if isinstance(model_name, str) else "the given config"
-            raise ValueError(f"the state dict does not match {name}: "
-                             f"{_listing(diffs, limit=30)}")
+            raise ValueError(f"the state dict does not match {name}: {_listing(diffs, limit=30)}")
         config = set_activation(reference, "quick_gelu" if quick_gelu else "gelu")
         if inferred.init_logit_bias is not None:
             config = dataclasses.replace(config, init_logit_bias=inferred.init_logit_bias)
@@ -351,12 +406,17 @@ def _resolve_config(sd: _Prepared, model_name: str | CLIPConfig | None,
 
 
 def _check_openai_metadata(sd: Mapping[str, np.ndarray], config: CLIPConfig) -> None:
-    expected = {"input_resolution": config.image_size, "context_length": config.context_length,
-                "vocab_size": config.text.vocab_size}
+    expected = {
+        "input_resolution": config.image_size,
+        "context_length": config.context_length,
+        "vocab_size": config.text.vocab_size,
+    }
     for key, value in expected.items():
         if key in sd and int(sd[key]) != value:
-            raise ValueError(f"state dict metadata {key}={int(sd[key])} contradicts the weights' "
-                             f"shapes ({key}={value})")
+            raise ValueError(
+                f"state dict metadata {key}={int(sd[key])} contradicts the weights' "
+                f"shapes ({key}={value})"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +438,7 @@ def torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
     'kernel'); the layout change is one of 'none', 'linear' (transpose [out, in] -> [in, out])
     or 'conv' ([out, in, kh, kw] -> [kh, kw, in, out]).
     """
-    if len(path) == 2:                       # top-level parameters: logit_scale, logit_bias
+    if len(path) == 2:  # top-level parameters: logit_scale, logit_bias
         return path[1], "none"
     collection, tower, *modules, leaf = path
     prefix = {"image": ["visual"], "text": []}[tower]
@@ -395,7 +455,7 @@ def torch_name(path: tuple[str, ...], ndim: int) -> tuple[str, str]:
     elif leaf == "kernel":
         layout = {2: "linear", 4: "conv"}[ndim]
         leaf = "weight"
-    elif leaf in ("scale", "embedding"):     # LayerNorm/BatchNorm scale, nn.Embed table
+    elif leaf in ("scale", "embedding"):  # LayerNorm/BatchNorm scale, nn.Embed table
         leaf = "weight"
     if modules and modules[-1] == "in_proj":
         # torch.nn.MultiheadAttention stores the fused q,k,v projection as two raw parameters.
@@ -422,7 +482,7 @@ def _to_torch_layout(array: np.ndarray, layout: str) -> np.ndarray:
     if layout == "linear":
         return array.T
     if layout == "conv":
-        return array.transpose(3, 2, 0, 1)   # [kh, kw, in, out] -> [out, in, kh, kw]
+        return array.transpose(3, 2, 0, 1)  # [kh, kw, in, out] -> [out, in, kh, kw]
     return array
 
 
@@ -442,8 +502,11 @@ def to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return state_dict
 
 
-def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConfig | None = None,
-                       quick_gelu: bool | None = None) -> tuple[CLIPConfig, dict[str, Any]]:
+def convert_state_dict(
+    state_dict: Mapping[str, Any],
+    model_name: str | CLIPConfig | None = None,
+    quick_gelu: bool | None = None,
+) -> tuple[CLIPConfig, dict[str, Any]]:
     """OpenAI / open_clip PyTorch state dict -> (CLIPConfig, Flax variables).
 
     Args:
@@ -480,7 +543,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConf
     expected: dict[str, tuple[tuple[str, ...], str]] = {}
     for path, leaf in flat_abstract.items():
         key, layout = torch_name(path, leaf.ndim)
-        if key in expected:   # a naming bug would make two Flax variables read one tensor
+        if key in expected:  # a naming bug would make two Flax variables read one tensor
             raise AssertionError(f"{key!r} maps to both {expected[key][0]} and {path}")
         expected[key] = (path, layout)
 
@@ -494,15 +557,23 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConf
         value = _to_flax_layout(sd[key], layout)
         want = flat_abstract[path].shape
         if value.shape != want:
-            mismatched.append(f"{key}: checkpoint {tuple(sd[key].shape)} (as Flax "
-                              f"{tuple(value.shape)}), model expects {tuple(want)} for "
-                              f"{'/'.join(path)}")
+            mismatched.append(
+                f"{key}: checkpoint {tuple(sd[key].shape)} (as Flax "
+                f"{tuple(value.shape)}), model expects {tuple(want)} for "
+                f"{'/'.join(path)}"
+            )
             continue
         flat[path] = jnp.asarray(value, dtype=flat_abstract[path].dtype)
     if missing or unexpected or mismatched:
-        problems = [f"{len(items)} {title}: {_listing(items)}"
-                    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                                         ("shape mismatches", mismatched)) if items]
+        problems = [
+            f"{len(items)} {title}: {_listing(items)}"
+            for title, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
+            if items
+        ]
         raise ValueError("the state dict does not match the model: " + "; ".join(problems))
     return config, traverse_util.unflatten_dict(flat)
 
@@ -511,8 +582,14 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_name: str | CLIPConf
 # Saving and loading converted checkpoints
 # ----------------------------------------------------------------------------------------------
 
-def save_converted(directory: str | os.PathLike, config: CLIPConfig, variables: dict[str, Any],
-                   source: str | None = None, overwrite: bool = False) -> Path:
+
+def save_converted(
+    directory: str | os.PathLike,
+    config: CLIPConfig,
+    variables: dict[str, Any],
+    source: str | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write `DIR/variables` (orbax StandardCheckpointer) and `DIR/model.json`.
 
     model.json: `{"model_config": config.to_dict(), "tokenizer": "clip-bpe", "source": source}`.
@@ -520,22 +597,24 @@ def save_converted(directory: str | os.PathLike, config: CLIPConfig, variables: 
     """
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    directory = Path(directory).absolute()   # orbax needs absolute paths
+    directory = Path(directory).absolute()  # orbax needs absolute paths
     if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(f"{str(directory)!r} exists and is not empty (pass overwrite=True "
-                              f"/ --overwrite to replace it)")
+        raise FileExistsError(
+            f"{str(directory)!r} exists and is not empty (pass overwrite=True "
+            f"/ --overwrite to replace it)"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / VARIABLES_ITEM, variables, force=overwrite)
-    checkpointer.wait_until_finished()   # saves are asynchronous
+    checkpointer.wait_until_finished()  # saves are asynchronous
     meta = {"model_config": config.to_dict(), "tokenizer": TOKENIZER_NAME, "source": source}
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
-def load_converted(directory: str | os.PathLike,
-                   sharding: jax.sharding.Sharding | None = None
-                   ) -> tuple[CLIPConfig, dict[str, Any]]:
+def load_converted(
+    directory: str | os.PathLike, sharding: jax.sharding.Sharding | None = None
+) -> tuple[CLIPConfig, dict[str, Any]]:
     """Restore what `save_converted` wrote: (CLIPConfig, float32 Flax variables).
 
     The restore target is `jax.eval_shape` of the model's init, so every shape and dtype is
@@ -546,8 +625,10 @@ def load_converted(directory: str | os.PathLike,
     directory = Path(directory).absolute()
     meta_path, item = directory / MODEL_JSON, directory / VARIABLES_ITEM
     if not meta_path.is_file() or not item.is_dir():
-        raise FileNotFoundError(f"{str(directory)!r} is not a converted clip_jax checkpoint: "
-                                f"expected {MODEL_JSON} and {VARIABLES_ITEM}/ in it")
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a converted clip_jax checkpoint: "
+            f"expected {MODEL_JSON} and {VARIABLES_ITEM}/ in it"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         config = CLIPConfig.from_dict(meta["model_config"])
@@ -555,13 +636,16 @@ def load_converted(directory: str | os.PathLike,
         raise ValueError(f"corrupt {meta_path}: {e}") from e
     model = create_model(config)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            jax.eval_shape(model.init_variables, jax.random.key(0)))
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        jax.eval_shape(model.init_variables, jax.random.key(0)),
+    )
     try:
         variables = ocp.StandardCheckpointer().restore(item, abstract)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        raise ValueError(f"cannot restore the variables in {item} for the model in {meta_path}: "
-                         f"{e}") from e
+        raise ValueError(
+            f"cannot restore the variables in {item} for the model in {meta_path}: {e}"
+        ) from e
     return config, variables
 
 
@@ -569,9 +653,14 @@ def load_converted(directory: str | os.PathLike,
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
-                 model_name: str | None = None, quick_gelu: bool | None = None,
-                 overwrite: bool = False) -> tuple[CLIPConfig, Path]:
+
+def convert_file(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    model_name: str | None = None,
+    quick_gelu: bool | None = None,
+    overwrite: bool = False,
+) -> tuple[CLIPConfig, Path]:
     """Read a checkpoint file, convert it and save it with `save_converted`.
 
     `input_path` may also be a Hub reference (`hf-hub:ORG/NAME[@REV]`, `pretrained:ARCH/TAG`,
@@ -583,18 +672,22 @@ def convert_file(input_path: str | os.PathLike, output_dir: str | os.PathLike,
 
     if hub.is_reference(input_path):
         if model_name is not None or quick_gelu is not None:
-            raise ValueError(f"{input_path}: the repo's config sets the architecture and "
-                             f"activation; --model/--quick-gelu apply to checkpoint files only")
+            raise ValueError(
+                f"{input_path}: the repo's config sets the architecture and "
+                f"activation; --model/--quick-gelu apply to checkpoint files only"
+            )
         config, variables, source = hub.load(input_path)
-        directory = save_converted(output_dir, config, variables, overwrite=overwrite,
-                                   source=source)
+        directory = save_converted(
+            output_dir, config, variables, overwrite=overwrite, source=source
+        )
         return config, directory
     state_dict, is_jit = _read_checkpoint(input_path)
     if quick_gelu is None and is_jit:
         quick_gelu = True
     config, variables = convert_state_dict(state_dict, model_name, quick_gelu=quick_gelu)
-    directory = save_converted(output_dir, config, variables, overwrite=overwrite,
-                               source=os.path.abspath(input_path))
+    directory = save_converted(
+        output_dir, config, variables, overwrite=overwrite, source=os.path.abspath(input_path)
+    )
     return config, directory
 
 
@@ -613,7 +706,7 @@ class OneLineParser(argparse.ArgumentParser):
 def one_line(error: BaseException | str, limit: int = 800) -> str:
     """An error message squeezed onto one line (whitespace runs become one space)."""
     text = " ".join(str(error).split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -622,22 +715,36 @@ def main(argv: list[str] | None = None) -> None:
     parser = OneLineParser(
         prog="python -m clip_jax.convert",
         description="Convert an OpenAI / open_clip PyTorch CLIP checkpoint to a clip_jax orbax "
-                    "checkpoint directory. No code from the input file is run.")
-    parser.add_argument("--model", default=None,
-                        help="registry name to check the weights against (e.g. ViT-B-32, "
-                             "RN50-quickgelu); default: infer the architecture from the weights")
-    parser.add_argument("--input",
-                        help="checkpoint: OpenAI .pt (TorchScript), .pt/.pth/.bin/.ckpt "
-                             "(torch.save), .safetensors, or a Hub reference "
-                             "hf-hub:ORG/NAME[@REVISION] / pretrained:ARCH/TAG")
+        "checkpoint directory. No code from the input file is run.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="registry name to check the weights against (e.g. ViT-B-32, "
+        "RN50-quickgelu); default: infer the architecture from the weights",
+    )
+    parser.add_argument(
+        "--input",
+        help="checkpoint: OpenAI .pt (TorchScript), .pt/.pth/.bin/.ckpt "
+        "(torch.save), .safetensors, or a Hub reference "
+        "hf-hub:ORG/NAME[@REVISION] / pretrained:ARCH/TAG",
+    )
     parser.add_argument("--output", help="output directory")
-    parser.add_argument("--list-pretrained", action="store_true",
-                        help="list the pretrained:ARCH/TAG names and their Hub repos, then exit")
-    parser.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
-                        help="QuickGELU (OpenAI weights) vs exact GELU; default: QuickGELU for "
-                             "OpenAI TorchScript archives and -quickgelu names, else the model's")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output directory")
+    parser.add_argument(
+        "--list-pretrained",
+        action="store_true",
+        help="list the pretrained:ARCH/TAG names and their Hub repos, then exit",
+    )
+    parser.add_argument(
+        "--quick-gelu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="QuickGELU (OpenAI weights) vs exact GELU; default: QuickGELU for "
+        "OpenAI TorchScript archives and -quickgelu names, else the model's",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output directory"
+    )
     args = parser.parse_args(argv)
     from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
 
@@ -652,8 +759,11 @@ def main(argv: list[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     if hub.is_reference(args.input):
         if args.model is not None or args.quick_gelu is not None:
-            parser.fail(2, f"--input {args.input}: the repo's config sets the architecture; "
-                           f"--model/--quick-gelu apply to checkpoint files only")
+            parser.fail(
+                2,
+                f"--input {args.input}: the repo's config sets the architecture; "
+                f"--model/--quick-gelu apply to checkpoint files only",
+            )
         try:
             hub.parse(args.input)
         except hub.HubError as e:
@@ -662,20 +772,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.fail(2, f"--input {args.input!r}: no such file")
     output = Path(args.output)
     if output.exists() and not args.overwrite and (not output.is_dir() or any(output.iterdir())):
-        parser.fail(2, f"--output {args.output!r} already exists and is not empty; pass "
-                       f"--overwrite to replace it")
+        parser.fail(
+            2,
+            f"--output {args.output!r} already exists and is not empty; pass "
+            f"--overwrite to replace it",
+        )
     if args.model is not None:
         try:
             get_model_config(args.model)
         except ValueError as e:
             parser.fail(2, f"--model: {e}")
     try:
-        config, directory = convert_file(args.input, args.output, args.model, args.quick_gelu,
-                                         args.overwrite)
+        config, directory = convert_file(
+            args.input, args.output, args.model, args.quick_gelu, args.overwrite
+        )
     except (ValueError, OSError, ImportError) as e:
         parser.fail(1, str(e))
-    print(f"wrote {directory} ({config.vision.type}, embed_dim {config.embed_dim}, image "
-          f"{config.image_size}px, activation {config.text.activation})")
+    print(
+        f"wrote {directory} ({config.vision.type}, embed_dim {config.embed_dim}, image "
+        f"{config.image_size}px, activation {config.text.activation})"
+    )
 
 
 if __name__ == "__main__":

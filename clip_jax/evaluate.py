@@ -11,6 +11,7 @@ paper's zero-shot benchmarks on prepared TFDS data instead (never downloads; unp
 listed with the `tfds build` command that prepares them), prints a table beside the paper's
 numbers for OpenAI's models and writes `<workdir>/benchmarks_<step>.json`.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,17 +35,29 @@ def define_flags() -> None:
     imported next to `clip_jax.train`, which defines a `--config` flag of its own)."""
     global _CONFIG, _WORKDIR, _STEP, _INIT_FROM, _DTYPE  # pylint: disable=global-statement
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Config file with an `eval` section (e.g. configs/clip.py:tiny); without "
-        "one the default evaluators of clip_jax.evaluation run.", lock_config=False)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: checkpoints are read from "
-                                   "it and eval_<step>.json is written to it.")
+        "config",
+        None,
+        "Config file with an `eval` section (e.g. configs/clip.py:tiny); without "
+        "one the default evaluators of clip_jax.evaluation run.",
+        lock_config=False,
+    )
+    _WORKDIR = flags.DEFINE_string(
+        "workdir",
+        None,
+        "Training workdir: checkpoints are read from it and eval_<step>.json is written to it.",
+    )
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: latest).")
-    _INIT_FROM = flags.DEFINE_string("init_from", None, "Evaluate converted weights (a directory "
-                                     "written by python -m clip_jax.convert, or a Hub reference "
-                                     "hf-hub:ORG/NAME[@REV] / pretrained:ARCH/TAG) instead of a "
-                                     "checkpoint of --workdir.")
-    _DTYPE = flags.DEFINE_string("dtype", None, "Compute dtype (default: the training run's, "
-                                 "float32 for converted weights).")
+    _INIT_FROM = flags.DEFINE_string(
+        "init_from",
+        None,
+        "Evaluate converted weights (a directory "
+        "written by python -m clip_jax.convert, or a Hub reference "
+        "hf-hub:ORG/NAME[@REV] / pretrained:ARCH/TAG) instead of a "
+        "checkpoint of --workdir.",
+    )
+    _DTYPE = flags.DEFINE_string(
+        "dtype", None, "Compute dtype (default: the training run's, float32 for converted weights)."
+    )
     define_benchmark_flags()
 
 
@@ -52,17 +65,26 @@ def define_benchmark_flags() -> None:
     """The flags of the zero-shot benchmark suite (`--benchmarks`)."""
     global _BENCHMARKS, _TFDS_DATA_DIR, _PAPER_MODEL  # pylint: disable=global-statement
     _BENCHMARKS = flags.DEFINE_string(
-        "benchmarks", None, "Run zero-shot benchmarks instead of the config's evaluators: 'all' "
+        "benchmarks",
+        None,
+        "Run zero-shot benchmarks instead of the config's evaluators: 'all' "
         "or a comma-separated list (clip_jax.evaluation.list_benchmarks(), e.g. "
-        "imagenet1k,cifar10); writes benchmarks_<step>.json.")
+        "imagenet1k,cifar10); writes benchmarks_<step>.json.",
+    )
     _TFDS_DATA_DIR = flags.DEFINE_string(
-        "tfds_data_dir", None, "TFDS data_dir holding the prepared benchmark datasets (nothing is "
-        "downloaded; unprepared ones are skipped with the command that prepares them).")
+        "tfds_data_dir",
+        None,
+        "TFDS data_dir holding the prepared benchmark datasets (nothing is "
+        "downloaded; unprepared ones are skipped with the command that prepares them).",
+    )
     _PAPER_MODEL = flags.DEFINE_string(
-        "paper_model", None, "Show the CLIP paper's zero-shot numbers of this OpenAI model "
+        "paper_model",
+        None,
+        "Show the CLIP paper's zero-shot numbers of this OpenAI model "
         "(RN50, ViT-B-32, ViT-B-16, ViT-L-14) beside the measured ones; default: detected for "
         "converted OpenAI weights (model.json 'source' mentions openai and the architecture "
-        "matches).")
+        "matches).",
+    )
 
 
 class EvalError(RuntimeError):
@@ -72,13 +94,19 @@ class EvalError(RuntimeError):
 def eval_config_of(config) -> Any:
     """`config.eval` when present, else the evaluation defaults."""
     from clip_jax.evaluation import get_default_config
+
     if config is not None and "eval" in config:
         return config.eval
     return get_default_config()
 
 
-def evaluate(config, workdir: str, step: int | None = None, init_from: str | None = None,
-             dtype: str | None = None) -> tuple[dict[str, float], str]:
+def evaluate(
+    config,
+    workdir: str,
+    step: int | None = None,
+    init_from: str | None = None,
+    dtype: str | None = None,
+) -> tuple[dict[str, float], str]:
     """Restores, evaluates and writes the JSON; returns (metrics, path of the JSON)."""
     from clip_jax import checkpoint as ckpt_lib
     from clip_jax import evaluation, inference, models, sharding, tokenizers
@@ -93,33 +121,41 @@ def evaluate(config, workdir: str, step: int | None = None, init_from: str | Non
         raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
     source = init_from or workdir
     from clip_jax import hub
+
     if init_from and not (inference.is_converted_dir(init_from) or hub.is_reference(init_from)):
-        raise EvalError(f"--init_from {init_from} is not a converted checkpoint (expected "
-                        f"model.json and variables/ in it) nor a Hub reference (hf-hub:ORG/NAME "
-                        f"or pretrained:ARCH/TAG)")
+        raise EvalError(
+            f"--init_from {init_from} is not a converted checkpoint (expected "
+            f"model.json and variables/ in it) nor a Hub reference (hf-hub:ORG/NAME "
+            f"or pretrained:ARCH/TAG)"
+        )
     try:
         restored = inference.restore(source, step, sharding.replicated(mesh))
     except ckpt_lib.CheckpointError as e:
         raise EvalError(str(e)) from None
     model = models.create_model(restored.config, dtype=dtype or restored.dtype)
     tokenizer = tokenizers.get(restored.tokenizer)
-    logging.info("evaluating %s (step %s) on %d devices", source, restored.step,
-                 jax.device_count())
-    metrics, details = evaluation.evaluate_all(eval_config, model, restored.variables,
-                                               tokenizer, mesh, restored.step)
+    logging.info("evaluating %s (step %s) on %d devices", source, restored.step, jax.device_count())
+    metrics, details = evaluation.evaluate_all(
+        eval_config, model, restored.variables, tokenizer, mesh, restored.step
+    )
     name = "eval_converted.json" if init_from else f"eval_{restored.step}.json"
     path = os.path.join(workdir, name)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        record = {"step": restored.step,
-                  "checkpoint": source if hub.is_reference(source) else os.path.abspath(source),
-                  "kind": restored.kind, "num_devices": jax.device_count(),
-                  "metrics": metrics, "details": details, "eval_config": eval_config.to_dict()}
+        record = {
+            "step": restored.step,
+            "checkpoint": source if hub.is_reference(source) else os.path.abspath(source),
+            "kind": restored.kind,
+            "num_devices": jax.device_count(),
+            "metrics": metrics,
+            "details": details,
+            "eval_config": eval_config.to_dict(),
+        }
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=_json_default)
             f.write("\n")
-        os.replace(tmp, path)   # never leaves a half-written results file
+        os.replace(tmp, path)  # never leaves a half-written results file
     return metrics, path
 
 
@@ -137,17 +173,24 @@ def format_table(metrics: dict[str, float]) -> str:
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -------"]
     for key, value in metrics.items():
         metric = key.split("/", 1)[-1]
-        is_fraction = metric.startswith(("top", "mean_per_class", "image_to_text",
-                                         "text_to_image", "mean_recall"))
+        is_fraction = metric.startswith(
+            ("top", "mean_per_class", "image_to_text", "text_to_image", "mean_recall")
+        )
         text = f"{100 * value:6.2f}%" if is_fraction else f"{value:.4g}"
         lines.append(f"{key:<{width}}  {text}")
     return "\n".join(lines)
 
 
-def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: str | None,
-                        step: int | None = None, init_from: str | None = None,
-                        dtype: str | None = None, paper_model: str | None = None
-                        ) -> tuple[dict[str, Any], str]:
+def evaluate_benchmarks(
+    config,
+    workdir: str,
+    benchmarks: str,
+    tfds_data_dir: str | None,
+    step: int | None = None,
+    init_from: str | None = None,
+    dtype: str | None = None,
+    paper_model: str | None = None,
+) -> tuple[dict[str, Any], str]:
     """Restores the model, runs the zero-shot `benchmarks` ("all" or "a,b") on the prepared
     TFDS data in `tfds_data_dir` and writes the JSON; returns (record, path of the JSON).
 
@@ -163,22 +206,28 @@ def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: st
     except ValueError as e:
         raise EvalError(f"--benchmarks: {e}") from None
     if not tfds_data_dir:
-        raise EvalError("--benchmarks needs --tfds_data_dir, the TFDS data_dir holding the "
-                        "prepared datasets (nothing is downloaded)")
+        raise EvalError(
+            "--benchmarks needs --tfds_data_dir, the TFDS data_dir holding the "
+            "prepared datasets (nothing is downloaded)"
+        )
     tfds_data_dir = os.path.expanduser(tfds_data_dir)
     if not os.path.isdir(tfds_data_dir) and "://" not in tfds_data_dir:
         raise EvalError(f"--tfds_data_dir {tfds_data_dir} does not exist")
     if paper_model is not None and paper_model not in benchmarks_lib.PAPER_MODELS:
-        raise EvalError(f"--paper_model {paper_model!r}: the paper has numbers for "
-                        f"{', '.join(benchmarks_lib.PAPER_MODELS)}")
+        raise EvalError(
+            f"--paper_model {paper_model!r}: the paper has numbers for "
+            f"{', '.join(benchmarks_lib.PAPER_MODELS)}"
+        )
     if init_from and step is not None:
         raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
     eval_config = eval_config_of(config)
     mesh = sharding.create_mesh()
     source = init_from or workdir
     if init_from and not inference.is_converted_dir(init_from):
-        raise EvalError(f"--init_from {init_from} is not a converted checkpoint (expected "
-                        f"model.json and variables/ in it)")
+        raise EvalError(
+            f"--init_from {init_from} is not a converted checkpoint (expected "
+            f"model.json and variables/ in it)"
+        )
     try:
         restored = inference.restore(source, step, sharding.replicated(mesh))
     except ckpt_lib.CheckpointError as e:
@@ -191,11 +240,22 @@ def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: st
             logging.info("%s holds OpenAI's %s: showing the paper's numbers", source, paper_model)
     model = models.create_model(restored.config, dtype=dtype or restored.dtype)
     record = benchmark_runner.run_benchmarks(
-        selected, model, restored.variables, tokenizers.get(restored.tokenizer), mesh,
-        tfds_data_dir, batch_size=int(eval_config.batch_size),
-        resize_method=eval_config.resize_method, paper_model=paper_model)
-    record.update(step=restored.step, checkpoint=os.path.abspath(source), kind=restored.kind,
-                  num_devices=jax.device_count())
+        selected,
+        model,
+        restored.variables,
+        tokenizers.get(restored.tokenizer),
+        mesh,
+        tfds_data_dir,
+        batch_size=int(eval_config.batch_size),
+        resize_method=eval_config.resize_method,
+        paper_model=paper_model,
+    )
+    record.update(
+        step=restored.step,
+        checkpoint=os.path.abspath(source),
+        kind=restored.kind,
+        num_devices=jax.device_count(),
+    )
     name = "benchmarks_converted.json" if init_from else f"benchmarks_{restored.step}.json"
     path = os.path.join(workdir, name)
     if jax.process_index() == 0:
@@ -204,7 +264,7 @@ def evaluate_benchmarks(config, workdir: str, benchmarks: str, tfds_data_dir: st
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2, default=_json_default)
             f.write("\n")
-        os.replace(tmp, path)   # never leaves a half-written results file
+        os.replace(tmp, path)  # never leaves a half-written results file
     return record, path
 
 
@@ -213,10 +273,18 @@ def _benchmarks_main() -> None:
     from clip_jax.checkpoint import CheckpointError
     from clip_jax.cli import one_line
     from clip_jax.evaluation.benchmark_runner import format_benchmark_table
+
     try:
         record, path = evaluate_benchmarks(
-            _CONFIG.value, _WORKDIR.value, _BENCHMARKS.value, _TFDS_DATA_DIR.value, _STEP.value,
-            _INIT_FROM.value, _DTYPE.value, _PAPER_MODEL.value)
+            _CONFIG.value,
+            _WORKDIR.value,
+            _BENCHMARKS.value,
+            _TFDS_DATA_DIR.value,
+            _STEP.value,
+            _INIT_FROM.value,
+            _DTYPE.value,
+            _PAPER_MODEL.value,
+        )
     except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"clip_jax.evaluate: error: {one_line(e)}")
     print(format_benchmark_table(record))
@@ -226,21 +294,25 @@ def _benchmarks_main() -> None:
 def main(argv) -> None:
     from clip_jax.host_memory import tune_for_xla_cpu
     from clip_jax.metrics import quiet_library_logs
+
     quiet_library_logs()
     tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required (checkpoints are read from it and results "
-                             "written to it)")
+        raise app.UsageError(
+            "--workdir is required (checkpoints are read from it and results written to it)"
+        )
     if _BENCHMARKS.value:
         _benchmarks_main()
         return
     from clip_jax.checkpoint import CheckpointError
     from clip_jax.cli import one_line
+
     try:
-        metrics, path = evaluate(_CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value,
-                                 _DTYPE.value)
+        metrics, path = evaluate(
+            _CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value, _DTYPE.value
+        )
     except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"clip_jax.evaluate: error: {one_line(e)}")
     print(format_table(metrics))
@@ -249,5 +321,6 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from clip_jax.cli import flags_parser
+
     define_flags()
     app.run(main, flags_parser=flags_parser("clip_jax.evaluate"))

@@ -23,6 +23,7 @@ exported tokenizer files use). The output directory must not exist: it is writte
 temporary name and renamed when complete, so a failed export leaves nothing behind. Only
 NumPy, safetensors and the standard library are used: torch is not needed to export.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def _save_safetensors(state_dict: dict[str, np.ndarray], path: Path) -> None:
     from safetensors.numpy import save_file
 
     # transformers refuses safetensors files without the {"format": "pt"} metadata.
-    save_file({k: np.require(v, requirements="C") for k, v in state_dict.items()}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {k: np.require(v, requirements="C") for k, v in state_dict.items()},
+        str(path),
+        metadata={"format": "pt"},
+    )
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -61,30 +65,38 @@ def _write_open_clip(directory: Path, config, state_dict: dict[str, np.ndarray])
     state_dict = dict(state_dict)
     for key in [k for k in state_dict if k.endswith(".running_mean")]:
         # open_clip's strict load_state_dict expects BatchNorm's update counter.
-        state_dict[key[:-len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
-    _write_json(directory / open_clip_format.CONFIG_FILE, {
-        "model_cfg": open_clip_format.config_to_open_clip(config),
-        "preprocess_cfg": open_clip_format.preprocess_to_open_clip(config.image_size)})
+        state_dict[key[: -len("running_mean")] + "num_batches_tracked"] = np.zeros((), np.int64)
+    _write_json(
+        directory / open_clip_format.CONFIG_FILE,
+        {
+            "model_cfg": open_clip_format.config_to_open_clip(config),
+            "preprocess_cfg": open_clip_format.preprocess_to_open_clip(config.image_size),
+        },
+    )
     _save_safetensors(state_dict, directory / open_clip_format.WEIGHTS_FILE)
 
 
 def _write_hf(directory: Path, config, state_dict: dict[str, np.ndarray], tokenizer) -> None:
     hf_config = hf_format.config_to_hf(config, tokenizer.sot_id, tokenizer.eot_id)
     if "logit_bias" in state_dict:
-        logger.warning("transformers' CLIPModel has no logit bias: the model's logit_bias %.4g "
-                       "is not exported (embeddings are unaffected)",
-                       float(state_dict["logit_bias"]))
+        logger.warning(
+            "transformers' CLIPModel has no logit bias: the model's logit_bias %.4g "
+            "is not exported (embeddings are unaffected)",
+            float(state_dict["logit_bias"]),
+        )
         state_dict = {k: v for k, v in state_dict.items() if k != "logit_bias"}
     _write_json(directory / hf_format.CONFIG_FILE, hf_config)
     _save_safetensors(hf_format.state_dict_to_hf(state_dict), directory / "model.safetensors")
-    _write_json(directory / hf_format.PREPROCESSOR_FILE,
-                hf_format.preprocessor_config(config.image_size))
+    _write_json(
+        directory / hf_format.PREPROCESSOR_FILE, hf_format.preprocessor_config(config.image_size)
+    )
     for name, text in hf_format.bpe_tokenizer_files(config.context_length).items():
         (directory / name).write_text(text, encoding="utf-8")
 
 
-def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
-           step: int | None = None) -> Path:
+def export(
+    source: str | os.PathLike, fmt: str, output: str | os.PathLike, step: int | None = None
+) -> Path:
     """Writes the model of `source` (workdir, converted dir or Hub reference) to `output` in
     `fmt` ("open_clip" or "hf"); returns the output directory.
 
@@ -100,14 +112,19 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
     output = Path(output).absolute()
     if output.exists():
         raise FileExistsError(f"{output} already exists; export writes a new directory")
-    restored = inference.restore(os.fspath(source), step, sharding=jax.sharding.
-                                 SingleDeviceSharding(jax.local_devices()[0]))
+    restored = inference.restore(
+        os.fspath(source), step, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    )
     if restored.tokenizer.strip().lower() not in tokenizers.CLIP_BPE_NAMES:
-        raise ExportError(f"the model uses the tokenizer {restored.tokenizer!r}; open_clip and "
-                          f"transformers exports need OpenAI's CLIP BPE ('clip-bpe')")
+        raise ExportError(
+            f"the model uses the tokenizer {restored.tokenizer!r}; open_clip and "
+            f"transformers exports need OpenAI's CLIP BPE ('clip-bpe')"
+        )
     if fmt == "hf" and restored.config.vision.type != "vit":
-        raise ExportError("transformers has no ModifiedResNet image tower (its CLIPModel is "
-                          "ViT-only): export ResNet models with --format open_clip")
+        raise ExportError(
+            "transformers has no ModifiedResNet image tower (its CLIPModel is "
+            "ViT-only): export ResNet models with --format open_clip"
+        )
     state_dict = convert.to_state_dict(restored.variables)
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +134,7 @@ def export(source: str | os.PathLike, fmt: str, output: str | os.PathLike,
             _write_open_clip(tmp, restored.config, state_dict)
         else:
             _write_hf(tmp, restored.config, state_dict, tokenizers.get(restored.tokenizer))
-        os.rename(tmp, output)   # fails rather than replace a directory created meanwhile
+        os.rename(tmp, output)  # fails rather than replace a directory created meanwhile
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -132,23 +149,32 @@ def main(argv: list[str] | None = None) -> None:
     parser = convert.OneLineParser(
         prog="python -m clip_jax.export",
         description="Export a clip_jax model (training workdir or converted weights) for "
-                    "open_clip or transformers.")
-    parser.add_argument("--from", dest="source", required=True,
-                        help="training workdir, clip_jax.convert output, or hf-hub:/pretrained: "
-                             "reference")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="open_clip: open_clip_config.json + open_clip_model.safetensors; "
-                             "hf: transformers CLIPModel + CLIPProcessor files")
+        "open_clip or transformers.",
+    )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="training workdir, clip_jax.convert output, or hf-hub:/pretrained: reference",
+    )
+    parser.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="open_clip: open_clip_config.json + open_clip_model.safetensors; "
+        "hf: transformers CLIPModel + CLIPProcessor files",
+    )
     parser.add_argument("--output", required=True, help="new output directory")
-    parser.add_argument("--step", type=int, default=None,
-                        help="checkpoint step of a workdir (default: the latest)")
+    parser.add_argument(
+        "--step", type=int, default=None, help="checkpoint step of a workdir (default: the latest)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logger.setLevel(logging.INFO)
     if os.path.exists(args.output):
-        parser.fail(2, f"--output {args.output!r} already exists; export writes a new "
-                       f"directory")
+        parser.fail(2, f"--output {args.output!r} already exists; export writes a new directory")
     from clip_jax import hub
+
     if not hub.is_reference(args.source) and not os.path.isdir(args.source):
         parser.fail(2, f"--from {args.source!r}: no such directory")
     try:

@@ -20,6 +20,7 @@ The settings only take effect when applied before XLA's CPU client starts its th
 before the first JAX computation or `jax.devices()` call; `python -m clip_jax.train` and
 `python -m clip_jax.evaluate` call `tune_for_xla_cpu` first thing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -35,14 +36,17 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 TUNE_VARIABLE = "CLIP_JAX_TUNE_MALLOC"
-_ACCELERATOR_DISTRIBUTIONS = re.compile(r"^(jax[-_]cuda|jax[-_]rocm|libtpu|jax[-_]tpu)",
-                                        re.IGNORECASE)
+_ACCELERATOR_DISTRIBUTIONS = re.compile(
+    r"^(jax[-_]cuda|jax[-_]rocm|libtpu|jax[-_]tpu)", re.IGNORECASE
+)
 
 
 def _accelerator_plugin_installed() -> bool:
     """True when a JAX GPU/TPU plugin is installed, so JAX would not run on the host CPU."""
-    return any(_ACCELERATOR_DISTRIBUTIONS.match(dist.metadata["Name"] or "")
-               for dist in importlib.metadata.distributions())
+    return any(
+        _ACCELERATOR_DISTRIBUTIONS.match(dist.metadata["Name"] or "")
+        for dist in importlib.metadata.distributions()
+    )
 
 
 def runs_on_cpu() -> bool:
@@ -68,8 +72,11 @@ def tune_for_xla_cpu(default: bool = False) -> bool:
     value = os.environ.get(TUNE_VARIABLE, "")
     if value not in ("", "0", "1"):
         # A warning, not an exception: this runs before the entry points' error handling.
-        logging.warning("%s=%r: expected 1 (tune glibc malloc for XLA:CPU) or 0; keeping "
-                        "glibc's defaults", TUNE_VARIABLE, value)
+        logging.warning(
+            "%s=%r: expected 1 (tune glibc malloc for XLA:CPU) or 0; keeping glibc's defaults",
+            TUNE_VARIABLE,
+            value,
+        )
         return False
     if not (value == "1" or (value == "" and default)):
         return False
@@ -82,11 +89,16 @@ def tune_for_xla_cpu(default: bool = False) -> bool:
     libc = ctypes.CDLL("libc.so.6")
     # -1 as the trim threshold is SIZE_MAX inside glibc: never give the heap top back (an
     # int-sized threshold, at most 2 GiB, would still trim a multi-GiB scratch buffer).
-    applied = (libc.mallopt(_M_ARENA_MAX, 1) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1
-               and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
+    applied = (
+        libc.mallopt(_M_ARENA_MAX, 1) == 1
+        and libc.mallopt(_M_MMAP_MAX, 0) == 1
+        and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    )
     if applied:
-        logging.info("glibc malloc tuned for XLA:CPU (one arena, no mmap, no trim): faster "
-                     "large steps, higher peak memory")
+        logging.info(
+            "glibc malloc tuned for XLA:CPU (one arena, no mmap, no trim): faster "
+            "large steps, higher peak memory"
+        )
     else:
         logging.warning("mallopt refused the XLA:CPU allocator settings; keeping defaults")
     return applied

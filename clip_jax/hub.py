@@ -16,6 +16,7 @@ transformers. Nothing is downloaded at import time; only the files needed are do
 config, one weights file). Weights are read without running code from them (see
 `clip_jax.convert`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,13 +34,14 @@ logger = logging.getLogger(__name__)
 
 HF_HUB_PREFIX = "hf-hub:"
 PRETRAINED_PREFIX = "pretrained:"
-TOKENIZER = convert.TOKENIZER_NAME   # every supported layout uses OpenAI's CLIP BPE
+TOKENIZER = convert.TOKENIZER_NAME  # every supported layout uses OpenAI's CLIP BPE
 
 
 @dataclasses.dataclass(frozen=True)
 class Pretrained:
     """A well-known checkpoint: its Hub repo and whether it was trained with QuickGELU (used
     when the repo's config does not say)."""
+
     repo_id: str
     quick_gelu: bool = False
 
@@ -55,10 +57,10 @@ PRETRAINED: dict[str, Pretrained] = {
     "ViT-B-32/openai": Pretrained("timm/vit_base_patch32_clip_224.openai", quick_gelu=True),
     "ViT-B-16/openai": Pretrained("timm/vit_base_patch16_clip_224.openai", quick_gelu=True),
     "ViT-L-14/openai": Pretrained("timm/vit_large_patch14_clip_224.openai", quick_gelu=True),
-    "ViT-L-14-336/openai": Pretrained("timm/vit_large_patch14_clip_336.openai",
-                                      quick_gelu=True),
-    "ViT-B-32/laion400m_e32": Pretrained("timm/vit_base_patch32_clip_224.laion400m_e32",
-                                         quick_gelu=True),
+    "ViT-L-14-336/openai": Pretrained("timm/vit_large_patch14_clip_336.openai", quick_gelu=True),
+    "ViT-B-32/laion400m_e32": Pretrained(
+        "timm/vit_base_patch32_clip_224.laion400m_e32", quick_gelu=True
+    ),
     "ViT-B-32/laion2b_s34b_b79k": Pretrained("laion/CLIP-ViT-B-32-laion2B-s34B-b79K"),
     "ViT-B-16/laion2b_s34b_b88k": Pretrained("laion/CLIP-ViT-B-16-laion2B-s34B-b88K"),
     "ViT-B-32/datacomp_xl_s13b_b90k": Pretrained("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K"),
@@ -79,22 +81,28 @@ def is_reference(source: Any) -> bool:
 
 def list_pretrained() -> list[str]:
     """'pretrained:ARCH/TAG -> hf-hub:REPO' lines, sorted by name."""
-    return [f"{PRETRAINED_PREFIX}{name}  ->  {HF_HUB_PREFIX}{entry.repo_id}"
-            for name, entry in sorted(PRETRAINED.items())]
+    return [
+        f"{PRETRAINED_PREFIX}{name}  ->  {HF_HUB_PREFIX}{entry.repo_id}"
+        for name, entry in sorted(PRETRAINED.items())
+    ]
 
 
 def parse(reference: str) -> tuple[str, str | None, bool | None]:
     """(repo id, revision or None, QuickGELU hint or None) of a reference; HubError if bad."""
     if reference.startswith(PRETRAINED_PREFIX):
-        name = reference[len(PRETRAINED_PREFIX):]
+        name = reference[len(PRETRAINED_PREFIX) :]
         if name not in PRETRAINED:
-            raise HubError(f"unknown pretrained name {name!r}; known: "
-                           f"{', '.join(sorted(PRETRAINED))} (or use hf-hub:ORG/NAME)")
+            raise HubError(
+                f"unknown pretrained name {name!r}; known: "
+                f"{', '.join(sorted(PRETRAINED))} (or use hf-hub:ORG/NAME)"
+            )
         return PRETRAINED[name].repo_id, None, PRETRAINED[name].quick_gelu
     if not reference.startswith(HF_HUB_PREFIX):
-        raise HubError(f"{reference!r} is not a Hub reference (hf-hub:ORG/NAME[@REVISION] or "
-                       f"pretrained:ARCH/TAG)")
-    repo_id, at, revision = reference[len(HF_HUB_PREFIX):].partition("@")
+        raise HubError(
+            f"{reference!r} is not a Hub reference (hf-hub:ORG/NAME[@REVISION] or "
+            f"pretrained:ARCH/TAG)"
+        )
+    repo_id, at, revision = reference[len(HF_HUB_PREFIX) :].partition("@")
     repo_id = repo_id.strip("/")
     if not _REPO_ID.match(repo_id) or (at and not revision):
         raise HubError(f"{reference!r}: expected hf-hub:ORG/NAME or hf-hub:ORG/NAME@REVISION")
@@ -105,13 +113,14 @@ def parse(reference: str) -> tuple[str, str | None, bool | None]:
 @dataclasses.dataclass(frozen=True)
 class HubFiles:
     """Local paths of one repo snapshot's config and weights."""
+
     reference: str
     repo_id: str
-    commit: str             # the snapshot's commit hash
-    layout: str             # "open_clip" or "transformers"
+    commit: str  # the snapshot's commit hash
+    layout: str  # "open_clip" or "transformers"
     config_path: Path
     weights_path: Path
-    preprocessor_path: Path | None   # transformers' preprocessor_config.json, when present
+    preprocessor_path: Path | None  # transformers' preprocessor_config.json, when present
 
     @property
     def source(self) -> str:
@@ -124,8 +133,10 @@ def _cache_location(repo_id: str) -> str:
     `huggingface_hub.constants.HF_HUB_CACHE`)."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
-    return os.path.join(constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id,
-                                                                 repo_type="model"))
+
+    return os.path.join(
+        constants.HF_HUB_CACHE, repo_folder_name(repo_id=repo_id, repo_type="model")
+    )
 
 
 def _download(reference: str, repo_id: str, filename: str, revision: str | None) -> Path | None:
@@ -133,25 +144,29 @@ def _download(reference: str, repo_id: str, filename: str, revision: str | None)
     try:
         from huggingface_hub import errors, hf_hub_download
     except ImportError as e:
-        raise ImportError(f"{reference} needs the `huggingface_hub` package: "
-                          f"`pip install huggingface_hub`") from e
+        raise ImportError(
+            f"{reference} needs the `huggingface_hub` package: `pip install huggingface_hub`"
+        ) from e
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except errors.EntryNotFoundError:   # remote: no such file; offline: not in the cache
+    except errors.EntryNotFoundError:  # remote: no such file; offline: not in the cache
         return None
     except errors.RevisionNotFoundError as e:
         raise HubError(f"{reference}: the repo has no revision {revision!r}") from e
-    except errors.RepositoryNotFoundError as e:   # also gated/private repos
-        raise HubError(f"{reference}: no model repo {repo_id!r} on the Hugging Face Hub (if it "
-                       f"is private or gated, log in with `hf auth login` or set HF_TOKEN)"
-                       ) from e
-    except (errors.HfHubHTTPError, OSError) as e:   # network, disk
-        raise HubError(f"{reference}: cannot download {filename}: "
-                       f"{convert.one_line(e, 300)}") from e
+    except errors.RepositoryNotFoundError as e:  # also gated/private repos
+        raise HubError(
+            f"{reference}: no model repo {repo_id!r} on the Hugging Face Hub (if it "
+            f"is private or gated, log in with `hf auth login` or set HF_TOKEN)"
+        ) from e
+    except (errors.HfHubHTTPError, OSError) as e:  # network, disk
+        raise HubError(
+            f"{reference}: cannot download {filename}: {convert.one_line(e, 300)}"
+        ) from e
 
 
 def _offline() -> bool:
     from huggingface_hub import constants
+
     return bool(constants.HF_HUB_OFFLINE)
 
 
@@ -165,16 +180,22 @@ def fetch(reference: str) -> HubFiles:
     location = _cache_location(repo_id)
     if _offline():
         if not os.path.isdir(location):
-            raise HubError(f"{reference}: {repo_id} is not in the Hugging Face cache (no "
-                           f"{location}) and HF_HUB_OFFLINE=1 forbids downloading it")
+            raise HubError(
+                f"{reference}: {repo_id} is not in the Hugging Face cache (no "
+                f"{location}) and HF_HUB_OFFLINE=1 forbids downloading it"
+            )
         rev = revision or "main"
-        if not any(os.path.exists(os.path.join(location, sub, rev))
-                   for sub in ("refs", "snapshots")):
-            raise HubError(f"{reference}: revision {rev} of {repo_id} is not in the Hugging Face "
-                           f"cache {location} and HF_HUB_OFFLINE=1 forbids downloading it")
+        if not any(
+            os.path.exists(os.path.join(location, sub, rev)) for sub in ("refs", "snapshots")
+        ):
+            raise HubError(
+                f"{reference}: revision {rev} of {repo_id} is not in the Hugging Face "
+                f"cache {location} and HF_HUB_OFFLINE=1 forbids downloading it"
+            )
     for layout, config_name, weight_names in (
-            ("open_clip", open_clip_format.CONFIG_FILE, open_clip_format.WEIGHT_FILES),
-            ("transformers", hf_format.CONFIG_FILE, hf_format.WEIGHT_FILES)):
+        ("open_clip", open_clip_format.CONFIG_FILE, open_clip_format.WEIGHT_FILES),
+        ("transformers", hf_format.CONFIG_FILE, hf_format.WEIGHT_FILES),
+    ):
         config_path = _download(reference, repo_id, config_name, revision)
         if config_path is None:
             continue
@@ -184,16 +205,32 @@ def fetch(reference: str) -> HubFiles:
                 break
         else:
             where = f" in the cache {location}" if _offline() else ""
-            raise HubError(f"{reference}: {config_name} is there but none of "
-                           f"{', '.join(weight_names)}{where}")
-        preprocessor = (_download(reference, repo_id, hf_format.PREPROCESSOR_FILE, revision)
-                        if layout == "transformers" else None)
-        return HubFiles(reference, repo_id, config_path.parent.name, layout, config_path,
-                        weights_path, preprocessor)
-    where = (f"in the cache {location} (HF_HUB_OFFLINE=1; revision {revision or 'main'})"
-             if _offline() else "in the repo")
-    raise HubError(f"{reference}: neither {open_clip_format.CONFIG_FILE} (open_clip) nor "
-                   f"{hf_format.CONFIG_FILE} (transformers CLIPModel) {where}")
+            raise HubError(
+                f"{reference}: {config_name} is there but none of {', '.join(weight_names)}{where}"
+            )
+        preprocessor = (
+            _download(reference, repo_id, hf_format.PREPROCESSOR_FILE, revision)
+            if layout == "transformers"
+            else None
+        )
+        return HubFiles(
+            reference,
+            repo_id,
+            config_path.parent.name,
+            layout,
+            config_path,
+            weights_path,
+            preprocessor,
+        )
+    where = (
+        f"in the cache {location} (HF_HUB_OFFLINE=1; revision {revision or 'main'})"
+        if _offline()
+        else "in the repo"
+    )
+    raise HubError(
+        f"{reference}: neither {open_clip_format.CONFIG_FILE} (open_clip) nor "
+        f"{hf_format.CONFIG_FILE} (transformers CLIPModel) {where}"
+    )
 
 
 def _read_json(path: Path, reference: str) -> dict[str, Any]:
@@ -206,8 +243,7 @@ def _read_json(path: Path, reference: str) -> dict[str, Any]:
     return value
 
 
-def read(files: HubFiles, quick_gelu: bool | None = None
-         ) -> tuple[CLIPConfig, dict[str, Any]]:
+def read(files: HubFiles, quick_gelu: bool | None = None) -> tuple[CLIPConfig, dict[str, Any]]:
     """(CLIPConfig from the repo's config, state dict in OpenAI/open_clip names)."""
     reference = files.reference
     config_json = _read_json(files.config_path, reference)
@@ -217,23 +253,31 @@ def read(files: HubFiles, quick_gelu: bool | None = None
                 raise ValueError(f"{files.config_path.name} has no model_cfg")
             model_cfg = config_json["model_cfg"]
             config = open_clip_format.config_from_open_clip(model_cfg, quick_gelu)
-            open_clip_format.check_preprocess(config_json.get("preprocess_cfg") or {},
-                                              reference)
+            open_clip_format.check_preprocess(config_json.get("preprocess_cfg") or {}, reference)
             state_dict = convert.load_checkpoint_file(files.weights_path)
-            if model_cfg.get("custom_text"):   # CustomTextCLIP keeps the text tower in `text.`
-                state_dict = {k[len("text."):] if k.startswith("text.") else k: v
-                              for k, v in state_dict.items()}
+            if model_cfg.get("custom_text"):  # CustomTextCLIP keeps the text tower in `text.`
+                state_dict = {
+                    k[len("text.") :] if k.startswith("text.") else k: v
+                    for k, v in state_dict.items()
+                }
         else:
             config = hf_format.config_from_hf(config_json)
             if files.preprocessor_path is not None:
                 processor = _read_json(files.preprocessor_path, reference)
                 open_clip_format.check_preprocess(
-                    {"mean": processor.get("image_mean", hf_format.OPENAI_MEAN),
-                     "std": processor.get("image_std", hf_format.OPENAI_STD)}, reference)
+                    {
+                        "mean": processor.get("image_mean", hf_format.OPENAI_MEAN),
+                        "std": processor.get("image_std", hf_format.OPENAI_STD),
+                    },
+                    reference,
+                )
             state_dict = hf_format.state_dict_from_hf(
-                {k: convert.to_numpy(v, k)
-                 for k, v in convert.load_checkpoint_file(files.weights_path).items()})
-    except (ValueError, OSError) as e:   # bad config or weights; a vanished cache file
+                {
+                    k: convert.to_numpy(v, k)
+                    for k, v in convert.load_checkpoint_file(files.weights_path).items()
+                }
+            )
+    except (ValueError, OSError) as e:  # bad config or weights; a vanished cache file
         raise HubError(f"{reference}: {convert.one_line(e)}") from e
     return config, state_dict
 
@@ -249,7 +293,8 @@ def load(reference: str) -> tuple[CLIPConfig, dict[str, Any], str]:
     config, state_dict = read(files, quick_gelu=hint)
     try:
         config, variables = convert.convert_state_dict(
-            state_dict, config, quick_gelu=config.text.activation == "quick_gelu")
+            state_dict, config, quick_gelu=config.text.activation == "quick_gelu"
+        )
     except ValueError as e:
         raise HubError(f"{reference}: {convert.one_line(e)}") from e
     logger.info("loaded %s (%s layout, %s)", files.source, files.layout, files.weights_path.name)

@@ -14,6 +14,7 @@ at the model's size are used as they are. Outputs are NumPy and L2-normalised, s
 `img @ txt.T` are cosine similarities. Inputs are cut into batches of `batch_size` (the last
 one zero-padded), so one program compiles per tower whatever N is.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,17 +32,19 @@ from clip_jax.checkpoint import CheckpointError
 @dataclasses.dataclass
 class Restored:
     """What `restore` read: the architecture, its variables and how to run it."""
+
     config: models.CLIPConfig
     variables: dict[str, Any]
     tokenizer: str
     dtype: str
-    step: int | None          # training step; None for converted weights
-    kind: str                 # "workdir", "converted" or "hub"
+    step: int | None  # training step; None for converted weights
+    kind: str  # "workdir", "converted" or "hub"
 
 
 def is_converted_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model.json")) and \
-        os.path.isdir(os.path.join(path, "variables"))
+    return os.path.isfile(os.path.join(path, "model.json")) and os.path.isdir(
+        os.path.join(path, "variables")
+    )
 
 
 def is_workdir(path: str) -> bool:
@@ -52,18 +55,24 @@ def check_variables(model: models.CLIP, variables: dict[str, Any], where: str) -
     """Raises CheckpointError when `variables` do not have exactly the model's leaves/shapes."""
     from flax import traverse_util
 
-    expected = traverse_util.flatten_dict(jax.eval_shape(model.init_variables,
-                                                         jax.random.key(0)), sep="/")
+    expected = traverse_util.flatten_dict(
+        jax.eval_shape(model.init_variables, jax.random.key(0)), sep="/"
+    )
     got = traverse_util.flatten_dict(dict(variables), sep="/")
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
-    shapes = [f"{k}: saved {tuple(got[k].shape)}, model {tuple(expected[k].shape)}"
-              for k in sorted(set(expected) & set(got))
-              if tuple(got[k].shape) != tuple(expected[k].shape)]
+    shapes = [
+        f"{k}: saved {tuple(got[k].shape)}, model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(got))
+        if tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
-        for title, items in (("missing", missing), ("unexpected", unexpected),
-                             ("shape mismatch", shapes)):
+        for title, items in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", shapes),
+        ):
             if items:
                 parts.append(f"{len(items)} {title} (e.g. {', '.join(items[:3])})")
         raise CheckpointError(f"{where} does not match its model config: " + "; ".join(parts))
@@ -79,24 +88,30 @@ def restore(path: str, step: int | None = None, sharding=None) -> Restored:
     """
     if sharding is None:
         from clip_jax import sharding as sharding_lib
+
         sharding = sharding_lib.replicated(sharding_lib.create_mesh())
     path = os.fspath(path)
     from clip_jax import hub
-    if hub.is_reference(path):   # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
+
+    if hub.is_reference(path):  # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
         if step is not None:
-            raise CheckpointError(f"{path} names pretrained weights, which have no steps; "
-                                  f"drop step={step}")
+            raise CheckpointError(
+                f"{path} names pretrained weights, which have no steps; drop step={step}"
+            )
         try:
             config, variables, _ = hub.load(path)
         except (ValueError, ImportError) as e:
             raise CheckpointError(str(e)) from e
-        return Restored(config, jax.device_put(variables, sharding), hub.TOKENIZER, "float32",
-                        None, "hub")
+        return Restored(
+            config, jax.device_put(variables, sharding), hub.TOKENIZER, "float32", None, "hub"
+        )
     if is_converted_dir(path):
         if step is not None:
-            raise CheckpointError(f"{path} holds converted weights, which have no steps; "
-                                  f"drop step={step}")
+            raise CheckpointError(
+                f"{path} holds converted weights, which have no steps; drop step={step}"
+            )
         from clip_jax import convert
+
         try:
             config, variables = convert.load_converted(path, sharding=sharding)
             with open(os.path.join(path, "model.json"), encoding="utf-8") as f:
@@ -107,20 +122,30 @@ def restore(path: str, step: int | None = None, sharding=None) -> Restored:
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} does not exist")
     if not is_workdir(path):
-        raise CheckpointError(f"{path} is neither a training workdir (no checkpoints/ in it) nor "
-                              f"a converted checkpoint (model.json + variables/)")
+        raise CheckpointError(
+            f"{path} is neither a training workdir (no checkpoints/ in it) nor "
+            f"a converted checkpoint (model.json + variables/)"
+        )
     from clip_jax.checkpoint import load_model_variables
+
     # Damaged checkpoints (missing/unreadable files, failed checksums) raise
     # DamagedCheckpointError, a CheckpointError, with a one-line message.
     step, variables, meta = load_model_variables(path, step, sharding=sharding)
     try:
         config = models.CLIPConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint step {step} of {path} has an invalid model_config: "
-                              f"{e}") from e
+        raise CheckpointError(
+            f"checkpoint step {step} of {path} has an invalid model_config: {e}"
+        ) from e
     check_variables(models.create_model(config), variables, f"checkpoint step {step} of {path}")
-    return Restored(config, variables, meta.get("tokenizer", "clip-bpe"),
-                    meta.get("dtype", "float32"), step, "workdir")
+    return Restored(
+        config,
+        variables,
+        meta.get("tokenizer", "clip-bpe"),
+        meta.get("dtype", "float32"),
+        step,
+        "workdir",
+    )
 
 
 class CLIPInference:
@@ -131,8 +156,15 @@ class CLIPInference:
     `logit_scale` (the temperature as a multiplier, exp of the learned log, at most 100).
     """
 
-    def __init__(self, restored: Restored, *, mesh=None, batch_size: int = 64,
-                 dtype: str | None = None, resize_method: str = "bicubic"):
+    def __init__(
+        self,
+        restored: Restored,
+        *,
+        mesh=None,
+        batch_size: int = 64,
+        dtype: str | None = None,
+        resize_method: str = "bicubic",
+    ):
         from clip_jax import sharding as sharding_lib
         from clip_jax.evaluation.embed import Embedder
 
@@ -171,8 +203,9 @@ class CLIPInference:
             raise ValueError("encode_text got no texts")
         return self._embedder.embed_texts(texts, self.tokenizer)
 
-    def classifier(self, classnames: Sequence[str],
-                   templates: str | Sequence[str] = "photo") -> np.ndarray:
+    def classifier(
+        self, classnames: Sequence[str], templates: str | Sequence[str] = "photo"
+    ) -> np.ndarray:
         """float32 [C, D] zero-shot class embeddings (prompt ensemble over `templates`: a set
         name of `clip_jax.evaluation.templates` or a list of strings with one '{}')."""
         from clip_jax.evaluation.templates import get_templates
@@ -180,25 +213,32 @@ class CLIPInference:
 
         return class_embeddings(self.encode_text, list(classnames), get_templates(templates))
 
-    def classify(self, images: np.ndarray | Sequence[Any], classnames: Sequence[str],
-                 templates: str | Sequence[str] = "photo") -> np.ndarray:
+    def classify(
+        self,
+        images: np.ndarray | Sequence[Any],
+        classnames: Sequence[str],
+        templates: str | Sequence[str] = "photo",
+    ) -> np.ndarray:
         """float32 [N, C] class probabilities: softmax over `logit_scale` * cosine similarity of
         each image with each class embedding (see `classifier`)."""
-        logits = self.logit_scale * (self.encode_image(images) @ self.classifier(
-            classnames, templates).T)
+        logits = self.logit_scale * (
+            self.encode_image(images) @ self.classifier(classnames, templates).T
+        )
         logits -= logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
 def _as_uint8_image(image: Any, index: int) -> np.ndarray:
-    if hasattr(image, "convert") and hasattr(image, "mode"):   # a PIL image
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
         image = np.asarray(image.convert("RGB"))
     image = np.asarray(image)
     if image.dtype != np.uint8:
-        raise TypeError(f"image {index} has dtype {image.dtype}; expected uint8 pixels in "
-                        f"0..255 (e.g. np.asarray(pil_image) or (x * 255).round().astype("
-                        f"np.uint8))")
+        raise TypeError(
+            f"image {index} has dtype {image.dtype}; expected uint8 pixels in "
+            f"0..255 (e.g. np.asarray(pil_image) or (x * 255).round().astype("
+            f"np.uint8))"
+        )
     if image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"image {index} has shape {image.shape}; expected [H, W, 3] RGB")
     if min(image.shape[:2]) < 1:
@@ -206,19 +246,24 @@ def _as_uint8_image(image: Any, index: int) -> np.ndarray:
     return image
 
 
-def preprocess_images(images: np.ndarray | Sequence[Any], size: int,
-                      resize_method: str = "bicubic") -> np.ndarray:
+def preprocess_images(
+    images: np.ndarray | Sequence[Any], size: int, resize_method: str = "bicubic"
+) -> np.ndarray:
     """See `CLIPInference.preprocess`. Raises TypeError/ValueError naming the bad input."""
-    if hasattr(images, "convert"):   # a single PIL image
+    if hasattr(images, "convert"):  # a single PIL image
         raise ValueError("got a single PIL image; pass a list of images")
     if not isinstance(images, (list, tuple)):
         array = np.asarray(images)
         if array.dtype != np.uint8:
-            raise TypeError(f"images have dtype {array.dtype}; expected uint8 [N, H, W, 3] "
-                            f"pixels in 0..255 (e.g. (x * 255).round().astype(np.uint8))")
+            raise TypeError(
+                f"images have dtype {array.dtype}; expected uint8 [N, H, W, 3] "
+                f"pixels in 0..255 (e.g. (x * 255).round().astype(np.uint8))"
+            )
         if array.ndim == 3 and array.shape[-1] == 3:
-            raise ValueError(f"images have shape {array.shape}; expected a batch [N, H, W, 3] "
-                             f"(use images[None] for a single image)")
+            raise ValueError(
+                f"images have shape {array.shape}; expected a batch [N, H, W, 3] "
+                f"(use images[None] for a single image)"
+            )
         if array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(f"images have shape {array.shape}; expected uint8 [N, H, W, 3] RGB")
         if array.shape[0] == 0:
@@ -230,6 +275,7 @@ def preprocess_images(images: np.ndarray | Sequence[Any], size: int,
     if not images:
         raise ValueError("images is an empty list")
     from clip_jax.data.transforms import resize_center_crop
+
     out = np.empty((len(images), size, size, 3), np.uint8)
     for i, image in enumerate(images):
         if image.shape[:2] == (size, size):
@@ -239,8 +285,15 @@ def preprocess_images(images: np.ndarray | Sequence[Any], size: int,
     return out
 
 
-def load(path: str | os.PathLike, *, step: int | None = None, batch_size: int = 64,
-         dtype: str | None = None, mesh=None, resize_method: str = "bicubic") -> CLIPInference:
+def load(
+    path: str | os.PathLike,
+    *,
+    step: int | None = None,
+    batch_size: int = 64,
+    dtype: str | None = None,
+    mesh=None,
+    resize_method: str = "bicubic",
+) -> CLIPInference:
     """Loads a model for inference from a training workdir or a converted-weights directory.
 
     Args:
@@ -258,5 +311,6 @@ def load(path: str | os.PathLike, *, step: int | None = None, batch_size: int = 
 
     mesh = mesh or sharding_lib.create_mesh()
     restored = restore(os.fspath(path), step, sharding_lib.replicated(mesh))
-    return CLIPInference(restored, mesh=mesh, batch_size=batch_size, dtype=dtype,
-                         resize_method=resize_method)
+    return CLIPInference(
+        restored, mesh=mesh, batch_size=batch_size, dtype=dtype, resize_method=resize_method
+    )

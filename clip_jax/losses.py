@@ -13,6 +13,7 @@ normaliser over the batch, so no device ever needs all embeddings at once: the t
 travel around a ring of devices (`jax.lax.ppermute`), each device scoring its local images
 against the block it currently holds, so memory per device is O(b x b) plus two [b, D] blocks.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,15 +30,23 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clips the temperature's exp at 100
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Per-row softmax cross-entropy: [b, B] float32, [b] int -> [b]."""
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(
-        logits, labels[:, None], axis=-1)[:, 0]
+    return (
+        jax.nn.logsumexp(logits, axis=-1)
+        - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    )
 
 
-def _local_terms(image: jax.Array, text: jax.Array, all_image: jax.Array, all_text: jax.Array,
-                 scale: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _local_terms(
+    image: jax.Array,
+    text: jax.Array,
+    all_image: jax.Array,
+    all_text: jax.Array,
+    scale: jax.Array,
+    labels: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Sum of both directions' CE and correct-prediction counts for the local rows."""
-    logits_i2t = scale * (image @ all_text.T)   # [b, B]
-    logits_t2i = scale * (text @ all_image.T)   # [b, B]
+    logits_i2t = scale * (image @ all_text.T)  # [b, B]
+    logits_t2i = scale * (text @ all_image.T)  # [b, B]
     loss_sum = _cross_entropy(logits_i2t, labels).sum() + _cross_entropy(logits_t2i, labels).sum()
     correct_i2t = jnp.sum(jnp.argmax(logits_i2t, axis=-1) == labels)
     correct_t2i = jnp.sum(jnp.argmax(logits_t2i, axis=-1) == labels)
@@ -54,9 +63,12 @@ def _metrics(loss_sum, correct_i2t, correct_t2i, global_batch: int, scale) -> tu
     }
 
 
-def clip_loss_dense(image_embeddings: jax.Array, text_embeddings: jax.Array,
-                    logit_scale: jax.Array,
-                    max_logit_scale: float = MAX_LOGIT_SCALE) -> tuple[jax.Array, dict]:
+def clip_loss_dense(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    logit_scale: jax.Array,
+    max_logit_scale: float = MAX_LOGIT_SCALE,
+) -> tuple[jax.Array, dict]:
     """Reference single-device loss over the whole batch.
 
     Args:
@@ -108,7 +120,8 @@ def _clip_loss_per_device(image, text, logit_scale, *, axis_names, max_logit_sca
     # Row r of this device is global row (device index * b + r): the positive pair's column.
     labels = jax.lax.axis_index(axis_names) * local + jnp.arange(local)
     loss_sum, correct_i2t, correct_t2i = jax.lax.psum(
-        _local_terms(image, text, all_image, all_text, scale, labels), axis_names)
+        _local_terms(image, text, all_image, all_text, scale, labels), axis_names
+    )
     return _metrics(loss_sum, correct_i2t, correct_t2i, all_image.shape[0], scale)
 
 
@@ -116,14 +129,21 @@ def _batch_axes(mesh: Mesh, global_batch: int) -> tuple[tuple[str, ...], int]:
     """The mesh's batch axes and their total size, which must divide the global batch."""
     shards = sharding.num_batch_shards(mesh)
     if global_batch % shards:
-        raise ValueError(f"global batch {global_batch} is not divisible by the {shards} batch "
-                         f"shards of the mesh {dict(mesh.shape)}")
+        raise ValueError(
+            f"global batch {global_batch} is not divisible by the {shards} batch "
+            f"shards of the mesh {dict(mesh.shape)}"
+        )
     return sharding.batch_axes(mesh), shards
 
 
-def clip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
-              *, mesh: Mesh | None = None,
-              max_logit_scale: float = MAX_LOGIT_SCALE) -> tuple[jax.Array, dict]:
+def clip_loss(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    logit_scale: jax.Array,
+    *,
+    mesh: Mesh | None = None,
+    max_logit_scale: float = MAX_LOGIT_SCALE,
+) -> tuple[jax.Array, dict]:
     """Symmetric CLIP cross-entropy over the global batch.
 
     Args:
@@ -138,11 +158,13 @@ def clip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_sca
     if mesh is None or mesh.size == 1:
         return clip_loss_dense(image_embeddings, text_embeddings, logit_scale, max_logit_scale)
     axes, shards = _batch_axes(mesh, image_embeddings.shape[0])
-    per_device = functools.partial(_clip_loss_per_device, axis_names=axes,
-                                   max_logit_scale=max_logit_scale)
+    per_device = functools.partial(
+        _clip_loss_per_device, axis_names=axes, max_logit_scale=max_logit_scale
+    )
     metric_specs = {k: P() for k in ("loss", "i2t_accuracy", "t2i_accuracy", "logit_scale")}
-    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P(axes), P()),
-                       out_specs=(P(), metric_specs))
+    fn = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(axes), P(axes), P()), out_specs=(P(), metric_specs)
+    )
     return fn(image_embeddings, text_embeddings, logit_scale)
 
 
@@ -151,8 +173,9 @@ SIGLIP_INIT_LOGIT_SCALE = 2.302585092994046  # log(10), SigLIP's temperature ini
 SIGLIP_INIT_LOGIT_BIAS = -10.0
 
 
-def _siglip_block(image: jax.Array, text: jax.Array, scale: jax.Array, bias: jax.Array,
-                  positive: jax.Array | bool) -> jax.Array:
+def _siglip_block(
+    image: jax.Array, text: jax.Array, scale: jax.Array, bias: jax.Array, positive: jax.Array | bool
+) -> jax.Array:
     """Sum of -log sigmoid(z * logit) over one [b_i, b_t] block; z = +1 on the diagonal when
     `positive` (the block holds the local rows' own texts), else -1 everywhere."""
     logits = scale * (image @ text.T) + bias
@@ -161,8 +184,12 @@ def _siglip_block(image: jax.Array, text: jax.Array, scale: jax.Array, bias: jax
     return -jnp.sum(jax.nn.log_sigmoid(labels * logits))
 
 
-def siglip_loss_dense(image_embeddings: jax.Array, text_embeddings: jax.Array,
-                      logit_scale: jax.Array, logit_bias: jax.Array) -> tuple[jax.Array, dict]:
+def siglip_loss_dense(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    logit_scale: jax.Array,
+    logit_bias: jax.Array,
+) -> tuple[jax.Array, dict]:
     """Reference single-device sigmoid loss.
 
     Args:
@@ -205,8 +232,14 @@ def _siglip_loss_per_device(image, text, logit_scale, logit_bias, *, axis_names,
     return loss, {"loss": loss, "logit_scale": scale, "logit_bias": logit_bias}
 
 
-def siglip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_scale: jax.Array,
-                logit_bias: jax.Array, *, mesh: Mesh | None = None) -> tuple[jax.Array, dict]:
+def siglip_loss(
+    image_embeddings: jax.Array,
+    text_embeddings: jax.Array,
+    logit_scale: jax.Array,
+    logit_bias: jax.Array,
+    *,
+    mesh: Mesh | None = None,
+) -> tuple[jax.Array, dict]:
     """SigLIP sigmoid loss over the global batch, never materialising the B x B logits.
 
     Args:
@@ -220,11 +253,11 @@ def siglip_loss(image_embeddings: jax.Array, text_embeddings: jax.Array, logit_s
     if mesh is None or mesh.size == 1:
         return siglip_loss_dense(image_embeddings, text_embeddings, logit_scale, logit_bias)
     axes, shards = _batch_axes(mesh, image_embeddings.shape[0])
-    per_device = functools.partial(_siglip_loss_per_device, axis_names=axes,
-                                   num_devices=shards)
+    per_device = functools.partial(_siglip_loss_per_device, axis_names=axes, num_devices=shards)
     metric_specs = {k: P() for k in ("loss", "logit_scale", "logit_bias")}
-    fn = jax.shard_map(per_device, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()),
-                       out_specs=(P(), metric_specs))
+    fn = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=(P(), metric_specs)
+    )
     return fn(image_embeddings, text_embeddings, logit_scale, logit_bias)
 
 
@@ -232,12 +265,20 @@ def contrastive_loss(name: str, out: dict, mesh: Mesh | None) -> tuple[jax.Array
     """The configured loss (`config.loss`) of a model output dict (image_embeddings,
     text_embeddings, logit_scale and, for siglip, logit_bias)."""
     if name == "clip":
-        return clip_loss(out["image_embeddings"], out["text_embeddings"], out["logit_scale"],
-                         mesh=mesh)
+        return clip_loss(
+            out["image_embeddings"], out["text_embeddings"], out["logit_scale"], mesh=mesh
+        )
     if name == "siglip":
         if "logit_bias" not in out:
-            raise ValueError("loss 'siglip' needs a model with a logit_bias parameter "
-                             "(CLIPConfig.init_logit_bias)")
-        return siglip_loss(out["image_embeddings"], out["text_embeddings"], out["logit_scale"],
-                           out["logit_bias"], mesh=mesh)
+            raise ValueError(
+                "loss 'siglip' needs a model with a logit_bias parameter "
+                "(CLIPConfig.init_logit_bias)"
+            )
+        return siglip_loss(
+            out["image_embeddings"],
+            out["text_embeddings"],
+            out["logit_scale"],
+            out["logit_bias"],
+            mesh=mesh,
+        )
     raise ValueError(f"unknown loss {name!r}; expected one of {LOSSES}")

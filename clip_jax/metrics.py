@@ -1,4 +1,5 @@
 """Metric logging: TensorBoard event files, `metrics.jsonl` and a console progress line."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,13 @@ class MetricWriter:
     one row per logged step across preemptions and restarts.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, filename: str = "metrics.jsonl",
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool = True,
+        filename: str = "metrics.jsonl",
+        resume_step: int | None = None,
+    ):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -34,6 +40,7 @@ class MetricWriter:
             drop_rows_after(path, resume_step)
         self._jsonl = open(path, "a", encoding="utf-8")
         import tensorflow as tf  # tf.summary writes the event files; already a dependency
+
         self._tf = tf
         self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
@@ -86,11 +93,16 @@ def drop_rows_after(path: str, step: int) -> int:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        logging.info("%s: dropped %d rows after step %d (they are logged again on resume)",
-                     path, dropped, step)
+        logging.info(
+            "%s: dropped %d rows after step %d (they are logged again on resume)",
+            path,
+            dropped,
+            step,
+        )
         if torn:
-            logging.warning("%s: dropped %d unreadable lines (torn by a crash mid-write?)",
-                            path, torn)
+            logging.warning(
+                "%s: dropped %d unreadable lines (torn by a crash mid-write?)", path, torn
+            )
     return dropped + torn
 
 
@@ -132,13 +144,15 @@ class Progress:
 def format_progress(step: int, total: int, scalars: Mapping[str, Any]) -> str:
     eta = scalars.get("eta_sec", 0.0)
     hours, rem = divmod(int(eta), 3600)
-    return (f"step {step}/{total} ({100.0 * step / total:.1f}%) "
-            f"loss {scalars.get('loss', float('nan')):.4f} "
-            f"lr {scalars.get('lr', 0.0):.2e} "
-            f"{scalars.get('steps_per_sec', 0.0):.2f} steps/s "
-            f"{scalars.get('samples_per_sec', 0.0):.1f} samples/s "
-            f"data-wait {100 * scalars.get('data_wait_fraction', 0.0):.0f}% "
-            f"ETA {hours:d}:{rem // 60:02d}:{rem % 60:02d}")
+    return (
+        f"step {step}/{total} ({100.0 * step / total:.1f}%) "
+        f"loss {scalars.get('loss', float('nan')):.4f} "
+        f"lr {scalars.get('lr', 0.0):.2e} "
+        f"{scalars.get('steps_per_sec', 0.0):.2f} steps/s "
+        f"{scalars.get('samples_per_sec', 0.0):.1f} samples/s "
+        f"data-wait {100 * scalars.get('data_wait_fraction', 0.0):.0f}% "
+        f"ETA {hours:d}:{rem // 60:02d}:{rem % 60:02d}"
+    )
 
 
 def peak_flops(device) -> float | None:

@@ -1,4 +1,5 @@
 """Optimizer: AdamW with CLIP's defaults, warmup + cosine schedule, decay and freeze masks."""
+
 from __future__ import annotations
 
 import math
@@ -18,8 +19,17 @@ import optax
 # decays token and positional embeddings because they are 2-D), and the temperature/bias of the
 # loss (`logit_scale`, `logit_bias`).
 DECAYED_NAMES = frozenset({"kernel", "proj", "text_projection"})
-NOT_DECAYED_NAMES = frozenset({"scale", "bias", "embedding", "positional_embedding",
-                               "class_embedding", "logit_scale", "logit_bias"})
+NOT_DECAYED_NAMES = frozenset(
+    {
+        "scale",
+        "bias",
+        "embedding",
+        "positional_embedding",
+        "class_embedding",
+        "logit_scale",
+        "logit_bias",
+    }
+)
 
 
 def path_str(path: tuple) -> str:
@@ -36,8 +46,10 @@ def is_decayed(path: str) -> bool:
         return True
     if name in NOT_DECAYED_NAMES:
         return False
-    raise ValueError(f"parameter {path!r}: no weight-decay role for the name {name!r}; add it "
-                     f"to clip_jax.optim.DECAYED_NAMES or NOT_DECAYED_NAMES")
+    raise ValueError(
+        f"parameter {path!r}: no weight-decay role for the name {name!r}; add it "
+        f"to clip_jax.optim.DECAYED_NAMES or NOT_DECAYED_NAMES"
+    )
 
 
 def weight_decay_mask(params: Any) -> Any:
@@ -56,10 +68,13 @@ def frozen_mask(params: Any, freeze: str) -> Any:
     except re.error as e:
         raise ValueError(f"config.freeze={freeze!r} is not a valid regex: {e}") from None
     mask = jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(pattern.fullmatch(path_str(path))), params)
+        lambda path, _: bool(pattern.fullmatch(path_str(path))), params
+    )
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(f"config.freeze={freeze!r} matches no parameter path (paths look like "
-                         f"'image/conv1/kernel' or 'text/ln_final/scale')")
+        raise ValueError(
+            f"config.freeze={freeze!r} matches no parameter path (paths look like "
+            f"'image/conv1/kernel' or 'text/ln_final/scale')"
+        )
     return mask
 
 
@@ -75,8 +90,10 @@ def _integer(x) -> bool:
 _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr": (lambda x: _real(x) and x >= 0, "must be a finite number >= 0"),
     "warmup_steps": (lambda x: _integer(x) and x >= 0, "must be an integer >= 0"),
-    "end_lr_factor": (lambda x: _real(x) and 0 <= x <= 1,
-                      "must be in [0, 1] (final LR as a fraction of the peak)"),
+    "end_lr_factor": (
+        lambda x: _real(x) and 0 <= x <= 1,
+        "must be in [0, 1] (final LR as a fraction of the peak)",
+    ),
     "weight_decay": (lambda x: _real(x) and x >= 0, "must be a finite number >= 0"),
     "b1": (lambda x: _real(x) and 0 <= x < 1, "must be in [0, 1)"),
     "b2": (lambda x: _real(x) and 0 <= x < 1, "must be in [0, 1)"),
@@ -104,8 +121,12 @@ def learning_rate_schedule(optim_config, total_steps: int) -> optax.Schedule:
     if warmup >= total_steps:
         return optax.linear_schedule(0.0, lr, max(warmup, 1))
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=total_steps,
-        end_value=lr * float(optim_config.end_lr_factor))
+        init_value=0.0,
+        peak_value=lr,
+        warmup_steps=warmup,
+        decay_steps=total_steps,
+        end_value=lr * float(optim_config.end_lr_factor),
+    )
 
 
 def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransformationExtraArgs:
@@ -116,6 +137,7 @@ def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransfo
     train step counter goes on, so the learning rate applied, the learning rate logged and the
     schedule's end would drift apart. Reading the train step counter keeps one clock.
     """
+
     def init_fn(params):
         del params
         return optax.EmptyState()
@@ -123,16 +145,19 @@ def scale_by_schedule_at_step(schedule: optax.Schedule) -> optax.GradientTransfo
     def update_fn(updates, state, params=None, *, step=None, **extra_args):
         del params, extra_args
         if step is None:
-            raise TypeError("this optimizer needs the train step: tx.update(grads, opt_state, "
-                            "params, step=state.step)")
+            raise TypeError(
+                "this optimizer needs the train step: tx.update(grads, opt_state, "
+                "params, step=state.step)"
+            )
         lr = schedule(step)
         return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def create_optimizer(optim_config, total_steps: int, params: Any,
-                     freeze: str = "") -> tuple[optax.GradientTransformation, Callable]:
+def create_optimizer(
+    optim_config, total_steps: int, params: Any, freeze: str = ""
+) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW (b1, b2, eps, decoupled weight decay on `weight_decay_mask`), optional global-norm
     clipping, frozen parameters (regex over paths) receiving zero updates and no optimizer state.
 
@@ -150,11 +175,13 @@ def create_optimizer(optim_config, total_steps: int, params: Any,
     if float(optim_config.grad_clip_norm) > 0:
         chain.append(optax.clip_by_global_norm(float(optim_config.grad_clip_norm)))
     # optax.adamw's own chain, with the schedule read at the train step instead of its count.
-    chain += [optax.scale_by_adam(b1=float(optim_config.b1), b2=float(optim_config.b2),
-                                  eps=float(optim_config.eps)),
-              optax.add_decayed_weights(float(optim_config.weight_decay),
-                                        mask=weight_decay_mask(params)),
-              scale_by_schedule_at_step(schedule)]
+    chain += [
+        optax.scale_by_adam(
+            b1=float(optim_config.b1), b2=float(optim_config.b2), eps=float(optim_config.eps)
+        ),
+        optax.add_decayed_weights(float(optim_config.weight_decay), mask=weight_decay_mask(params)),
+        scale_by_schedule_at_step(schedule),
+    ]
     tx = optax.chain(*chain)
     frozen = frozen_mask(params, freeze)
     if any(jax.tree.leaves(frozen)):

@@ -20,6 +20,7 @@ accumulation) for the CPU, exactly as the trainer counts its model FLOPs: "model
 remat), and "executed FLOPs" = the step with the config's remat, plus one more forward pass of
 the whole batch when accumulating (GradCache embeds every micro-batch once without a tape).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,30 +37,50 @@ from absl import app, flags, logging
 _CONFIG = _TOPOLOGY = _MFU = _SEARCH = _HBM_GIB = _EVAL = _JSON = None
 
 REMAT_POLICIES = ("none", "dots_with_no_batch_dims_saveable", "full")
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def define_flags() -> None:
     """Command-line flags (only when run as a program: `clip_jax.train` defines `--config`)."""
     global _CONFIG, _TOPOLOGY, _MFU, _SEARCH, _HBM_GIB, _EVAL, _JSON  # pylint: disable=global-statement
     from ml_collections import config_flags
+
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Training config, e.g. configs/clip.py:vit_l14 (overrides as for "
+        "config",
+        None,
+        "Training config, e.g. configs/clip.py:vit_l14 (overrides as for "
         "clip_jax.train: --config.batch_size=32768 --config.mesh.fsdp=8 ...).",
-        lock_config=True)
-    _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, GENERATION:AxB[xC]: v5e:4x4, "
-                                    "v5p:4x4x4, v4:2x2x4, v6e:8x8; or NVIDIA hosts "
-                                    "h100:[HOSTSx]GPUS, e.g. h100:8, h100:4x8 (needs the cuda "
-                                    "extra, no GPU).")
-    _MFU = flags.DEFINE_float("mfu", 0.4, "Assumed fraction of the chips' peak bf16 FLOP/s at "
-                              "which the step's executed FLOPs run (equals MFU when nothing "
-                              "is recomputed); sets the estimated step time.")
-    _SEARCH = flags.DEFINE_bool("search", False, "Try mesh.fsdp sizes, remat policies and "
-                                "accumulation steps; report the fastest configuration that "
-                                "fits (ties: less accumulation, then smaller fsdp).")
-    _HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Plan against this many GiB per chip "
-                                  "instead of the chip's usable HBM (e.g. to keep headroom); "
-                                  "at most the chip's.")
+        lock_config=True,
+    )
+    _TOPOLOGY = flags.DEFINE_string(
+        "topology",
+        None,
+        "TPU slice, GENERATION:AxB[xC]: v5e:4x4, "
+        "v5p:4x4x4, v4:2x2x4, v6e:8x8; or NVIDIA hosts "
+        "h100:[HOSTSx]GPUS, e.g. h100:8, h100:4x8 (needs the cuda "
+        "extra, no GPU).",
+    )
+    _MFU = flags.DEFINE_float(
+        "mfu",
+        0.4,
+        "Assumed fraction of the chips' peak bf16 FLOP/s at "
+        "which the step's executed FLOPs run (equals MFU when nothing "
+        "is recomputed); sets the estimated step time.",
+    )
+    _SEARCH = flags.DEFINE_bool(
+        "search",
+        False,
+        "Try mesh.fsdp sizes, remat policies and "
+        "accumulation steps; report the fastest configuration that "
+        "fits (ties: less accumulation, then smaller fsdp).",
+    )
+    _HBM_GIB = flags.DEFINE_float(
+        "hbm_gib",
+        None,
+        "Plan against this many GiB per chip "
+        "instead of the chip's usable HBM (e.g. to keep headroom); "
+        "at most the chip's.",
+    )
     _EVAL = flags.DEFINE_bool("eval", True, "Also compile the evaluation embedder.")
     _JSON = flags.DEFINE_string("json", None, "Also write the JSON report to this file.")
 
@@ -98,18 +119,21 @@ class FlopCounter:
         import jax
 
         from clip_jax import sharding
-        self._base = with_changes(config, **{"model.scan_layers": False,
-                                             "accumulation_steps": 1})
+
+        self._base = with_changes(config, **{"model.scan_layers": False, "accumulation_steps": 1})
         self._mesh = sharding.create_mesh(1, 1, devices=jax.devices("cpu")[:1])
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 - one counter per plan, few remat values
     def step(self, remat: str) -> float:
         """FLOPs of the loop-free step with `remat`."""
         from clip_jax import metrics, train_setup
-        setup = train_setup.build(with_changes(self._base, **{"model.remat": remat}),
-                                  self._mesh, with_weights=False)
-        flops = metrics.model_flops(setup.train_step(mesh=None), setup.abstract_state,
-                                    setup.abstract_batch(sharded=False))
+
+        setup = train_setup.build(
+            with_changes(self._base, **{"model.remat": remat}), self._mesh, with_weights=False
+        )
+        flops = metrics.model_flops(
+            setup.train_step(mesh=None), setup.abstract_state, setup.abstract_batch(sharded=False)
+        )
         if not flops:
             raise PlanError("XLA's cost analysis gave no FLOP count for the step")
         return flops
@@ -119,6 +143,7 @@ class FlopCounter:
         """FLOPs of one forward pass of both towers over the global batch."""
         from clip_jax import metrics, train_setup
         from clip_jax.data.transforms import normalize_images
+
         setup = train_setup.build(self._base, self._mesh, with_weights=False)
         model = setup.model
 
@@ -130,8 +155,9 @@ class FlopCounter:
             return model.apply(variables, images, batch["text"], train=False)
 
         state = setup.abstract_state
-        flops = metrics.model_flops(forward, state.params, state.batch_stats,
-                                    setup.abstract_batch(sharded=False))
+        flops = metrics.model_flops(
+            forward, state.params, state.batch_stats, setup.abstract_batch(sharded=False)
+        )
         if not flops:
             raise PlanError("XLA's cost analysis gave no FLOP count for the forward pass")
         return flops
@@ -164,21 +190,31 @@ def compile_memory(lowered, compiler_options: dict | None = None) -> dict[str, A
     import jax
 
     from clip_jax import metrics
+
     t0 = time.perf_counter()
     try:
         compiled = lowered.compile(compiler_options=compiler_options or None)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
-        return {"fits": False, "oom": _first_line(e),
-                "compile_s": round(time.perf_counter() - t0, 1)}
+        return {
+            "fits": False,
+            "oom": _first_line(e),
+            "compile_s": round(time.perf_counter() - t0, 1),
+        }
     m = compiled.memory_analysis()
-    out = {"fits": True, "compile_s": round(time.perf_counter() - t0, 1),
-           "arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
-           "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
-           "code": int(m.generated_code_size_in_bytes)}
-    out["program"] = (out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-                      + out["code"])
+    out = {
+        "fits": True,
+        "compile_s": round(time.perf_counter() - t0, 1),
+        "arguments": int(m.argument_size_in_bytes),
+        "outputs": int(m.output_size_in_bytes),
+        "aliased": int(m.alias_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "code": int(m.generated_code_size_in_bytes),
+    }
+    out["program"] = (
+        out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"] + out["code"]
+    )
     out["compiled_flops"] = metrics.compiled_flops(compiled)
     return out
 
@@ -186,6 +222,7 @@ def compile_memory(lowered, compiler_options: dict | None = None) -> dict[str, A
 def per_chip_bytes(abstract_tree) -> int:
     """Logical bytes one chip holds of a tree of ShapeDtypeStructs carrying shardings."""
     import jax
+
     total = 0
     for leaf in jax.tree.leaves(abstract_tree):
         shape = leaf.sharding.shard_shape(leaf.shape)
@@ -216,8 +253,10 @@ def _levers(config, topo) -> list[str]:
     n = topo.num_chips
     levers = []
     if config.mesh.fsdp != -1 and config.mesh.fsdp < n:
-        levers.append(f"--config.mesh.fsdp={min(n, max(2, 2 * config.mesh.fsdp))} (now "
-                      f"{config.mesh.fsdp}; shards parameters and optimizer state, up to {n})")
+        levers.append(
+            f"--config.mesh.fsdp={min(n, max(2, 2 * config.mesh.fsdp))} (now "
+            f"{config.mesh.fsdp}; shards parameters and optimizer state, up to {n})"
+        )
     if config.model.remat != "full":
         levers.append(f"--config.model.remat=full (now {config.model.remat!r})")
     k = config.accumulation_steps
@@ -232,13 +271,15 @@ def _capacity(acc, hbm_gib: float | None) -> int:
     JAX's allocator takes XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of the memory."""
     usable = acc.usable_hbm_bytes
     if usable is None:
-        usable = int(acc.hbm_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION",
-                                                          "0.75")))
+        usable = int(
+            acc.hbm_bytes * float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+        )
     if hbm_gib is None:
         return usable
     if hbm_gib <= 0 or hbm_gib * GiB > usable:
-        raise PlanError(f"--hbm_gib={hbm_gib} must be > 0 and at most the chip's usable "
-                        f"{usable / GiB:.2f} GiB")
+        raise PlanError(
+            f"--hbm_gib={hbm_gib} must be > 0 and at most the chip's usable {usable / GiB:.2f} GiB"
+        )
     return int(hbm_gib * GiB)
 
 
@@ -251,7 +292,7 @@ def _compiler_options(acc, capacity: int) -> dict | None:
         return {"xla_gpu_enable_triton_gemm": False}
     if acc.usable_hbm_bytes is None or capacity >= acc.usable_hbm_bytes:
         return None
-    return {"xla_tpu_max_hbm_size_mib": capacity // 2 ** 20}
+    return {"xla_tpu_max_hbm_size_mib": capacity // 2**20}
 
 
 def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[str, Any]:
@@ -262,6 +303,7 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
     """
     from clip_jax import sharding, train_setup
     from clip_jax.evaluation import embed
+
     try:
         mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=topo.devices)
     except ValueError as e:
@@ -271,8 +313,12 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
     options = _compiler_options(topo.accelerator, capacity)
     state = setup.sharded_abstract_state()
     batch = setup.abstract_batch()
-    logging.info("compiling the train step for %s (%d chips, mesh %s)", topo.name,
-                 topo.num_chips, dict(mesh.shape))
+    logging.info(
+        "compiling the train step for %s (%d chips, mesh %s)",
+        topo.name,
+        topo.num_chips,
+        dict(mesh.shape),
+    )
     train = compile_memory(setup.jit_step().lower(state, batch), options)
     state_bytes = device_bytes(state)
     batch_bytes = device_bytes(batch)
@@ -284,8 +330,9 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
         train["fits"] = train["total"] <= capacity
     result = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "train": train, "eval": None}
     if with_eval and train["fits"]:
-        result["eval"] = _plan_eval(config, setup, embed, state_bytes + train["prefetch"],
-                                    capacity, options)
+        result["eval"] = _plan_eval(
+            config, setup, embed, state_bytes + train["prefetch"], capacity, options
+        )
     return result
 
 
@@ -295,6 +342,7 @@ def _plan_eval(config, setup, embed, resident: int, capacity: int, options) -> d
     embedder holds its own replicated copy of the parameters."""
     import jax
     import jax.numpy as jnp
+
     mesh = setup.mesh
     image_fn, text_fn = embed._jitted_towers(setup.model, mesh)  # the evaluators' own programs
     replicated = setup.replicated
@@ -302,14 +350,17 @@ def _plan_eval(config, setup, embed, resident: int, capacity: int, options) -> d
     if setup.abstract_state.batch_stats:
         variables["batch_stats"] = setup.abstract_state.batch_stats
     variables = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables
+    )
     b = embed.round_batch_size(int(config.eval.batch_size), mesh)
     s, length = setup.model_config.image_size, setup.model_config.context_length
     images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=setup.batch_sharding)
     tokens = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=setup.batch_sharding)
     logging.info("compiling the evaluation embedder (batch %d)", b)
-    progs = {"image": compile_memory(image_fn.lower(variables, images), options),
-             "text": compile_memory(text_fn.lower(variables, tokens), options)}
+    progs = {
+        "image": compile_memory(image_fn.lower(variables, images), options),
+        "text": compile_memory(text_fn.lower(variables, tokens), options),
+    }
     out: dict[str, Any] = {"batch_size": b, "programs": progs, "resident": resident}
     if all(p["fits"] for p in progs.values()):
         out["total"] = resident + max(p["program"] for p in progs.values())
@@ -332,26 +383,42 @@ def estimate(config, topo, counter: FlopCounter, mfu: float) -> dict[str, Any]:
     step_peak = executed / n / peak
     step = step_peak / mfu
     b = config.batch_size
-    return {"model_flops": model, "executed_flops": executed,
-            "model_flops_per_chip": model / n, "executed_flops_per_chip": executed / n,
-            "recompute_factor": executed / model,
-            "peak_flops_per_chip": peak, "assumed_utilisation": mfu,
-            "step_s_at_peak": step_peak, "step_s": step,
-            "samples_per_s_at_peak": b / step_peak, "samples_per_s": b / step,
-            "mfu": mfu * model / executed,
-            "hosts": topo.num_hosts, "chips_per_host": topo.chips_per_host,
-            "samples_per_s_per_host": b / step / topo.num_hosts,
-            "samples_per_s_per_host_at_peak": b / step_peak / topo.num_hosts}
+    return {
+        "model_flops": model,
+        "executed_flops": executed,
+        "model_flops_per_chip": model / n,
+        "executed_flops_per_chip": executed / n,
+        "recompute_factor": executed / model,
+        "peak_flops_per_chip": peak,
+        "assumed_utilisation": mfu,
+        "step_s_at_peak": step_peak,
+        "step_s": step,
+        "samples_per_s_at_peak": b / step_peak,
+        "samples_per_s": b / step,
+        "mfu": mfu * model / executed,
+        "hosts": topo.num_hosts,
+        "chips_per_host": topo.chips_per_host,
+        "samples_per_s_per_host": b / step / topo.num_hosts,
+        "samples_per_s_per_host_at_peak": b / step_peak / topo.num_hosts,
+    }
 
 
 def describe(config, topo) -> dict[str, Any]:
-    return {"model": config.model.name, "init_from": config.init_from, "dtype": config.dtype,
-            "batch_size": int(config.batch_size), "loss": config.loss,
-            "remat": config.model.remat, "scan_layers": bool(config.model.scan_layers),
-            "accumulation_steps": int(config.accumulation_steps),
-            "mesh": {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp)},
-            "topology": topo.name, "accelerator": topo.accelerator.name,
-            "chips": topo.num_chips, "hosts": topo.num_hosts}
+    return {
+        "model": config.model.name,
+        "init_from": config.init_from,
+        "dtype": config.dtype,
+        "batch_size": int(config.batch_size),
+        "loss": config.loss,
+        "remat": config.model.remat,
+        "scan_layers": bool(config.model.scan_layers),
+        "accumulation_steps": int(config.accumulation_steps),
+        "mesh": {"data": int(config.mesh.data), "fsdp": int(config.mesh.fsdp)},
+        "topology": topo.name,
+        "accelerator": topo.accelerator.name,
+        "chips": topo.num_chips,
+        "hosts": topo.num_hosts,
+    }
 
 
 def _gib(x: float) -> str:
@@ -373,31 +440,42 @@ def format_report(report: dict[str, Any]) -> str:
     """The human-readable table of a `plan` report."""
     c, t, cap = report["config"], report["train"], report["capacity"]
     acc = report["accelerator"]
-    lines = [f"{c['model']} {c['dtype']}, batch {c['batch_size']}, loss {c['loss']}, remat "
-             f"{c['remat']}, accumulation {c['accumulation_steps']} on {c['topology']} "
-             f"({c['chips']} chips, {c['hosts']} host(s)), mesh data {report['mesh']['data']} x "
-             f"fsdp {report['mesh']['fsdp']}",
-             f"{'per chip':<34}{'':>12}"]
+    lines = [
+        f"{c['model']} {c['dtype']}, batch {c['batch_size']}, loss {c['loss']}, remat "
+        f"{c['remat']}, accumulation {c['accumulation_steps']} on {c['topology']} "
+        f"({c['chips']} chips, {c['hosts']} host(s)), mesh data {report['mesh']['data']} x "
+        f"fsdp {report['mesh']['fsdp']}",
+        f"{'per chip':<34}{'':>12}",
+    ]
     if "oom" in t:
         lines.append(f"{'train step':<34}does not fit: {t['oom']}")
     else:
-        for key, label in (("arguments", "arguments (state + batch)"),
-                           ("temporaries", "temporaries"),
-                           ("outputs", "outputs"), ("aliased", "  of which donated"),
-                           ("code", "program code"),
-                           ("prefetch", "prefetched input batches")):
+        for key, label in (
+            ("arguments", "arguments (state + batch)"),
+            ("temporaries", "temporaries"),
+            ("outputs", "outputs"),
+            ("aliased", "  of which donated"),
+            ("code", "program code"),
+            ("prefetch", "prefetched input batches"),
+        ):
             lines.append(f"{label:<34}{_gib(t[key]):>12}")
-        lines.append(f"{'total':<34}{_gib(t['total']):>12}  of {_gib(cap)} usable "
-                     f"({acc['name']}: {acc['hbm_bytes'] / 1e9:.0f} GB)  "
-                     f"{'fits' if t['fits'] else 'DOES NOT FIT'}")
+        lines.append(
+            f"{'total':<34}{_gib(t['total']):>12}  of {_gib(cap)} usable "
+            f"({acc['name']}: {acc['hbm_bytes'] / 1e9:.0f} GB)  "
+            f"{'fits' if t['fits'] else 'DOES NOT FIT'}"
+        )
     e = report.get("eval")
     if e is not None:
         if "total" in e:
-            lines.append(f"{'eval embedder (+ resident state)':<34}{_gib(e['total']):>12}  "
-                         f"{'fits' if e['fits'] else 'DOES NOT FIT'} (batch {e['batch_size']})")
+            lines.append(
+                f"{'eval embedder (+ resident state)':<34}{_gib(e['total']):>12}  "
+                f"{'fits' if e['fits'] else 'DOES NOT FIT'} (batch {e['batch_size']})"
+            )
         else:
-            lines.append(f"{'eval embedder':<34}does not fit: "
-                         f"{next(p['oom'] for p in e['programs'].values() if 'oom' in p)}")
+            lines.append(
+                f"{'eval embedder':<34}does not fit: "
+                f"{next(p['oom'] for p in e['programs'].values() if 'oom' in p)}"
+            )
     s = report["speed"]
     lines += [
         f"{'model FLOPs / step':<34}{_flop(s['model_flops_per_chip']):>12} per chip "
@@ -411,37 +489,57 @@ def format_report(report: dict[str, Any]) -> str:
         f"{_secs(s['step_s']):>12}  {s['samples_per_s']:,.0f} samples/s (MFU {s['mfu']:.0%})",
         f"{'input per host':<34}{s['samples_per_s_per_host']:>12,.0f}  samples/s "
         f"({s['hosts']} host(s) x {s['chips_per_host']} chips; "
-        f"{s['samples_per_s_per_host_at_peak']:,.0f} at peak)"]
+        f"{s['samples_per_s_per_host_at_peak']:,.0f} at peak)",
+    ]
     if not report["fits"]:
         lines.append(report["verdict"])
     return "\n".join(lines)
 
 
-def plan(config, topo_name: str, *, mfu: float = 0.4, hbm_gib: float | None = None,
-         with_eval: bool = True, counter: FlopCounter | None = None) -> dict[str, Any]:
+def plan(
+    config,
+    topo_name: str,
+    *,
+    mfu: float = 0.4,
+    hbm_gib: float | None = None,
+    with_eval: bool = True,
+    counter: FlopCounter | None = None,
+) -> dict[str, Any]:
     """The full report for `config` on slice `topo_name` (see the module docstring)."""
     from clip_jax import topology
+
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu={mfu} must be in (0, 1]")
     topo = topology.get(topo_name)
     capacity = _capacity(topo.accelerator, hbm_gib)
     counter = counter or FlopCounter(config)
     result = plan_step(config, topo, capacity=capacity, with_eval=with_eval)
-    report = {"config": describe(config, topo), "mesh": result["mesh"],
-              "accelerator": dataclasses.asdict(topo.accelerator), "capacity": capacity,
-              "train": result["train"], "eval": result["eval"],
-              "speed": estimate(config, topo, counter, mfu)}
-    report["fits"] = bool(result["train"]["fits"] and (result["eval"] is None
-                                                      or result["eval"]["fits"]))
+    report = {
+        "config": describe(config, topo),
+        "mesh": result["mesh"],
+        "accelerator": dataclasses.asdict(topo.accelerator),
+        "capacity": capacity,
+        "train": result["train"],
+        "eval": result["eval"],
+        "speed": estimate(config, topo, counter, mfu),
+    }
+    report["fits"] = bool(
+        result["train"]["fits"] and (result["eval"] is None or result["eval"]["fits"])
+    )
     t, e = result["train"], result["eval"]
     if report["fits"]:
         report["verdict"] = "fits"
     else:
         what, prog = ("the train step", t) if not t["fits"] else ("the evaluation embedder", e)
-        need = (f"needs {_gib(prog['total'])} per chip" if "total" in prog
-                else "the compiler ran out of memory")
-        report["verdict"] = (f"does not fit: {what} {need} (of {_gib(capacity)}); levers: "
-                             f"{'; '.join(_levers(config, topo))}")
+        need = (
+            f"needs {_gib(prog['total'])} per chip"
+            if "total" in prog
+            else "the compiler ran out of memory"
+        )
+        report["verdict"] = (
+            f"does not fit: {what} {need} (of {_gib(capacity)}); levers: "
+            f"{'; '.join(_levers(config, topo))}"
+        )
     return report
 
 
@@ -453,9 +551,16 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search(config, topo_name: str, *, mfu: float = 0.4, hbm_gib: float | None = None,
-           remats: tuple[str, ...] = REMAT_POLICIES, compile_fits: Callable | None = None,
-           counter: FlopCounter | None = None) -> dict[str, Any]:
+def search(
+    config,
+    topo_name: str,
+    *,
+    mfu: float = 0.4,
+    hbm_gib: float | None = None,
+    remats: tuple[str, ...] = REMAT_POLICIES,
+    compile_fits: Callable | None = None,
+    counter: FlopCounter | None = None,
+) -> dict[str, Any]:
     """The fastest (fsdp, remat, accumulation) for `config` on `topo_name` that fits.
 
     Speed is estimated from executed FLOPs (remat recompute and accumulation's extra forward
@@ -467,30 +572,46 @@ def search(config, topo_name: str, *, mfu: float = 0.4, hbm_gib: float | None = 
     total}]}. `compile_fits(config) -> (fits, total_bytes|None)` replaces compilation (tests).
     """
     from clip_jax import topology
+
     topo = topology.get(topo_name)
     capacity = _capacity(topo.accelerator, hbm_gib)
     counter = counter or FlopCounter(config)
     n, b = topo.num_chips, config.batch_size
-    ks = [k for k in (2 ** i for i in range(0, 16)) if k <= b // n and b % (n * k) == 0]
+    ks = [k for k in (2**i for i in range(0, 16)) if k <= b // n and b % (n * k) == 0]
     if not ks:
         raise PlanError(f"config.batch_size={b} is not divisible by the {n} chips of {topo_name}")
     fsdps = _divisors(n)
-    candidates = sorted(((r, k) for r in remats for k in ks),
-                        key=lambda rk: (round(counter.executed(*rk) / counter.model(), 3), rk[1]))
+    candidates = sorted(
+        ((r, k) for r in remats for k in ks),
+        key=lambda rk: (round(counter.executed(*rk) / counter.model(), 3), rk[1]),
+    )
     tried: list[dict] = []
 
     def fits(fsdp: int, remat: str, k: int) -> bool:
-        variant = with_changes(config, **{"mesh.data": n // fsdp, "mesh.fsdp": fsdp,
-                                          "model.remat": remat, "accumulation_steps": k})
+        variant = with_changes(
+            config,
+            **{
+                "mesh.data": n // fsdp,
+                "mesh.fsdp": fsdp,
+                "model.remat": remat,
+                "accumulation_steps": k,
+            },
+        )
         if compile_fits is not None:
             ok, total = compile_fits(variant)
         else:
             train = plan_step(variant, topo, capacity=capacity, with_eval=False)["train"]
             ok, total = train["fits"], train.get("total")
-        tried.append({"fsdp": fsdp, "remat": remat, "accumulation_steps": k, "fits": ok,
-                      "total": total})
-        logging.info("fsdp %d, remat %s, accumulation %d: %s", fsdp, remat, k,
-                     f"fits ({_gib(total)})" if ok else "does not fit")
+        tried.append(
+            {"fsdp": fsdp, "remat": remat, "accumulation_steps": k, "fits": ok, "total": total}
+        )
+        logging.info(
+            "fsdp %d, remat %s, accumulation %d: %s",
+            fsdp,
+            remat,
+            k,
+            f"fits ({_gib(total)})" if ok else "does not fit",
+        )
         return ok
 
     for remat, k in candidates:
@@ -503,31 +624,49 @@ def search(config, topo_name: str, *, mfu: float = 0.4, hbm_gib: float | None = 
                 hi = mid
             else:
                 lo = mid + 1
-        best = with_changes(config, **{"mesh.data": n // fsdps[hi], "mesh.fsdp": fsdps[hi],
-                                       "model.remat": remat, "accumulation_steps": k})
+        best = with_changes(
+            config,
+            **{
+                "mesh.data": n // fsdps[hi],
+                "mesh.fsdp": fsdps[hi],
+                "model.remat": remat,
+                "accumulation_steps": k,
+            },
+        )
         if compile_fits is not None:
             return {"best": best, "tried": tried}
-        return {"best": plan(best, topo_name, mfu=mfu, hbm_gib=hbm_gib, counter=counter),
-                "tried": tried}
+        return {
+            "best": plan(best, topo_name, mfu=mfu, hbm_gib=hbm_gib, counter=counter),
+            "tried": tried,
+        }
     return {"best": None, "tried": tried}
 
 
 def format_search(result: dict[str, Any]) -> str:
     lines = [f"{'fsdp':>5} {'remat':<34} {'accum':>5}  result"]
     for t in result["tried"]:
-        verdict = f"fits, {_gib(t['total'])}" if t["fits"] else (
-            f"over, {_gib(t['total'])}" if t["total"] else "over (compiler out of memory)")
+        verdict = (
+            f"fits, {_gib(t['total'])}"
+            if t["fits"]
+            else (f"over, {_gib(t['total'])}" if t["total"] else "over (compiler out of memory)")
+        )
         lines.append(f"{t['fsdp']:>5} {t['remat']:<34} {t['accumulation_steps']:>5}  {verdict}")
     if result["best"] is None:
-        lines.append("no configuration fits: use a larger slice, a chip with more HBM or a "
-                     "smaller batch_size")
+        lines.append(
+            "no configuration fits: use a larger slice, a chip with more HBM or a "
+            "smaller batch_size"
+        )
     else:
         c = result["best"]["config"]
-        lines += ["", f"fastest that fits: --config.mesh.data={result['best']['mesh']['data']} "
-                  f"--config.mesh.fsdp={result['best']['mesh']['fsdp']} "
-                  f"--config.model.remat={c['remat']} "
-                  f"--config.accumulation_steps={c['accumulation_steps']}", "",
-                  format_report(result["best"])]
+        lines += [
+            "",
+            f"fastest that fits: --config.mesh.data={result['best']['mesh']['data']} "
+            f"--config.mesh.fsdp={result['best']['mesh']['fsdp']} "
+            f"--config.model.remat={c['remat']} "
+            f"--config.accumulation_steps={c['accumulation_steps']}",
+            "",
+            format_report(result["best"]),
+        ]
     return "\n".join(lines)
 
 
@@ -545,15 +684,20 @@ def main(argv) -> None:
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError("--config and --topology are required")
     from clip_jax import metrics, train_setup
+
     metrics.quiet_library_logs()
     try:
         if _SEARCH.value:
-            result = search(_CONFIG.value, _TOPOLOGY.value, mfu=_MFU.value,
-                            hbm_gib=_HBM_GIB.value)
+            result = search(_CONFIG.value, _TOPOLOGY.value, mfu=_MFU.value, hbm_gib=_HBM_GIB.value)
             text = format_search(result)
         else:
-            result = plan(_CONFIG.value, _TOPOLOGY.value, mfu=_MFU.value,
-                          hbm_gib=_HBM_GIB.value, with_eval=_EVAL.value)
+            result = plan(
+                _CONFIG.value,
+                _TOPOLOGY.value,
+                mfu=_MFU.value,
+                hbm_gib=_HBM_GIB.value,
+                with_eval=_EVAL.value,
+            )
             text = format_report(result)
     except (PlanError, train_setup.ConfigError, RuntimeError, ValueError) as e:
         sys.exit(f"clip_jax.plan: error: {_first_line(e)}")

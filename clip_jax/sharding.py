@@ -13,6 +13,7 @@ FSDP): by default along their largest dimension divisible by the fsdp size; `rul
 (regex over the parameter path, partition spec tuple), override that per parameter. Under jit
 XLA all-gathers each weight where it is used and reduce-scatters its gradient.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,7 @@ FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
-def create_mesh(data: int = -1, fsdp: int = 1,
-                devices: Sequence[jax.Device] | None = None) -> Mesh:
+def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 2-D (`data`, `fsdp`) mesh over `devices` (default: every device of every process).
 
     One of `data` / `fsdp` may be -1, meaning "all remaining devices".
@@ -44,15 +44,17 @@ def create_mesh(data: int = -1, fsdp: int = 1,
     elif fsdp == -1:
         fsdp = n // data if data > 0 and n % data == 0 else 0
     if data <= 0 or fsdp <= 0 or data * fsdp != n:
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the {n} available "
-                         f"devices")
+        raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match the {n} available devices")
     try:
         # Topology-aware device order on TPU/GPU slices; falls back below on odd device sets.
         grid = mesh_utils.create_device_mesh((data, fsdp), devices)
     except (ValueError, NotImplementedError, AssertionError):
         grid = np.asarray(devices, dtype=object).reshape(data, fsdp)
-    return Mesh(grid, (DATA_AXIS, FSDP_AXIS),
-                axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto))
+    return Mesh(
+        grid,
+        (DATA_AXIS, FSDP_AXIS),
+        axis_types=(jax.sharding.AxisType.Auto, jax.sharding.AxisType.Auto),
+    )
 
 
 def batch_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -78,26 +80,31 @@ Rule = tuple[str, tuple]  # (regex over 'image/transformer/.../kernel', spec per
 
 def path_str(path: tuple) -> str:
     """A pytree key path as 'image/transformer/resblocks_0/attn/in_proj/kernel'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-                    for k in path)
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
 def _spec_from_rule(spec: Sequence, shape: tuple[int, ...], mesh: Mesh, path: str) -> P:
     """Validates one rule's spec tuple against a parameter's shape and the mesh."""
     spec = tuple(spec)
     if len(spec) > len(shape):
-        raise ValueError(f"sharding rule spec {spec} has {len(spec)} entries but parameter "
-                         f"{path} has shape {shape}")
+        raise ValueError(
+            f"sharding rule spec {spec} has {len(spec)} entries but parameter "
+            f"{path} has shape {shape}"
+        )
     for dim, axes in zip(shape, spec):
         names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
         for name in names:
             if name not in mesh.axis_names:
-                raise ValueError(f"sharding rule for {path} names mesh axis {name!r}; the mesh "
-                                 f"has {mesh.axis_names}")
+                raise ValueError(
+                    f"sharding rule for {path} names mesh axis {name!r}; the mesh "
+                    f"has {mesh.axis_names}"
+                )
         size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
         if dim % size:
-            raise ValueError(f"sharding rule spec {spec} splits dimension {dim} of {path} "
-                             f"{shape} over {size} devices: not divisible")
+            raise ValueError(
+                f"sharding rule spec {spec} splits dimension {dim} of {path} "
+                f"{shape} over {size} devices: not divisible"
+            )
     return P(*spec)
 
 
@@ -110,8 +117,11 @@ def default_param_spec(shape: tuple[int, ...], fsdp: int, skip_leading: bool = F
     """
     if fsdp <= 1 or not shape:
         return P()
-    candidates = [(dim, -i) for i, dim in enumerate(shape)
-                  if dim % fsdp == 0 and not (skip_leading and i == 0)]
+    candidates = [
+        (dim, -i)
+        for i, dim in enumerate(shape)
+        if dim % fsdp == 0 and not (skip_leading and i == 0)
+    ]
     if not candidates:
         return P()
     _, neg_index = max(candidates)
@@ -143,6 +153,7 @@ def param_specs(mesh: Mesh, params: Any, rules: Sequence[Rule] = ()) -> Any:
             if pattern.fullmatch(name):
                 return _spec_from_rule(rule_spec, shape, mesh, name)
         return default_param_spec(shape, fsdp, skip_leading="/resblocks/" in f"/{name}/")
+
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
@@ -158,8 +169,10 @@ def state_shardings(mesh: Mesh, abstract_state, rules: Sequence[Rule] = ()):
     params = abstract_state.params
     specs = param_specs(mesh, params, rules)
     by_path = {}
-    for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                  jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+    for (path, leaf), spec in zip(
+        jax.tree_util.tree_flatten_with_path(params)[0],
+        jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)),
+    ):
         by_path[path_str(path)] = (tuple(leaf.shape), spec)
     fsdp = mesh.shape.get(FSDP_AXIS, 1)
 
@@ -178,11 +191,13 @@ def state_shardings(mesh: Mesh, abstract_state, rules: Sequence[Rule] = ()):
 
     return abstract_state.replace(
         step=replicated(mesh),
-        params=jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                            is_leaf=lambda x: isinstance(x, P)),
+        params=jax.tree.map(
+            lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+        ),
         batch_stats=jax.tree.map(stats_spec, abstract_state.batch_stats),
         opt_state=jax.tree_util.tree_map_with_path(opt_spec, abstract_state.opt_state),
-        rng=replicated(mesh))
+        rng=replicated(mesh),
+    )
 
 
 def per_device_bytes(tree: Any) -> int:

@@ -1,4 +1,5 @@
 """Train state and the pure training step `train_step(state, batch) -> (state, metrics)`."""
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -38,17 +39,27 @@ def init_train_state(model: CLIP, tx: optax.GradientTransformation, seed: int) -
     init_key, state_key = jax.random.split(jax.random.key(seed))
     variables = model.init_variables(init_key)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_key))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=jax.random.key_data(state_key),
+    )
 
 
 GradFn = Callable[[Any, Any, dict], tuple[jax.Array, dict, Any, Any]]
 
 
-def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
-                 accumulation_steps: int = 1, train_image_tower: bool = True,
-                 param_shardings: Any = None) -> GradFn:
+def make_grad_fn(
+    model: CLIP,
+    mesh: Mesh | None,
+    *,
+    loss: str = "clip",
+    accumulation_steps: int = 1,
+    train_image_tower: bool = True,
+    param_shardings: Any = None,
+) -> GradFn:
     """`grad_fn(params, batch_stats, batch) -> (loss, metrics, grads, new_batch_stats)`.
 
     batch: image uint8 [B, H, W, 3], text int32 [B, L], batch-sharded over the mesh.
@@ -92,8 +103,7 @@ def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
         if has_batch_stats:
             variables["batch_stats"] = batch_stats
         if bn_train:
-            out, updates = model.apply(variables, images, text, train=True,
-                                       mutable=["batch_stats"])
+            out, updates = model.apply(variables, images, text, train=True, mutable=["batch_stats"])
             return out, updates["batch_stats"]
         return model.apply(variables, images, text, train=False), batch_stats
 
@@ -103,8 +113,9 @@ def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
             value, metrics = losses.contrastive_loss(loss, out, mesh)
             return value, (metrics, new_batch_stats)
 
-        (value, (metrics, new_batch_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params)
+        (value, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params
+        )
         return value, metrics, grads, new_batch_stats
 
     if accumulation_steps == 1:
@@ -120,8 +131,10 @@ def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
         """[B, ...] -> [K, B/K, ...]: micro-batch m = rows [m*c, (m+1)*c) of each shard."""
         global_batch = x.shape[0]
         if global_batch % (steps * num_shards):
-            raise ValueError(f"batch {global_batch} is not divisible by accumulation_steps "
-                             f"{steps} x {num_shards} batch shards")
+            raise ValueError(
+                f"batch {global_batch} is not divisible by accumulation_steps "
+                f"{steps} x {num_shards} batch shards"
+            )
         c = global_batch // (steps * num_shards)
         x = x.reshape(num_shards, steps, c, *x.shape[1:]).swapaxes(0, 1)
         return constrain(x.reshape(steps, num_shards * c, *x.shape[3:]), P(None, axes))
@@ -147,19 +160,23 @@ def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
             return stats, embeddings
 
         new_batch_stats, (image_emb, text_emb) = jax.lax.scan(
-            embed_step, batch_stats, (images, texts))
+            embed_step, batch_stats, (images, texts)
+        )
 
         # Full-batch loss; gradient w.r.t. the embeddings and the loss's own parameters.
         scalars = {k: params[k] for k in ("logit_scale", "logit_bias") if k in params}
 
         def loss_of_embeddings(image_all, text_all, scalars):
-            out = {"image_embeddings": image_all, "text_embeddings": text_all,
-                   **{k: v.astype(jnp.float32) for k, v in scalars.items()}}
+            out = {
+                "image_embeddings": image_all,
+                "text_embeddings": text_all,
+                **{k: v.astype(jnp.float32) for k, v in scalars.items()},
+            }
             return losses.contrastive_loss(loss, out, mesh)
 
         (value, metrics), (g_image, g_text, g_scalars) = jax.value_and_grad(
-            loss_of_embeddings, argnums=(0, 1, 2), has_aux=True)(
-                merge(image_emb), merge(text_emb), scalars)
+            loss_of_embeddings, argnums=(0, 1, 2), has_aux=True
+        )(merge(image_emb), merge(text_emb), scalars)
 
         # Pass 2: recompute each micro-batch under vjp and back-propagate its gradient slice.
         def pin(tree):
@@ -174,8 +191,9 @@ def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
             return pin(jax.tree.map(jnp.add, acc, grads_m)), None
 
         zeros = pin(jax.tree.map(jnp.zeros_like, params))
-        grads, _ = jax.lax.scan(backward_step, zeros,
-                                (images, texts, split(g_image), split(g_text)))
+        grads, _ = jax.lax.scan(
+            backward_step, zeros, (images, texts, split(g_image), split(g_text))
+        )
         grads = dict(grads)
         for k, g in g_scalars.items():
             grads[k] = grads[k] + g.astype(grads[k].dtype)
@@ -184,10 +202,17 @@ def make_grad_fn(model: CLIP, mesh: Mesh | None, *, loss: str = "clip",
     return accumulated
 
 
-def make_train_step(model: CLIP, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    mesh: Mesh | None, train_image_tower: bool = True, *, loss: str = "clip",
-                    accumulation_steps: int = 1, param_shardings: Any = None,
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    model: CLIP,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh | None,
+    train_image_tower: bool = True,
+    *,
+    loss: str = "clip",
+    accumulation_steps: int = 1,
+    param_shardings: Any = None,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds the pure step. Jit it with explicit shardings (see train.py).
 
     batch: image uint8 [B, H, W, 3] (not normalised), text int32 [B, L]; both batch-sharded.
@@ -200,13 +225,19 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, schedule: opt
     for locked-image tuning (LiT). `loss`: "clip" or "siglip"; `accumulation_steps`: exact
     large-batch gradient accumulation (see `make_grad_fn`).
     """
-    grad_fn = make_grad_fn(model, mesh, loss=loss, accumulation_steps=accumulation_steps,
-                           train_image_tower=train_image_tower,
-                           param_shardings=param_shardings)
+    grad_fn = make_grad_fn(
+        model,
+        mesh,
+        loss=loss,
+        accumulation_steps=accumulation_steps,
+        train_image_tower=train_image_tower,
+        param_shardings=param_shardings,
+    )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         loss_value, metrics, grads, new_batch_stats = grad_fn(
-            state.params, state.batch_stats, batch)
+            state.params, state.batch_stats, batch
+        )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
 
@@ -223,12 +254,23 @@ def make_train_step(model: CLIP, tx: optax.GradientTransformation, schedule: opt
         # and writes the whole state twice more and kept XLA:CPU from fusing AdamW's update
         # (ViT-B-32's update went from 0.15 s to 0.76 s).
         new_params, new_opt_state, new_batch_stats = jax.lax.cond(
-            finite, update, skip,
-            (state.params, state.opt_state, state.batch_stats, new_batch_stats, grads))
-        new_state = state.replace(step=state.step + 1, params=new_params,
-                                  opt_state=new_opt_state, batch_stats=new_batch_stats)
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
-                       nonfinite=jnp.logical_not(finite).astype(jnp.int32))
+            finite,
+            update,
+            skip,
+            (state.params, state.opt_state, state.batch_stats, new_batch_stats, grads),
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=new_params,
+            opt_state=new_opt_state,
+            batch_stats=new_batch_stats,
+        )
+        metrics = dict(
+            metrics,
+            grad_norm=grad_norm,
+            lr=schedule(state.step),
+            nonfinite=jnp.logical_not(finite).astype(jnp.int32),
+        )
         return new_state, metrics
 
     return train_step

@@ -9,6 +9,7 @@ TensorCores, as on real hardware; without it libtpu returns one device per core)
 2x2x1 chips (4 per JAX process) in multi-host slices, and slices with every dimension a
 multiple of 4 (v4, v5p) or a dimension of 16 (v5e, v6e) have wrap-around links (a torus).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,14 +55,17 @@ def parse(name: str) -> tuple[accelerators.Accelerator, tuple[int, ...]]:
     if g:
         hosts, per_host = int(g.group(2) or 1), int(g.group(3))
         if hosts < 1 or not 1 <= per_host <= 8:
-            raise ValueError(f"topology {name!r}: expected {g.group(1)}:[HOSTSx]GPUS with 1 to "
-                             f"8 GPUs per host")
+            raise ValueError(
+                f"topology {name!r}: expected {g.group(1)}:[HOSTSx]GPUS with 1 to 8 GPUs per host"
+            )
         return accelerators.by_name(g.group(1)), (hosts, per_host)
     m = _NAME.match(name.strip().lower())
     if not m:
-        raise ValueError(f"topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
-                         f"v4, v5e, v5p, v6e, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x4; or "
-                         f"h100:[HOSTSx]GPUS, h200:[HOSTSx]GPUS, e.g. h100:8, h100:4x8")
+        raise ValueError(
+            f"topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+            f"v4, v5e, v5p, v6e, e.g. v5e:4x4, v5p:4x4x4, v4:2x2x4; or "
+            f"h100:[HOSTSx]GPUS, h200:[HOSTSx]GPUS, e.g. h100:8, h100:4x8"
+        )
     gen, dims = m.group(1), tuple(int(d) for d in m.group(2).split("x"))
     if gen in ("v4", "v5p") and len(dims) != 3:
         raise ValueError(f"topology {name!r}: {gen} slices are 3-D (AxBxC), e.g. {gen}:2x2x1")
@@ -104,32 +108,48 @@ _GPU_SPECS = {
 
 def _gpu_target_config(acc: accelerators.Accelerator) -> str:
     description, bandwidth = _GPU_SPECS[acc.name]
-    info = {"threads_per_block_limit": 1024, "threads_per_warp": 32,
-            "shared_memory_per_block": 48 * 1024, "shared_memory_per_core": 228 * 1024,
-            "threads_per_core_limit": 2048, "core_count": 132, "fpus_per_core": 128,
-            "block_dim_limit_x": 2 ** 31 - 1, "block_dim_limit_y": 65535,
-            "block_dim_limit_z": 65535, "memory_bandwidth": int(bandwidth),
-            "l2_cache_size": 50 * 2 ** 20, "clock_rate_ghz": 1.98,
-            "device_memory_size": int(acc.hbm_bytes),
-            "shared_memory_per_block_optin": 227 * 1024,
-            "registers_per_core_limit": 65536, "registers_per_block_limit": 65536}
+    info = {
+        "threads_per_block_limit": 1024,
+        "threads_per_warp": 32,
+        "shared_memory_per_block": 48 * 1024,
+        "shared_memory_per_core": 228 * 1024,
+        "threads_per_core_limit": 2048,
+        "core_count": 132,
+        "fpus_per_core": 128,
+        "block_dim_limit_x": 2**31 - 1,
+        "block_dim_limit_y": 65535,
+        "block_dim_limit_z": 65535,
+        "memory_bandwidth": int(bandwidth),
+        "l2_cache_size": 50 * 2**20,
+        "clock_rate_ghz": 1.98,
+        "device_memory_size": int(acc.hbm_bytes),
+        "shared_memory_per_block_optin": 227 * 1024,
+        "registers_per_core_limit": 65536,
+        "registers_per_block_limit": 65536,
+    }
     fields = "\n".join(f"  {k}: {v}" for k, v in info.items())
-    return (f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: 9 }}\n}}\n"
-            f'platform_name: "CUDA"\ndevice_description_str: "{description}"\n')
+    return (
+        f"gpu_device_info {{\n{fields}\n  cuda_compute_capability {{ major: 9 }}\n}}\n"
+        f'platform_name: "CUDA"\ndevice_description_str: "{description}"\n'
+    )
 
 
 def _get_gpu(name: str, acc: accelerators.Accelerator, dims: tuple[int, ...]) -> Topology:
     """Compile-only CUDA devices (needs the CUDA PJRT plugin, `jax[cuda13]`; no GPU)."""
     import jax
     from jax.experimental import topologies
+
     hosts, per_host = dims
     try:
-        desc = topologies.get_topology_desc(platform="cuda", topology=f"1x{hosts}x{per_host}",
-                                            target_config=_gpu_target_config(acc))
+        desc = topologies.get_topology_desc(
+            platform="cuda", topology=f"1x{hosts}x{per_host}", target_config=_gpu_target_config(acc)
+        )
     except (RuntimeError, NotImplementedError, jax.errors.JaxRuntimeError) as e:
-        raise RuntimeError(f"topology {name!r}: compiling for NVIDIA GPUs without one needs "
-                           f"JAX's CUDA plugin: pip install 'clip-jax-framework[cuda]' "
-                           f"({_one_line(e)})") from None
+        raise RuntimeError(
+            f"topology {name!r}: compiling for NVIDIA GPUs without one needs "
+            f"JAX's CUDA plugin: pip install 'clip-jax-framework[cuda]' "
+            f"({_one_line(e)})"
+        ) from None
     devices = tuple(desc.devices)
     return Topology(name=name, accelerator=acc, dims=dims, devices=devices, num_hosts=hosts)
 
@@ -152,6 +172,7 @@ def get(name: str) -> Topology:
     import jax
     from jax._src import hardware_utils, xla_bridge  # what jax's own TPU set-up consults
     from jax.experimental import topologies
+
     if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
         # No TPU attached: libtpu would query the GCE metadata server for the (absent) TPU's
         # description, then log three multi-line errors about unknown worker hostnames and
@@ -163,12 +184,15 @@ def get(name: str) -> Topology:
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
     if xla_bridge.get_tpu_library_path() is None:
-        raise RuntimeError("compiling for TPU topologies needs libtpu: pip install "
-                           "'clip-jax-framework[tpu]' (or jax[tpu])")
+        raise RuntimeError(
+            "compiling for TPU topologies needs libtpu: pip install "
+            "'clip-jax-framework[tpu]' (or jax[tpu])"
+        )
     topo_name = f"{_LIBTPU_PREFIX[acc.name]}:{'x'.join(str(d) for d in dims)}"
     try:
-        desc = topologies.get_topology_desc(topology_name=topo_name, platform="tpu",
-                                            **_topology_kwargs(acc, dims))
+        desc = topologies.get_topology_desc(
+            topology_name=topo_name, platform="tpu", **_topology_kwargs(acc, dims)
+        )
     except jax.errors.JaxRuntimeError as e:  # INVALID_ARGUMENT for shapes libtpu rejects
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"topology {name!r}: libtpu rejects it: {first}") from None

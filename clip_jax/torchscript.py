@@ -21,6 +21,7 @@ The result is the module's attributes that hold tensors, named like `state_dict(
 (`visual.conv1.weight`). For traced archives (OpenAI's) that is exactly `state_dict()`: tracing
 keeps only parameters and buffers. A scripted module may also keep plain tensor attributes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -41,17 +42,25 @@ class UnsafeArchiveError(ValueError):
 def _storage_dtypes() -> dict[str, np.dtype]:
     import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency)
 
-    return {"DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),
-            "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-            "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
-            "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
-            "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
-            "ComplexFloatStorage": np.dtype(np.complex64),
-            "ComplexDoubleStorage": np.dtype(np.complex128)}
+    return {
+        "DoubleStorage": np.dtype(np.float64),
+        "FloatStorage": np.dtype(np.float32),
+        "HalfStorage": np.dtype(np.float16),
+        "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+        "LongStorage": np.dtype(np.int64),
+        "IntStorage": np.dtype(np.int32),
+        "ShortStorage": np.dtype(np.int16),
+        "CharStorage": np.dtype(np.int8),
+        "ByteStorage": np.dtype(np.uint8),
+        "BoolStorage": np.dtype(np.bool_),
+        "ComplexFloatStorage": np.dtype(np.complex64),
+        "ComplexDoubleStorage": np.dtype(np.complex128),
+    }
 
 
 class _StorageType:
     """Stands for `torch.FloatStorage` & co. in data.pkl: only its dtype matters."""
+
     __slots__ = ("name", "dtype")
 
     def __init__(self, name: str, dtype: np.dtype):
@@ -69,40 +78,58 @@ class ScriptObject:
     `state` what the archive pickled for it: a dict of attributes for plain modules, anything
     else when the class defines `__getstate__` (its `__setstate__` is never run).
     """
+
     qualified_name = "__torch__"
 
     def __init__(self) -> None:
         self.state: Any = None
 
-    def __setstate__(self, state: Any) -> None:   # pickle's BUILD: record, run nothing
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD: record, run nothing
         self.state = state
 
 
-def _rebuild_tensor_v2(storage: Any, storage_offset: Any, size: Any, stride: Any,
-                       requires_grad: Any = False, backward_hooks: Any = None,
-                       metadata: Any = None) -> np.ndarray:
+def _rebuild_tensor_v2(
+    storage: Any,
+    storage_offset: Any,
+    size: Any,
+    stride: Any,
+    requires_grad: Any = False,
+    backward_hooks: Any = None,
+    metadata: Any = None,
+) -> np.ndarray:
     """NumPy stand-in for `torch._utils._rebuild_tensor_v2`: a bounds-checked strided copy."""
-    del requires_grad, backward_hooks, metadata   # autograd flags: irrelevant to the values
+    del requires_grad, backward_hooks, metadata  # autograd flags: irrelevant to the values
     if not isinstance(storage, np.ndarray):
-        raise UnsafeArchiveError(f"a tensor's storage is a {type(storage).__name__}, not a "
-                                 f"storage record")
+        raise UnsafeArchiveError(
+            f"a tensor's storage is a {type(storage).__name__}, not a storage record"
+        )
     ints = [storage_offset, *tuple(size), *tuple(stride)]
-    if (not all(type(v) is int for v in ints) or len(tuple(size)) != len(tuple(stride))
-            or min(ints, default=0) < 0):
-        raise UnsafeArchiveError(f"a tensor has an invalid layout: offset {storage_offset!r}, "
-                                 f"size {size!r}, stride {stride!r}")
+    if (
+        not all(type(v) is int for v in ints)
+        or len(tuple(size)) != len(tuple(stride))
+        or min(ints, default=0) < 0
+    ):
+        raise UnsafeArchiveError(
+            f"a tensor has an invalid layout: offset {storage_offset!r}, "
+            f"size {size!r}, stride {stride!r}"
+        )
     size, stride = tuple(size), tuple(stride)
     if 0 in size:
         return np.zeros(size, storage.dtype)
     # as_strided does not check bounds: the last element must lie inside the storage.
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.size:
-        raise UnsafeArchiveError(f"a tensor of size {size} (stride {stride}, offset "
-                                 f"{storage_offset}) reaches element {last} of a storage of "
-                                 f"{storage.size}")
+        raise UnsafeArchiveError(
+            f"a tensor of size {size} (stride {stride}, offset "
+            f"{storage_offset}) reaches element {last} of a storage of "
+            f"{storage.size}"
+        )
     view = np.lib.stride_tricks.as_strided(
-        storage[storage_offset:], shape=size,
-        strides=tuple(s * storage.itemsize for s in stride), writeable=False)
+        storage[storage_offset:],
+        shape=size,
+        strides=tuple(s * storage.itemsize for s in stride),
+        writeable=False,
+    )
     return np.array(view)
 
 
@@ -110,8 +137,7 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any) -
     return _rebuild_tensor_v2(storage, storage_offset, size, stride)
 
 
-def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None
-                       ) -> Any:
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None) -> Any:
     del requires_grad, backward_hooks
     return data
 
@@ -130,8 +156,10 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    **{("torch.jit._pickle", f"build_{kind}list"): _build_list
-       for kind in ("int", "double", "bool", "tensor", "generic")},
+    **{
+        ("torch.jit._pickle", f"build_{kind}list"): _build_list
+        for kind in ("int", "double", "bool", "tensor", "generic")
+    },
     ("torch.jit._pickle", "restore_type_tag"): _restore_type_tag,
 }
 
@@ -156,23 +184,33 @@ class _RestrictedUnpickler(pickle.Unpickler):
             qualified = f"{module}.{name}"
             if qualified not in self._script_classes:
                 self._script_classes[qualified] = type(
-                    name, (ScriptObject,), {"qualified_name": qualified})
+                    name, (ScriptObject,), {"qualified_name": qualified}
+                )
             return self._script_classes[qualified]
-        raise UnsafeArchiveError(f"data.pkl refers to {module}.{name}, which is not a tensor, "
-                                 f"storage or TorchScript module; it is not loaded")
+        raise UnsafeArchiveError(
+            f"data.pkl refers to {module}.{name}, which is not a tensor, "
+            f"storage or TorchScript module; it is not loaded"
+        )
 
     def persistent_load(self, pid: Any) -> np.ndarray:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str)
-                and type(pid[4]) is int):
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+        ):
             raise UnsafeArchiveError(f"data.pkl has an unknown persistent record {pid!r:.80}")
         _, storage_type, key, _, numel = pid
         if key not in self._storages:
             raw = self._read_storage(key)
             dtype = storage_type.dtype
             if numel < 0 or len(raw) < numel * dtype.itemsize:
-                raise UnsafeArchiveError(f"storage data/{key} holds {len(raw)} bytes, not the "
-                                         f"{numel} {storage_type.name} elements it should")
+                raise UnsafeArchiveError(
+                    f"storage data/{key} holds {len(raw)} bytes, not the "
+                    f"{numel} {storage_type.name} elements it should"
+                )
             array = np.frombuffer(raw, dtype, count=numel)
             if self._byteorder != sys.byteorder:
                 array = array.byteswap()
@@ -182,11 +220,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
     """The archive's top-level folder: the one holding data.pkl."""
-    prefixes = [n[:-len("data.pkl")] for n in archive.namelist()
-                if n.endswith("data.pkl") and n.count("/") == 1]
+    prefixes = [
+        n[: -len("data.pkl")]
+        for n in archive.namelist()
+        if n.endswith("data.pkl") and n.count("/") == 1
+    ]
     if len(prefixes) != 1:
-        raise UnsafeArchiveError(f"{path} is not a TorchScript archive: expected one "
-                                 f"<name>/data.pkl in it, found {len(prefixes)}")
+        raise UnsafeArchiveError(
+            f"{path} is not a TorchScript archive: expected one "
+            f"<name>/data.pkl in it, found {len(prefixes)}"
+        )
     return prefixes[0]
 
 
@@ -200,7 +243,8 @@ def _collect(obj: Any, prefix: str, out: dict[str, np.ndarray]) -> None:
         raise UnsafeArchiveError(
             f"{where} is a {obj.qualified_name} with a custom pickled state "
             f"({type(obj.state).__name__}, written by a TorchScript __getstate__); its "
-            f"__setstate__ code is not run, so its tensors cannot be named")
+            f"__setstate__ code is not run, so its tensors cannot be named"
+        )
     for key, value in obj.state.items():
         if not isinstance(key, str):
             continue
@@ -233,19 +277,27 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 raise UnsafeArchiveError(f"the tensor storage {name} is missing")
             return archive.read(name)
 
-        unpickler = _RestrictedUnpickler(archive.read(f"{prefix}data.pkl"), read_storage,
-                                         byteorder)
+        unpickler = _RestrictedUnpickler(archive.read(f"{prefix}data.pkl"), read_storage, byteorder)
         try:
             root = unpickler.load()
         except UnsafeArchiveError as e:
             raise UnsafeArchiveError(f"{path}: {e}") from None
-        except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
-                IndexError, KeyError) as e:
-            raise UnsafeArchiveError(f"{path}: data.pkl cannot be read "
-                                     f"({type(e).__name__}: {str(e)[:200]})") from e
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            IndexError,
+            KeyError,
+        ) as e:
+            raise UnsafeArchiveError(
+                f"{path}: data.pkl cannot be read ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
     if not isinstance(root, ScriptObject):
-        raise UnsafeArchiveError(f"{path}: data.pkl holds a {type(root).__name__}, not a "
-                                 f"TorchScript module")
+        raise UnsafeArchiveError(
+            f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module"
+        )
     tensors: dict[str, np.ndarray] = {}
     try:
         _collect(root, "", tensors)

@@ -7,6 +7,7 @@ and compile the real step from shapes alone (`clip_jax.plan` compiles it for TPU
 not there). `train.py` keeps its own copy of this logic for now; it can switch to this module
 line for line (tests/test_plan.py checks that both give the same state after a step).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,8 +46,10 @@ def model_overrides(config) -> dict:
     if not isinstance(overrides, dict):
         raise ConfigError(f"config.model.overrides={text!r}: must be a JSON object")
     if config.init_from:
-        raise ConfigError("config.model.overrides must be empty with init_from (the "
-                          "architecture comes from the converted weights)")
+        raise ConfigError(
+            "config.model.overrides must be empty with init_from (the "
+            "architecture comes from the converted weights)"
+        )
     try:
         models.get_model_config(config.model.name, **overrides)
     except (ValueError, TypeError) as e:
@@ -57,24 +60,38 @@ def model_overrides(config) -> dict:
 def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 1) -> None:
     """The checks of `train.validate_config` that concern the model and the step (not data,
     checkpoints or evaluation); raises ConfigError naming the offending key."""
+
     def check(ok, key, value, why):
         if not ok:
             raise ConfigError(f"config.{key}={value!r}: {why}")
 
     check(config.batch_size > 0, "batch_size", config.batch_size, "must be positive")
     check(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
-    check(config.accumulation_steps >= 1, "accumulation_steps", config.accumulation_steps,
-          "must be >= 1 (1: no accumulation)")
-    check(config.batch_size % config.accumulation_steps == 0, "batch_size", config.batch_size,
-          f"must be divisible by accumulation_steps={config.accumulation_steps}")
-    check(config.loss in losses_lib.LOSSES, "loss", config.loss,
-          f"must be one of {losses_lib.LOSSES}")
+    check(
+        config.accumulation_steps >= 1,
+        "accumulation_steps",
+        config.accumulation_steps,
+        "must be >= 1 (1: no accumulation)",
+    )
+    check(
+        config.batch_size % config.accumulation_steps == 0,
+        "batch_size",
+        config.batch_size,
+        f"must be divisible by accumulation_steps={config.accumulation_steps}",
+    )
+    check(
+        config.loss in losses_lib.LOSSES, "loss", config.loss, f"must be one of {losses_lib.LOSSES}"
+    )
     try:
         transformer.remat_policy(config.model.remat)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    check(isinstance(config.model.scan_layers, bool), "model.scan_layers",
-          config.model.scan_layers, "must be True or False")
+    check(
+        isinstance(config.model.scan_layers, bool),
+        "model.scan_layers",
+        config.model.scan_layers,
+        "must be True or False",
+    )
     model_overrides(config)
     if not config.init_from:
         try:
@@ -83,19 +100,29 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
     if mesh is not None:
         shards = sharding.num_batch_shards(mesh)
-        check(config.batch_size % shards == 0, "batch_size", config.batch_size,
-              f"must be divisible by the {shards} data-parallel devices of mesh "
-              f"{dict(mesh.shape)}")
+        check(
+            config.batch_size % shards == 0,
+            "batch_size",
+            config.batch_size,
+            f"must be divisible by the {shards} data-parallel devices of mesh {dict(mesh.shape)}",
+        )
         k = config.accumulation_steps
-        check(config.batch_size % (shards * k) == 0, "batch_size", config.batch_size,
-              f"must be divisible by accumulation_steps x data-parallel devices = {k} x "
-              f"{shards} (each micro-batch is split over all devices)")
-        check(config.batch_size % num_processes == 0, "batch_size", config.batch_size,
-              f"must be divisible by the {num_processes} processes")
+        check(
+            config.batch_size % (shards * k) == 0,
+            "batch_size",
+            config.batch_size,
+            f"must be divisible by accumulation_steps x data-parallel devices = {k} x "
+            f"{shards} (each micro-batch is split over all devices)",
+        )
+        check(
+            config.batch_size % num_processes == 0,
+            "batch_size",
+            config.batch_size,
+            f"must be divisible by the {num_processes} processes",
+        )
 
 
-def load_model(config, with_weights: bool = True
-               ) -> tuple[models.CLIPConfig, dict | None, str]:
+def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, dict | None, str]:
     """Model architecture (+ converted variables when init_from is set and `with_weights`)
     and tokenizer name.
 
@@ -110,9 +137,11 @@ def load_model(config, with_weights: bool = True
         if siglip:
             model_config = model_config.replace(
                 init_logit_scale=losses_lib.SIGLIP_INIT_LOGIT_SCALE,
-                init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
+                init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
+            )
         return model_config, None, config.data.tokenizer
     from clip_jax import convert  # torch-free; only needs orbax
+
     if with_weights:
         model_config, variables = convert.load_converted(config.init_from)
     else:
@@ -129,22 +158,29 @@ def load_model(config, with_weights: bool = True
 
 def _converted_config(directory: str) -> models.CLIPConfig:
     from clip_jax import convert
+
     path = os.path.join(directory, convert.MODEL_JSON)
     try:
         with open(path, encoding="utf-8") as f:
             return models.CLIPConfig.from_dict(json.load(f)["model_config"])
     except FileNotFoundError:
-        raise ConfigError(f"config.init_from={directory!r}: no {convert.MODEL_JSON} "
-                          f"(not a converted clip_jax checkpoint)") from None
+        raise ConfigError(
+            f"config.init_from={directory!r}: no {convert.MODEL_JSON} "
+            f"(not a converted clip_jax checkpoint)"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ConfigError(f"config.init_from={directory!r}: corrupt {path}: {e}") from None
 
 
 def build_model(config, model_config: models.CLIPConfig) -> models.CLIP:
     """The `CLIP` module with the config's compute dtype, attention kernel, remat and scan."""
-    return models.CLIP(model_config, dtype=jnp.dtype(config.dtype),
-                       attention_impl=config.model.attention_impl or None,
-                       remat=config.model.remat, scan_layers=config.model.scan_layers)
+    return models.CLIP(
+        model_config,
+        dtype=jnp.dtype(config.dtype),
+        attention_impl=config.model.attention_impl or None,
+        remat=config.model.remat,
+        scan_layers=config.model.scan_layers,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,17 +212,25 @@ class TrainSetup:
         step the trainer lowers for its model-FLOP count."""
         mesh = self.mesh if mesh == "setup" else mesh
         return step_lib.make_train_step(
-            self.model, self.tx, self.schedule, mesh, train_image_tower=not self.image_frozen,
-            loss=self.config.loss, accumulation_steps=self.config.accumulation_steps,
-            param_shardings=self.state_shardings.params if mesh is not None else None)
+            self.model,
+            self.tx,
+            self.schedule,
+            mesh,
+            train_image_tower=not self.image_frozen,
+            loss=self.config.loss,
+            accumulation_steps=self.config.accumulation_steps,
+            param_shardings=self.state_shardings.params if mesh is not None else None,
+        )
 
     def jit_step(self):
         """The jitted step as the trainer runs it: explicit shardings, state donated."""
         batch_shardings = {"image": self.batch_sharding, "text": self.batch_sharding}
-        return jax.jit(self.train_step(),
-                       in_shardings=(self.state_shardings, batch_shardings),
-                       out_shardings=(self.state_shardings, self.replicated),
-                       donate_argnums=(0,))
+        return jax.jit(
+            self.train_step(),
+            in_shardings=(self.state_shardings, batch_shardings),
+            out_shardings=(self.state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
 
     def jit_init(self):
         """`jit(init_fn)` creating every state array directly in its sharded layout."""
@@ -198,13 +242,18 @@ class TrainSetup:
         b = self.config.batch_size if batch_size is None else batch_size
         s, length = self.model_config.image_size, self.model_config.context_length
         kw = {"sharding": self.batch_sharding} if sharded else {}
-        return {"image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, **kw),
-                "text": jax.ShapeDtypeStruct((b, length), jnp.int32, **kw)}
+        return {
+            "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, **kw),
+            "text": jax.ShapeDtypeStruct((b, length), jnp.int32, **kw),
+        }
 
     def sharded_abstract_state(self) -> step_lib.TrainState:
         """The abstract state with each leaf's sharding attached (for `jit(...).lower`)."""
-        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            self.abstract_state, self.state_shardings)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            self.abstract_state,
+            self.state_shardings,
+        )
 
 
 def build(config, mesh: Mesh, with_weights: bool = True) -> TrainSetup:
@@ -218,23 +267,35 @@ def build(config, mesh: Mesh, with_weights: bool = True) -> TrainSetup:
     model = build_model(config, model_config)
     abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
     try:
-        tx, schedule = optim.create_optimizer(config.optim, config.total_steps,
-                                              abstract_params, freeze=config.freeze)
-        image_frozen = bool(config.freeze) and all(jax.tree.leaves(
-            optim.frozen_mask(abstract_params, config.freeze)["image"]))
+        tx, schedule = optim.create_optimizer(
+            config.optim, config.total_steps, abstract_params, freeze=config.freeze
+        )
+        image_frozen = bool(config.freeze) and all(
+            jax.tree.leaves(optim.frozen_mask(abstract_params, config.freeze)["image"])
+        )
     except ValueError as e:
         raise ConfigError(str(e)) from None
     init_fn = functools.partial(step_lib.init_train_state, model, tx, config.seed)
     abstract_state = jax.eval_shape(init_fn)
     try:
-        state_shardings = sharding.state_shardings(mesh, abstract_state,
-                                                   rules=tuple(config.sharding_rules))
+        state_shardings = sharding.state_shardings(
+            mesh, abstract_state, rules=tuple(config.sharding_rules)
+        )
     except ValueError as e:
         raise ConfigError(f"config.sharding_rules: {e}") from None
-    return TrainSetup(config=config, mesh=mesh, model_config=model_config,
-                      init_variables=init_variables, tokenizer_name=tokenizer_name,
-                      model=model, tx=tx, schedule=schedule, image_frozen=image_frozen,
-                      init_fn=init_fn, abstract_state=abstract_state,
-                      state_shardings=state_shardings,
-                      batch_sharding=sharding.batch_sharding(mesh),
-                      replicated=sharding.replicated(mesh))
+    return TrainSetup(
+        config=config,
+        mesh=mesh,
+        model_config=model_config,
+        init_variables=init_variables,
+        tokenizer_name=tokenizer_name,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        image_frozen=image_frozen,
+        init_fn=init_fn,
+        abstract_state=abstract_state,
+        state_shardings=state_shardings,
+        batch_sharding=sharding.batch_sharding(mesh),
+        replicated=sharding.replicated(mesh),
+    )

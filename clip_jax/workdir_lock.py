@@ -12,6 +12,7 @@ without locking (some FUSE mounts) make flock fail; the run then continues with 
 unprotected. In a multi-process run only process 0 takes the lock (the trainer shares the
 outcome with the other processes).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -48,19 +49,26 @@ class WorkdirLock:
             os.close(fd)
             raise WorkdirLockedError(
                 f"workdir {self.workdir} is in use by another clip_jax.train run ({holder}); "
-                f"wait for it to end or use another --workdir") from None
+                f"wait for it to end or use another --workdir"
+            ) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 os.close(fd)
                 raise
-            logging.warning("cannot lock %s (%s): this filesystem has no file locks, so a "
-                            "second run on this workdir would not be detected", self.path,
-                            e.strerror)
+            logging.warning(
+                "cannot lock %s (%s): this filesystem has no file locks, so a "
+                "second run on this workdir would not be detected",
+                self.path,
+                e.strerror,
+            )
             os.close(fd)
             return
         self._fd = fd
-        record = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)
@@ -90,5 +98,7 @@ def _read(fd: int) -> dict:
 def _describe(record: dict) -> str:
     if not record:
         return "holder unknown: it has not written train.lock yet"
-    return (f"host {record.get('host', '?')}, pid {record.get('pid', '?')}, "
-            f"started {record.get('started', '?')}")
+    return (
+        f"host {record.get('host', '?')}, pid {record.get('pid', '?')}, "
+        f"started {record.get('started', '?')}"
+    )

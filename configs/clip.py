@@ -4,6 +4,7 @@ Variants: tiny (default: tiny ViT on the shipped demo data, trains on a laptop C
 vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32 (locked image tower from converted weights).
 Every key has a default and a comment; override any with `--config.<key>=<value>`.
 """
+
 import ml_collections
 
 from clip_jax.data import config as data_config
@@ -16,8 +17,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     variant = variant or "tiny"
     if variant not in VARIANTS:
         # Checked first, so the message lists exactly the variants built below.
-        raise ValueError(f"unknown config variant {variant!r}; choose one of "
-                         f"{', '.join(VARIANTS)}")
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()
@@ -42,17 +42,17 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # '{"embed_dim": 64, "vision": {"layers": 1, "width": 64}, "text": {"layers": 1}}'.
     c.model.overrides = ""
 
-    c.batch_size = 256          # global batch over all devices and processes
-    c.total_steps = 1000        # optimizer steps; the LR schedule spans them
-    c.seed = 0                  # parameters, data order and augmentation
-    c.dtype = "float32"         # compute dtype: float32 | bfloat16 (params stay float32)
-    c.log_every = 10            # steps between metric logs (console, metrics.jsonl, TensorBoard)
-    c.checkpoint_every = 200    # steps between checkpoints (a final one is always written)
-    c.keep_checkpoints = 3      # how many recent checkpoints to keep
-    c.eval_every = 0            # steps between evaluations during training (0: never)
-    c.init_from = ""            # directory written by `python -m clip_jax.convert`
-    c.freeze = ""               # regex over param paths to freeze, e.g. "image/.*" (LiT)
-    c.nan_policy = "stop"       # on a non-finite loss/grad: "stop" the run or "skip" the step
+    c.batch_size = 256  # global batch over all devices and processes
+    c.total_steps = 1000  # optimizer steps; the LR schedule spans them
+    c.seed = 0  # parameters, data order and augmentation
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    c.log_every = 10  # steps between metric logs (console, metrics.jsonl, TensorBoard)
+    c.checkpoint_every = 200  # steps between checkpoints (a final one is always written)
+    c.keep_checkpoints = 3  # how many recent checkpoints to keep
+    c.eval_every = 0  # steps between evaluations during training (0: never)
+    c.init_from = ""  # directory written by `python -m clip_jax.convert`
+    c.freeze = ""  # regex over param paths to freeze, e.g. "image/.*" (LiT)
+    c.nan_policy = "stop"  # on a non-finite loss/grad: "stop" the run or "skip" the step
     # Contrastive loss: "clip" (softmax cross-entropy over the global batch) or "siglip"
     # (pairwise sigmoid; sets the model's logit_scale init to log(10) and adds a logit_bias
     # initialised at -10; computed with a ring of ppermutes, no global x global logits).
@@ -68,7 +68,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.sharding_rules = ()
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 1e-3           # peak learning rate
+    c.optim.lr = 1e-3  # peak learning rate
     c.optim.warmup_steps = 100  # linear warmup from 0, then cosine decay
     c.optim.end_lr_factor = 0.0  # final LR as a fraction of the peak
     c.optim.weight_decay = 0.2  # AdamW decoupled decay; not on gains, biases, embeddings, scale
@@ -78,16 +78,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.optim.grad_clip_norm = 0.0  # global-norm gradient clipping (0: off)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1            # data-parallel axis size (-1: all remaining devices)
-    c.mesh.fsdp = 1             # parameter-sharding axis size (-1: all remaining devices)
+    c.mesh.data = -1  # data-parallel axis size (-1: all remaining devices)
+    c.mesh.fsdp = 1  # parameter-sharding axis size (-1: all remaining devices)
 
     c.distributed = ml_collections.ConfigDict()
     # Call jax.distributed.initialize() (multi-host). On TPU pods and SLURM the remaining keys
     # can stay empty: JAX reads the cluster environment.
     c.distributed.initialize = False
-    c.distributed.coordinator_address = ""   # "host:port" of process 0
-    c.distributed.num_processes = -1         # -1: from the cluster environment
-    c.distributed.process_id = -1            # -1: from the cluster environment
+    c.distributed.coordinator_address = ""  # "host:port" of process 0
+    c.distributed.num_processes = -1  # -1: from the cluster environment
+    c.distributed.process_id = -1  # -1: from the cluster environment
     # Seconds without a heartbeat after which a process counts as dead and the others are
     # stopped (instead of hanging in a collective). JAX's default is 100.
     c.distributed.heartbeat_timeout_s = 100
@@ -103,8 +103,13 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     elif variant == "tiny_rn":
         c.model.name = "tiny-rn"
     elif variant in ("vit_b32", "vit_b16", "vit_l14", "rn50", "rn101"):
-        c.model.name = {"vit_b32": "ViT-B-32", "vit_b16": "ViT-B-16", "vit_l14": "ViT-L-14",
-                        "rn50": "RN50", "rn101": "RN101"}[variant]
+        c.model.name = {
+            "vit_b32": "ViT-B-32",
+            "vit_b16": "ViT-B-16",
+            "vit_l14": "ViT-L-14",
+            "rn50": "RN50",
+            "rn101": "RN101",
+        }[variant]
         # Paper-scale defaults; point data.* at real shards for real training.
         c.batch_size = 4096
         c.total_steps = 100_000

@@ -6,6 +6,7 @@ ImageNet-A/-R), at the image feature's fixed shape and channel count when it has
 28x28x1). `prepare(name)` writes the builder's dataset_info.json where the mocked
 `tfds.builder(...).data_dir` points, which is what makes a benchmark count as prepared.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,9 +61,12 @@ def _as_dataset(self, split, decoders=None, read_config=None, **kwargs):
     del split, decoders, kwargs
     name = _builder_benchmark(self)
     b = benchmark(name)
-    ds = tf.data.Dataset.from_tensor_slices({
-        b.image_key: [_png(im) for im in images(name, self)],
-        b.label_key: expected_labels(name).astype(np.int64)})
+    ds = tf.data.Dataset.from_tensor_slices(
+        {
+            b.image_key: [_png(im) for im in images(name, self)],
+            b.label_key: expected_labels(name).astype(np.int64),
+        }
+    )
     if read_config is not None and read_config.add_tfds_id:
         ds = ds.enumerate().map(lambda i, ex: {**ex, "tfds_id": tf.strings.as_string(i)})
     return ds

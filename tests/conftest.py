@@ -3,6 +3,7 @@
 Everything here must happen before jax or tensorflow start a backend, which is why it runs at
 import time of the conftest (pytest imports it before any test module).
 """
+
 import os
 import sys
 

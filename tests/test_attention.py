@@ -1,5 +1,6 @@
 """Padded attention (the cuDNN path's length fix) gives unpadded attention's outputs and
 gradients; attention_impl parsing; the cuDNN plan falls back to XLA where cuDNN is absent."""
+
 import logging
 
 import jax
@@ -21,26 +22,46 @@ def _qkv(seq, heads=2, head_dim=8, batch=2, seed=0):
 
 def _out_and_grads(fn, q, k, v, cotangent):
     """Output and (dq, dk, dv) for `cotangent`, jitted (eager dispatch is slow on a busy CPU)."""
+
     @jax.jit
     def run(q, k, v, cotangent):
         out, vjp = jax.vjp(fn, q, k, v)
         return out, vjp(cotangent)
+
     return run(q, k, v, cotangent)
 
 
-@pytest.mark.parametrize("seq,length,causal", [
-    (197, 198, False), (197, 256, False),   # ViT-B/16 image tower: even / multiple of 64
-    (77, 78, True), (77, 128, True),        # text tower (causal)
-    (5, 8, False), (5, 8, True),
-])
+@pytest.mark.parametrize(
+    "seq,length,causal",
+    [
+        (197, 198, False),
+        (197, 256, False),  # ViT-B/16 image tower: even / multiple of 64
+        (77, 78, True),
+        (77, 128, True),  # text tower (causal)
+        (5, 8, False),
+        (5, 8, True),
+    ],
+)
 def test_padded_attention_matches_unpadded_outputs_and_gradients(seq, length, causal):
     q, k, v, ct = _qkv(seq)
     ref_out, ref_grads = _out_and_grads(
-        lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
-                                                     implementation="xla"), q, k, v, ct)
+        lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, implementation="xla"
+        ),
+        q,
+        k,
+        v,
+        ct,
+    )
     out, grads = _out_and_grads(
-        lambda q, k, v: attention.padded_attention(q, k, v, causal=causal, length=length,
-                                                   implementation="xla"), q, k, v, ct)
+        lambda q, k, v: attention.padded_attention(
+            q, k, v, causal=causal, length=length, implementation="xla"
+        ),
+        q,
+        k,
+        v,
+        ct,
+    )
     assert out.shape == ref_out.shape
     np.testing.assert_allclose(out, ref_out, atol=1e-5, rtol=0)
     for name, g, ref in zip("qkv", grads, ref_grads):
@@ -57,11 +78,18 @@ def test_padding_without_the_mask_would_change_the_result():
     assert float(jnp.max(jnp.abs(unmasked - ref))) > 1e-3
 
 
-@pytest.mark.parametrize("name,expected", [
-    (None, (None, None)), ("", (None, None)), ("xla", ("xla", None)),
-    ("cudnn", ("cudnn", None)), ("cudnn_padded", ("cudnn", 64)), ("cudnn_pad2", ("cudnn", 2)),
-    ("xla_pad64", ("xla", 64)),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        (None, (None, None)),
+        ("", (None, None)),
+        ("xla", ("xla", None)),
+        ("cudnn", ("cudnn", None)),
+        ("cudnn_padded", ("cudnn", 64)),
+        ("cudnn_pad2", ("cudnn", 2)),
+        ("xla_pad64", ("xla", 64)),
+    ],
+)
 def test_parse_implementation(name, expected):
     assert tuple(attention.parse_implementation(name)) == expected
 
@@ -73,9 +101,10 @@ def test_parse_implementation_rejects_unknown_names(name):
 
 
 def test_padded_length():
-    assert [attention.padded_length(n, m) for n, m in
-            [(197, 2), (197, 64), (77, 2), (77, 64), (50, 2), (64, 64)]] == [198, 256, 78, 128,
-                                                                           50, 64]
+    assert [
+        attention.padded_length(n, m)
+        for n, m in [(197, 2), (197, 64), (77, 2), (77, 64), (50, 2), (64, 64)]
+    ] == [198, 256, 78, 128, 50, 64]
 
 
 def test_cudnn_falls_back_to_xla_without_a_gpu(caplog):
@@ -120,23 +149,28 @@ def test_model_outputs_unchanged_by_padding():
     """The whole CLIP model through the Transformer's call site: image sequence 17 -> 18,
     text 9 -> 10 (causal), both towers padded. (Gradients: the attention-level test above.)"""
     config = models.get_model_config(
-        "tiny-vit", embed_dim=32, vision=dict(image_size=32, width=32, layers=1),
-        text=dict(context_length=9, width=32, layers=1, vocab_size=500))
+        "tiny-vit",
+        embed_dim=32,
+        vision=dict(image_size=32, width=32, layers=1),
+        text=dict(context_length=9, width=32, layers=1, vocab_size=500),
+    )
     images = jax.random.uniform(jax.random.key(1), (2, config.image_size, config.image_size, 3))
     tokens = jax.random.randint(jax.random.key(2), (2, config.context_length), 1, 499)
     ref_model = models.create_model(config)
     variables = jax.jit(ref_model.init_variables)(jax.random.key(0))
     ref = jax.jit(ref_model.apply)(variables, images, tokens)
     out = jax.jit(models.create_model(config, attention_impl="xla_pad2").apply)(
-        variables, images, tokens)
+        variables, images, tokens
+    )
     for key in ("image_embeddings", "text_embeddings"):
         assert float(jnp.max(jnp.abs(ref[key]))) > 1e-2
         np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=0, err_msg=key)
 
 
 def test_cudnn_plans_are_reported(monkeypatch):
-    monkeypatch.setattr(attention, "padded_attention",
-                        lambda q, k, v, *, causal, length, implementation: q)
+    monkeypatch.setattr(
+        attention, "padded_attention", lambda q, k, v, *, causal, length, implementation: q
+    )
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(attention, "_PLANS", {})
     attention.cudnn_plan.cache_clear()
@@ -144,5 +178,12 @@ def test_cudnn_plans_are_reported(monkeypatch):
         attention.cudnn_plan((2, 77, 2, 8), "bfloat16", True, 2)
     finally:
         attention.cudnn_plan.cache_clear()
-    assert attention.cudnn_plans() == [{"shape": [2, 77, 2, 8], "dtype": "bfloat16",
-                                        "causal": True, "pad_multiple": 2, "length": 78}]
+    assert attention.cudnn_plans() == [
+        {
+            "shape": [2, 77, 2, 8],
+            "dtype": "bfloat16",
+            "causal": True,
+            "pad_multiple": 2,
+            "length": 78,
+        }
+    ]

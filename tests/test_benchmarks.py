@@ -3,6 +3,7 @@
 Smoke runs at toy sizes (tiny-vit, batch 8, one step): they check the scripts' output, never
 their timings.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,13 @@ BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 def _run(script: str, *args: str) -> list[dict]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert rows, result.stdout[-2000:]
@@ -25,21 +31,35 @@ def _run(script: str, *args: str) -> list[dict]:
 
 
 def test_compare_open_clip_prints_both_frameworks_and_their_ratio():
-    rows = _run("compare_open_clip.py", "--model", "tiny-vit", "--batch", "8", "--steps", "1",
-                "--repeats", "2", "--warmup-rounds", "1")
+    rows = _run(
+        "compare_open_clip.py",
+        "--model",
+        "tiny-vit",
+        "--batch",
+        "8",
+        "--steps",
+        "1",
+        "--repeats",
+        "2",
+        "--warmup-rounds",
+        "1",
+    )
     jax_row, torch_row, ratio_row = rows
     assert (jax_row["framework"], torch_row["framework"]) == ("clip_jax", "open_clip")
     for row in (jax_row, torch_row):
         assert len(row["round_step_s"]) == 2 and all(t > 0 for t in row["round_step_s"])
         assert min(row["round_step_s"]) <= row["step_s"] <= max(row["round_step_s"])
         assert row["model"] == "tiny-vit" and row["batch"] == 8 and row["cpu"]
-    assert abs(ratio_row["ratio_clip_jax_over_open_clip"]
-               - jax_row["step_s"] / torch_row["step_s"]) < 1e-9
+    assert (
+        abs(ratio_row["ratio_clip_jax_over_open_clip"] - jax_row["step_s"] / torch_row["step_s"])
+        < 1e-9
+    )
 
 
 def test_train_step_reports_throughput_and_model_flops():
-    (row,) = _run("train_step.py", "--model", "tiny-vit", "--batch", "8", "--steps", "1",
-                  "--warmup", "1")
+    (row,) = _run(
+        "train_step.py", "--model", "tiny-vit", "--batch", "8", "--steps", "1", "--warmup", "1"
+    )
     assert row["benchmark"] == "train_step" and row["batch"] == 8
     assert row["step_s"] > 0 and row["samples_per_s"] == 8 / row["step_s"]
     # Forward + backward of both towers: a few GFLOP for tiny-vit at batch 8, not zero/None.
@@ -57,8 +77,10 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     assert set(setup["datasets"]) == {"16px", "256px"}
     throughput = rows[1:9]
     assert {(r["case"], r["pipeline"]) for r in throughput} == {
-        (case, pipe) for case in ("16px", "256px")
-        for pipe in ("reference", "reference_notok", "clip_jax_tar", "clip_jax_tfrecord")}
+        (case, pipe)
+        for case in ("16px", "256px")
+        for pipe in ("reference", "reference_notok", "clip_jax_tar", "clip_jax_tfrecord")
+    }
     for row in throughput:
         assert row["image_size"] == {"16px": 16, "256px": 224}[row["case"]]
         rounds = row["round_samples_per_s"]
@@ -72,8 +94,12 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
             assert row["ratio_to_reference"] == 1.0
     resume = rows[9:]
     assert [(r["source"], r["start_position"], r["count_cache"]) for r in resume] == [
-        (s, p, c) for s in ("tar", "tfrecord") for p in (0, 512, 1536)
-        for c in ("cold", "warm") if p or c == "cold"]
+        (s, p, c)
+        for s in ("tar", "tfrecord")
+        for p in (0, 512, 1536)
+        for c in ("cold", "warm")
+        if p or c == "cold"
+    ]
     for row in resume:
         # The first batch after resuming at p ends at raw position p + batch size.
         assert row["first_batch_position"] == row["start_position"] + row["batch_size"]

@@ -2,6 +2,7 @@
 
 All models are random-init (no downloads); open_clip runs in float32 eval mode on CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,13 +47,23 @@ SMALL_CASES = {
     "tiny-vit-quickgelu": (128, TINY_VIT, TINY_TEXT, True, "tiny-vit-quickgelu", None),
     # Not in the registry: everything inferred from shapes (heads by the 64-wide convention).
     "inferred-vit-quickgelu": (
-        64, dict(image_size=32, patch_size=8, width=64, layers=2),
-        dict(context_length=16, width=64, layers=2, heads=1), True, None, True),
+        64,
+        dict(image_size=32, patch_size=8, width=64, layers=2),
+        dict(context_length=16, width=64, layers=2, heads=1),
+        True,
+        None,
+        True,
+    ),
     "tiny-rn": (128, TINY_RN, TINY_TEXT, False, "tiny-rn", None),
     # Several blocks per stage (exercises layer{s}_{b} numbering and non-downsampling blocks).
     "inferred-rn-deep-quickgelu": (
-        64, dict(image_size=64, layers=(2, 3, 2, 2), width=8),
-        dict(context_length=16, width=64, layers=1, heads=1), True, None, True),
+        64,
+        dict(image_size=64, layers=(2, 3, 2, 2), width=8),
+        dict(context_length=16, width=64, layers=1, heads=1),
+        True,
+        None,
+        True,
+    ),
 }
 
 
@@ -112,14 +123,18 @@ def test_logit_scale_and_batchnorm_stats_carry_over(small_case):
     _, model, config, variables = small_case
     sd = model.state_dict()
     assert float(variables["params"]["logit_scale"]) == pytest.approx(3.3)
-    np.testing.assert_array_equal(np.asarray(variables["params"]["logit_scale"]),
-                                  sd["logit_scale"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(variables["params"]["logit_scale"]), sd["logit_scale"].numpy()
+    )
     if config.vision.type != "resnet":
         assert "batch_stats" not in variables
         return
     stats = variables["batch_stats"]["image"]
-    pairs = {("bn1",): "visual.bn1", ("layer2_0", "bn3"): "visual.layer2.0.bn3",
-             ("layer3_0", "downsample_bn"): "visual.layer3.0.downsample.1"}
+    pairs = {
+        ("bn1",): "visual.bn1",
+        ("layer2_0", "bn3"): "visual.layer2.0.bn3",
+        ("layer3_0", "downsample_bn"): "visual.layer3.0.downsample.1",
+    }
     for path, key in pairs.items():
         node = stats
         for p in path:
@@ -159,6 +174,7 @@ def test_full_size_models_match_open_clip(name):
 # Architecture inference and errors
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_vit_state_dict():
     return make_small_model(128, TINY_VIT, TINY_TEXT, quick_gelu=False).state_dict()
@@ -195,8 +211,11 @@ def test_model_name_mismatch_lists_differences(tiny_vit_state_dict):
 def test_missing_key_is_named(tiny_vit_state_dict):
     sd = dict(tiny_vit_state_dict)
     del sd["transformer.resblocks.1.mlp.c_fc.bias"]
-    with pytest.raises(ValueError, match=r"1 missing keys:\s+transformer\.resblocks\.1\.mlp\.c_fc"
-                                         r"\.bias") as info:
+    with pytest.raises(
+        ValueError,
+        match=r"1 missing keys:\s+transformer\.resblocks\.1\.mlp\.c_fc"
+        r"\.bias",
+    ) as info:
         convert.convert_state_dict(sd, "tiny-vit")
     assert "unexpected" not in str(info.value)
 
@@ -222,22 +241,30 @@ def test_shape_mismatch_names_both_shapes(tiny_vit_state_dict):
         convert.convert_state_dict(sd, "tiny-vit")
     message = str(info.value)
     assert "1 shape mismatches" in message
-    assert ("transformer.resblocks.0.attn.out_proj.weight: checkpoint (128, 64) (as Flax "
-            "(64, 128)), model expects (128, 128)") in message
+    assert (
+        "transformer.resblocks.0.attn.out_proj.weight: checkpoint (128, 64) (as Flax "
+        "(64, 128)), model expects (128, 128)"
+    ) in message
 
 
 def test_ddp_prefix_fp16_and_openai_metadata(tiny_vit_state_dict):
     """OpenAI-style input: `module.` prefix, float16 weights, metadata scalars -> QuickGELU."""
     sd = {f"module.{k}": v.half() for k, v in tiny_vit_state_dict.items()}
-    sd.update({"module.input_resolution": torch.tensor(64), "module.context_length":
-               torch.tensor(32), "module.vocab_size": torch.tensor(49408)})
+    sd.update(
+        {
+            "module.input_resolution": torch.tensor(64),
+            "module.context_length": torch.tensor(32),
+            "module.vocab_size": torch.tensor(49408),
+        }
+    )
     config, variables = convert.convert_state_dict(sd)
     assert config == get_model_config("tiny-vit-quickgelu")
     leaves = jax.tree.leaves(variables)
     assert all(leaf.dtype == np.float32 for leaf in leaves)
     np.testing.assert_array_equal(
         np.asarray(variables["params"]["text"]["token_embedding"]["embedding"]),
-        tiny_vit_state_dict["token_embedding.weight"].half().float().numpy())
+        tiny_vit_state_dict["token_embedding.weight"].half().float().numpy(),
+    )
     # Explicit quick_gelu wins over the metadata heuristic.
     assert convert.convert_state_dict(sd, quick_gelu=False)[0] == get_model_config("tiny-vit")
     sd["module.input_resolution"] = torch.tensor(224)
@@ -257,22 +284,28 @@ def test_logit_bias_carries_over(tiny_vit_state_dict):
 def test_every_flax_variable_has_a_distinct_torch_name():
     for name in ("RN50", "ViT-B-32", "tiny-rn"):
         model = convert.create_model(name)
-        abstract = traverse_util.flatten_dict(jax.eval_shape(model.init_variables,
-                                                             jax.random.key(0)))
+        abstract = traverse_util.flatten_dict(
+            jax.eval_shape(model.init_variables, jax.random.key(0))
+        )
         names = [convert.torch_name(path, leaf.ndim)[0] for path, leaf in abstract.items()]
         assert len(set(names)) == len(names) == len(abstract)
     assert convert.torch_name(("params", "image", "layer3_1", "downsample_bn", "scale"), 1) == (
-        "visual.layer3.1.downsample.1.weight", "none")
+        "visual.layer3.1.downsample.1.weight",
+        "none",
+    )
     assert convert.torch_name(("batch_stats", "image", "bn2", "var"), 1) == (
-        "visual.bn2.running_var", "none")
-    assert convert.torch_name(("params", "text", "transformer", "resblocks_11", "attn", "in_proj",
-                               "kernel"), 2) == (
-        "transformer.resblocks.11.attn.in_proj_weight", "linear")
+        "visual.bn2.running_var",
+        "none",
+    )
+    assert convert.torch_name(
+        ("params", "text", "transformer", "resblocks_11", "attn", "in_proj", "kernel"), 2
+    ) == ("transformer.resblocks.11.attn.in_proj_weight", "linear")
 
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoint files, save/load, CLI
 # ------------------------------------------------------------------------------------------------
+
 
 def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
     from safetensors.numpy import save_file
@@ -282,8 +315,9 @@ def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
     ref_leaves = jax.tree.leaves(reference)
 
     def check(path, **kwargs):
-        config, variables = convert.convert_state_dict(convert.load_checkpoint_file(path),
-                                                       "tiny-vit", **kwargs)
+        config, variables = convert.convert_state_dict(
+            convert.load_checkpoint_file(path), "tiny-vit", **kwargs
+        )
         for a, b in zip(jax.tree.leaves(variables), ref_leaves):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         return config
@@ -292,16 +326,22 @@ def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
     save_file(arrays, str(tmp_path / "m.safetensors"))
     check(tmp_path / "m.safetensors")
     # bfloat16 files (common on the Hub) read without torch and come back float32.
-    save_torch_file({k: v.bfloat16() for k, v in tiny_vit_state_dict.items()},
-                    str(tmp_path / "bf16.safetensors"))
+    save_torch_file(
+        {k: v.bfloat16() for k, v in tiny_vit_state_dict.items()},
+        str(tmp_path / "bf16.safetensors"),
+    )
     _, variables = convert.convert_state_dict(
-        convert.load_checkpoint_file(tmp_path / "bf16.safetensors"), "tiny-vit")
+        convert.load_checkpoint_file(tmp_path / "bf16.safetensors"), "tiny-vit"
+    )
     np.testing.assert_array_equal(
         np.asarray(variables["params"]["image"]["proj"]),
-        tiny_vit_state_dict["visual.proj"].bfloat16().float().numpy())
+        tiny_vit_state_dict["visual.proj"].bfloat16().float().numpy(),
+    )
     # An open_clip training checkpoint: {"epoch", "state_dict"} with DDP's module. prefix.
-    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in
-                                           tiny_vit_state_dict.items()}}, tmp_path / "epoch_3.pt")
+    torch.save(
+        {"epoch": 3, "state_dict": {f"module.{k}": v for k, v in tiny_vit_state_dict.items()}},
+        tmp_path / "epoch_3.pt",
+    )
     assert not convert.is_torch_jit_archive(tmp_path / "epoch_3.pt")
     check(tmp_path / "epoch_3.pt")
     torch.save(dict(tiny_vit_state_dict), tmp_path / "open_clip_pytorch_model.bin")
@@ -315,12 +355,16 @@ def test_checkpoint_file_formats(tmp_path, tiny_vit_state_dict):
 
 def test_torchscript_archive_defaults_to_quick_gelu(tmp_path):
     """OpenAI's releases are TorchScript archives; they need QuickGELU."""
-    model = make_small_model(64, dict(image_size=32, patch_size=8, width=64, layers=1),
-                             dict(context_length=16, width=64, layers=1, heads=1),
-                             quick_gelu=True)
+    model = make_small_model(
+        64,
+        dict(image_size=32, patch_size=8, width=64, layers=1),
+        dict(context_length=16, width=64, layers=1, heads=1),
+        quick_gelu=True,
+    )
     images, tokens = _inputs(16, 32, batch=2)
-    traced = torch.jit.trace(model, (torch.from_numpy(images), torch.from_numpy(tokens).long()),
-                             check_trace=False)
+    traced = torch.jit.trace(
+        model, (torch.from_numpy(images), torch.from_numpy(tokens).long()), check_trace=False
+    )
     torch.jit.save(traced, str(tmp_path / "ViT-tiny.pt"))
     assert convert.is_torch_jit_archive(tmp_path / "ViT-tiny.pt")
     config, directory = convert.convert_file(tmp_path / "ViT-tiny.pt", tmp_path / "out")
@@ -334,7 +378,7 @@ def test_torchscript_archive_defaults_to_quick_gelu(tmp_path):
 
 def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
     (tmp_path / "x.pt").write_bytes(b"not really a checkpoint")
-    monkeypatch.setitem(sys.modules, "torch", None)   # makes `import torch` raise ImportError
+    monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(ImportError, match="pip install torch"):
         convert.load_checkpoint_file(tmp_path / "x.pt")
 
@@ -362,7 +406,8 @@ def test_save_and_load_converted(tmp_path, tiny_rn_state_dict):
     # A config that does not fit the stored arrays fails the restore's shape check.
     wrong = config.replace(embed_dim=64)
     (directory / "model.json").write_text(
-        json.dumps({"model_config": wrong.to_dict(), "tokenizer": "clip-bpe"}))
+        json.dumps({"model_config": wrong.to_dict(), "tokenizer": "clip-bpe"})
+    )
     with pytest.raises(ValueError, match="cannot restore"):
         convert.load_converted(directory)
 
@@ -372,10 +417,24 @@ def test_cli_round_trip(tmp_path):
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
     out = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, "-m", "clip_jax.convert", "--model", "tiny-rn", "--input",
-         str(tmp_path / "tiny.pt"), "--output", str(out), "--quick-gelu"],
-        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-        timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.convert",
+            "--model",
+            "tiny-rn",
+            "--input",
+            str(tmp_path / "tiny.pt"),
+            "--output",
+            str(out),
+            "--quick-gelu",
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"wrote {out}" in result.stdout
     config, variables = convert.load_converted(out)
@@ -390,6 +449,7 @@ def test_cli_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # CLI errors: one line on stderr, exit status 2 (arguments) or 1 (the file); no code runs
 # ------------------------------------------------------------------------------------------------
+
 
 def _cli_error(argv: list[str], capsys) -> tuple[int, str]:
     """Runs `convert.main(argv)`, which must fail; (exit status, its one-line message)."""
@@ -415,52 +475,72 @@ def cli_files(tmp_path_factory, tiny_vit_state_dict):
     arrays = {k: v.numpy() for k, v in tiny_vit_state_dict.items()}
     save_file(arrays, str(root / "good.safetensors"))
     data = (root / "good.safetensors").read_bytes()
-    (root / "truncated.safetensors").write_bytes(data[:len(data) // 2])
-    save_file({k: v for k, v in arrays.items() if k != "ln_final.bias"},
-              str(root / "missing.safetensors"))
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    save_file(
+        {k: v for k, v in arrays.items() if k != "ln_final.bias"}, str(root / "missing.safetensors")
+    )
     torch.save(dict(tiny_vit_state_dict), root / "good.pt")
     data = (root / "good.pt").read_bytes()
-    (root / "truncated.pt").write_bytes(data[:len(data) // 2])
+    (root / "truncated.pt").write_bytes(data[: len(data) // 2])
     torch.save({"state_dict": Opener(str(root / "pickle-marker"))}, root / "pickled-code.pt")
     (root / "output").mkdir()
     (root / "output" / "keep.txt").write_text("existing")
     return root
 
 
-@pytest.mark.parametrize("case, status, expected", [
-    ("missing input", 2, r"--input '.*absent\.pt': no such file"),
-    ("existing output", 2, r"--output '.*output' already exists and is not empty; pass "
-                           r"--overwrite"),
-    ("unknown model", 2, r"--model: unknown model 'ViT-Q-99'"),
-    ("missing argument", 2, r"the following arguments are required: --output"),
-    ("truncated safetensors", 1, r"cannot read '.*truncated\.safetensors' as \.safetensors"),
-    ("truncated torch file", 1, r"cannot read '.*truncated\.pt' as a PyTorch checkpoint"),
-    ("missing key", 1, r"1 missing keys: ln_final\.bias"),
-    ("wrong architecture", 1, r"does not match ViT-B-32: .*vision\.width: weights have 128, "
-                              r"config has 768"),
-    ("pickled code", 1, r"refusing to read '.*pickled-code\.pt': it holds (io|builtins)\.open, "
-                        r"which is not a tensor"),
-])
+@pytest.mark.parametrize(
+    "case, status, expected",
+    [
+        ("missing input", 2, r"--input '.*absent\.pt': no such file"),
+        (
+            "existing output",
+            2,
+            r"--output '.*output' already exists and is not empty; pass "
+            r"--overwrite",
+        ),
+        ("unknown model", 2, r"--model: unknown model 'ViT-Q-99'"),
+        ("missing argument", 2, r"the following arguments are required: --output"),
+        ("truncated safetensors", 1, r"cannot read '.*truncated\.safetensors' as \.safetensors"),
+        ("truncated torch file", 1, r"cannot read '.*truncated\.pt' as a PyTorch checkpoint"),
+        ("missing key", 1, r"1 missing keys: ln_final\.bias"),
+        (
+            "wrong architecture",
+            1,
+            r"does not match ViT-B-32: .*vision\.width: weights have 128, "
+            r"config has 768",
+        ),
+        (
+            "pickled code",
+            1,
+            r"refusing to read '.*pickled-code\.pt': it holds (io|builtins)\.open, "
+            r"which is not a tensor",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line(cli_files, capsys, case, status, expected):
     root, out = cli_files, str(cli_files / "out")
     argv = {
         "missing input": ["--input", str(root / "absent.pt"), "--output", out],
         "existing output": ["--input", str(root / "good.pt"), "--output", str(root / "output")],
-        "unknown model": ["--model", "ViT-Q-99", "--input", str(root / "good.pt"), "--output",
-                          out],
+        "unknown model": ["--model", "ViT-Q-99", "--input", str(root / "good.pt"), "--output", out],
         "missing argument": ["--input", str(root / "good.pt")],
-        "truncated safetensors": ["--input", str(root / "truncated.safetensors"), "--output",
-                                  out],
+        "truncated safetensors": ["--input", str(root / "truncated.safetensors"), "--output", out],
         "truncated torch file": ["--input", str(root / "truncated.pt"), "--output", out],
         "missing key": ["--input", str(root / "missing.safetensors"), "--output", out],
-        "wrong architecture": ["--model", "ViT-B-32", "--input", str(root / "good.pt"),
-                               "--output", out],
+        "wrong architecture": [
+            "--model",
+            "ViT-B-32",
+            "--input",
+            str(root / "good.pt"),
+            "--output",
+            out,
+        ],
         "pickled code": ["--input", str(root / "pickled-code.pt"), "--output", out],
     }[case]
     code, message = _cli_error(argv, capsys)
     assert code == status, message
     assert re.search(expected, message), message
-    assert not (root / "out").exists()          # nothing written on failure
+    assert not (root / "out").exists()  # nothing written on failure
     assert not (root / "pickle-marker").exists()
 
 
@@ -472,10 +552,21 @@ def test_cli_torchscript_code_never_runs(tmp_path):
     archive = save_scripted(EvilModule(str(tmp_path / "marker")), tmp_path / "evil.pt")
     assert convert.is_torch_jit_archive(archive)
     result = subprocess.run(
-        [sys.executable, "-m", "clip_jax.convert", "--input", str(archive), "--output",
-         str(tmp_path / "out")],
-        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
-        timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.convert",
+            "--input",
+            str(archive),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1, result.stderr
     assert "custom pickled state" in result.stderr and "weights_only" not in result.stderr

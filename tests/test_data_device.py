@@ -1,4 +1,5 @@
 """Device-side global batches and prefetch (the transforms are in test_transforms.py)."""
+
 from __future__ import annotations
 
 import jax
@@ -18,9 +19,12 @@ def _sharding():
 
 def test_make_global_batch():
     sharding = _sharding()
-    batch = {"image": np.arange(16 * 2 * 2 * 3, dtype=np.uint8).reshape(16, 2, 2, 3),
-             "text": np.arange(16 * 5, dtype=np.int32).reshape(16, 5),
-             "position": np.array([32, 32]), "caption": np.array([b"x"] * 16)}
+    batch = {
+        "image": np.arange(16 * 2 * 2 * 3, dtype=np.uint8).reshape(16, 2, 2, 3),
+        "text": np.arange(16 * 5, dtype=np.int32).reshape(16, 5),
+        "position": np.array([32, 32]),
+        "caption": np.array([b"x"] * 16),
+    }
     out = device.make_global_batch(batch, sharding)
     assert isinstance(out["image"], jax.Array) and out["image"].sharding == sharding
     assert len(out["image"].addressable_shards) == 8

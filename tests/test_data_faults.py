@@ -1,4 +1,5 @@
 """Input faults end a run with one line, promptly: unusable shards, unreadable files, SIGTERM."""
+
 from __future__ import annotations
 
 import io
@@ -33,15 +34,22 @@ def _write_tar(path, members):
 
 def _bad_samples_tar(path, n=20):
     rng = np.random.default_rng(0)
-    _write_tar(path, [m for i in range(n) for m in (
-        (f"{i:04d}.jpg", rng.bytes(300)), (f"{i:04d}.txt", b"a caption"))])
+    _write_tar(
+        path,
+        [
+            m
+            for i in range(n)
+            for m in ((f"{i:04d}.jpg", rng.bytes(300)), (f"{i:04d}.txt", b"a caption"))
+        ],
+    )
 
 
 def _consume(cfg, timeout_s=60):
     """Pulls batches the way the trainer does; returns the error that ended the wait."""
     watch = InputWatch()
-    ds = build_train_dataset(cfg, image_size=8, tokenizer=TOK, context_length=8,
-                             local_batch_size=4, seed=0, watch=watch)
+    ds = build_train_dataset(
+        cfg, image_size=8, tokenizer=TOK, context_length=8, local_batch_size=4, seed=0, watch=watch
+    )
     deadline = time.time() + timeout_s
 
     def poll():
@@ -49,8 +57,14 @@ def _consume(cfg, timeout_s=60):
             raise TimeoutError("the pipeline neither delivered nor failed")
         watch.check(0)
 
-    batches = device.prefetch_to_device(ds.as_numpy_iterator(), 0, None, host_keys=(
-        "position", "image", "text"), poll=poll, poll_interval_s=0.2)
+    batches = device.prefetch_to_device(
+        ds.as_numpy_iterator(),
+        0,
+        None,
+        host_keys=("position", "image", "text"),
+        poll=poll,
+        poll_interval_s=0.2,
+    )
     with pytest.raises(NoUsableData) as err:
         try:
             next(batches)
@@ -94,20 +108,29 @@ def test_directory_and_unreadable_shards_are_one_line_errors(tmp_path):
         base.chmod(0o755)
         open_dir.chmod(0o755)
         closed_dir.chmod(0o700)
-        cases = [(str(open_dir / "x.tar"), "permission denied: shards file"),
-                 (str(closed_dir / "x.tar"), "permission denied: cannot reach"),
-                 (str(closed_dir / "*.tar"), "permission denied: cannot list")]
+        cases = [
+            (str(open_dir / "x.tar"), "permission denied: shards file"),
+            (str(closed_dir / "x.tar"), "permission denied: cannot reach"),
+            (str(closed_dir / "*.tar"), "permission denied: cannot list"),
+        ]
         for spec, message in cases:
-            code = ("import sys; from clip_jax.data import shards\n"
-                    "try:\n    shards.resolve_files(sys.argv[1])\n"
-                    "except ValueError as e:\n    print(e); sys.exit(3)\n")
+            code = (
+                "import sys; from clip_jax.data import shards\n"
+                "try:\n    shards.resolve_files(sys.argv[1])\n"
+                "except ValueError as e:\n    print(e); sys.exit(3)\n"
+            )
             cmd = [sys.executable, "-c", code, spec]
             if os.geteuid() == 0:  # root reads anything: check as an unprivileged user
                 if shutil.which("setpriv") is None:
                     pytest.skip("needs setpriv to drop root privileges")
                 cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                                  env=dict(os.environ, PYTHONPATH=str(REPO)))
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )
             assert proc.returncode == 3, proc.stderr[-2000:]
             assert proc.stdout.strip().startswith(message), (spec, proc.stdout)
     finally:
@@ -117,10 +140,24 @@ def test_directory_and_unreadable_shards_are_one_line_errors(tmp_path):
 def _train_cli(workdir, shard, *extra):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     return subprocess.Popen(
-        [sys.executable, "-m", "clip_jax.train", "--config", str(REPO / "configs/clip.py:tiny"),
-         "--workdir", str(workdir), "--config.batch_size=8", "--config.data.source=tar",
-         f"--config.data.shards={shard}", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.train",
+            "--config",
+            str(REPO / "configs/clip.py:tiny"),
+            "--workdir",
+            str(workdir),
+            "--config.batch_size=8",
+            "--config.data.source=tar",
+            f"--config.data.shards={shard}",
+            *extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
 
 
 def test_train_cli_empty_shard_is_one_line_error(tmp_path):
@@ -153,6 +190,7 @@ def test_sigterm_while_waiting_for_data_exits_cleanly(tmp_path):
 
 def _jpeg(seed, size=32):
     from PIL import Image
+
     pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, "JPEG", quality=90)
@@ -177,14 +215,26 @@ def test_truncated_jpeg_is_named_once(tmp_path, caplog, split):
     _write_tar(path, members)
     caplog.set_level("WARNING")
     if split == "train":
-        ds = build_train_dataset(data_config(source="tar", shards=path), image_size=8,
-                                 tokenizer=TOK, context_length=8, local_batch_size=4, seed=0)
+        ds = build_train_dataset(
+            data_config(source="tar", shards=path),
+            image_size=8,
+            tokenizer=TOK,
+            context_length=8,
+            local_batch_size=4,
+            seed=0,
+        )
         batches = list(ds.take(9).as_numpy_iterator())  # 36 samples: three epochs of 11
         from clip_jax.data import num_skipped
+
         assert num_skipped(batches[-1]["position"], 36) == 3  # s005 skipped in each epoch
     else:
-        ds = build_eval_dataset({"source": "tar", "shards": path}, image_size=8, tokenizer=TOK,
-                                context_length=8, batch_size=4)
+        ds = build_eval_dataset(
+            {"source": "tar", "shards": path},
+            image_size=8,
+            tokenizer=TOK,
+            context_length=8,
+            batch_size=4,
+        )
         batches = list(ds.as_numpy_iterator())
         assert sum(int(b["mask"].sum()) for b in batches) == 11
     named = [r.getMessage() for r in caplog.records if "truncated JPEG" in r.getMessage()]

@@ -1,4 +1,5 @@
 """Shared helpers for the data tests (no tests here): tiny images, shards, a fake tokenizer."""
+
 from __future__ import annotations
 
 import io
@@ -18,6 +19,7 @@ class FakeTokenizer:
     Row = [sot=1, byte+3, ..., eot=2, 0...]; truncation keeps eot. `decode` inverts it, so
     tests can tell which caption reached a batch.
     """
+
     vocab_size = 259
     eot_id = 2
     pad_id = 0
@@ -37,8 +39,9 @@ class FakeTokenizer:
 
 def jpeg_bytes(rng, h=20, w=28, quality=90) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG",
-                                                                         quality=quality)
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=quality
+    )
     return buf.getvalue()
 
 
@@ -54,13 +57,29 @@ def make_samples(n, seed=0, prefix="s", labels=False):
     out = []
     for i in range(n):
         h, w = int(rng.integers(16, 33)), int(rng.integers(16, 33))
-        out.append(Sample(key=f"{prefix}{i:06d}", image=jpeg_bytes(rng, h, w), image_ext="jpg",
-                          caption=f"{prefix} {i}", label=(i % 5) if labels else None))
+        out.append(
+            Sample(
+                key=f"{prefix}{i:06d}",
+                image=jpeg_bytes(rng, h, w),
+                image_ext="jpg",
+                caption=f"{prefix} {i}",
+                label=(i % 5) if labels else None,
+            )
+        )
     return out
 
 
-def write_dataset(tmp_path, n=120, shard_size=30, fmt="tar", name="ds", seed=0, prefix="s",
-                  gzip=False, labels=False):
+def write_dataset(
+    tmp_path,
+    n=120,
+    shard_size=30,
+    fmt="tar",
+    name="ds",
+    seed=0,
+    prefix="s",
+    gzip=False,
+    labels=False,
+):
     """Writes `n` samples in shards; returns (pattern, captions)."""
     samples = make_samples(n, seed=seed, prefix=prefix, labels=labels)
     out = os.path.join(str(tmp_path), name)

@@ -1,4 +1,5 @@
 """Train/eval pipeline: exact resume, per-process split, determinism, bad samples, eval once."""
+
 from __future__ import annotations
 
 import os
@@ -24,9 +25,17 @@ SIZE, CTX, BATCH = 16, 16, 8
 
 
 def _train(cfg, seed=0, start=None, pi=0, pc=1, batch=BATCH):
-    return build_train_dataset(cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX,
-                               local_batch_size=batch, seed=seed, process_index=pi,
-                               process_count=pc, start_position=start)
+    return build_train_dataset(
+        cfg,
+        image_size=SIZE,
+        tokenizer=TOK,
+        context_length=CTX,
+        local_batch_size=batch,
+        seed=seed,
+        process_index=pi,
+        process_count=pc,
+        start_position=start,
+    )
 
 
 def _assert_same(a, b):
@@ -65,11 +74,14 @@ def test_exact_resume(tmp_path, fmt):
 
 def test_exact_resume_mixture_and_resample(tmp_path):
     tar_pattern, tar_caps = write_dataset(tmp_path, n=60, shard_size=20, fmt="tar", prefix="a")
-    rec_pattern, rec_caps = write_dataset(tmp_path, n=40, shard_size=20, fmt="tfrecord",
-                                          prefix="b")
-    cfg = data_config(resample=True, sources=(
-        {"source": "tar", "shards": tar_pattern, "weight": 3.0},
-        {"source": "tfrecord", "shards": rec_pattern, "weight": 1.0}))
+    rec_pattern, rec_caps = write_dataset(tmp_path, n=40, shard_size=20, fmt="tfrecord", prefix="b")
+    cfg = data_config(
+        resample=True,
+        sources=(
+            {"source": "tar", "shards": tar_pattern, "weight": 3.0},
+            {"source": "tfrecord", "shards": rec_pattern, "weight": 1.0},
+        ),
+    )
     full = _check_resume(cfg, n=5)
     positions = np.stack([b["position"] for b in full])
     assert positions.shape == (10, 3)
@@ -111,17 +123,29 @@ def _write_bad_shard(path, rng):
     with tarfile.open(path, "w") as tar:
         for k in ("g0", "g1"):
             add_members(tar, [(f"{k}.jpg", jpeg_bytes(rng)), (f"{k}.txt", f"good {k}".encode())])
-        add_members(tar, [
-            ("b0.jpg", jpeg[: len(jpeg) // 2]), ("b0.txt", b"truncated jpeg"),
-            ("b1.jpg", rng.bytes(300)), ("b1.txt", b"random bytes"),
-            ("b2.jpg", jpeg_bytes(rng)), ("b2.txt", b"   "),          # empty caption
-            ("b3.txt", b"caption but no image"),                          # missing image
-            ("b4.jpg", jpeg_bytes(rng)),                                  # missing caption
-            ("b5.jpg", jpeg[:200] + rng.bytes(400) + jpeg[600:]), ("b5.txt", b"corrupt middle"),
-        ])
+        add_members(
+            tar,
+            [
+                ("b0.jpg", jpeg[: len(jpeg) // 2]),
+                ("b0.txt", b"truncated jpeg"),
+                ("b1.jpg", rng.bytes(300)),
+                ("b1.txt", b"random bytes"),
+                ("b2.jpg", jpeg_bytes(rng)),
+                ("b2.txt", b"   "),  # empty caption
+                ("b3.txt", b"caption but no image"),  # missing image
+                ("b4.jpg", jpeg_bytes(rng)),  # missing caption
+                ("b5.jpg", jpeg[:200] + rng.bytes(400) + jpeg[600:]),
+                ("b5.txt", b"corrupt middle"),
+            ],
+        )
         for k in ("g2", "g3", "g4", "g5"):
-            add_members(tar, [(f"{k}.jpg", jpeg_bytes(rng)),
-                              (f"{k}.json", b'{"caption": "good %s"}' % k.encode())])
+            add_members(
+                tar,
+                [
+                    (f"{k}.jpg", jpeg_bytes(rng)),
+                    (f"{k}.json", b'{"caption": "good %s"}' % k.encode()),
+                ],
+            )
 
 
 GOOD = ["good g0", "good g1", "good g2", "good g3", "good g4", "good g5"]
@@ -130,9 +154,15 @@ GOOD = ["good g0", "good g1", "good g2", "good g3", "good g4", "good g5"]
 def test_bad_samples_skipped_and_counted(tmp_path):
     path = os.path.join(str(tmp_path), "bad.tar")
     _write_bad_shard(path, np.random.default_rng(0))
-    ev = list(build_eval_dataset({"source": "tar", "shards": path}, image_size=SIZE,
-                                 tokenizer=TOK, context_length=CTX, batch_size=4)
-              .as_numpy_iterator())
+    ev = list(
+        build_eval_dataset(
+            {"source": "tar", "shards": path},
+            image_size=SIZE,
+            tokenizer=TOK,
+            context_length=CTX,
+            batch_size=4,
+        ).as_numpy_iterator()
+    )
     got = [c.decode() for b in ev for c, m in zip(b["caption"], b["mask"]) if m]
     assert got == GOOD  # every good sample, in shard order, nothing else
     # Train without shuffling: raw order g0 g1 b0..b5 g2..g5, 12 groups per epoch.
@@ -150,9 +180,16 @@ def test_eval_every_sample_once(tmp_path):
     pattern, captions = write_dataset(tmp_path, n=45, shard_size=10, fmt="tar", labels=True)
     seen = []
     for pi in range(2):
-        ds = build_eval_dataset({"source": "tar", "shards": pattern}, image_size=SIZE,
-                                tokenizer=TOK, context_length=CTX, batch_size=8,
-                                process_index=pi, process_count=2, num_batches=4)
+        ds = build_eval_dataset(
+            {"source": "tar", "shards": pattern},
+            image_size=SIZE,
+            tokenizer=TOK,
+            context_length=CTX,
+            batch_size=8,
+            process_index=pi,
+            process_count=2,
+            num_batches=4,
+        )
         batches = list(ds.as_numpy_iterator())
         assert len(batches) == 4  # 22 or 23 samples -> 3 batches, padded to 4
         for b in batches:
@@ -165,15 +202,23 @@ def test_eval_every_sample_once(tmp_path):
             seen += caps
     assert sorted(seen) == sorted(captions)
     with pytest.raises(Exception, match="num_batches"):
-        list(build_eval_dataset({"source": "tar", "shards": pattern}, image_size=SIZE,
-                                tokenizer=TOK, context_length=CTX, batch_size=8,
-                                num_batches=2).as_numpy_iterator())
+        list(
+            build_eval_dataset(
+                {"source": "tar", "shards": pattern},
+                image_size=SIZE,
+                tokenizer=TOK,
+                context_length=CTX,
+                batch_size=8,
+                num_batches=2,
+            ).as_numpy_iterator()
+        )
 
 
 def test_windowed_decode_gives_the_same_batches_below_2x(tmp_path):
     # 20-32 px JPEGs cropped to 16 px are < 2x the target: "window" decodes only the crop, with
     # pixels identical to decoding the whole image; "auto" picks "full" for them.
     from clip_jax.data import pipeline
+
     pattern, _ = write_dataset(tmp_path, n=40, shard_size=20, fmt="tar")
     full = take(_train(data_config(source="tar", shards=pattern, decode="full")), 3)
     window = take(_train(data_config(source="tar", shards=pattern, decode="window")), 3)

@@ -1,4 +1,5 @@
 """Constant-time resume: the shard-group plan, per-shard counts, and what a resume opens."""
+
 from __future__ import annotations
 
 import os
@@ -16,9 +17,16 @@ SIZE, CTX, BATCH = 8, 12, 4
 
 
 def _train(cfg, start=None, index_dir=""):
-    return build_train_dataset(cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX,
-                               local_batch_size=BATCH, seed=5, start_position=start,
-                               index_dir=index_dir)
+    return build_train_dataset(
+        cfg,
+        image_size=SIZE,
+        tokenizer=TOK,
+        context_length=CTX,
+        local_batch_size=BATCH,
+        seed=5,
+        start_position=start,
+        index_dir=index_dir,
+    )
 
 
 def _write_uneven(tmp_path, sizes, fmt):
@@ -30,13 +38,13 @@ def _write_uneven(tmp_path, sizes, fmt):
         ext = "tfrecord" if fmt == "tfrecord" else "tar"
         path = os.path.join(out, f"{i:05d}.{ext}")
         if n:
-            written = write_shards(samples, os.path.join(out, f"tmp{i}"), fmt=fmt,
-                                   shard_size=n)
+            written = write_shards(samples, os.path.join(out, f"tmp{i}"), fmt=fmt, shard_size=n)
             os.replace(written[0], path)
         else:
             os.makedirs(out, exist_ok=True)
             if fmt == "tar":
                 import tarfile
+
                 tarfile.open(path, "w").close()
             else:
                 open(path, "wb").close()
@@ -75,7 +83,7 @@ def test_resume_point_matches_round_robin(resample):
                 if taken[i] < sizes[f]:
                     rest.append((f, taken[i]))
                     taken[i] += 1
-        assert rest == order[pos:pos + len(rest)], pos
+        assert rest == order[pos : pos + len(rest)], pos
         assert sorted(slots) == sorted(plan.group(g))
 
 
@@ -89,12 +97,11 @@ def test_resume_point_rejects_all_empty():
 def test_exact_resume_uneven_and_empty_shards(tmp_path, fmt):
     # Shards of unequal sizes, two empty; groups of 3 shards; blocks of 5 records.
     paths = _write_uneven(tmp_path, [7, 0, 13, 4, 9, 1, 0, 5], fmt)
-    cfg = data_config(source=fmt, shards=" ".join(paths), shard_cycle_length=3,
-                      shuffle_buffer=5)
+    cfg = data_config(source=fmt, shards=" ".join(paths), shard_cycle_length=3, shuffle_buffer=5)
     full = take(_train(cfg), 24)  # 96 samples: more than two epochs of 39 records
     for k in (1, 5, 9, 13, 20):
         resumed = take(_train(cfg, start=full[k - 1]["position"]), 3)
-        for a, b in zip(resumed, full[k:k + 3]):
+        for a, b in zip(resumed, full[k : k + 3]):
             for name in a:
                 np.testing.assert_array_equal(a[name], b[name], err_msg=f"{k} {name}")
 
@@ -105,8 +112,13 @@ def test_resume_opens_only_the_shards_in_flight(tmp_path, monkeypatch):
     out = os.path.join(str(tmp_path), "many")
     files = write_shards(make_samples(360, prefix="m"), out, fmt="tar", shard_size=6)
     # decode="full": "auto" peeks at the first shard of the list to choose a decoder.
-    cfg = data_config(source="tar", shards=os.path.join(out, "*.tar"), shard_cycle_length=2,
-                      shuffle_buffer=0, decode="full")
+    cfg = data_config(
+        source="tar",
+        shards=os.path.join(out, "*.tar"),
+        shard_cycle_length=2,
+        shuffle_buffer=0,
+        decode="full",
+    )
     index_dir = os.path.join(str(tmp_path), "index")
     first = take(_train(cfg, index_dir=index_dir), 40)  # reads shards through: counts cached
     assert os.path.isfile(os.path.join(index_dir, "shard_counts.jsonl"))
@@ -134,8 +146,8 @@ def test_resume_opens_only_the_shards_in_flight(tmp_path, monkeypatch):
 
 def test_counts_match_reader_on_damaged_shards(tmp_path):
     out = os.path.join(str(tmp_path), "dmg")
-    tar_path, = write_shards(make_samples(10, prefix="t"), out, fmt="tar", shard_size=10)
-    rec_path, = write_shards(make_samples(10, prefix="r"), out, fmt="tfrecord", shard_size=10)
+    (tar_path,) = write_shards(make_samples(10, prefix="t"), out, fmt="tar", shard_size=10)
+    (rec_path,) = write_shards(make_samples(10, prefix="r"), out, fmt="tfrecord", shard_size=10)
     for path in (tar_path, rec_path):
         data = open(path, "rb").read()
         with open(path, "wb") as f:
@@ -145,6 +157,7 @@ def test_counts_match_reader_on_damaged_shards(tmp_path):
     assert 0 < tar_n < 10
     rec_n = shard_counts.count_tfrecord_records(rec_path)
     import tensorflow as tf
+
     good = 0
     try:
         for _ in tf.data.TFRecordDataset(rec_path):
@@ -162,15 +175,23 @@ def test_tar_stream_reads_in_the_interleave_order(tmp_path):
     # The one-generator tar reader must produce exactly what tf.data's deterministic interleave
     # over per-shard readers does (the order the resume arithmetic was checked against).
     from clip_jax.data import sources
+
     paths = _write_uneven(tmp_path, [7, 0, 13, 4, 9, 1, 0, 5], "tar")
     plan = ordering.ShardPlan(len(paths), seed=[3], cycle_length=3, resample=False)
     for position in (0, 11, 40):
         g, slots, starts = plan.resume_point(position, lambda i: [7, 0, 13, 4, 9, 1, 0, 5][i])
-        ours = sources.tar_stream(paths, plan, start_group=g, first_slots=slots,
-                                  first_starts=starts)
+        ours = sources.tar_stream(
+            paths, plan, start_group=g, first_slots=slots, first_starts=starts
+        )
         theirs = sources.read_groups(
-            paths, plan, lambda p, s: sources.tar_shard_dataset(p, "caption", s),
-            start_group=g, first_slots=slots, first_starts=starts, num_parallel_calls=-1)
+            paths,
+            plan,
+            lambda p, s: sources.tar_shard_dataset(p, "caption", s),
+            start_group=g,
+            first_slots=slots,
+            first_starts=starts,
+            num_parallel_calls=-1,
+        )
         a = [r["key"] for r in ours.take(60).as_numpy_iterator()]
         b = [r["key"] for r in theirs.take(60).as_numpy_iterator()]
         assert a == b and len(a) == 60, position

@@ -1,4 +1,5 @@
 """Sources: shard patterns, TFDS, image folders, demo lookup, config validation, make_shards."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,14 @@ SIZE, CTX = 16, 16
 
 
 def _eval_all(spec, **kw):
-    ds = build_eval_dataset(spec, image_size=SIZE, tokenizer=TOK, context_length=CTX,
-                            batch_size=kw.pop("batch_size", 8), **kw)
+    ds = build_eval_dataset(
+        spec,
+        image_size=SIZE,
+        tokenizer=TOK,
+        context_length=CTX,
+        batch_size=kw.pop("batch_size", 8),
+        **kw,
+    )
     return list(ds.as_numpy_iterator())
 
 
@@ -38,7 +45,11 @@ def _valid(batches, field):
 # ---------------------------------------------------------------- shard patterns
 def test_expand_braces_and_resolve(tmp_path):
     assert shards.expand_braces("d/{00008..00011}.tar") == [
-        "d/00008.tar", "d/00009.tar", "d/00010.tar", "d/00011.tar"]
+        "d/00008.tar",
+        "d/00009.tar",
+        "d/00010.tar",
+        "d/00011.tar",
+    ]
     assert shards.expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
     with pytest.raises(ValueError, match="brace"):
         shards.expand_braces("{5..3}.tar")
@@ -65,15 +76,25 @@ def test_expand_braces_and_resolve(tmp_path):
 def test_missing_shards_fail_at_build_time(tmp_path):
     cfg = data_config(source="tar", shards=str(tmp_path / "nope-{0..3}.tar"))
     with pytest.raises(ValueError, match="does not exist"):
-        build_train_dataset(cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX,
-                            local_batch_size=4, seed=0)
+        build_train_dataset(
+            cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX, local_batch_size=4, seed=0
+        )
     with pytest.raises(ValueError, match="tfds_data_dir"):
-        build_eval_dataset({"source": "tfds", "tfds_name": "x", "tfds_data_dir": ""},
-                           image_size=SIZE, tokenizer=TOK, context_length=CTX, batch_size=4)
+        build_eval_dataset(
+            {"source": "tfds", "tfds_name": "x", "tfds_data_dir": ""},
+            image_size=SIZE,
+            tokenizer=TOK,
+            context_length=CTX,
+            batch_size=4,
+        )
     with pytest.raises(ValueError, match="does not exist"):
-        build_eval_dataset({"source": "tfds", "tfds_name": "x",
-                            "tfds_data_dir": str(tmp_path / "missing")},
-                           image_size=SIZE, tokenizer=TOK, context_length=CTX, batch_size=4)
+        build_eval_dataset(
+            {"source": "tfds", "tfds_name": "x", "tfds_data_dir": str(tmp_path / "missing")},
+            image_size=SIZE,
+            tokenizer=TOK,
+            context_length=CTX,
+            batch_size=4,
+        )
 
 
 def test_gzipped_tar_and_truncated_shard(tmp_path):
@@ -92,22 +113,37 @@ def test_gzipped_tar_and_truncated_shard(tmp_path):
 # ---------------------------------------------------------------- TFDS
 def _examples(n, prefix):
     rng = np.random.default_rng(n)
-    return [(i, {"image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
-             "caption": f"{prefix} {i}", "label": i % 3}) for i in range(n)]
+    return [
+        (
+            i,
+            {
+                "image": rng.integers(0, 255, (20, 24, 3), dtype=np.uint8),
+                "caption": f"{prefix} {i}",
+                "label": i % 3,
+            },
+        )
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
     """A prepared local TFDS dataset "tiny_captions" (image, caption, label); no download."""
     root = str(tmp_path_factory.mktemp("tfds"))
-    features = tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=(None, None, 3)),
-        "caption": tfds.features.Text(),
-        "label": tfds.features.ClassLabel(names=["cat", "dog", "red_bird"]),
-    })
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "caption": tfds.features.Text(),
+            "label": tfds.features.ClassLabel(names=["cat", "dog", "red_bird"]),
+        }
+    )
     tfds.dataset_builders.store_as_tfds_dataset(
-        name="tiny_captions", version="1.0.0", features=features, data_dir=root,
-        split_datasets={"train": _examples(48, "t"), "test": _examples(10, "v")})
+        name="tiny_captions",
+        version="1.0.0",
+        features=features,
+        data_dir=root,
+        split_datasets={"train": _examples(48, "t"), "test": _examples(10, "v")},
+    )
     return root
 
 
@@ -115,9 +151,18 @@ def test_tfds_train_resume_and_eval(tfds_dir):
     cfg = data_config(source="tfds", tfds_name="tiny_captions", tfds_data_dir=tfds_dir)
 
     def build(start=None, pi=0, pc=1):
-        return build_train_dataset(cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX,
-                                   local_batch_size=8, seed=1, process_index=pi,
-                                   process_count=pc, start_position=start)
+        return build_train_dataset(
+            cfg,
+            image_size=SIZE,
+            tokenizer=TOK,
+            context_length=CTX,
+            local_batch_size=8,
+            seed=1,
+            process_index=pi,
+            process_count=pc,
+            start_position=start,
+        )
+
     full = take(build(), 8)
     first = take(build(), 4)
     resumed = take(build(start=first[-1]["position"]), 4)
@@ -128,23 +173,48 @@ def test_tfds_train_resume_and_eval(tfds_dir):
     # Per-process eval slices are disjoint and complete; labels come along.
     seen = []
     for pi in range(2):
-        b = _eval_all({"source": "tfds", "split": "test", "tfds_name": "tiny_captions",
-                       "tfds_data_dir": tfds_dir, "label_key": "label"},
-                      process_index=pi, process_count=2)
+        b = _eval_all(
+            {
+                "source": "tfds",
+                "split": "test",
+                "tfds_name": "tiny_captions",
+                "tfds_data_dir": tfds_dir,
+                "label_key": "label",
+            },
+            process_index=pi,
+            process_count=2,
+        )
         seen += list(zip(_valid(b, "caption"), _valid(b, "label")))
     assert sorted(seen) == sorted((f"v {i}".encode(), i % 3) for i in range(10))
 
 
 def test_tfds_image_label_captions(tfds_dir):
-    b = _eval_all({"source": "tfds", "split": "test", "tfds_name": "tiny_captions",
-                   "tfds_data_dir": tfds_dir, "text_key": "", "label_key": "label"})
-    got = {(c.decode(), int(label))
-           for c, label in zip(_valid(b, "caption"), _valid(b, "label"))}
-    assert got == {("a photo of a cat.", 0), ("a photo of a dog.", 1),
-                   ("a photo of a red bird.", 2)}
+    b = _eval_all(
+        {
+            "source": "tfds",
+            "split": "test",
+            "tfds_name": "tiny_captions",
+            "tfds_data_dir": tfds_dir,
+            "text_key": "",
+            "label_key": "label",
+        }
+    )
+    got = {(c.decode(), int(label)) for c, label in zip(_valid(b, "caption"), _valid(b, "label"))}
+    assert got == {
+        ("a photo of a cat.", 0),
+        ("a photo of a dog.", 1),
+        ("a photo of a red bird.", 2),
+    }
     with pytest.raises(ValueError, match="no text feature"):
-        _eval_all({"source": "tfds", "split": "test", "tfds_name": "tiny_captions",
-                   "tfds_data_dir": tfds_dir, "text_key": "nope"})
+        _eval_all(
+            {
+                "source": "tfds",
+                "split": "test",
+                "tfds_name": "tiny_captions",
+                "tfds_data_dir": tfds_dir,
+                "text_key": "nope",
+            }
+        )
 
 
 # ---------------------------------------------------------------- image folder, demo
@@ -183,10 +253,15 @@ def test_config_defaults_and_validation():
     config_lib.validate(cfg)
     cfg.tokenizer = "openai"  # every name clip_jax.tokenizers.get accepts
     config_lib.validate(cfg)
-    bad = [("source", "s3", "data.source"), ("aug_scale", (0.5, 1.2), "data.aug_scale"),
-           ("resize_method", "cubic", "data.resize_method"), ("tokenizer", "bpe", "tokenizer"),
-           ("shuffle_buffer", -1, "shuffle_buffer"), ("num_parallel_calls", 0, "num_parallel"),
-           ("split", "test", "data.split")]
+    bad = [
+        ("source", "s3", "data.source"),
+        ("aug_scale", (0.5, 1.2), "data.aug_scale"),
+        ("resize_method", "cubic", "data.resize_method"),
+        ("tokenizer", "bpe", "tokenizer"),
+        ("shuffle_buffer", -1, "shuffle_buffer"),
+        ("num_parallel_calls", 0, "num_parallel"),
+        ("split", "test", "data.split"),
+    ]
     for key, value, message in bad:
         c = config_lib.get_default_config()
         c[key] = value
@@ -220,14 +295,31 @@ def test_make_shards_roundtrip(tmp_path, fmt, capsys):
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "names.txt").write_text("x\ny\nz\n")
     out = tmp_path / "out"
-    make_shards.main(["--images", str(images), "--captions", str(tmp_path / "captions.jsonl"),
-                      "--format", fmt, "--shard-size", "3", "--output", str(out),
-                      "--classnames", str(tmp_path / "names.txt")])
+    make_shards.main(
+        [
+            "--images",
+            str(images),
+            "--captions",
+            str(tmp_path / "captions.jsonl"),
+            "--format",
+            fmt,
+            "--shard-size",
+            "3",
+            "--output",
+            str(out),
+            "--classnames",
+            str(tmp_path / "names.txt"),
+        ]
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["shards"] == 3 and summary["samples"] == 7
     suffix = "tar" if fmt == "tar" else "tfrecord"
-    assert sorted(os.listdir(out)) == ["00000." + suffix, "00001." + suffix, "00002." + suffix,
-                                       "classnames.txt"]
+    assert sorted(os.listdir(out)) == [
+        "00000." + suffix,
+        "00001." + suffix,
+        "00002." + suffix,
+        "classnames.txt",
+    ]
     assert shards.read_classnames(str(out / "classnames.txt")) == ["x", "y", "z"]
     b = _eval_all({"source": fmt, "shards": f"{out}/{{00000..00002}}.{suffix}"})
     got = sorted(zip([c.decode() for c in _valid(b, "caption")], _valid(b, "label")))
@@ -236,8 +328,16 @@ def test_make_shards_roundtrip(tmp_path, fmt, capsys):
     assert keys == [f"{i:09d}" for i in range(7)]
     (tmp_path / "bad.jsonl").write_text('{"image": "missing.jpg", "caption": "x"}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1.*does not exist"):
-        make_shards.main(["--images", str(images), "--captions", str(tmp_path / "bad.jsonl"),
-                          "--output", str(tmp_path / "out2")])
+        make_shards.main(
+            [
+                "--images",
+                str(images),
+                "--captions",
+                str(tmp_path / "bad.jsonl"),
+                "--output",
+                str(tmp_path / "out2"),
+            ]
+        )
 
 
 def test_img2dataset_tfrecord_layout(tmp_path):
@@ -257,14 +357,25 @@ def test_img2dataset_tfrecord_layout(tmp_path):
 
     with tf.io.TFRecordWriter(path) as writer:
         for i in range(5):
-            ex = {"key": feature(f"{i:09d}".encode()), "jpg": feature(jpeg_bytes(rng)),
-                  "txt": feature(f"caption {i}".encode()), "width": feature(28),
-                  "url": feature(b"http://example.invalid/x.jpg")}
-            writer.write(tf.train.Example(features=tf.train.Features(feature=ex))
-                         .SerializeToString())
-    batches = list(build_eval_dataset({"source": "tfrecord", "shards": path}, image_size=8,
-                                      tokenizer=FakeTokenizer(), context_length=16,
-                                      batch_size=8).as_numpy_iterator())
+            ex = {
+                "key": feature(f"{i:09d}".encode()),
+                "jpg": feature(jpeg_bytes(rng)),
+                "txt": feature(f"caption {i}".encode()),
+                "width": feature(28),
+                "url": feature(b"http://example.invalid/x.jpg"),
+            }
+            writer.write(
+                tf.train.Example(features=tf.train.Features(feature=ex)).SerializeToString()
+            )
+    batches = list(
+        build_eval_dataset(
+            {"source": "tfrecord", "shards": path},
+            image_size=8,
+            tokenizer=FakeTokenizer(),
+            context_length=16,
+            batch_size=8,
+        ).as_numpy_iterator()
+    )
     captions = [c.decode() for c, m in zip(batches[0]["caption"], batches[0]["mask"]) if m]
     assert captions == [f"caption {i}" for i in range(5)]
     assert [k.decode() for k in batches[0]["key"][:5]] == [f"{i:09d}" for i in range(5)]

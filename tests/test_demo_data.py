@@ -2,6 +2,7 @@
 
 Reads the committed shards with tarfile + PIL only (no TensorFlow), about 2 s in all.
 """
+
 from __future__ import annotations
 
 import collections
@@ -73,8 +74,12 @@ def test_shipped_files_exist_with_the_names_the_pipeline_globs():
     train = sorted(p.name for p in DEMO.glob("train-*.tar.gz"))
     assert len(train) >= 4, "at least 4 train shards, so 2 processes each get 2"
     assert train == [f"train-{i:05d}.tar.gz" for i in range(len(train))]
-    for name in ("heldout-00000.tar.gz", "classify-00000.tar.gz", "classnames.txt",
-                 "PROVENANCE.md"):
+    for name in (
+        "heldout-00000.tar.gz",
+        "classify-00000.tar.gz",
+        "classnames.txt",
+        "PROVENANCE.md",
+    ):
         assert (DEMO / name).is_file(), name
     assert not list(DEMO.glob("heldout-00001*")) and not list(DEMO.glob("classify-00001*"))
 
@@ -145,7 +150,8 @@ def test_heldout_captions_are_unique_so_retrieval_has_one_answer(demo):
 
 def test_train_duplicates_are_capped(demo):
     counts = collections.Counter(
-        build_demo.normalize_caption(c) for c in _captions(demo["train"]).values())
+        build_demo.normalize_caption(c) for c in _captions(demo["train"]).values()
+    )
     assert max(counts.values()) <= 2
 
 
@@ -166,10 +172,12 @@ def test_size_within_budget():
 
 
 def test_counts_match_provenance(demo, classnames, provenance):
-    table = dict(re.findall(r"^\| (train|heldout|classify) \| \d+ \| (\d+) \|$", provenance,
-                            flags=re.M))
+    table = dict(
+        re.findall(r"^\| (train|heldout|classify) \| \d+ \| (\d+) \|$", provenance, flags=re.M)
+    )
     assert {split: int(n) for split, n in table.items()} == {
-        split: len(samples) for split, samples in demo.items()}
+        split: len(samples) for split, samples in demo.items()
+    }
     shards = dict(re.findall(r"^\| (train) \| (\d+) \|", provenance, flags=re.M))
     assert int(shards["train"]) == len(list(DEMO.glob("train-*.tar.gz")))
     classes = re.findall(r"^\| (\d+) \| ([^|]+?) \| (\d+) \|$", provenance, flags=re.M)
@@ -188,8 +196,11 @@ def test_sources_tsv_maps_every_key(demo):
         key, split, label, source, _author = row.split("\t")
         assert source.startswith("openclipart/png/") and source.endswith(".png"), row
         listed[key] = (split, label)
-    expected = {key: (split, parts["cls"].decode() if "cls" in parts else "")
-                for split, samples in demo.items() for key, parts in samples.items()}
+    expected = {
+        key: (split, parts["cls"].decode() if "cls" in parts else "")
+        for split, samples in demo.items()
+        for key, parts in samples.items()
+    }
     assert listed == expected
 
 
@@ -217,19 +228,25 @@ def test_clean_text_repairs_entities_mojibake_and_whitespace():
 
 
 def test_caption_from_title_description_and_keywords():
-    item = _clipart("Blue Vacuum Cleaner", "A blue vacuum cleaner.  It sucks.",
-                    ["blue", "vacuum", None, "hash", "tool", "Jaime Sanchez", "clean", "work"],
-                    creator="Jaime Sanchez")
+    item = _clipart(
+        "Blue Vacuum Cleaner",
+        "A blue vacuum cleaner.  It sucks.",
+        ["blue", "vacuum", None, "hash", "tool", "Jaime Sanchez", "clean", "work"],
+        creator="Jaime Sanchez",
+    )
     # Description repeated? no: it differs from the title once normalised. Keywords already in
     # the text, tool tags, the author and the empty keyword are dropped.
     assert build_demo.make_caption(item) == (
-        "Blue Vacuum Cleaner. A blue vacuum cleaner. Tool, clean.")
+        "Blue Vacuum Cleaner. A blue vacuum cleaner. Tool, clean."
+    )
 
 
 def test_boilerplate_titles_fall_back_to_the_file_name_or_are_dropped():
-    flat = _clipart("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)",
-                    keywords=["hash", None, "action", "computer", "icons", "theme"],
-                    docname="folder_music.svg")
+    flat = _clipart(
+        "Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)",
+        keywords=["hash", None, "action", "computer", "icons", "theme"],
+        docname="folder_music.svg",
+    )
     assert build_demo.make_caption(flat) == "Folder music. Computer."
     star = _clipart("gramastar", keywords=["stars", "shapes"], rel="shapes/stars/star_73pt34step")
     assert build_demo.make_caption(star) == "Star."
@@ -243,7 +260,8 @@ def test_series_titles_are_preceded_by_the_file_name():
     assert caption == "Queen of hearts, white playing card."
     state = _clipart("Australian Maps", keywords=["geography"], docname="queensland-outline.svg")
     assert build_demo.make_caption(state, frozenset({"australian maps"})) == (
-        "Queensland outline. Australian Maps. Geography.")
+        "Queensland outline. Australian Maps. Geography."
+    )
 
 
 def test_name_from_file_strips_paths_numbers_and_author_fragments():
@@ -278,12 +296,13 @@ def test_write_shard_is_deterministic_and_readable(tmp_path):
     images = {"000000": b"jpeg-0", "000007": b"jpeg-7"}
     captions = {"000000": "Zero.", "000007": "Seven é."}
     for name in ("one.tar.gz", "two.tar.gz"):
-        build_demo.write_shard(tmp_path / name, items, images, captions, {"000000": 0,
-                                                                          "000007": 3})
+        build_demo.write_shard(tmp_path / name, items, images, captions, {"000000": 0, "000007": 3})
     assert (tmp_path / "one.tar.gz").read_bytes() == (tmp_path / "two.tar.gz").read_bytes()
     shard = _read_shard(tmp_path / "one.tar.gz")
-    assert shard == {"000000": {"jpg": b"jpeg-0", "txt": b"Zero.", "cls": b"0"},
-                     "000007": {"jpg": b"jpeg-7", "txt": "Seven é.".encode(), "cls": b"3"}}
+    assert shard == {
+        "000000": {"jpg": b"jpeg-0", "txt": b"Zero.", "cls": b"0"},
+        "000007": {"jpg": b"jpeg-7", "txt": "Seven é.".encode(), "cls": b"3"},
+    }
 
 
 def test_missing_packages_give_a_clear_error(tmp_path):

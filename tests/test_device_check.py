@@ -1,5 +1,6 @@
 """benchmarks/device_check.sh works before a GPU machine is available: its --dry-run runs every
 part on CPU at toy sizes. Plus the profile parser on a GPU-shaped trace and the wheel filter."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,18 +18,29 @@ import profile_summary  # noqa: E402
 
 def test_dry_run_produces_every_part(tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, DEVICE_CHECK_WHEELS=str(tmp_path / "none"),
-               TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(["bash", str(BENCHMARKS / "device_check.sh"), "--dry-run",
-                             "--out", str(out)], env=env, capture_output=True, text=True,
-                            timeout=900)
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        DEVICE_CHECK_WHEELS=str(tmp_path / "none"),
+        TF_CPP_MIN_LOG_LEVEL="2",
+    )
+    result = subprocess.run(
+        ["bash", str(BENCHMARKS / "device_check.sh"), "--dry-run", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by_part = {}
     for row in rows:
         by_part.setdefault(row["part"], []).append(row)
-    failed = [r for r in rows if r.get("status") in ("failed", "timeout", "oom")
-              and r["part"] != "attention"]
+    failed = [
+        r
+        for r in rows
+        if r.get("status") in ("failed", "timeout", "oom") and r["part"] != "attention"
+    ]
     assert not failed, failed
 
     (env_row,) = by_part["env"]
@@ -50,19 +62,27 @@ def test_dry_run_produces_every_part(tmp_path):
     assert sum(r["kind"] == "profile_op" for r in profile) >= 5
 
     assert {r["part_name"] for r in by_part["breakdown"]} == {
-        "image_fwd_bwd", "text_fwd_bwd", "matmul_reference"}
+        "image_fwd_bwd",
+        "text_fwd_bwd",
+        "matmul_reference",
+    }
 
     pipeline = by_part["pipeline"]
     try:
         import tensorflow  # noqa: F401
+
         throughput = [r for r in pipeline if r.get("kind") == "throughput"]
         assert {r["threads"] for r in throughput} == {1} and len(throughput) == 4
     except ImportError:
         assert pipeline[0]["status"] == "skipped"
 
     summary = (out / "summary.md").read_text()
-    for heading in ("## Train step", "## Attention variants", "## Profile",
-                    "## Where the step goes"):
+    for heading in (
+        "## Train step",
+        "## Attention variants",
+        "## Profile",
+        "## Where the step goes",
+    ):
         assert heading in summary, summary
     assert (out / "runs.log").stat().st_size > 0
     assert profile_summary.summarize(str(out / "trace.json.gz"))[0]["steps"] == 2
@@ -78,26 +98,55 @@ def _gpu_trace(path: pathlib.Path) -> None:
         {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "pid": 7, "tid": 1, "name": "thread_name", "args": {"name": "XLA Modules"}},
         {"ph": "M", "pid": 7, "tid": 2, "name": "thread_name", "args": {"name": "XLA Ops"}},
-        {"ph": "M", "pid": 7, "tid": 3, "name": "thread_name",
-         "args": {"name": "Stream #13(Compute)"}},
+        {
+            "ph": "M",
+            "pid": 7,
+            "tid": 3,
+            "name": "thread_name",
+            "args": {"name": "Stream #13(Compute)"},
+        },
     ]
     events = []
     for step in range(2):
         t = step * 1000.0
         events += [
-            {"ph": "X", "pid": 1, "tid": 1, "ts": t, "dur": 900, "name": "train",
-             "args": {"step_num": str(step)}},
+            {
+                "ph": "X",
+                "pid": 1,
+                "tid": 1,
+                "ts": t,
+                "dur": 900,
+                "name": "train",
+                "args": {"step_num": str(step)},
+            },
             {"ph": "X", "pid": 7, "tid": 1, "ts": t, "dur": 800, "name": "jit_train_step"},
             {"ph": "X", "pid": 7, "tid": 2, "ts": t, "dur": 300, "name": "cublas-gemm.3"},
             {"ph": "X", "pid": 7, "tid": 2, "ts": t + 300, "dur": 100, "name": "fusion.12"},
-            {"ph": "X", "pid": 7, "tid": 2, "ts": t + 400, "dur": 100,
-             "name": "custom-call.4"},
-            {"ph": "X", "pid": 7, "tid": 3, "ts": t, "dur": 300,
-             "name": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64"},
-            {"ph": "X", "pid": 7, "tid": 3, "ts": t + 300, "dur": 100,
-             "name": "loop_multiply_fusion"},
-            {"ph": "X", "pid": 7, "tid": 3, "ts": t + 400, "dur": 100,
-             "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16"},
+            {"ph": "X", "pid": 7, "tid": 2, "ts": t + 400, "dur": 100, "name": "custom-call.4"},
+            {
+                "ph": "X",
+                "pid": 7,
+                "tid": 3,
+                "ts": t,
+                "dur": 300,
+                "name": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64",
+            },
+            {
+                "ph": "X",
+                "pid": 7,
+                "tid": 3,
+                "ts": t + 300,
+                "dur": 100,
+                "name": "loop_multiply_fusion",
+            },
+            {
+                "ph": "X",
+                "pid": 7,
+                "tid": 3,
+                "ts": t + 400,
+                "dur": 100,
+                "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16",
+            },
         ]
     with gzip.open(path, "wt") as f:
         json.dump({"displayTimeUnit": "ns", "traceEvents": meta + events}, f)
@@ -114,16 +163,23 @@ def test_profile_summary_reads_device_ops_and_kernels(tmp_path):
     ops = {r["name"]: r for r in rows if r["kind"] == "profile_op" and r["level"] == "op"}
     assert list(ops)[0] == "cublas-gemm.3" and ops["cublas-gemm.3"]["share"] == 0.6
     assert ops["cublas-gemm.3"]["per_step_ms"] == 0.3 and ops["fusion.12"]["category"] == "other"
-    kernels = {r["category"]: r["per_step_ms"] for r in rows
-               if r["kind"] == "profile_category" and r["level"] == "kernel"}
+    kernels = {
+        r["category"]: r["per_step_ms"]
+        for r in rows
+        if r["kind"] == "profile_category" and r["level"] == "kernel"
+    }
     assert kernels == {"gemm": 0.3, "attention": 0.1, "other": 0.1}
     assert "python" not in {r["name"] for r in rows if r["kind"] == "profile_op"}
 
 
 def test_missing_wheels_lists_only_packages_not_installed(tmp_path, capsys):
-    for name in ("numpy-1.0-py3-none-any.whl", "surely_not_installed_pkg-1.0-py3-none-any.whl",
-                 "README.txt"):
+    for name in (
+        "numpy-1.0-py3-none-any.whl",
+        "surely_not_installed_pkg-1.0-py3-none-any.whl",
+        "README.txt",
+    ):
         (tmp_path / name).write_text("")
     device_check.missing_wheels(str(tmp_path))
     assert capsys.readouterr().out.split() == [
-        str(tmp_path / "surely_not_installed_pkg-1.0-py3-none-any.whl")]
+        str(tmp_path / "surely_not_installed_pkg-1.0-py3-none-any.whl")
+    ]

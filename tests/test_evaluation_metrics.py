@@ -1,4 +1,5 @@
 """Evaluation metrics on hand-made inputs with exact expected values (no model involved)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -22,11 +23,13 @@ from clip_jax.evaluation.zeroshot import class_embeddings, topk_correct, zerosho
 
 # Retrieval fixture: 3 images, 5 captions (image 0 and 2 have two each). With identity image
 # embeddings, similarity[i, t] = TEXT[t, i], i.e. the matrix below read row = image.
-SIMS = np.array([
-    [0.1, 0.9, 0.8, 0.0, 0.2],    # image 0, own captions t0, t1: best t1 ranks 0
-    [0.7, 0.6, 0.5, 0.3, 0.1],    # image 1, own caption t2 (0.5): two texts ahead -> rank 2
-    [0.9, 0.2, 0.95, 0.4, 0.3],   # image 2, own t3 (0.4), t4: t0 and t2 ahead -> rank 2
-])
+SIMS = np.array(
+    [
+        [0.1, 0.9, 0.8, 0.0, 0.2],  # image 0, own captions t0, t1: best t1 ranks 0
+        [0.7, 0.6, 0.5, 0.3, 0.1],  # image 1, own caption t2 (0.5): two texts ahead -> rank 2
+        [0.9, 0.2, 0.95, 0.4, 0.3],  # image 2, own t3 (0.4), t4: t0 and t2 ahead -> rank 2
+    ]
+)
 TEXT_TO_IMAGE = np.array([0, 0, 1, 2, 2])
 
 
@@ -38,8 +41,9 @@ def test_recall_at_k_with_several_captions_per_image():
     images, texts = _retrieval_inputs()
     np.testing.assert_array_equal(image_to_text_ranks(images, texts, TEXT_TO_IMAGE), [0, 2, 2])
     # Per caption, the rank of its image in its column: t0 -> 2, t1 -> 0, t2 -> 2, t3, t4 -> 0.
-    np.testing.assert_array_equal(text_to_image_ranks(images, texts, TEXT_TO_IMAGE),
-                                  [2, 0, 2, 0, 0])
+    np.testing.assert_array_equal(
+        text_to_image_ranks(images, texts, TEXT_TO_IMAGE), [2, 0, 2, 0, 0]
+    )
     m = retrieval_metrics(images, texts, TEXT_TO_IMAGE, ks=(1, 2, 3)).metrics
     assert m["image_to_text_R@1"] == pytest.approx(1 / 3)
     assert m["image_to_text_R@2"] == pytest.approx(1 / 3)
@@ -61,7 +65,7 @@ def test_retrieval_chance_levels():
 
 def test_retrieval_ties_go_to_the_lower_index():
     images = np.eye(2, dtype=np.float32)
-    texts = np.array([[1.0, 1.0], [1.0, 1.0]], np.float32)   # every score equal
+    texts = np.array([[1.0, 1.0], [1.0, 1.0]], np.float32)  # every score equal
     # Image 0 owns t0 (first in a tie: rank 0); image 1 owns t1 (t0 is ahead: rank 1).
     np.testing.assert_array_equal(image_to_text_ranks(images, texts, np.array([0, 1])), [0, 1])
     np.testing.assert_array_equal(text_to_image_ranks(images, texts, np.array([0, 1])), [0, 1])
@@ -77,18 +81,21 @@ def test_group_captions_deduplicates_images_by_key():
     keys = np.array(["a", "a", "b", "c", "c", "d"], dtype=object)
     captions = np.array(["a1", "a2", "b1", "c1", "c2", ""], dtype=object)
     image_rows, text_to_image = group_captions(keys, captions)
-    np.testing.assert_array_equal(image_rows, [0, 2, 3])          # "d" has no caption
+    np.testing.assert_array_equal(image_rows, [0, 2, 3])  # "d" has no caption
     np.testing.assert_array_equal(text_to_image, [0, 0, 1, 2, 2])
 
 
 def test_zeroshot_accuracy_on_hand_made_embeddings():
-    class_emb = np.eye(6, dtype=np.float32)          # score of class c = image_emb[:, c]
-    image_emb = np.array([
-        [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],    # label 0: top-1 hit
-        [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],    # label 1: rank 1 (top-5 hit)
-        [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],    # label 5: rank 5 (top-5 miss)
-        [0.2, 0.3, 0.0, 0.0, 0.0, 0.0],    # label 0: rank 1 (top-5 hit)
-    ], np.float32)
+    class_emb = np.eye(6, dtype=np.float32)  # score of class c = image_emb[:, c]
+    image_emb = np.array(
+        [
+            [0.9, 0.1, 0.0, 0.0, 0.0, 0.0],  # label 0: top-1 hit
+            [0.5, 0.4, 0.3, 0.2, 0.1, 0.0],  # label 1: rank 1 (top-5 hit)
+            [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],  # label 5: rank 5 (top-5 miss)
+            [0.2, 0.3, 0.0, 0.0, 0.0, 0.0],  # label 0: rank 1 (top-5 hit)
+        ],
+        np.float32,
+    )
     labels = np.array([0, 1, 5, 0])
     names = ["a", "b", "c", "d", "e", "f"]
     result = zeroshot_metrics(image_emb, labels, class_emb, names)
@@ -97,8 +104,7 @@ def test_zeroshot_accuracy_on_hand_made_embeddings():
     assert result.metrics["mean_per_class"] == pytest.approx((0.5 + 0 + 0) / 3)
     assert result.metrics["num_examples"] == 4
     d = result.details
-    assert d["per_class_top1"] == {"a": 0.5, "b": 0.0, "c": None, "d": None, "e": None,
-                                   "f": 0.0}
+    assert d["per_class_top1"] == {"a": 0.5, "b": 0.0, "c": None, "d": None, "e": None, "f": 0.0}
     assert d["class_counts"]["a"] == 2 and d["majority_baseline_top1"] == 0.5
     assert d["chance_top1"] == pytest.approx(1 / 6)
     assert d["predicted_counts"] == {"a": 3, "b": 1, "c": 0, "d": 0, "e": 0, "f": 0}
@@ -120,9 +126,10 @@ def test_topk_tie_break_matches_argmax():
 
 def test_class_embeddings_average_templates_and_renormalise():
     rows = {"x 0": [1.0, 0.0], "y 0": [0.0, 1.0], "x 1": [1.0, 0.0], "y 1": [1.0, 0.0]}
-    emb = class_embeddings(lambda prompts: np.array([rows[p] for p in prompts]), ["0", "1"],
-                           ["x {}", "y {}"])
-    np.testing.assert_allclose(emb, [[2 ** -0.5, 2 ** -0.5], [1.0, 0.0]], rtol=1e-6)
+    emb = class_embeddings(
+        lambda prompts: np.array([rows[p] for p in prompts]), ["0", "1"], ["x {}", "y {}"]
+    )
+    np.testing.assert_allclose(emb, [[2**-0.5, 2**-0.5], [1.0, 0.0]], rtol=1e-6)
 
 
 def test_templates():
@@ -130,8 +137,7 @@ def test_templates():
     for name, templates in TEMPLATE_SETS.items():
         assert all(t.count("{}") == 1 for t in templates), name
     assert get_templates(["a {} b"]) == ("a {} b",)
-    assert format_prompts(["cat", "dog"], ["a {}", "b {}"]) == ["a cat", "b cat", "a dog",
-                                                                  "b dog"]
+    assert format_prompts(["cat", "dog"], ["a {}", "b {}"]) == ["a cat", "b cat", "a dog", "b dog"]
     with pytest.raises(ValueError, match="unknown template set"):
         get_templates("imagenet81")
     with pytest.raises(ValueError, match="exactly one"):
@@ -147,16 +153,14 @@ def _blobs(n_per_class: int, num_classes: int, dim: int, seed: int):
 
 def test_linear_probe_beats_chance_on_separable_features():
     x, y = _blobs(40, 4, 16, seed=0)
-    xt, yt = _blobs(20, 4, 16, seed=0)          # same centers (same seed), fresh noise below
+    xt, yt = _blobs(20, 4, 16, seed=0)  # same centers (same seed), fresh noise below
     xt = xt + np.random.default_rng(1).normal(size=xt.shape)
     keys = [f"{i:05d}" for i in range(len(y))]
-    result = linear_probe_metrics(x, y, keys, xt, yt, 4, max_iters=300,
-                                  l2_grid=(1e-4, 1e-2, 1.0))
-    assert result.metrics["top1"] >= 0.95, result.metrics         # chance: 0.25
+    result = linear_probe_metrics(x, y, keys, xt, yt, 4, max_iters=300, l2_grid=(1e-4, 1e-2, 1.0))
+    assert result.metrics["top1"] >= 0.95, result.metrics  # chance: 0.25
     assert result.metrics["num_train"] == 160 and result.metrics["num_test"] == 80
     assert set(result.details["val_top1_by_l2"]) == {"0.0001", "0.01", "1"}
-    few = linear_probe_metrics(x, y, keys, xt, yt, 4, max_iters=300, l2_grid=(1e-2,),
-                               few_shot=5)
+    few = linear_probe_metrics(x, y, keys, xt, yt, 4, max_iters=300, l2_grid=(1e-2,), few_shot=5)
     assert few.metrics["num_train"] == 20 and few.metrics["top1"] >= 0.8
 
 
@@ -165,8 +169,9 @@ def test_linear_probe_fails_on_random_labels():
     x, _ = _blobs(50, 4, 16, seed=0)
     y = np.random.default_rng(3).integers(0, 4, len(x))
     keys = [str(i) for i in range(len(y))]
-    result = linear_probe_metrics(x[:150], y[:150], keys[:150], x[150:], y[150:], 4,
-                                  max_iters=300, l2_grid=(1e-2, 1.0))
+    result = linear_probe_metrics(
+        x[:150], y[:150], keys[:150], x[150:], y[150:], 4, max_iters=300, l2_grid=(1e-2, 1.0)
+    )
     assert result.metrics["top1"] < 0.5
 
 

@@ -5,6 +5,7 @@ The same uint8 demo images (the eval pipeline's output) and class names go throu
 classifier) and through our zero-shot evaluator and `clip_jax.load(...).classify`; the
 predictions must be identical.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,9 +39,15 @@ def _demo_classify():
     pipeline delivers them."""
     spec = eval_data.source_spec({"source": "demo", "split": "classify"}, "test")
     images, labels = [], []
-    for batch in eval_data.eval_batches(spec, image_size=64, tokenizer=None, context_length=32,
-                                        batch_size=256, resize_method="bicubic",
-                                        with_text=False):
+    for batch in eval_data.eval_batches(
+        spec,
+        image_size=64,
+        tokenizer=None,
+        context_length=32,
+        batch_size=256,
+        resize_method="bicubic",
+        with_text=False,
+    ):
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     return np.concatenate(images), np.concatenate(labels)
@@ -48,15 +55,17 @@ def _demo_classify():
 
 def _open_clip_zeroshot(model, images: np.ndarray, classnames, templates):
     """open_clip's recipe: normalised image features against per-class mean text features."""
-    x = (images.astype(np.float32) / 255.0 - np.asarray(OPENAI_MEAN, np.float32)) \
-        / np.asarray(OPENAI_STD, np.float32)
+    x = (images.astype(np.float32) / 255.0 - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(
+        OPENAI_STD, np.float32
+    )
     with torch.no_grad():
         img = model.encode_image(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
         img = img / img.norm(dim=-1, keepdim=True)
         weights = []
         for name in classnames:
-            tokens = open_clip.tokenize([t.format(name) for t in templates],
-                                        context_length=TEXT["context_length"])
+            tokens = open_clip.tokenize(
+                [t.format(name) for t in templates], context_length=TEXT["context_length"]
+            )
             emb = model.encode_text(tokens)
             emb = emb / emb.norm(dim=-1, keepdim=True)
             mean = emb.mean(dim=0)
@@ -73,8 +82,7 @@ def setup(tmp_path_factory):
     directory = convert.save_converted(tmp_path_factory.mktemp("oc") / "tiny", config, variables)
     images, labels = _demo_classify()
     classnames = demo_classnames()
-    scores, probs = _open_clip_zeroshot(torch_model, images, classnames,
-                                        get_templates(TEMPLATES))
+    scores, probs = _open_clip_zeroshot(torch_model, images, classnames, get_templates(TEMPLATES))
     return str(directory), images, labels, classnames, scores, probs
 
 
@@ -95,8 +103,13 @@ def test_zeroshot_evaluator_matches_open_clip(setup):
     restored = restore(directory, sharding=sharding_lib.replicated(mesh))
     block = evaluation.config.zeroshot_block(source="demo", split="classify")
     block.templates = TEMPLATES
-    result = evaluation.evaluate_zeroshot(create_model(restored.config), restored.variables,
-                                          tokenizers.get(restored.tokenizer), mesh, block)
+    result = evaluation.evaluate_zeroshot(
+        create_model(restored.config),
+        restored.variables,
+        tokenizers.get(restored.tokenizer),
+        mesh,
+        block,
+    )
     ref_pred = ref_scores.argmax(axis=1)
     correct = ref_pred == labels
     assert result.metrics["num_examples"] == len(labels)

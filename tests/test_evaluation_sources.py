@@ -1,6 +1,7 @@
 """Evaluators on non-demo sources (tar with classnames.txt, image folder, TFRecord with several
 captions per image), checked against the same metrics computed from directly embedded inputs.
 A random-init tiny model is enough: the point is data plumbing, not accuracy."""
+
 from __future__ import annotations
 
 import io
@@ -30,7 +31,7 @@ def _image(color, seed) -> np.ndarray:
 
 def _png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")    # lossless: pixels survive exactly
+    Image.fromarray(image).save(buf, format="PNG")  # lossless: pixels survive exactly
     return buf.getvalue()
 
 
@@ -45,29 +46,37 @@ def env():
 
 
 def _labelled_images(n_per_class=3):
-    return [(c, label, _image(COLORS[c], 10 * label + i))
-            for label, c in enumerate(CLASSES) for i in range(n_per_class)]
+    return [
+        (c, label, _image(COLORS[c], 10 * label + i))
+        for label, c in enumerate(CLASSES)
+        for i in range(n_per_class)
+    ]
 
 
 def _expected_zeroshot(embedder, tokenizer, images, labels, templates):
-    class_emb = evaluation.class_embeddings(lambda t: embedder.embed_texts(t, tokenizer),
-                                            CLASSES, evaluation.get_templates(templates))
-    return evaluation.zeroshot_metrics(embedder.embed_images(np.stack(images)),
-                                       np.asarray(labels), class_emb, CLASSES)
+    class_emb = evaluation.class_embeddings(
+        lambda t: embedder.embed_texts(t, tokenizer), CLASSES, evaluation.get_templates(templates)
+    )
+    return evaluation.zeroshot_metrics(
+        embedder.embed_images(np.stack(images)), np.asarray(labels), class_emb, CLASSES
+    )
 
 
 def test_zeroshot_on_tar_with_classnames_file(env, tmp_path):
     model, variables, tok, mesh, embedder = env
     items = _labelled_images()
-    samples = [Sample(f"{i:04d}", _png(im), "png", f"a {c} square", label)
-               for i, (c, label, im) in enumerate(items)]
+    samples = [
+        Sample(f"{i:04d}", _png(im), "png", f"a {c} square", label)
+        for i, (c, label, im) in enumerate(items)
+    ]
     write_tar_shard(str(tmp_path / "00000.tar"), samples)
     (tmp_path / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
     block = zeroshot_block(source="tar", shards=str(tmp_path / "*.tar"))
     block.templates = "photo"
     result = evaluation.evaluate_zeroshot(model, variables, tok, mesh, block, embedder=embedder)
-    expected = _expected_zeroshot(embedder, tok, [im for _, _, im in items],
-                                  [label for _, label, _ in items], "photo")
+    expected = _expected_zeroshot(
+        embedder, tok, [im for _, _, im in items], [label for _, label, _ in items], "photo"
+    )
     assert result.metrics == pytest.approx(expected.metrics)
     assert result.details["per_class_top1"] == expected.details["per_class_top1"]
     assert result.metrics["num_examples"] == 9 and "top5" not in result.metrics
@@ -86,8 +95,9 @@ def test_zeroshot_and_linear_probe_on_image_folder(env, tmp_path):
     assert list(result.details["per_class_top1"]) == order
     assert result.details["class_counts"] == {c: 4 for c in order}
     probe = linear_probe_block(source="image_folder", image_folder=str(tmp_path))
-    probe.test_data = evaluation.config.data_block(source="image_folder",
-                                                    image_folder=str(tmp_path))
+    probe.test_data = evaluation.config.data_block(
+        source="image_folder", image_folder=str(tmp_path)
+    )
     probe.val_fraction = 0.5
     probe.max_iters = 200
     out = evaluation.evaluate_linear_probe(model, variables, tok, mesh, probe, embedder=embedder)
@@ -98,8 +108,12 @@ def test_zeroshot_and_linear_probe_on_image_folder(env, tmp_path):
 def test_retrieval_on_tfrecord_with_several_captions_per_image(env, tmp_path):
     model, variables, tok, mesh, embedder = env
     images = [_image(COLORS[c], s) for s, c in enumerate(["red", "green", "blue", "red"])]
-    captions = {0: ["a red square", "red noise"], 1: ["green"], 2: ["blue", "a blue tile",
-                                                                     "sky"], 3: ["crimson"]}
+    captions = {
+        0: ["a red square", "red noise"],
+        1: ["green"],
+        2: ["blue", "a blue tile", "sky"],
+        3: ["crimson"],
+    }
     samples, text_to_image, texts = [], [], []
     # Captions of one image are not adjacent: grouping must go by key, not by position.
     for round_ in range(3):
@@ -115,6 +129,7 @@ def test_retrieval_on_tfrecord_with_several_captions_per_image(env, tmp_path):
     result = evaluation.evaluate_retrieval(model, variables, tok, mesh, block, embedder=embedder)
     assert result.metrics["num_images"] == 4 and result.metrics["num_texts"] == 7
     image_emb = embedder.embed_images(np.stack([images[int(k[3:])] for k in first_seen]))
-    expected = evaluation.retrieval_metrics(image_emb, embedder.embed_texts(texts, tok),
-                                            np.asarray(text_to_image), ks=(1, 2))
+    expected = evaluation.retrieval_metrics(
+        image_emb, embedder.embed_texts(texts, tok), np.asarray(text_to_image), ks=(1, 2)
+    )
     assert result.metrics == pytest.approx(expected.metrics)

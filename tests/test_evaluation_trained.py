@@ -8,6 +8,7 @@ Reproduce the numbers by hand (README):
         --config.optim.warmup_steps=10 --config.checkpoint_every=0
     python -m clip_jax.evaluate --workdir runs/tiny60
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,14 @@ from clip_jax.evaluate import EvalError, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 60
-TRAIN_FLAGS = [f"--config.total_steps={STEPS}", "--config.batch_size=128",
-               "--config.optim.lr=0.002", "--config.optim.warmup_steps=10",
-               "--config.log_every=30", "--config.checkpoint_every=0"]
+TRAIN_FLAGS = [
+    f"--config.total_steps={STEPS}",
+    "--config.batch_size=128",
+    "--config.optim.lr=0.002",
+    "--config.optim.warmup_steps=10",
+    "--config.log_every=30",
+    "--config.checkpoint_every=0",
+]
 
 
 def _env(devices: int) -> dict[str, str]:
@@ -41,16 +47,31 @@ def _env(devices: int) -> dict[str, str]:
 
 
 def _run(args: list[str], devices: int, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(devices),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=REPO,
+        env=_env(devices),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> str:
     """A tiny CLIP trained on 1 device (the tests restore it on 8 and 2)."""
     path = str(tmp_path_factory.mktemp("trained") / "tiny")
-    proc = _run(["clip_jax.train", "--config", f"{REPO}/configs/clip.py:tiny", "--workdir",
-                 path, *TRAIN_FLAGS], devices=1)
+    proc = _run(
+        [
+            "clip_jax.train",
+            "--config",
+            f"{REPO}/configs/clip.py:tiny",
+            "--workdir",
+            path,
+            *TRAIN_FLAGS,
+        ],
+        devices=1,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert os.path.isdir(os.path.join(path, "checkpoints", str(STEPS)))
     return path
@@ -64,14 +85,16 @@ def inprocess(workdir):
     restored = inference.restore(workdir, sharding=sharding_lib.replicated(mesh))
     assert restored.step == STEPS and restored.kind == "workdir"
     leaf = restored.variables["params"]["logit_scale"]
-    assert len(leaf.sharding.device_set) == 8     # restored onto all 8 devices
+    assert len(leaf.sharding.device_set) == 8  # restored onto all 8 devices
     config = evaluation.get_default_config()
-    del config.evaluators["linear_probe"]         # exercised by the CLI test below
+    del config.evaluators["linear_probe"]  # exercised by the CLI test below
     model = models.create_model(restored.config)
-    metrics, details = evaluation.evaluate_all(config, model, restored.variables,
-                                               tokenizers.get(restored.tokenizer), mesh, STEPS)
-    flat = evaluation.run_evaluators(config, model, restored.variables,
-                                     tokenizers.get(restored.tokenizer), mesh, STEPS)
+    metrics, details = evaluation.evaluate_all(
+        config, model, restored.variables, tokenizers.get(restored.tokenizer), mesh, STEPS
+    )
+    flat = evaluation.run_evaluators(
+        config, model, restored.variables, tokenizers.get(restored.tokenizer), mesh, STEPS
+    )
     assert set(flat) == set(metrics)
     return metrics, details
 
@@ -81,12 +104,15 @@ def test_trained_model_beats_chance(inprocess):
     chance = details["retrieval"]["chance"]
     print("\nheld-out retrieval (800 images, 800 captions) and zero-shot (457 images, 19 classes)")
     for key in sorted(chance):
-        print(f"  {key}: {100 * metrics['retrieval/' + key]:.2f}%  (chance "
-              f"{100 * chance[key]:.3f}%)")
+        print(
+            f"  {key}: {100 * metrics['retrieval/' + key]:.2f}%  (chance {100 * chance[key]:.3f}%)"
+        )
     zs = details["zeroshot"]
-    print(f"  zeroshot top1: {100 * metrics['zeroshot/top1']:.2f}%  (chance "
-          f"{100 * zs['chance_top1']:.2f}%, majority class "
-          f"{100 * zs['majority_baseline_top1']:.2f}%); top5 {100 * metrics['zeroshot/top5']:.2f}%")
+    print(
+        f"  zeroshot top1: {100 * metrics['zeroshot/top1']:.2f}%  (chance "
+        f"{100 * zs['chance_top1']:.2f}%, majority class "
+        f"{100 * zs['majority_baseline_top1']:.2f}%); top5 {100 * metrics['zeroshot/top5']:.2f}%"
+    )
     assert metrics["retrieval/num_images"] == 800 and metrics["zeroshot/num_examples"] == 457
     for k in (1, 5, 10):
         for direction in ("image_to_text", "text_to_image"):
@@ -94,8 +120,9 @@ def test_trained_model_beats_chance(inprocess):
             # Clearly above chance in every direction (R@1 counts few hits, so a lower bar).
             factor = 3 if k > 1 else 2
             assert metrics[f"retrieval/{key}"] >= factor * chance[key], (key, metrics)
-        both = (metrics[f"retrieval/image_to_text_R@{k}"] +
-                metrics[f"retrieval/text_to_image_R@{k}"]) / 2
+        both = (
+            metrics[f"retrieval/image_to_text_R@{k}"] + metrics[f"retrieval/text_to_image_R@{k}"]
+        ) / 2
         assert both >= 4 * chance[f"text_to_image_R@{k}"], (k, metrics)
     assert metrics["zeroshot/top1"] >= 2 * zs["chance_top1"], metrics
     assert metrics["zeroshot/top1"] >= zs["majority_baseline_top1"] + 0.03, metrics
@@ -104,8 +131,10 @@ def test_trained_model_beats_chance(inprocess):
 
 def test_cli_restores_on_two_devices_and_writes_json(workdir, inprocess):
     before = {p: p.stat().st_mtime_ns for p in Path(workdir).rglob("*")}
-    proc = _run(["clip_jax.evaluate", "--config", f"{REPO}/configs/clip.py:tiny", "--workdir",
-                 workdir], devices=2)
+    proc = _run(
+        ["clip_jax.evaluate", "--config", f"{REPO}/configs/clip.py:tiny", "--workdir", workdir],
+        devices=2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "zeroshot/top1" in proc.stdout and f"eval_{STEPS}.json" in proc.stdout
     path = Path(workdir) / f"eval_{STEPS}.json"
@@ -113,8 +142,10 @@ def test_cli_restores_on_two_devices_and_writes_json(workdir, inprocess):
     assert record["step"] == STEPS and record["num_devices"] == 2
     metrics = record["metrics"]
     assert 0 <= metrics["linear_probe/top1"] <= 1 and metrics["linear_probe/num_test"] > 100
-    print(f"\nlinear probe top1 {100 * metrics['linear_probe/top1']:.2f}% (chance "
-          f"{100 * record['details']['linear_probe']['chance_top1']:.2f}%)")
+    print(
+        f"\nlinear probe top1 {100 * metrics['linear_probe/top1']:.2f}% (chance "
+        f"{100 * record['details']['linear_probe']['chance_top1']:.2f}%)"
+    )
     # Above chance, but no proof of learning: random-init features already give ~28% here.
     assert metrics["linear_probe/top1"] >= 2 * record["details"]["linear_probe"]["chance_top1"]
     # Same results on 2 devices as on 8 (at most one image / caption flips on a float tie).
@@ -122,8 +153,10 @@ def test_cli_restores_on_two_devices_and_writes_json(workdir, inprocess):
         if not key.endswith("/seconds"):
             assert metrics[key] == pytest.approx(value, abs=2.5e-3), key
     assert set(record["details"]["zeroshot"]["per_class_top1"]) == set(
-        evaluation.data.classnames_for(evaluation.data.source_spec(
-            {"source": "demo", "split": "classify"}, "x")))
+        evaluation.data.classnames_for(
+            evaluation.data.source_spec({"source": "demo", "split": "classify"}, "x")
+        )
+    )
     # Nothing else in the workdir was written.
     after = {p: p.stat().st_mtime_ns for p in Path(workdir).rglob("*")}
     assert {p for p in after if p not in before} == {path}
@@ -135,8 +168,10 @@ def test_cli_missing_step_is_a_one_line_error(workdir):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last == (f"clip_jax.evaluate: error: no checkpoint for step 7 in "
-                    f"{os.path.join(workdir, 'checkpoints')}; available steps: [{STEPS}]")
+    assert last == (
+        f"clip_jax.evaluate: error: no checkpoint for step 7 in "
+        f"{os.path.join(workdir, 'checkpoints')}; available steps: [{STEPS}]"
+    )
     assert not (Path(workdir) / "eval_7.json").exists()
 
 
@@ -148,10 +183,13 @@ def test_damaged_and_mismatched_checkpoints(workdir, tmp_path):
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir, damaged, ignore=shutil.ignore_patterns("eval_*.json"))
     for f in (damaged / "checkpoints" / str(STEPS) / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":     # truncate every array data file
+        if f.is_file() and f.parent.name == "d":  # truncate every array data file
             f.write_bytes(f.read_bytes()[:100])
-    with pytest.raises(EvalError, match=rf"^damaged checkpoint: step {STEPS} in .*: unreadable"
-                       r"( metadata)? \(\w+: [^\n]*$"):
+    with pytest.raises(
+        EvalError,
+        match=rf"^damaged checkpoint: step {STEPS} in .*: unreadable"
+        r"( metadata)? \(\w+: [^\n]*$",
+    ):
         evaluate(None, str(damaged))
     mismatched = tmp_path / "mismatched"
     shutil.copytree(workdir, mismatched, ignore=shutil.ignore_patterns("eval_*.json"))
@@ -173,9 +211,15 @@ def test_load_api_agrees_with_the_evaluator(workdir, inprocess):
     assert model.step == STEPS
     spec = evaluation.data.source_spec({"source": "demo", "split": "classify"}, "x")
     images, labels = [], []
-    for batch in evaluation.data.eval_batches(spec, image_size=64, tokenizer=None,
-                                              context_length=32, batch_size=256,
-                                              resize_method="bicubic", with_text=False):
+    for batch in evaluation.data.eval_batches(
+        spec,
+        image_size=64,
+        tokenizer=None,
+        context_length=32,
+        batch_size=256,
+        resize_method="bicubic",
+        with_text=False,
+    ):
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     images, labels = np.concatenate(images), np.concatenate(labels)

@@ -1,6 +1,7 @@
 """Export to open_clip and transformers (clip_jax.export): exact round trips, embedding parity,
 a trained workdir, refusals. Random-init peers, no downloads.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,11 @@ TOL = 1e-4
 TEXT_CFG = dict(context_length=16, width=64, heads=2, layers=2)
 VIT_CFG = dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32)
 RN_CFG = dict(image_size=64, layers=[1, 2, 1, 1], width=16, head_width=128)
-TEXTS = ["a photo of a cat", "Hello, World! it's 3.5 dogs",
-         "a very long sentence that will surely be cut off by the context length"]
+TEXTS = [
+    "a photo of a cat",
+    "Hello, World! it's 3.5 dogs",
+    "a very long sentence that will surely be cut off by the context length",
+]
 
 
 def _assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
@@ -40,8 +44,9 @@ def _assert_close(ours: np.ndarray, ref: np.ndarray, what: str) -> None:
 
 def _converted(tmp_path: Path, vision_cfg: dict, quick_gelu: bool):
     """(open_clip model, config, variables, converted dir) for a random-init tiny model."""
-    model = make_small_model(48, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu, seed=7,
-                             logit_scale=2.9)
+    model = make_small_model(
+        48, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu, seed=7, logit_scale=2.9
+    )
     config, variables = convert.convert_state_dict(model.state_dict(), quick_gelu=quick_gelu)
     directory = convert.save_converted(tmp_path / "converted", config, variables)
     return model, config, variables, directory
@@ -56,14 +61,14 @@ def test_open_clip_export_round_trips_exactly(tmp_path, tower):
     out = export.export(directory, "open_clip", tmp_path / "exported")
     assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_model.safetensors"]
     saved = load_file(str(out / "open_clip_model.safetensors"))
-    assert saved["logit_scale"].shape == ()        # 0-d stays 0-d, as open_clip stores it
+    assert saved["logit_scale"].shape == ()  # 0-d stays 0-d, as open_clip stores it
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     model.eval()
     reference, loaded = original.state_dict(), model.state_dict()
     assert set(loaded) == set(reference)
     for key, value in reference.items():
-        if key.endswith("num_batches_tracked"):   # a counter clip_jax does not keep: written 0
+        if key.endswith("num_batches_tracked"):  # a counter clip_jax does not keep: written 0
             assert int(loaded[key]) == 0 and key in saved
             continue
         assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
@@ -95,15 +100,26 @@ def test_hf_export_loads_in_transformers(tmp_path):
 
     # The exported tokenizer gives clip_jax's ids (transformers pads with end-of-text, 49407).
     ours = tokenizers.get("clip-bpe")(TEXTS, context_length=16)
-    theirs = np.asarray(processor.tokenizer(TEXTS, padding="max_length", max_length=16,
-                                            truncation=True)["input_ids"])
+    theirs = np.asarray(
+        processor.tokenizer(TEXTS, padding="max_length", max_length=16, truncation=True)[
+            "input_ids"
+        ]
+    )
     np.testing.assert_array_equal(np.where(ours == 0, 49407, ours), theirs)
     # End to end: processor + CLIPModel against clip_jax.load on the same strings and pixels.
     pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    inputs = processor(text=TEXTS, images=list(pixels), return_tensors="pt",
-                       padding="max_length", max_length=16, truncation=True)
-    expected = ((pixels / np.float32(255) - np.asarray(OPENAI_MEAN, np.float32))
-                / np.asarray(OPENAI_STD, np.float32)).transpose(0, 3, 1, 2)
+    inputs = processor(
+        text=TEXTS,
+        images=list(pixels),
+        return_tensors="pt",
+        padding="max_length",
+        max_length=16,
+        truncation=True,
+    )
+    expected = (
+        (pixels / np.float32(255) - np.asarray(OPENAI_MEAN, np.float32))
+        / np.asarray(OPENAI_STD, np.float32)
+    ).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(inputs["pixel_values"].numpy(), expected, atol=1e-5)
     with torch.no_grad():
         output = model(**inputs)
@@ -123,26 +139,50 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_refusals_are_one_line(tmp_path, capsys):
     _, _, _, directory = _converted(tmp_path, RN_CFG, quick_gelu=False)
-    code, message = _cli(["--from", str(directory), "--format", "hf", "--output",
-                          str(tmp_path / "hf")], capsys)
+    code, message = _cli(
+        ["--from", str(directory), "--format", "hf", "--output", str(tmp_path / "hf")], capsys
+    )
     assert code == 1 and "transformers has no ModifiedResNet image tower" in message
     assert not (tmp_path / "hf").exists()
     assert not any(p.name.startswith(".hf.tmp") for p in tmp_path.iterdir())
 
     (tmp_path / "taken").mkdir()
-    code, message = _cli(["--from", str(directory), "--format", "open_clip", "--output",
-                          str(tmp_path / "taken")], capsys)
+    code, message = _cli(
+        ["--from", str(directory), "--format", "open_clip", "--output", str(tmp_path / "taken")],
+        capsys,
+    )
     assert code == 2 and "already exists" in message
     with pytest.raises(FileExistsError):
         export.export(directory, "open_clip", tmp_path / "taken")
-    code, message = _cli(["--from", str(tmp_path / "absent"), "--format", "open_clip",
-                          "--output", str(tmp_path / "o")], capsys)
+    code, message = _cli(
+        [
+            "--from",
+            str(tmp_path / "absent"),
+            "--format",
+            "open_clip",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 2 and "no such directory" in message
-    code, message = _cli(["--from", str(directory), "--format", "onnx", "--output",
-                          str(tmp_path / "o")], capsys)
+    code, message = _cli(
+        ["--from", str(directory), "--format", "onnx", "--output", str(tmp_path / "o")], capsys
+    )
     assert code == 2 and "invalid choice: 'onnx'" in message
-    code, message = _cli(["--from", str(directory), "--format", "open_clip", "--step", "3",
-                          "--output", str(tmp_path / "o")], capsys)
+    code, message = _cli(
+        [
+            "--from",
+            str(directory),
+            "--format",
+            "open_clip",
+            "--step",
+            "3",
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 1 and "converted weights, which have no steps" in message
 
 
@@ -153,16 +193,27 @@ def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
 
     from clip_jax import checkpoint, train
 
-    config = get_config(batch_size=8, total_steps=2, checkpoint_every=2,
-                        **{"data.source": "synthetic"})
+    config = get_config(
+        batch_size=8, total_steps=2, checkpoint_every=2, **{"data.source": "synthetic"}
+    )
     workdir = tmp_path / "run"
     train.train(config, str(workdir), devices=jax.devices()[:1])
     step, variables, meta = checkpoint.load_model_variables(str(workdir))
     assert step == 2
     model_config = CLIPConfig.from_dict(meta["model_config"])
 
-    export.main(["--from", str(workdir), "--step", "2", "--format", "open_clip", "--output",
-                 str(tmp_path / "oc")])
+    export.main(
+        [
+            "--from",
+            str(workdir),
+            "--step",
+            "2",
+            "--format",
+            "open_clip",
+            "--output",
+            str(tmp_path / "oc"),
+        ]
+    )
     assert f"wrote {tmp_path / 'oc'}" in capsys.readouterr().out
     export.export(workdir, "hf", tmp_path / "hf")
 
@@ -173,10 +224,12 @@ def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
     oc_image, oc_text = torch_encode(oc_model, images, tokens)
     hf_model = transformers.CLIPModel.from_pretrained(tmp_path / "hf").eval()
     hf_image, hf_text = hf_encode(hf_model, images, tokens)
-    for name, ours, theirs in (("open_clip image", image, oc_image),
-                               ("open_clip text", text, oc_text),
-                               ("transformers image", image, hf_image),
-                               ("transformers text", text, hf_text)):
+    for name, ours, theirs in (
+        ("open_clip image", image, oc_image),
+        ("open_clip text", text, oc_text),
+        ("transformers image", image, hf_image),
+        ("transformers text", text, hf_text),
+    ):
         _assert_close(ours, theirs, f"trained {name}")
     saved = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())
     assert saved["model_cfg"]["vision_cfg"]["image_size"] == model_config.image_size

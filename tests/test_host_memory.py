@@ -1,4 +1,5 @@
 """The XLA:CPU allocator settings (clip_jax.host_memory): when they apply and what they do."""
+
 from __future__ import annotations
 
 import json
@@ -34,16 +35,21 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 
 
 def _probe(**env_overrides) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k != "CLIP_JAX_TUNE_MALLOC"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MALLOC_") and k != "CLIP_JAX_TUNE_MALLOC"
+    }
     env.update(JAX_PLATFORMS="cpu", **env_overrides)
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, check=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                    reason="glibc malloc only")
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc only"
+)
 def test_tuned_allocator_reuses_freed_pages():
     default = _probe()  # off unless asked for: the tuned heap costs peak memory
     tuned = _probe(CLIP_JAX_TUNE_MALLOC="1")

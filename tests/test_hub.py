@@ -4,6 +4,7 @@ Offline throughout: each test builds a Hugging Face cache by hand in a temp dir 
 and points huggingface_hub at it with HF_HUB_OFFLINE=1. Peers are random-init open_clip and
 transformers models; embeddings must match within 1e-4.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,9 @@ def hub_cache(tmp_path, monkeypatch) -> Path:
 
 
 def _open_clip_model(vision_cfg: dict, quick_gelu: bool, seed: int = 0, logit_scale=3.3):
-    return make_small_model(48, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu, seed=seed,
-                            logit_scale=logit_scale)
+    return make_small_model(
+        48, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu, seed=seed, logit_scale=logit_scale
+    )
 
 
 def _model_cfg(vision_cfg: dict, quick_gelu: bool | None) -> dict:
@@ -76,8 +78,10 @@ def _check_parity(config, variables, encode_peer, image_size: int) -> None:
     _assert_close(text, ref_text, "encode_text")
 
 
-@pytest.mark.parametrize("tower, weights", [("vit", "open_clip_model.safetensors"),
-                                            ("resnet", "open_clip_pytorch_model.bin")])
+@pytest.mark.parametrize(
+    "tower, weights",
+    [("vit", "open_clip_model.safetensors"), ("resnet", "open_clip_pytorch_model.bin")],
+)
 def test_open_clip_layout_matches_open_clip(hub_cache, tower, weights):
     vision_cfg = VIT_CFG if tower == "vit" else RN_CFG
     model = _open_clip_model(vision_cfg, quick_gelu=True)
@@ -87,8 +91,9 @@ def test_open_clip_layout_matches_open_clip(hub_cache, tower, weights):
     config, variables, source = hub.load("hf-hub:test-org/tiny-clip")
     assert source == f"hf-hub:test-org/tiny-clip@{commit}"
     assert config.vision.type == tower and config.text.activation == "quick_gelu"
-    _check_parity(config, variables, lambda i, t: torch_encode(model, i, t),
-                  vision_cfg["image_size"])
+    _check_parity(
+        config, variables, lambda i, t: torch_encode(model, i, t), vision_cfg["image_size"]
+    )
     if tower == "resnet":
         # The hand-built repo is what open_clip itself reads ("local-dir:" of the snapshot).
         snapshot = hub_cache / "models--test-org--tiny-clip" / "snapshots" / commit
@@ -123,11 +128,13 @@ def test_open_clip_layout_is_preferred_and_clip_jax_load_embeds(hub_cache, tmp_p
     texts = ["a photo of a cat", "a diagram, drawn in pencil!"]
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     x = (images / np.float32(255) - np.asarray(OPENAI_MEAN, np.float32)) / np.asarray(
-        OPENAI_STD, np.float32)
+        OPENAI_STD, np.float32
+    )
     with torch.no_grad():
         ref_text = model.encode_text(open_clip.tokenize(texts, context_length=16))
-        ref_image = model.encode_image(torch.from_numpy(
-            x.transpose(0, 3, 1, 2).astype(np.float32).copy()))
+        ref_image = model.encode_image(
+            torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float32).copy())
+        )
     ref_text = (ref_text / ref_text.norm(dim=-1, keepdim=True)).numpy()
     ref_image = (ref_image / ref_image.norm(dim=-1, keepdim=True)).numpy()
     _assert_close(loaded.encode_text(texts), ref_text, "clip_jax.load encode_text")
@@ -138,12 +145,17 @@ def test_pretrained_name_uses_table_repo_and_quick_gelu(hub_cache):
     """pretrained:ViT-B-32/openai reads timm/vit_base_patch32_clip_224.openai; its config has no
     quick_gelu key here, so the table's QuickGELU applies (a wrong activation would fail)."""
     assert hub.parse("pretrained:ViT-B-32/openai") == (
-        "timm/vit_base_patch32_clip_224.openai", None, True)
+        "timm/vit_base_patch32_clip_224.openai",
+        None,
+        True,
+    )
     model = _open_clip_model(VIT_CFG, quick_gelu=True, seed=4)
-    add_hub_repo(hub_cache, "timm/vit_base_patch32_clip_224.openai",
-                 open_clip_repo_files(model, _model_cfg(VIT_CFG, None)))
-    for reference in ("pretrained:ViT-B-32/openai",
-                      "hf-hub:timm/vit_base_patch32_clip_224.openai"):
+    add_hub_repo(
+        hub_cache,
+        "timm/vit_base_patch32_clip_224.openai",
+        open_clip_repo_files(model, _model_cfg(VIT_CFG, None)),
+    )
+    for reference in ("pretrained:ViT-B-32/openai", "hf-hub:timm/vit_base_patch32_clip_224.openai"):
         config, variables, _ = hub.load(reference)
         assert config.text.activation == "quick_gelu", reference
     _check_parity(config, variables, lambda i, t: torch_encode(model, i, t), 32)
@@ -152,19 +164,28 @@ def test_pretrained_name_uses_table_repo_and_quick_gelu(hub_cache):
 def test_revisions(hub_cache):
     main = _open_clip_model(VIT_CFG, quick_gelu=False, logit_scale=1.0)
     tagged = _open_clip_model(VIT_CFG, quick_gelu=False, logit_scale=2.0)
-    add_hub_repo(hub_cache, "test-org/versions", open_clip_repo_files(main, _model_cfg(VIT_CFG,
-                                                                                        False)))
-    commit = add_hub_repo(hub_cache, "test-org/versions",
-                          open_clip_repo_files(tagged, _model_cfg(VIT_CFG, False)), ref="v1")
+    add_hub_repo(
+        hub_cache, "test-org/versions", open_clip_repo_files(main, _model_cfg(VIT_CFG, False))
+    )
+    commit = add_hub_repo(
+        hub_cache,
+        "test-org/versions",
+        open_clip_repo_files(tagged, _model_cfg(VIT_CFG, False)),
+        ref="v1",
+    )
     scale = {}
-    for reference in ("hf-hub:test-org/versions", "hf-hub:test-org/versions@v1",
-                      f"hf-hub:test-org/versions@{commit}"):
+    for reference in (
+        "hf-hub:test-org/versions",
+        "hf-hub:test-org/versions@v1",
+        f"hf-hub:test-org/versions@{commit}",
+    ):
         _, variables, source = hub.load(reference)
         scale[reference] = float(variables["params"]["logit_scale"])
     assert list(scale.values()) == [1.0, 2.0, 2.0]
     assert source == f"hf-hub:test-org/versions@{commit}"
-    with pytest.raises(hub.HubError, match="revision v2 of test-org/versions is not in the "
-                                           "Hugging Face cache"):
+    with pytest.raises(
+        hub.HubError, match="revision v2 of test-org/versions is not in the Hugging Face cache"
+    ):
         hub.load("hf-hub:test-org/versions@v2")
 
 
@@ -183,30 +204,37 @@ def test_errors_are_one_line(hub_cache):
     assert "expected hf-hub:ORG/NAME" in error("hf-hub:no-slash")
 
     model = _open_clip_model(VIT_CFG, quick_gelu=False)
-    add_hub_repo(hub_cache, "test-org/layer-scale", open_clip_repo_files(
-        model, _model_cfg(dict(VIT_CFG, ls_init_value=1e-5), False)))
-    assert "vision_cfg.ls_init_value=1e-05 is not supported" in error(
-        "hf-hub:test-org/layer-scale")
-    add_hub_repo(hub_cache, "test-org/inception-norm", open_clip_repo_files(
-        model, _model_cfg(VIT_CFG, False), preprocess_cfg={"mean": [0.5] * 3, "std": [0.5] * 3}))
-    assert "normalises images with mean [0.5, 0.5, 0.5]" in error(
-        "hf-hub:test-org/inception-norm")
+    add_hub_repo(
+        hub_cache,
+        "test-org/layer-scale",
+        open_clip_repo_files(model, _model_cfg(dict(VIT_CFG, ls_init_value=1e-5), False)),
+    )
+    assert "vision_cfg.ls_init_value=1e-05 is not supported" in error("hf-hub:test-org/layer-scale")
+    add_hub_repo(
+        hub_cache,
+        "test-org/inception-norm",
+        open_clip_repo_files(
+            model, _model_cfg(VIT_CFG, False), preprocess_cfg={"mean": [0.5] * 3, "std": [0.5] * 3}
+        ),
+    )
+    assert "normalises images with mean [0.5, 0.5, 0.5]" in error("hf-hub:test-org/inception-norm")
     # The config says 2 text layers, the weights have 1: named, on one line.
     files = open_clip_repo_files(model, _model_cfg(VIT_CFG, False))
     files["open_clip_config.json"] = json.dumps(
-        {"model_cfg": _model_cfg(VIT_CFG, False) | {"text_cfg": dict(TEXT_CFG, layers=1)}})
+        {"model_cfg": _model_cfg(VIT_CFG, False) | {"text_cfg": dict(TEXT_CFG, layers=1)}}
+    )
     add_hub_repo(hub_cache, "test-org/wrong-config", files)
     assert "text.layers: weights have 2, config has 1" in error("hf-hub:test-org/wrong-config")
     add_hub_repo(hub_cache, "test-org/no-weights", {"config.json": "{}"})
     assert "none of model.safetensors, pytorch_model.bin in the cache" in error(
-        "hf-hub:test-org/no-weights")
+        "hf-hub:test-org/no-weights"
+    )
 
 
 def test_convert_cli_reads_hub_and_lists_pretrained(hub_cache, tmp_path, capsys):
     convert.main(["--list-pretrained"])
     listing = capsys.readouterr().out
-    assert ("pretrained:ViT-B-32/openai  ->  hf-hub:timm/vit_base_patch32_clip_224.openai"
-            in listing)
+    assert "pretrained:ViT-B-32/openai  ->  hf-hub:timm/vit_base_patch32_clip_224.openai" in listing
     assert len(listing.splitlines()) == len(hub.PRETRAINED)
 
     with pytest.raises(SystemExit) as info:
@@ -216,15 +244,32 @@ def test_convert_cli_reads_hub_and_lists_pretrained(hub_cache, tmp_path, capsys)
     assert len(err.splitlines()) == 1 and "nobody/absent-model" in err and str(hub_cache) in err
 
     model = _open_clip_model(RN_CFG, quick_gelu=True)
-    commit = add_hub_repo(hub_cache, "test-org/tiny-rn", open_clip_repo_files(
-        model, _model_cfg(RN_CFG, True)))
+    commit = add_hub_repo(
+        hub_cache, "test-org/tiny-rn", open_clip_repo_files(model, _model_cfg(RN_CFG, True))
+    )
     # A fresh process: the environment variables alone must steer huggingface_hub.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_CACHE": str(hub_cache),
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "HF_HUB_CACHE": str(hub_cache),
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "clip_jax.convert", "--input", "hf-hub:test-org/tiny-rn",
-         "--output", str(tmp_path / "converted")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.convert",
+            "--input",
+            "hf-hub:test-org/tiny-rn",
+            "--output",
+            str(tmp_path / "converted"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "converted" / "model.json").read_text())
     assert meta["source"] == f"hf-hub:test-org/tiny-rn@{commit}"
@@ -243,10 +288,13 @@ def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
     from clip_jax.evaluate import evaluate
 
     model = _open_clip_model(VIT_CFG, quick_gelu=True)
-    add_hub_repo(hub_cache, "test-org/tiny", open_clip_repo_files(model, _model_cfg(VIT_CFG,
-                                                                                     True)))
-    config = get_config(batch_size=8, total_steps=1, init_from="hf-hub:test-org/tiny",
-                        **{"data.source": "synthetic"})
+    add_hub_repo(hub_cache, "test-org/tiny", open_clip_repo_files(model, _model_cfg(VIT_CFG, True)))
+    config = get_config(
+        batch_size=8,
+        total_steps=1,
+        init_from="hf-hub:test-org/tiny",
+        **{"data.source": "synthetic"},
+    )
     train.validate_config(config)
     model_config, variables, tokenizer = train._load_model(config)
     assert tokenizer == "clip-bpe" and model_config.text.activation == "quick_gelu"
@@ -264,8 +312,10 @@ def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
     assert record["kind"] == "hub" and record["checkpoint"] == "hf-hub:test-org/tiny"
     # The same weights converted to a directory first evaluate identically.
     convert.convert_file("hf-hub:test-org/tiny", tmp_path / "converted")
-    reference, _ = evaluate(eval_config, str(tmp_path / "eval2"),
-                            init_from=str(tmp_path / "converted"))
-    timeless = [{k: v for k, v in m.items() if not k.endswith("seconds")}
-                for m in (metrics, reference)]
+    reference, _ = evaluate(
+        eval_config, str(tmp_path / "eval2"), init_from=str(tmp_path / "converted")
+    )
+    timeless = [
+        {k: v for k, v in m.items() if not k.endswith("seconds")} for m in (metrics, reference)
+    ]
     assert timeless[0] == timeless[1] and "zeroshot/top1" in metrics

@@ -1,5 +1,6 @@
 """`clip_jax.load` on a random-init tiny model saved like converted weights: shapes, norms,
 batching/padding, resizing, error messages."""
+
 from __future__ import annotations
 
 import jax
@@ -16,8 +17,7 @@ from clip_jax.models import create_model, get_model_config
 def converted_dir(tmp_path_factory):
     config = get_model_config("tiny-vit")
     variables = jax.jit(create_model(config).init_variables)(jax.random.key(0))
-    return str(convert.save_converted(tmp_path_factory.mktemp("tiny") / "conv", config,
-                                      variables))
+    return str(convert.save_converted(tmp_path_factory.mktemp("tiny") / "conv", config, variables))
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def _images(n, size=64, seed=0):
 
 
 def test_encode_shapes_norms_and_padding(model):
-    images = _images(11)       # 11 rows with batch 8: two calls, the second padded
+    images = _images(11)  # 11 rows with batch 8: two calls, the second padded
     emb = model.encode_image(images)
     assert emb.shape == (11, model.embed_dim) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -64,6 +64,7 @@ def test_images_of_any_size_are_resized_and_center_cropped(model):
     np.testing.assert_array_equal(out[0], tall[16:80])
     # A 128x128 image is downscaled; a mixed list works; a PIL image is accepted.
     from PIL import Image
+
     big = np.full((128, 128, 3), 200, np.uint8)
     emb = model.encode_image([tall, big, Image.fromarray(big)])
     assert emb.shape == (3, model.embed_dim)
@@ -72,15 +73,18 @@ def test_images_of_any_size_are_resized_and_center_cropped(model):
     np.testing.assert_array_equal(preprocess_images(big[None], 64)[0], np.full((64, 64, 3), 200))
 
 
-@pytest.mark.parametrize("bad, error, match", [
-    (np.zeros((2, 64, 64, 3), np.float32), TypeError, "dtype float32; expected uint8"),
-    (np.zeros((64, 64, 3), np.uint8), ValueError, r"use images\[None\]"),
-    (np.zeros((2, 64, 64), np.uint8), ValueError, r"expected uint8 \[N, H, W, 3\]"),
-    (np.zeros((2, 64, 64, 4), np.uint8), ValueError, "expected uint8"),
-    ([np.zeros((64, 64), np.uint8)], ValueError, r"image 0 has shape \(64, 64\)"),
-    ([np.zeros((8, 8, 3), np.int64)], TypeError, "image 0 has dtype int64"),
-    (np.zeros((0, 64, 64, 3), np.uint8), ValueError, "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (np.zeros((2, 64, 64, 3), np.float32), TypeError, "dtype float32; expected uint8"),
+        (np.zeros((64, 64, 3), np.uint8), ValueError, r"use images\[None\]"),
+        (np.zeros((2, 64, 64), np.uint8), ValueError, r"expected uint8 \[N, H, W, 3\]"),
+        (np.zeros((2, 64, 64, 4), np.uint8), ValueError, "expected uint8"),
+        ([np.zeros((64, 64), np.uint8)], ValueError, r"image 0 has shape \(64, 64\)"),
+        ([np.zeros((8, 8, 3), np.int64)], TypeError, "image 0 has dtype int64"),
+        (np.zeros((0, 64, 64, 3), np.uint8), ValueError, "empty"),
+    ],
+)
 def test_bad_images_give_clear_errors(model, bad, error, match):
     with pytest.raises(error, match=match):
         model.encode_image(bad)

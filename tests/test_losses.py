@@ -1,4 +1,5 @@
 """The global-batch contrastive loss equals the dense single-device loss, values and gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +19,11 @@ def _embeddings(batch=32, dim=16, seed=0):
 def _reference_numpy(img, txt, logit_scale):
     img, txt = np.asarray(img, np.float64), np.asarray(txt, np.float64)
     logits = min(np.exp(logit_scale), 100.0) * img @ txt.T
+
     def ce(lg):
         lg = lg - lg.max(axis=1, keepdims=True)
         return -(np.diag(lg) - np.log(np.exp(lg).sum(axis=1)))
+
     return (ce(logits).mean() + ce(logits.T).mean()) / 2
 
 
@@ -51,7 +54,8 @@ def test_sharded_loss_and_gradients_equal_single_device(data, fsdp):
     img, txt = _embeddings(batch=32)
     scale = jnp.float32(np.log(1 / 0.07))
     ref_loss, ref_grads = jax.jit(lambda i, t, s: _loss_and_grads(losses.clip_loss_dense, i, t, s))(
-        img, txt, scale)
+        img, txt, scale
+    )
     _, ref_metrics = losses.clip_loss_dense(img, txt, scale)
 
     mesh = sharding.create_mesh(data=data, fsdp=fsdp, devices=jax.devices()[:8])
@@ -116,8 +120,12 @@ def test_siglip_ring_equals_dense_loss_and_gradients(data, fsdp):
     assert float(jnp.abs(grads[3])) > 0  # the bias is learned
 
     # Per device only [b, b] blocks: no [B, b] or [B, B] logits anywhere in the program.
-    hlo = jax.jit(lambda i, t: ring(i, t, scale, bias)[0]).lower(
-        jax.device_put(img, shard), jax.device_put(txt, shard)).compile().as_text()
+    hlo = (
+        jax.jit(lambda i, t: ring(i, t, scale, bias)[0])
+        .lower(jax.device_put(img, shard), jax.device_put(txt, shard))
+        .compile()
+        .as_text()
+    )
     assert "f32[4,4]" in hlo
     assert "f32[32,32]" not in hlo and "f32[4,32]" not in hlo
 
@@ -125,8 +133,10 @@ def test_siglip_ring_equals_dense_loss_and_gradients(data, fsdp):
 def test_contrastive_loss_dispatch_and_errors():
     img, txt = _embeddings(batch=8)
     out = {"image_embeddings": img, "text_embeddings": txt, "logit_scale": jnp.float32(2.0)}
-    np.testing.assert_allclose(losses.contrastive_loss("clip", out, None)[0],
-                               losses.clip_loss_dense(img, txt, jnp.float32(2.0))[0])
+    np.testing.assert_allclose(
+        losses.contrastive_loss("clip", out, None)[0],
+        losses.clip_loss_dense(img, txt, jnp.float32(2.0))[0],
+    )
     with pytest.raises(ValueError, match="logit_bias"):
         losses.contrastive_loss("siglip", out, None)
     with pytest.raises(ValueError, match="unknown loss"):

@@ -8,10 +8,14 @@ import pytest
 from clip_jax import models, sharding
 from clip_jax.models import CLIPConfig, get_model_config
 
-TINY_RN = dict(vision=dict(image_size=32, layers=(1, 1, 1, 1), width=8, heads=2),
-               text=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
-TINY_VIT = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=1, heads=2),
-                text=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+TINY_RN = dict(
+    vision=dict(image_size=32, layers=(1, 1, 1, 1), width=8, heads=2),
+    text=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+)
+TINY_VIT = dict(
+    vision=dict(image_size=32, patch_size=8, width=32, layers=1, heads=2),
+    text=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+)
 
 
 def _batch(n, size=32, length=8, seed=0):
@@ -45,8 +49,9 @@ def test_config_round_trips_through_dict_and_rejects_unknown_keys():
 
 def test_create_model_applies_overrides_to_a_name_or_a_config():
     by_name = models.create_model("tiny-vit", embed_dim=64, vision={"layers": 1})
-    by_config = models.create_model(get_model_config("tiny-vit"), embed_dim=64,
-                                    vision={"layers": 1})
+    by_config = models.create_model(
+        get_model_config("tiny-vit"), embed_dim=64, vision={"layers": 1}
+    )
     assert by_config.config == by_name.config
     assert by_config.config.embed_dim == 64 and by_config.config.vision.layers == 1
     assert by_config.config.text == get_model_config("tiny-vit").text
@@ -89,6 +94,7 @@ def test_text_tower_is_causal_and_pools_at_end_of_text():
     inner_zero = encode([[5, 0, 7, 9, 0, 0, 0, 0]])
     np.testing.assert_allclose(inner_zero, encode([[5, 0, 7, 9]]), atol=1e-5)
     from clip_jax.models.text import end_of_text_index
+
     assert end_of_text_index(jnp.array([[49406, 2781, 0, 263, 49407, 0, 0]])).tolist() == [4]
     # Tokens before the end matter.
     assert not np.allclose(padded, encode([[8, 6, 7, 9, 0, 0, 0, 0]]), atol=1e-3)
@@ -103,8 +109,7 @@ def test_resnet_batchnorm_statistics_are_global_under_batch_sharding():
     images = images * jnp.arange(1, 17, dtype=jnp.float32)[:, None, None, None]  # rows differ
 
     def step(variables, images, tokens):
-        out, updates = model.apply(variables, images, tokens, train=True,
-                                   mutable=["batch_stats"])
+        out, updates = model.apply(variables, images, tokens, train=True, mutable=["batch_stats"])
         return out["image_embeddings"], updates["batch_stats"]
 
     ref_emb, ref_stats = jax.jit(step)(variables, images, tokens)
@@ -125,6 +130,7 @@ def test_pointwise_conv_gradients_match_autodiff(in_channels, out_channels):
     """ResNet's 1x1 conv orders its kernel-gradient matmul by width (a CPU speed-up): the
     gradients must be autodiff's, whichever side is wider, also under jit and remat."""
     from clip_jax.models import resnet
+
     kx, kk, kg = jax.random.split(jax.random.key(in_channels * out_channels), 3)
     x = jax.random.normal(kx, (2, 5, 3, in_channels))
     kernel = jax.random.normal(kk, (in_channels, out_channels))

@@ -1,5 +1,6 @@
 """launch/local.sh: 2 processes x 4 CPU devices == 1 process x 8 devices; a killed process makes
 its peer fail fast with a clear message; the restarted job resumes from the checkpoint."""
+
 import os
 import pathlib
 import re
@@ -20,17 +21,32 @@ LAUNCHER = REPO / "launch" / "local.sh"
 
 
 def _args(workdir, **overrides):
-    args = ["--config", str(REPO / "configs" / "clip.py") + ":tiny", "--workdir", str(workdir),
-            "--config.data.source=synthetic", "--config.batch_size=16",
-            f"--config.model.overrides={SMALL_JSON}", "--config.log_every=1",
-            "--config.optim.warmup_steps=2", "--config.data.shuffle_buffer=64"]
+    args = [
+        "--config",
+        str(REPO / "configs" / "clip.py") + ":tiny",
+        "--workdir",
+        str(workdir),
+        "--config.data.source=synthetic",
+        "--config.batch_size=16",
+        f"--config.model.overrides={SMALL_JSON}",
+        "--config.log_every=1",
+        "--config.optim.warmup_steps=2",
+        "--config.data.shuffle_buffer=64",
+    ]
     return args + [f"--config.{k}={v}" for k, v in overrides.items()]
 
 
 def _launch(num, args, **popen):
     env = dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS="4")
-    return subprocess.Popen(["bash", str(LAUNCHER), str(num), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        ["bash", str(LAUNCHER), str(num), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def test_two_processes_match_one_process(tmp_path):
@@ -59,8 +75,9 @@ def _wait_for(predicate, timeout, what):
 
 def test_killed_process_fails_fast_and_the_job_resumes(tmp_path):
     workdir = tmp_path / "w"
-    args = _args(workdir, total_steps=100000, checkpoint_every=2,
-                 **{"distributed.heartbeat_timeout_s": 10})
+    args = _args(
+        workdir, total_steps=100000, checkpoint_every=2, **{"distributed.heartbeat_timeout_s": 10}
+    )
     log = open(tmp_path / "first.log", "w+")
     proc = _launch(2, args, start_new_session=True)
     lines = []
@@ -91,8 +108,9 @@ def test_killed_process_fails_fast_and_the_job_resumes(tmp_path):
     # The survivor stops on its own (gloo error or heartbeat timeout), well before local.sh's
     # own 300 s grace period, with a message saying why.
     assert elapsed < 60, elapsed
-    assert re.search(r"\[process 0\].*(another process died|heartbeat|another task died)", out), \
+    assert re.search(r"\[process 0\].*(another process died|heartbeat|another task died)", out), (
         out[-4000:]
+    )
     assert "killing the remaining" not in out
 
     saved = checkpoint.Checkpointer(str(workdir), read_only=True).latest_step()
@@ -114,6 +132,7 @@ def test_killed_process_fails_fast_and_the_job_resumes(tmp_path):
     steps = [row["step"] for row in rows]
     assert steps == sorted(set(steps)), steps
     for row in (r for r in rows if saved < r["step"] <= max(first_run)):
-        np.testing.assert_allclose(row["loss"], first_run[row["step"]], rtol=1e-5,
-                                   err_msg=f"step {row['step']}")
+        np.testing.assert_allclose(
+            row["loss"], first_run[row["step"]], rtol=1e-5, err_msg=f"step {row['step']}"
+        )
     assert checkpoint.Checkpointer(str(workdir), read_only=True).latest_step() > saved

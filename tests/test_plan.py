@@ -1,6 +1,7 @@
 """Planning for TPU pods without TPUs: train_setup builds what the trainer builds, the step and
 embedder compile for TPU slices (libtpu, compile-only devices), per-chip memory is consistent,
 FLOP counts, the fit verdict and the search, the accelerator table."""
+
 import json
 import subprocess
 import sys
@@ -24,13 +25,22 @@ from clip_jax import (
 from clip_jax import data as data_lib
 
 # One layer per tower keeps each XLA:TPU compile to a few seconds.
-ONE_LAYER = json.dumps({"embed_dim": 64, "vision": {"layers": 1, "width": 64, "heads": 2},
-                        "text": {"layers": 1, "width": 64, "heads": 2}})
+ONE_LAYER = json.dumps(
+    {
+        "embed_dim": 64,
+        "vision": {"layers": 1, "width": 64, "heads": 2},
+        "text": {"layers": 1, "width": 64, "heads": 2},
+    }
+)
 
 
 def small_config(**overrides):
-    base = {"batch_size": 32, "total_steps": 1, "data.source": "synthetic",
-            "model.overrides": ONE_LAYER}
+    base = {
+        "batch_size": 32,
+        "total_steps": 1,
+        "data.source": "synthetic",
+        "model.overrides": ONE_LAYER,
+    }
     base.update(overrides)
     return get_config(**base)
 
@@ -39,8 +49,16 @@ def test_train_setup_builds_the_step_train_builds(tmp_path):
     """One trainer step (FSDP 2x2 mesh, SigLIP, accumulation, remat) and one step of
     train_setup's jitted step from the same init and batch: same loss, gradient norm and
     parameters afterwards."""
-    config = small_config(batch_size=16, **{"mesh.data": 2, "mesh.fsdp": 2, "loss": "siglip",
-                                            "accumulation_steps": 2, "model.remat": "full"})
+    config = small_config(
+        batch_size=16,
+        **{
+            "mesh.data": 2,
+            "mesh.fsdp": 2,
+            "loss": "siglip",
+            "accumulation_steps": 2,
+            "model.remat": "full",
+        },
+    )
     devices = jax.devices()[:4]
     train.train(config, str(tmp_path / "run"), devices=devices)
     logged = read_metrics(tmp_path / "run")[0]
@@ -50,11 +68,18 @@ def test_train_setup_builds_the_step_train_builds(tmp_path):
     setup = train_setup.build(config, mesh)
     state = setup.jit_init()()
     dataset = data_lib.build_train_dataset(
-        config.data, image_size=setup.model_config.image_size,
+        config.data,
+        image_size=setup.model_config.image_size,
         tokenizer=tokenizers.get(setup.tokenizer_name),
-        context_length=setup.model_config.context_length, local_batch_size=16,
-        seed=config.seed, process_index=0, process_count=1, start_position=None,
-        watch=data_lib.InputWatch(), index_dir=str(tmp_path / "index"))
+        context_length=setup.model_config.context_length,
+        local_batch_size=16,
+        seed=config.seed,
+        process_index=0,
+        process_count=1,
+        start_position=None,
+        watch=data_lib.InputWatch(),
+        index_dir=str(tmp_path / "index"),
+    )
     batch = next(dataset.as_numpy_iterator())
     batch = {k: jax.device_put(batch[k], setup.batch_sharding) for k in ("image", "text")}
     state, step_metrics = setup.jit_step()(state, batch)
@@ -70,8 +95,12 @@ def test_train_setup_builds_the_step_train_builds(tmp_path):
 
 def test_accelerator_table_matches_tpu_device_kinds():
     """The table identifies libtpu's own device kinds, and GPU kinds as jax reports them."""
-    for name, gen in (("v5e:2x2", "v5e"), ("v4:2x2x1", "v4"), ("v5p:2x2x1", "v5p"),
-                      ("v6e:2x2", "v6e")):
+    for name, gen in (
+        ("v5e:2x2", "v5e"),
+        ("v4:2x2x1", "v4"),
+        ("v5p:2x2x1", "v5p"),
+        ("v6e:2x2", "v6e"),
+    ):
         topo = topology.get(name)
         assert topo.num_chips == 4 and topo.num_hosts == 1
         assert accelerators.for_device(topo.devices[0]).name == gen, topo.devices[0].device_kind
@@ -115,8 +144,7 @@ def test_tpu_step_memory_plain_vs_fsdp():
     tiled layout (a little above their logical size); FSDP over 4 chips cuts the state's to
     about a quarter (the batch is split the same way in both)."""
     plain, state, batch, _ = _compile(small_config(**{"mesh.data": 4}), "v5e:2x2")
-    fsdp, fstate, fbatch, _ = _compile(small_config(**{"mesh.data": 1, "mesh.fsdp": 4}),
-                                       "v5e:2x2")
+    fsdp, fstate, fbatch, _ = _compile(small_config(**{"mesh.data": 1, "mesh.fsdp": 4}), "v5e:2x2")
     assert plain["fits"] and fsdp["fits"]
     assert plain["arguments"] == plan.device_bytes(state) + plan.device_bytes(batch)
     assert fsdp["arguments"] == plan.device_bytes(fstate) + plan.device_bytes(fbatch)
@@ -133,9 +161,13 @@ def test_tpu_siglip_ring_and_accumulation_on_v4_megacore():
     """SigLIP's ring loss lowers to collective-permutes on a v4 slice; exact accumulation over
     4 micro-batches needs fewer temporaries than the full batch at once (patch 4: 257 tokens
     per image, so activations, not the gradients, dominate)."""
-    tokens = json.dumps({"embed_dim": 64, "vision": {"layers": 1, "width": 64, "heads": 2,
-                                                     "patch_size": 4},
-                         "text": {"layers": 1, "width": 64, "heads": 2}})
+    tokens = json.dumps(
+        {
+            "embed_dim": 64,
+            "vision": {"layers": 1, "width": 64, "heads": 2, "patch_size": 4},
+            "text": {"layers": 1, "width": 64, "heads": 2},
+        }
+    )
     config = small_config(batch_size=512, loss="siglip", **{"model.overrides": tokens})
     full, _, _, lowered = _compile(config, "v4:2x2x1")
     accum, _, _, _ = _compile(plan.with_changes(config, accumulation_steps=4), "v4:2x2x1")
@@ -178,7 +210,8 @@ def test_flop_counts_include_recompute_and_accumulation():
     assert 1.2 < counter.executed("full", 1) / model < 1.45
     assert counter.executed("none", 1) == model
     assert counter.executed("full", 4) == pytest.approx(
-        counter.executed("full", 1) + counter.forward())
+        counter.executed("full", 1) + counter.forward()
+    )
 
 
 def test_search_prefers_fastest_then_less_accumulation_then_small_fsdp():
@@ -196,23 +229,41 @@ def test_search_prefers_fastest_then_less_accumulation_then_small_fsdp():
         ok = key[0] >= 2 and (key[2] >= 2 or key[1] == "full")
         return ok, 1 if ok else None
 
-    result = plan.search(config, "v5e:2x2", remats=("none", "full"), compile_fits=compile_fits,
-                         counter=counter)
+    result = plan.search(
+        config, "v5e:2x2", remats=("none", "full"), compile_fits=compile_fits, counter=counter
+    )
     # Next fastest after (none, 1): whichever of (none, 2) and (full, 1) executes fewer
     # FLOPs (both about 4/3 of the model's), ties to less accumulation.
-    remat, k = min((("none", 2), ("full", 1)),
-                   key=lambda rk: (round(counter.executed(*rk) / counter.model(), 3), rk[1]))
+    remat, k = min(
+        (("none", 2), ("full", 1)),
+        key=lambda rk: (round(counter.executed(*rk) / counter.model(), 3), rk[1]),
+    )
     assert calls == [(4, "none", 1), (4, remat, k), (2, remat, k), (1, remat, k)]
     best = result["best"]
     assert (best.mesh.data, best.mesh.fsdp, best.model.remat, best.accumulation_steps) == (
-        2, 2, remat, k)
+        2,
+        2,
+        remat,
+        k,
+    )
     assert [t["fits"] for t in result["tried"]] == [False, True, True, False]
 
 
 def test_plan_cli_bad_topology_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "clip_jax.plan", "--config",
-                           str(REPO / "configs" / "clip.py") + ":tiny", "--topology", "v9:2x2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.plan",
+            "--config",
+            str(REPO / "configs" / "clip.py") + ":tiny",
+            "--topology",
+            "v9:2x2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if "clip_jax.plan: error" in line]
     assert len(errors) == 1 and "v9:2x2" in errors[0], proc.stderr[-2000:]

@@ -1,5 +1,6 @@
 """Reliability: checkpoint integrity and fallback, the workdir lock, metrics de-duplication
 after resume, one-line startup errors that create nothing."""
+
 import gc
 import glob
 import json
@@ -30,8 +31,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
-    base = {"batch_size": 8, "total_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 3,
-            "data.source": "synthetic", "model.overrides": SMALL_JSON}
+    base = {
+        "batch_size": 8,
+        "total_steps": 4,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 3,
+        "data.source": "synthetic",
+        "model.overrides": SMALL_JSON,
+    }
     base.update(overrides)
     return get_config(**base)
 
@@ -50,8 +57,9 @@ def _copy(trained, tmp_path):
 
 
 def _largest_array_file(workdir, step):
-    files = glob.glob(str(workdir / "checkpoints" / str(step) / "state" / "ocdbt.process_0" /
-                          "d" / "*"))
+    files = glob.glob(
+        str(workdir / "checkpoints" / str(step) / "state" / "ocdbt.process_0" / "d" / "*")
+    )
     return max(files, key=os.path.getsize)
 
 
@@ -72,10 +80,14 @@ def test_checksum_is_mesh_independent_and_catches_any_single_flip():
     """Same value for any sharding, on the jitted and the NumPy path; one flipped bit in any
     element of any dtype changes it; moving values around (same multiset) changes it too."""
     rng = np.random.default_rng(0)
-    tree = {"f32": rng.standard_normal((16, 24)).astype(np.float32),
-            "bf16": jnp.asarray(rng.standard_normal((8, 4)), jnp.bfloat16),
-            "i32": np.arange(40, dtype=np.int32).reshape(8, 5), "u8": np.arange(7, dtype=np.uint8),
-            "bool": np.array([True, False, True]), "scalar": np.int32(3)}
+    tree = {
+        "f32": rng.standard_normal((16, 24)).astype(np.float32),
+        "bf16": jnp.asarray(rng.standard_normal((8, 4)), jnp.bfloat16),
+        "i32": np.arange(40, dtype=np.int32).reshape(8, 5),
+        "u8": np.arange(7, dtype=np.uint8),
+        "bool": np.array([True, False, True]),
+        "scalar": np.int32(3),
+    }
     reference = checksum.tree_checksums(tree)
     # The jitted (accelerator) path gives the same values as the NumPy (CPU backend) path.
     assert checksum.tree_checksums(tree, on_device=True) == reference
@@ -93,14 +105,14 @@ def test_checksum_is_mesh_independent_and_catches_any_single_flip():
                 damaged.reshape(-1)[index] ^= True
             else:
                 damaged.view(np.uint8).reshape(-1)[index * x.itemsize] ^= 0x01
-            assert checksum.tree_checksums({name: damaged})[name] != reference[name], \
-                (name, index)
+            assert checksum.tree_checksums({name: damaged})[name] != reference[name], (name, index)
     swapped = tree["f32"][::-1].copy()
     assert checksum.tree_checksums({"f32": swapped})["f32"] != reference["f32"]
 
 
 def test_flipped_byte_is_reported_and_training_resumes_from_the_intact_checkpoint(
-        trained, tmp_path, caplog):
+    trained, tmp_path, caplog
+):
     """A flipped byte in the newest checkpoint's largest array file restored silently before.
     Now clip_jax.load and clip_jax.evaluate report it in one line, and training resumes from
     the older intact checkpoint (warning), replays the same steps and logs each step once."""
@@ -116,7 +128,7 @@ def test_flipped_byte_is_reported_and_training_resumes_from_the_intact_checkpoin
     with pytest.raises(evaluate.EvalError) as eval_error:
         evaluate.evaluate(None, str(workdir))
     assert str(eval_error.value) == message
-    assert checkpoint.load_model_variables(str(workdir), step=2)[0] == 2   # older one is fine
+    assert checkpoint.load_model_variables(str(workdir), step=2)[0] == 2  # older one is fine
 
     with caplog.at_level(logging.WARNING):
         result = train.train(_config(total_steps=6), str(workdir), devices=jax.devices()[:1])
@@ -150,13 +162,20 @@ def test_truncated_or_metadata_less_checkpoints_are_one_line_damage_errors(train
     gc.collect()
     # The CLI prints just that line: no traceback, not even from orbax's reads left behind.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    proc = subprocess.run([sys.executable, "-m", "clip_jax.evaluate", "--workdir", str(workdir)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "clip_jax.evaluate", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 1
     # (Which array's read fails first varies: reads run concurrently.)
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"clip_jax.evaluate: error: damaged checkpoint: step 4 in {workdir}/"
-                           f"checkpoints: unreadable (ValueError: OUT_OF_RANGE: "), last
+    assert last.startswith(
+        f"clip_jax.evaluate: error: damaged checkpoint: step 4 in {workdir}/"
+        f"checkpoints: unreadable (ValueError: OUT_OF_RANGE: "
+    ), last
     assert last.endswith("; other steps: [2]"), last
     assert "Traceback" not in proc.stderr and "Error" not in proc.stdout, proc.stderr[-3000:]
 
@@ -165,17 +184,20 @@ def test_truncated_or_metadata_less_checkpoints_are_one_line_damage_errors(train
         clip_jax.load(str(workdir), step=2)
     assert _one_line(str(error.value)) == (
         f"damaged checkpoint: step 2 in {workdir}/checkpoints: state/_METADATA is missing or "
-        f"unreadable; other steps: [4]")
+        f"unreadable; other steps: [4]"
+    )
 
-    with pytest.raises(checkpoint.CheckpointError, match=r"all 2 checkpoints in .* are damaged "
-                       r"\(steps 4, 2; newest: unreadable"):
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"all 2 checkpoints in .* are damaged "
+        r"\(steps 4, 2; newest: unreadable",
+    ):
         train.train(_config(total_steps=6), str(workdir), devices=jax.devices()[:1])
     assert not (workdir / "damaged_checkpoints").exists()
     assert checkpoint.Checkpointer(str(workdir), read_only=True).all_steps() == [2, 4]
 
 
-def test_a_read_error_that_is_not_damage_stops_without_skipping(trained, tmp_path,
-                                                                monkeypatch):
+def test_a_read_error_that_is_not_damage_stops_without_skipping(trained, tmp_path, monkeypatch):
     """Running out of memory (or an unavailable filesystem) while restoring says nothing about
     the files: no fallback to an older step, no checkpoint moved aside, a one-line error."""
     workdir = _copy(trained, tmp_path)
@@ -186,22 +208,24 @@ def test_a_read_error_that_is_not_damage_stops_without_skipping(trained, tmp_pat
             raise ValueError("RESOURCE_EXHAUSTED: Out of memory allocating 1.8GiB")
         except ValueError as e:
             raise Exception("Encountered error while reading array index") from e
+
     monkeypatch.setattr(checkpointer._manager, "restore", out_of_memory)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype,
-                                                           sharding=device),
-                            dict(checkpointer.saved_state_tree(4)))
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+        dict(checkpointer.saved_state_tree(4)),
+    )
     with pytest.raises(checkpoint.CheckpointError) as error:
         checkpointer.restore_latest_intact(abstract)
     assert not isinstance(error.value, checkpoint.DamagedCheckpointError)
     assert _one_line(str(error.value)) == (
         f"could not read checkpoint step 4 in {workdir}/checkpoints: unreadable (ValueError: "
-        f"RESOURCE_EXHAUSTED: Out of memory allocating 1.8GiB) (not a sign of damage; retry)")
+        f"RESOURCE_EXHAUSTED: Out of memory allocating 1.8GiB) (not a sign of damage; retry)"
+    )
     assert checkpointer.all_steps() == [2, 4]
 
 
-def test_checkpoints_without_checksums_restore_unverified_with_a_warning(trained, tmp_path,
-                                                                        caplog):
+def test_checkpoints_without_checksums_restore_unverified_with_a_warning(trained, tmp_path, caplog):
     """Checkpoints written before clip_jax stored checksums still load."""
     workdir = _copy(trained, tmp_path)
     meta_file = workdir / "checkpoints" / "4" / "meta" / "metadata"
@@ -222,8 +246,9 @@ def test_metrics_rows_after_the_resume_step_are_dropped(tmp_path):
     writer = metrics.MetricWriter(str(tmp_path), resume_step=2)
     writer.write(3, {"loss": 30.0})
     writer.close()
-    assert [json.loads(line) for line in path.read_text().splitlines()] == \
-        rows[:2] + [{"step": 3, "loss": 30.0}]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows[:2] + [
+        {"step": 3, "loss": 30.0}
+    ]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
@@ -234,31 +259,48 @@ def test_second_run_on_a_workdir_refuses_and_a_crashed_holder_leaves_no_stale_lo
     workdir = tmp_path / "w"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     holder = subprocess.Popen(
-        [sys.executable, "-m", "clip_jax.train", "--config", str(REPO / "configs/clip.py:tiny"),
-         "--workdir", str(workdir), "--config.batch_size=8", "--config.total_steps=100000",
-         "--config.data.source=synthetic", f"--config.model.overrides={SMALL_JSON}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.train",
+            "--config",
+            str(REPO / "configs/clip.py:tiny"),
+            "--workdir",
+            str(workdir),
+            "--config.batch_size=8",
+            "--config.total_steps=100000",
+            "--config.data.source=synthetic",
+            f"--config.model.overrides={SMALL_JSON}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     try:
         lock_file = workdir / workdir_lock.LOCK_NAME
         deadline = time.time() + 120
         while time.time() < deadline and f'"pid": {holder.pid}' not in (
-                lock_file.read_text() if lock_file.exists() else ""):
+            lock_file.read_text() if lock_file.exists() else ""
+        ):
             assert holder.poll() is None, "the holder exited early"
             time.sleep(0.2)
         held = lock_file.read_text()
         started = json.loads(held)["started"]
         with pytest.raises(workdir_lock.WorkdirLockedError) as error:
-            train.train(_config(total_steps=2, checkpoint_every=0), str(workdir),
-                        devices=jax.devices()[:1])
+            train.train(
+                _config(total_steps=2, checkpoint_every=0), str(workdir), devices=jax.devices()[:1]
+            )
         assert _one_line(str(error.value)) == (
             f"workdir {workdir} is in use by another clip_jax.train run (host "
             f"{os.uname().nodename}, pid {holder.pid}, started {started}); wait for it to end or "
-            f"use another --workdir")
+            f"use another --workdir"
+        )
         # The refused run wrote nothing: the lock and the config are still the holder's.
         assert lock_file.read_text() == held
         config_file = workdir / "config.json"
-        assert not config_file.exists() or json.loads(config_file.read_text())[
-            "total_steps"] == 100000
+        assert (
+            not config_file.exists() or json.loads(config_file.read_text())["total_steps"] == 100000
+        )
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=60)
@@ -273,7 +315,7 @@ def test_second_run_on_a_workdir_refuses_and_a_crashed_holder_leaves_no_stale_lo
 def run_main(monkeypatch):
     """Runs the CLI's main() in-process on a config (as `python -m clip_jax.train` does after
     flag parsing); returns its exit message (SystemExit's code)."""
-    monkeypatch.setenv("CLIP_JAX_TUNE_MALLOC", "0")   # keep this process's allocator as it is
+    monkeypatch.setenv("CLIP_JAX_TUNE_MALLOC", "0")  # keep this process's allocator as it is
 
     def run(config, workdir):
         monkeypatch.setattr(train, "_CONFIG", types.SimpleNamespace(value=config))
@@ -281,12 +323,18 @@ def run_main(monkeypatch):
         with pytest.raises(SystemExit) as exit_info:
             train.main(["clip_jax.train"])
         return str(exit_info.value.code)
+
     return run
 
 
 def test_unknown_config_variant_is_one_line(tmp_path):
-    argv = ["clip_jax.train", "--config", str(REPO / "configs" / "clip.py") + ":huge",
-            "--workdir", str(tmp_path / "w")]
+    argv = [
+        "clip_jax.train",
+        "--config",
+        str(REPO / "configs" / "clip.py") + ":huge",
+        "--workdir",
+        str(tmp_path / "w"),
+    ]
     try:
         with pytest.raises(SystemExit) as exit_info:
             cli.flags_parser("clip_jax.train")(argv)
@@ -295,7 +343,8 @@ def test_unknown_config_variant_is_one_line(tmp_path):
     first, *rest = str(exit_info.value.code).splitlines()
     assert first.startswith("clip_jax.train: error: flag --config=") and first.endswith(
         "clip.py:huge: unknown config variant 'huge'; choose one of tiny, tiny_rn, vit_b32, "
-        "vit_b16, vit_l14, rn50, rn101, lit_b32")
+        "vit_b16, vit_l14, rn50, rn101, lit_b32"
+    )
     assert rest == ["Try --help."]
     assert not (tmp_path / "w").exists()
 
@@ -307,12 +356,16 @@ def test_startup_errors_are_one_line_and_create_nothing(tmp_path, run_main, case
     workdir, data, expected = tmp_path / "w", {}, None
     if case == "workdir_under_file":
         workdir = tmp_path / "a_file" / "w"
-        expected = (f"--workdir {workdir}: cannot create it, {tmp_path / 'a_file'} is a file, "
-                    f"not a directory")
+        expected = (
+            f"--workdir {workdir}: cannot create it, {tmp_path / 'a_file'} is a file, "
+            f"not a directory"
+        )
     elif case == "missing_shards":
         data = {"data.source": "tar", "data.shards": f"{tmp_path}/s-{{0..3}}.tar"}
-        expected = (f"config.data: tar shards file '{tmp_path}/s-0.tar' does not exist (from "
-                    f"'{tmp_path}/s-{{0..3}}.tar')")
+        expected = (
+            f"config.data: tar shards file '{tmp_path}/s-0.tar' does not exist (from "
+            f"'{tmp_path}/s-{{0..3}}.tar')"
+        )
     else:
         data = {"data.source": "tar", "data.shards": str(tmp_path / "a_dir")}
         expected = str(tmp_path / "a_dir")

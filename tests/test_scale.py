@@ -1,5 +1,6 @@
 """Scale features: FSDP meshes, cross-mesh restore, remat/scan, exact gradient accumulation,
 SigLIP in the trainer, converted weights into a scanned model, the eval hook, config errors."""
+
 import json
 import shutil
 
@@ -15,14 +16,17 @@ from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
 # A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
-SMALL = {"embed_dim": 64, "vision": {"width": 64, "heads": 2},
-         "text": {"width": 64, "heads": 2}}
+SMALL = {"embed_dim": 64, "vision": {"width": 64, "heads": 2}, "text": {"width": 64, "heads": 2}}
 SMALL_JSON = json.dumps(SMALL)
 
 
 def small_config(**overrides):
-    base = {"batch_size": 16, "total_steps": 5, "data.source": "synthetic",
-            "model.overrides": SMALL_JSON}
+    base = {
+        "batch_size": 16,
+        "total_steps": 5,
+        "data.source": "synthetic",
+        "model.overrides": SMALL_JSON,
+    }
     base.update(overrides)
     return get_config(**base)
 
@@ -32,9 +36,14 @@ def test_fsdp_meshes_match_one_device_shrink_params_and_restore_across_meshes(tm
     shrink by the fsdp factor; an FSDP 1x8 checkpoint resumes on 1 device exactly."""
     runs = {"one": (1, 1, 1), "dp8x1": (8, 8, 1), "fsdp1x8": (8, 1, 8), "fsdp2x4": (8, 2, 4)}
     for name, (devices, data, fsdp) in runs.items():
-        config = small_config(**{"mesh.data": data, "mesh.fsdp": fsdp,
-                                 "checkpoint_every": 3 if name == "fsdp1x8" else 0,
-                                 "keep_checkpoints": 2})
+        config = small_config(
+            **{
+                "mesh.data": data,
+                "mesh.fsdp": fsdp,
+                "checkpoint_every": 3 if name == "fsdp1x8" else 0,
+                "keep_checkpoints": 2,
+            }
+        )
         train.train(config, str(tmp_path / name), devices=jax.devices()[:devices])
     ref = losses(tmp_path / "one")
     assert sorted(ref) == [1, 2, 3, 4, 5]
@@ -63,17 +72,19 @@ def test_fsdp_meshes_match_one_device_shrink_params_and_restore_across_meshes(tm
 
 def test_sharding_rules_and_optimizer_state_follow_params():
     mesh = sharding.create_mesh(data=2, fsdp=4, devices=jax.devices()[:8])
-    params = {"text": {"token_embedding": {
-        "embedding": jax.ShapeDtypeStruct((100, 64), jnp.float32)},
-                       "proj": jax.ShapeDtypeStruct((64, 12), jnp.float32)},
-              "scale": jax.ShapeDtypeStruct((), jnp.float32),
-              "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32)}
+    params = {
+        "text": {
+            "token_embedding": {"embedding": jax.ShapeDtypeStruct((100, 64), jnp.float32)},
+            "proj": jax.ShapeDtypeStruct((64, 12), jnp.float32),
+        },
+        "scale": jax.ShapeDtypeStruct((), jnp.float32),
+        "odd": jax.ShapeDtypeStruct((3, 5), jnp.float32),
+    }
     specs = sharding.param_specs(mesh, params)
     assert specs["text"]["token_embedding"]["embedding"] == P("fsdp", None)  # 100 % 4 == 0
-    assert specs["text"]["proj"] == P("fsdp", None)   # 64 > 12, both divisible: the largest
+    assert specs["text"]["proj"] == P("fsdp", None)  # 64 > 12, both divisible: the largest
     assert specs["scale"] == P() and specs["odd"] == P()
-    rules = ((r"text/token_embedding/.*", (None, "fsdp")), (r"text/proj", ((
-        "data", "fsdp"), None)))
+    rules = ((r"text/token_embedding/.*", (None, "fsdp")), (r"text/proj", (("data", "fsdp"), None)))
     specs = sharding.param_specs(mesh, params, rules)
     assert specs["text"]["token_embedding"]["embedding"] == P(None, "fsdp")
     assert specs["text"]["proj"] == P(("data", "fsdp"), None)
@@ -84,6 +95,7 @@ def test_sharding_rules_and_optimizer_state_follow_params():
 
     # Adam's mu/nu get their parameter's sharding; scalars (count, step) are replicated.
     import optax
+
     model = models.create_model("tiny-vit")
     tx = optax.adamw(1e-3)
     abstract = jax.eval_shape(lambda: step.init_train_state(model, tx, 0))
@@ -105,8 +117,9 @@ def _batch(n=32, seed=0):
 
 
 def _max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
-                                                               jax.tree.leaves(b)))
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 def test_remat_and_scan_give_the_same_loss_and_gradients():
@@ -115,8 +128,11 @@ def test_remat_and_scan_give_the_same_loss_and_gradients():
     batch = _batch(8)
     ref_loss, _, ref_grads, _ = jax.jit(step.make_grad_fn(plain, None))(params, {}, batch)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads))
-    for remat, scan in [("full", False), ("dots_with_no_batch_dims_saveable", True),
-                        ("none", True)]:
+    for remat, scan in [
+        ("full", False),
+        ("dots_with_no_batch_dims_saveable", True),
+        ("none", True),
+    ]:
         model = _small_model(remat=remat, scan_layers=scan)
         p = stack_layers(params) if scan else params
         abstract = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
@@ -151,12 +167,17 @@ def test_accumulation_gives_full_batch_gradients_with_less_memory():
     assert temp[4] < 0.6 * temp[1], temp
 
     mesh = sharding.create_mesh(data=2, fsdp=4, devices=jax.devices()[:8])
-    shards = sharding.state_shardings(mesh, step.TrainState(
-        step=jnp.int32(0), params=params, batch_stats={}, opt_state={}, rng=jnp.zeros(2)))
+    shards = sharding.state_shardings(
+        mesh,
+        step.TrainState(
+            step=jnp.int32(0), params=params, batch_stats={}, opt_state={}, rng=jnp.zeros(2)
+        ),
+    )
     sharded_params = jax.device_put(params, shards.params)
     sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    fn = jax.jit(step.make_grad_fn(model, mesh, accumulation_steps=2,
-                                   param_shardings=shards.params))
+    fn = jax.jit(
+        step.make_grad_fn(model, mesh, accumulation_steps=2, param_shardings=shards.params)
+    )
     loss, _, grads, _ = fn(sharded_params, {}, sharded_batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert _max_diff(grads, ref_grads) <= 1e-5
@@ -165,10 +186,11 @@ def test_accumulation_gives_full_batch_gradients_with_less_memory():
     siglip = models.CLIP(model.config.replace(init_logit_bias=-10.0))
     sig_params = dict(params, logit_bias=jnp.float32(-10.0))
     ref_loss, _, ref_grads, _ = jax.jit(step.make_grad_fn(siglip, None, loss="siglip"))(
-        sig_params, {}, batch)
-    loss, _, grads, _ = jax.jit(step.make_grad_fn(siglip, mesh, loss="siglip",
-                                                  accumulation_steps=2))(
-        sig_params, {}, sharded_batch)
+        sig_params, {}, batch
+    )
+    loss, _, grads, _ = jax.jit(
+        step.make_grad_fn(siglip, mesh, loss="siglip", accumulation_steps=2)
+    )(sig_params, {}, sharded_batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     assert _max_diff(grads, ref_grads) <= 1e-5
     assert float(jnp.abs(grads["logit_bias"])) > 0
@@ -189,12 +211,22 @@ def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     """init_from (unrolled resblocks_{i}) into a scanned, rematerialised model; the eval hook
     writes evaluator metrics to metrics.jsonl."""
     from clip_jax import convert
+
     model_config = models.get_model_config("tiny-vit", **SMALL)
     variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(3))
     convert.save_converted(tmp_path / "converted", model_config, variables)
-    config = get_config(batch_size=8, total_steps=2, eval_every=2, init_from=str(
-        tmp_path / "converted"), **{"data.source": "synthetic", "model.scan_layers": True,
-                                    "model.remat": "full", "optim.lr": 0.0})
+    config = get_config(
+        batch_size=8,
+        total_steps=2,
+        eval_every=2,
+        init_from=str(tmp_path / "converted"),
+        **{
+            "data.source": "synthetic",
+            "model.scan_layers": True,
+            "model.remat": "full",
+            "optim.lr": 0.0,
+        },
+    )
     config.unlock()
     for name in list(config.eval.evaluators.keys()):
         if name != "zeroshot":
@@ -206,26 +238,34 @@ def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     _, trained, meta = checkpoint.load_model_variables(str(tmp_path / "w"))
     assert meta["scan_layers"] is True
     # lr 0: the stacked checkpoint holds exactly the converted weights.
-    assert _max_diff(unstack_layers(jax.device_get(trained["params"])),
-                     jax.device_get(variables["params"])) == 0.0
+    assert (
+        _max_diff(
+            unstack_layers(jax.device_get(trained["params"])), jax.device_get(variables["params"])
+        )
+        == 0.0
+    )
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"accumulation_steps": 0}, "accumulation_steps"),
-    ({"accumulation_steps": 3}, "divisible by accumulation_steps"),
-    ({"loss": "triplet"}, "config.loss"),
-    ({"model.remat": "sometimes"}, "model.remat"),
-    ({"model.overrides": "{bad json"}, "model.overrides"),
-    ({"model.overrides": '{"vision": {"wdth": 3}}'}, "model.overrides"),
-    ({"distributed.heartbeat_timeout_s": 0}, "heartbeat_timeout_s"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"accumulation_steps": 0}, "accumulation_steps"),
+        ({"accumulation_steps": 3}, "divisible by accumulation_steps"),
+        ({"loss": "triplet"}, "config.loss"),
+        ({"model.remat": "sometimes"}, "model.remat"),
+        ({"model.overrides": "{bad json"}, "model.overrides"),
+        ({"model.overrides": '{"vision": {"wdth": 3}}'}, "model.overrides"),
+        ({"distributed.heartbeat_timeout_s": 0}, "heartbeat_timeout_s"),
+    ],
+)
 def test_bad_scale_config_is_a_clear_error(overrides, message):
     with pytest.raises(train.ConfigError, match=message):
         train.validate_config(small_config(**overrides))
 
 
 def test_bad_sharding_rule_is_a_config_error(tmp_path):
-    config = small_config(sharding_rules=((r"logit_scale", ("fsdp",)),),
-                          **{"mesh.data": 1, "mesh.fsdp": 8})
+    config = small_config(
+        sharding_rules=((r"logit_scale", ("fsdp",)),), **{"mesh.data": 1, "mesh.fsdp": 8}
+    )
     with pytest.raises(train.ConfigError, match="sharding_rules"):
         train.train(config, str(tmp_path / "w"), devices=jax.devices()[:8])

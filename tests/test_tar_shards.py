@@ -1,4 +1,5 @@
 """The tar parser against Python's tarfile: formats, long names, odd members, gzip, damage."""
+
 from __future__ import annotations
 
 import io
@@ -31,9 +32,15 @@ def _reference(path):
 
 def _write(path, fmt, gz=False):
     long_dir = "d" * 120 + "/sub"
-    members = [("a/000.jpg", b"\xff\xd8jpeg0"), ("a/000.txt", b"cap 0"),
-               (f"{long_dir}/001.JPG", b"jpeg1" * 300), (f"{long_dir}/001.json", b"{}"),
-               ("noext", b"ignored"), ("002.seg.png", b"png2"), ("002.txt", "é".encode())]
+    members = [
+        ("a/000.jpg", b"\xff\xd8jpeg0"),
+        ("a/000.txt", b"cap 0"),
+        (f"{long_dir}/001.JPG", b"jpeg1" * 300),
+        (f"{long_dir}/001.json", b"{}"),
+        ("noext", b"ignored"),
+        ("002.seg.png", b"png2"),
+        ("002.txt", "é".encode()),
+    ]
     with tarfile.open(path, "w:gz" if gz else "w", format=fmt) as tar:
         tar.addfile(tarfile.TarInfo("a"))  # a non-file member (type 0 with size 0 is a file)
         d = tarfile.TarInfo("adir")
@@ -78,7 +85,7 @@ def test_damage_keeps_what_came_before(tmp_path):
         assert [k for k, _ in got] == [k for k, _ in full[: len(got)]]
     # A corrupted header (checksum mismatch) ends the shard there, counted the same way.
     corrupt = bytearray(data)
-    headers = [i for i in range(0, len(data), 512) if data[i + 257:i + 262] == b"ustar"]
+    headers = [i for i in range(0, len(data), 512) if data[i + 257 : i + 262] == b"ustar"]
     corrupt[headers[-2] + 10] ^= 0x11
     damaged = str(tmp_path / "corrupt.tar")
     with open(damaged, "wb") as f:

@@ -1,4 +1,5 @@
 """Tests of clip_jax.tokenizers: CLIP BPE parity with open_clip, SentencePiece rules, get(), CLI."""
+
 import html
 import json
 import os
@@ -122,12 +123,32 @@ def bpe():
 def _random_texts(n, seed):
     """Random strings mixing everything CLIP's cleaning and regex care about."""
     rng = random.Random(seed)
-    alphabet = (list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
-                + list(" \t\n\r\x0b\x0c\x1b\x00\x7f&;#<>'\".,!?-_/\\[]()")
-                + list("éèàüöñçßÉÀÃ©â€™œ«»¡¿½²ﬁＡｂ　\u00a0\u200b\u0301")
-                + list("猫犬写真東京한국Привет") + ["😀", "🎉", "👍🏽", "❤️"])
-    pieces = ["&amp;", "&#39;", "&quot;", "&lt;", "&gt;", "&nbsp;", "&#x2019;", "&amp;amp;",
-              "'s", "'t", "'re", "'ll", "Ã©", "â€™", "\x1b[31m", "<end_of_text>", "\r\n"]
+    alphabet = (
+        list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+        + list(" \t\n\r\x0b\x0c\x1b\x00\x7f&;#<>'\".,!?-_/\\[]()")
+        + list("éèàüöñçßÉÀÃ©â€™œ«»¡¿½²ﬁＡｂ　\u00a0\u200b\u0301")
+        + list("猫犬写真東京한국Привет")
+        + ["😀", "🎉", "👍🏽", "❤️"]
+    )
+    pieces = [
+        "&amp;",
+        "&#39;",
+        "&quot;",
+        "&lt;",
+        "&gt;",
+        "&nbsp;",
+        "&#x2019;",
+        "&amp;amp;",
+        "'s",
+        "'t",
+        "'re",
+        "'ll",
+        "Ã©",
+        "â€™",
+        "\x1b[31m",
+        "<end_of_text>",
+        "\r\n",
+    ]
     out = []
     for _ in range(n):
         parts = []
@@ -141,11 +162,19 @@ def _random_texts(n, seed):
 # OpenAI CLIP BPE
 # --------------------------------------------------------------------------------------------
 
+
 def test_bpe_routes_texts_as_documented(bpe):
     """Which texts take which Rust tokenizer (bpe.py, top), and that the corpus covers each."""
     v = bpe._vocab
-    texts = ["A Photo\tof a CAT", "Tom &amp; Jerry", "caf\u00e9 \U0001f600", "x<END_OF_TEXT>",
-             "null\x00byte", "", "\u201cquoted\u201d"]
+    texts = [
+        "A Photo\tof a CAT",
+        "Tom &amp; Jerry",
+        "caf\u00e9 \U0001f600",
+        "x<END_OF_TEXT>",
+        "null\x00byte",
+        "",
+        "\u201cquoted\u201d",
+    ]
     ascii_at, ascii_texts, pieces_at, pieces = v.route(texts)
     assert ascii_at == [0, 1, 4, 5, 6]
     # Raw text only lower-cased (the regex drops whitespace); other text fully cleaned.
@@ -218,6 +247,7 @@ def test_ascii_fast_path_is_what_ftfy_does():
     """clean_text skips ftfy/html for text without '&', non-ASCII or control characters; check
     against ftfy that this changes nothing."""
     import ftfy
+
     rng = random.Random(0)
     safe = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"] + ["\t", "\n"]
     texts = ["".join(rng.choice(safe) for _ in range(rng.randint(0, 60))) for _ in range(3000)]
@@ -276,8 +306,9 @@ def test_bpe_accepts_bytes_numpy_and_single_strings(bpe):
     texts = ["a photo of a cat", "café 😀", "Tom &amp; Jerry"]
     expected = bpe(texts)
     np.testing.assert_array_equal(bpe([t.encode() for t in texts]), expected)
-    np.testing.assert_array_equal(bpe(np.array([t.encode() for t in texts], dtype=object)),
-                                  expected)
+    np.testing.assert_array_equal(
+        bpe(np.array([t.encode() for t in texts], dtype=object)), expected
+    )
     np.testing.assert_array_equal(bpe(np.array(texts)), expected)  # numpy unicode dtype
     np.testing.assert_array_equal(bpe(tuple(texts)), expected)
     np.testing.assert_array_equal(bpe(texts[1]), expected[1:2])
@@ -294,8 +325,7 @@ def test_bpe_accepts_bytes_numpy_and_single_strings(bpe):
 
 
 def test_bpe_decode(bpe):
-    for text in ["a photo of a cat", "caf\u00e9 na\u00efve \u4e00\u53ea\u732b \U0001f600",
-                 ""]:
+    for text in ["a photo of a cat", "caf\u00e9 na\u00efve \u4e00\u53ea\u732b \U0001f600", ""]:
         assert bpe.decode(bpe.encode(text)) == text
         assert bpe.decode(bpe(text)[0]) == text  # padded row: stops at eot
     # Punctuation comes back as separate words, but decoding is stable under re-encoding.
@@ -313,6 +343,7 @@ def test_bpe_decode(bpe):
 
 def test_bpe_decode_without_skipping_is_open_clips(open_clip, bpe):
     import torch
+
     for row in bpe(CORPUS, context_length=16):
         ref = open_clip.decode(torch.from_numpy(row.astype(np.int64)))
         assert bpe.decode(row, skip_special_tokens=False) == ref
@@ -326,16 +357,19 @@ def test_bpe_is_picklable_lazy_and_cheap():
     assert tok2.context_length == 16 and tok2.bpe_path == bpe_mod.DEFAULT_BPE_PATH
     np.testing.assert_array_equal(tok2(CORPUS[:10]), tok(CORPUS[:10]))
     # Importing and constructing read no vocabulary; the first use does.
-    code = ("import clip_jax.tokenizers as t, clip_jax.tokenizers.bpe as b\n"
-            "tok = t.get('clip-bpe')\n"
-            "assert b._load_vocab.cache_info().currsize == 0\n"
-            "tok('x')\n"
-            "assert b._load_vocab.cache_info().currsize == 1\n")
+    code = (
+        "import clip_jax.tokenizers as t, clip_jax.tokenizers.bpe as b\n"
+        "tok = t.get('clip-bpe')\n"
+        "assert b._load_vocab.cache_info().currsize == 0\n"
+        "tok('x')\n"
+        "assert b._load_vocab.cache_info().currsize == 1\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_vocabulary_file_is_openais():
     import hashlib
+
     with open(bpe_mod.DEFAULT_BPE_PATH, "rb") as f:
         ours = hashlib.sha256(f.read()).hexdigest()
     assert ours == "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -424,17 +458,38 @@ def test_bpe_batch_runs_without_the_gil(bpe):
 # SentencePiece
 # --------------------------------------------------------------------------------------------
 
+
 def _captions(n, seed=0):
     rng = random.Random(seed)
     adjectives = ["red", "small", "happy", "old", "shiny", "wooden", "fluffy", "bright", "dark"]
     nouns = ["cat", "dog", "car", "house", "tree", "bird", "boat", "chair", "flower", "mountain"]
-    places = ["on the beach", "in the park", "at night", "under a bridge", "near a lake",
-              "in the snow", "on a table", "in the city"]
-    templates = ["a photo of a {a} {n} {p}", "a {a} {n} and a {a2} {n2}", "the {n} is {a}",
-                 "two {n}s {p}", "A close-up picture of the {a} {n}."]
-    return [rng.choice(templates).format(a=rng.choice(adjectives), a2=rng.choice(adjectives),
-                                         n=rng.choice(nouns), n2=rng.choice(nouns),
-                                         p=rng.choice(places)) for _ in range(n)]
+    places = [
+        "on the beach",
+        "in the park",
+        "at night",
+        "under a bridge",
+        "near a lake",
+        "in the snow",
+        "on a table",
+        "in the city",
+    ]
+    templates = [
+        "a photo of a {a} {n} {p}",
+        "a {a} {n} and a {a2} {n2}",
+        "the {n} is {a}",
+        "two {n}s {p}",
+        "A close-up picture of the {a} {n}.",
+    ]
+    return [
+        rng.choice(templates).format(
+            a=rng.choice(adjectives),
+            a2=rng.choice(adjectives),
+            n=rng.choice(nouns),
+            n2=rng.choice(nouns),
+            p=rng.choice(places),
+        )
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -529,8 +584,9 @@ def test_train_from_file_and_bpe_type(tmp_path):
     out = tokenizers.train_sentencepiece(captions, 5000, tmp_path / "sub" / "u.model")
     tok = tokenizers.get(out)
     assert tok.vocab_size < 5000 and (tok.pad_id, tok.eot_id) == (0, 2)
-    out = tokenizers.train_sentencepiece(_captions(300, seed=8), 80, tmp_path / "b.model",
-                                         model_type="bpe")
+    out = tokenizers.train_sentencepiece(
+        _captions(300, seed=8), 80, tmp_path / "b.model", model_type="bpe"
+    )
     tok = tokenizers.get(out)
     assert tok.vocab_size <= 80 and tok("a cat")[0, 0] != 0
     with pytest.raises(FileNotFoundError, match="missing.txt"):
@@ -545,9 +601,24 @@ def test_cli_train_and_encode(tmp_path):
     model = tmp_path / "spm.model"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(
-        [sys.executable, "-m", "clip_jax.tokenizers", "train", "--input", str(captions),
-         "--vocab-size", "32000", "--output", str(model)],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.tokenizers",
+            "train",
+            "--input",
+            str(captions),
+            "--vocab-size",
+            "32000",
+            "--output",
+            str(model),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["output"] == str(model) and summary["pad_id"] == 0
     tok = tokenizers.get(str(model))
@@ -555,20 +626,52 @@ def test_cli_train_and_encode(tmp_path):
     assert tok.decode(tok.encode("a photo of a red cat")) == "a photo of a red cat"
 
     res = subprocess.run(
-        [sys.executable, "-m", "clip_jax.tokenizers", "encode", "--tokenizer", "clip-bpe",
-         "a photo of a cat", "Tom &amp; Jerry"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.tokenizers",
+            "encode",
+            "--tokenizer",
+            "clip-bpe",
+            "a photo of a cat",
+            "Tom &amp; Jerry",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )
     bpe = tokenizers.get("clip-bpe")
-    assert res.stdout.splitlines() == [" ".join(map(str, bpe.encode(t)))
-                                       for t in ["a photo of a cat", "Tom &amp; Jerry"]]
+    assert res.stdout.splitlines() == [
+        " ".join(map(str, bpe.encode(t))) for t in ["a photo of a cat", "Tom &amp; Jerry"]
+    ]
     res = subprocess.run(
-        [sys.executable, "-m", "clip_jax.tokenizers", "encode", "--tokenizer", str(model),
-         "--context-length", "8", "a red cat"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.tokenizers",
+            "encode",
+            "--tokenizer",
+            str(model),
+            "--context-length",
+            "8",
+            "a red cat",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )
     assert res.stdout.split() == [str(i) for i in tok("a red cat", context_length=8)[0]]
     res = subprocess.run(
         [sys.executable, "-m", "clip_jax.tokenizers", "encode", "--tokenizer", "nope", "x"],
-        capture_output=True, text=True, env=env, cwd=tmp_path)
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert res.returncode == 2 and "clip-bpe" in res.stderr
 
 
@@ -576,8 +679,10 @@ def test_cli_train_and_encode(tmp_path):
 # get()
 # --------------------------------------------------------------------------------------------
 
+
 def test_get(spm_path, tmp_path):
     import pathlib
+
     for name in ["clip-bpe", "openai", "OpenAI", "CLIP-BPE"]:
         assert isinstance(tokenizers.get(name), tokenizers.ClipBPETokenizer)
     assert tokenizers.get("clip-bpe", context_length=16)("a").shape == (1, 16)
@@ -603,10 +708,15 @@ def test_get(spm_path, tmp_path):
     import io
 
     import sentencepiece
+
     buf = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_captions(200)), model_writer=buf, vocab_size=60,
-        hard_vocab_limit=False, logstream=open(os.devnull, "w"))
+        sentence_iterator=iter(_captions(200)),
+        model_writer=buf,
+        vocab_size=60,
+        hard_vocab_limit=False,
+        logstream=open(os.devnull, "w"),
+    )
     default_layout = tmp_path / "default.model"
     default_layout.write_bytes(buf.getvalue())
     with pytest.raises(ValueError, match="pad id 0"):
@@ -615,14 +725,22 @@ def test_get(spm_path, tmp_path):
 
 def test_check_name_agrees_with_get(spm_path, tmp_path):
     import pathlib
+
     for name in ["clip-bpe", "openai", "OpenAI", " CLIP-BPE ", spm_path, pathlib.Path(spm_path)]:
         assert tokenizers.check_name(name) is None
         tokenizers.get(name)
     garbage = tmp_path / "garbage.model"
     garbage.write_bytes(b"not a model")
-    bad = {"bert-base-uncased": "accepted", "": "accepted", "clip": "accepted",
-           str(tmp_path): "accepted", str(tmp_path / "missing.model"): "not found",
-           str(garbage): "garbage.model", 3: "str or path", None: "str or path"}
+    bad = {
+        "bert-base-uncased": "accepted",
+        "": "accepted",
+        "clip": "accepted",
+        str(tmp_path): "accepted",
+        str(tmp_path / "missing.model"): "not found",
+        str(garbage): "garbage.model",
+        3: "str or path",
+        None: "str or path",
+    }
     for name, message in bad.items():
         with pytest.raises(ValueError, match=message) as err:
             tokenizers.check_name(name)
@@ -635,12 +753,19 @@ def test_check_name_agrees_with_get(spm_path, tmp_path):
 # tf.data
 # --------------------------------------------------------------------------------------------
 
+
 def test_usable_from_tf_data(spm_path):
     tf = pytest.importorskip("tensorflow")
     texts = ["a photo of a cat", "café 😀 &amp;", "", "a red dog in the park"]
     for tok in [tokenizers.get("clip-bpe"), tokenizers.get(spm_path)]:
-        ds = tf.data.Dataset.from_tensor_slices(texts).batch(3).map(
-            lambda t, tok=tok: tf.numpy_function(
-                lambda x: tok(x, context_length=16), [t], tf.int32, stateful=False))
+        ds = (
+            tf.data.Dataset.from_tensor_slices(texts)
+            .batch(3)
+            .map(
+                lambda t, tok=tok: tf.numpy_function(
+                    lambda x: tok(x, context_length=16), [t], tf.int32, stateful=False
+                )
+            )
+        )
         rows = np.concatenate([b.numpy() for b in ds])
         np.testing.assert_array_equal(rows, tok(texts, context_length=16))

@@ -4,6 +4,7 @@ Each malicious archive is paired with a control: `torch.jit.load` (or plain pick
 construction does write its marker file, so "the marker is absent" proves the reader skipped code
 that would have run.
 """
+
 from __future__ import annotations
 
 import io
@@ -38,15 +39,21 @@ class _Plain(torch.nn.Module):
         y = self.lin(x)
         for block in self.blocks:
             y = block(y)
-        return (y.sum() + self.transposed.sum() + self.steps.sum() + self.half_w.float().sum()
-                + self.bf16_w.float().sum())
+        return (
+            y.sum()
+            + self.transposed.sum()
+            + self.steps.sum()
+            + self.half_w.float().sum()
+            + self.bf16_w.float().sum()
+        )
 
 
 @pytest.mark.parametrize("how", ["trace", "script"])
 def test_tensors_equal_torch_jit_state_dict(tmp_path, how):
     module = _Plain().eval()
-    compiled = (torch.jit.trace(module, torch.randn(1, 3)) if how == "trace"
-                else torch.jit.script(module))
+    compiled = (
+        torch.jit.trace(module, torch.randn(1, 3)) if how == "trace" else torch.jit.script(module)
+    )
     torch.jit.save(compiled, str(tmp_path / "m.pt"))
     tensors = torchscript.read_tensors(tmp_path / "m.pt")
     reference = torch.jit.load(str(tmp_path / "m.pt")).state_dict()
@@ -59,7 +66,7 @@ def test_tensors_equal_torch_jit_state_dict(tmp_path, how):
         assert ours.shape == tuple(value.shape), name
         np.testing.assert_array_equal(ours, value.numpy(), err_msg=name)
     assert tensors["half_w"].dtype == np.float16 and tensors["steps"].dtype == np.int64
-    assert not reference["transposed"].is_contiguous()   # the strided rebuild is exercised
+    assert not reference["transposed"].is_contiguous()  # the strided rebuild is exercised
 
 
 @pytest.mark.parametrize("kind", ["module", "object"])
@@ -97,8 +104,9 @@ def test_pickled_callables_are_refused(tmp_path):
     assert control_marker.exists(), "control: plain unpickling should call open()"
 
     archive = _archive_with_data_pkl(tmp_path / "evil.pt", pickle.dumps(Opener(str(marker))))
-    with pytest.raises(torchscript.UnsafeArchiveError,
-                       match=r"refers to (io|builtins)\.open") as info:
+    with pytest.raises(
+        torchscript.UnsafeArchiveError, match=r"refers to (io|builtins)\.open"
+    ) as info:
         torchscript.read_tensors(archive)
     assert "\n" not in str(info.value) and str(archive) in str(info.value)
     assert not marker.exists()
@@ -111,8 +119,10 @@ class _FakeStorageRecord:
         self.size = size
 
     def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2,
-                (_Persistent(), 0, self.size, (1,) * len(self.size), False, {}))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (_Persistent(), 0, self.size, (1,) * len(self.size), False, {}),
+        )
 
 
 class _Persistent:
@@ -144,6 +154,7 @@ def test_tensor_layout_is_bounds_checked(tmp_path):
         torchscript.read_tensors(_tensor_archive(tmp_path / "oob.pt", (5,)))
     storage = np.arange(4, dtype=np.float32)
     np.testing.assert_array_equal(
-        torchscript._rebuild_tensor_v2(storage, 1, (2, 2), (1, 1)), [[1, 2], [2, 3]])
+        torchscript._rebuild_tensor_v2(storage, 1, (2, 2), (1, 1)), [[1, 2], [2, 3]]
+    )
     with pytest.raises(torchscript.UnsafeArchiveError, match="invalid layout"):
         torchscript._rebuild_tensor_v2(storage, 0, (2,), (-1,))

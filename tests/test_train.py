@@ -1,4 +1,5 @@
 """Trainer: device-count invariance, exact resume, preemption, bad config, NaN policy, LiT."""
+
 import importlib.util
 import json
 import os
@@ -77,6 +78,7 @@ class _PreemptAtStep:
 
             def restore(self):
                 pass
+
         return Fake()
 
 
@@ -104,8 +106,18 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     written = read_metrics(straight)[-1]
-    for key in ("loss", "logit_scale", "lr", "samples_per_sec", "grad_norm", "i2t_accuracy",
-                "t2i_accuracy", "data_wait_fraction", "skipped_samples", "flops_per_sec"):
+    for key in (
+        "loss",
+        "logit_scale",
+        "lr",
+        "samples_per_sec",
+        "grad_norm",
+        "i2t_accuracy",
+        "t2i_accuracy",
+        "data_wait_fraction",
+        "skipped_samples",
+        "flops_per_sec",
+    ):
         assert key in written, key
     assert json.load(open(straight / "config.json"))["batch_size"] == 16
     assert list((straight / "tensorboard").iterdir())
@@ -113,19 +125,33 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
 def _run_cli(*args, env_extra=None, **kwargs):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "clip_jax.train",
-                           "--config", str(REPO / "configs" / "clip.py") + ":tiny", *args],
-                          capture_output=True, text=True, env=env, **kwargs)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.train",
+            "--config",
+            str(REPO / "configs" / "clip.py") + ":tiny",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        **kwargs,
+    )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("--config.batch_sise=3", "batch_sise"),
-    ("--config.batch_size=abc", "batch_size"),
-    ("--config.batch_size=12", "divisible by the 8"),
-    ("--config.data.source=tar", "data.shards is empty"),
-    ("--config.model.name=ViT-Z-1", "unknown model"),
-    ("--config.model.attention_impl=flash", "model.attention_impl='flash'"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.batch_sise=3", "batch_sise"),
+        ("--config.batch_size=abc", "batch_size"),
+        ("--config.batch_size=12", "divisible by the 8"),
+        ("--config.data.source=tar", "data.shards is empty"),
+        ("--config.model.name=ViT-Z-1", "unknown model"),
+        ("--config.model.attention_impl=flash", "model.attention_impl='flash'"),
+    ],
+)
 def test_bad_config_is_a_one_line_error(tmp_path, override, message):
     proc = _run_cli("--workdir", str(tmp_path / "w"), override, timeout=120)
     assert proc.returncode != 0
@@ -138,14 +164,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "w"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "clip_jax.train", "--config", str(REPO / "configs/clip.py:tiny"),
-         "--workdir", str(workdir), "--config.batch_size=8", "--config.total_steps=100000",
-         "--config.log_every=1", "--config.data.source=synthetic"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.train",
+            "--config",
+            str(REPO / "configs/clip.py:tiny"),
+            "--workdir",
+            str(workdir),
+            "--config.batch_size=8",
+            "--config.total_steps=100000",
+            "--config.log_every=1",
+            "--config.data.source=synthetic",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     deadline = time.time() + 120
     metrics = workdir / "metrics.jsonl"
     while time.time() < deadline and not (
-            metrics.exists() and metrics.read_text().count("\n") >= 2):
+        metrics.exists() and metrics.read_text().count("\n") >= 2
+    ):
         time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
@@ -157,13 +198,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
     # A huge learning rate blows the parameters up within a few steps.
-    config = get_config(batch_size=8, total_steps=6, **{"data.source": "synthetic",
-                                                       "optim.lr": 1e30, "optim.warmup_steps": 0})
+    config = get_config(
+        batch_size=8,
+        total_steps=6,
+        **{"data.source": "synthetic", "optim.lr": 1e30, "optim.warmup_steps": 0},
+    )
     with pytest.raises(FloatingPointError, match=r"non-finite loss or gradient at step \d"):
         train.train(config, str(tmp_path / "stop"), devices=jax.devices()[:1])
-    config = get_config(batch_size=8, total_steps=6, nan_policy="skip",
-                        **{"data.source": "synthetic", "optim.lr": 1e30,
-                           "optim.warmup_steps": 0})
+    config = get_config(
+        batch_size=8,
+        total_steps=6,
+        nan_policy="skip",
+        **{"data.source": "synthetic", "optim.lr": 1e30, "optim.warmup_steps": 0},
+    )
     result = train.train(config, str(tmp_path / "skip"), devices=jax.devices()[:1])
     assert result["step"] == 6
     assert sum(m["nonfinite"] for m in read_metrics(tmp_path / "skip")) >= 1
@@ -171,18 +218,26 @@ def test_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
 
 def test_lit_freezes_the_image_tower_of_converted_weights(tmp_path):
     from clip_jax import convert, models
+
     model_config = models.get_model_config("tiny-vit")
     variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(7))
     convert.save_converted(tmp_path / "converted", model_config, variables)
-    config = get_config(batch_size=8, total_steps=3, freeze="image/.*",
-                        init_from=str(tmp_path / "converted"), **{"data.source": "synthetic"})
+    config = get_config(
+        batch_size=8,
+        total_steps=3,
+        freeze="image/.*",
+        init_from=str(tmp_path / "converted"),
+        **{"data.source": "synthetic"},
+    )
     train.train(config, str(tmp_path / "lit"), devices=jax.devices()[:1])
     _, trained, _ = checkpoint.load_model_variables(str(tmp_path / "lit"))
     start = variables["params"]
     for a, b in zip(jax.tree.leaves(trained["params"]["image"]), jax.tree.leaves(start["image"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    changed = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained["params"]["text"]),
-                                                    jax.tree.leaves(start["text"]))]
+    changed = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(trained["params"]["text"]), jax.tree.leaves(start["text"]))
+    ]
     assert all(changed[:3]) and sum(changed) > len(changed) // 2
 
 
@@ -193,8 +248,9 @@ def test_checkpoint_of_a_scanned_model_loads_for_inference(tmp_path):
     from clip_jax import models
     from clip_jax.models import transformer
 
-    config = get_config(batch_size=8, total_steps=2, **{"data.source": "synthetic",
-                                                       "model.scan_layers": True})
+    config = get_config(
+        batch_size=8, total_steps=2, **{"data.source": "synthetic", "model.scan_layers": True}
+    )
     train.train(config, str(tmp_path / "scan"), devices=jax.devices()[:1])
     _, variables, meta = checkpoint.load_model_variables(str(tmp_path / "scan"))
     assert meta["scan_layers"] is True
@@ -204,7 +260,8 @@ def test_checkpoint_of_a_scanned_model_loads_for_inference(tmp_path):
     features = model.encode_text(tokens)
     scanned = models.CLIP(models.get_model_config("tiny-vit"), scan_layers=True)
     ids = clip_jax.tokenizers.get("clip-bpe")(tokens, context_length=32)
-    reference = scanned.apply({"params": transformer.stack_layers(variables["params"])}, ids,
-                              method=scanned.encode_text)
+    reference = scanned.apply(
+        {"params": transformer.stack_layers(variables["params"])}, ids, method=scanned.encode_text
+    )
     reference = reference / np.linalg.norm(reference, axis=-1, keepdims=True)
     np.testing.assert_allclose(features, reference, atol=1e-5)

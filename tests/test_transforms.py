@@ -1,6 +1,7 @@
 """Image transforms: decoding, resize, CLIP train/eval crops, the one-step JPEG window decoders
 (`decode_random_resized_crop`, `decode_resize_center_crop`) against the two-step path, and
 normalisation."""
+
 from __future__ import annotations
 
 import io
@@ -24,8 +25,14 @@ def _photo_array(rng, width, height) -> np.ndarray:
     """uint8 [height, width, 3]: gradients, shapes, blur and sensor-like noise (like
     benchmarks/input_pipeline.py `synthetic_photo`)."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([(x / width) * rng.uniform(80, 255), (y / height) * rng.uniform(80, 255),
-                     np.full_like(x, rng.uniform(0, 255))], -1)
+    base = np.stack(
+        [
+            (x / width) * rng.uniform(80, 255),
+            (y / height) * rng.uniform(80, 255),
+            np.full_like(x, rng.uniform(0, 255)),
+        ],
+        -1,
+    )
     img = Image.fromarray(base.astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(12):
@@ -61,6 +68,7 @@ def _two_step_eval(data, size, **kw):
 
 # --- existing transforms -----------------------------------------------------------------------
 
+
 def test_decode_formats():
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (9, 13, 3), dtype=np.uint8)
@@ -88,8 +96,9 @@ def test_resize_is_tf_image_resize():
                 if ref.dtype != tf.uint8:
                     ref = tf.cast(tf.clip_by_value(tf.round(ref), 0.0, 255.0), tf.uint8)
                 out = transforms._resize_uint8(img, oh, ow, method)
-                np.testing.assert_array_equal(out.numpy(), ref.numpy(),
-                                              err_msg=f"{h}x{w}->{oh}x{ow} {method}")
+                np.testing.assert_array_equal(
+                    out.numpy(), ref.numpy(), err_msg=f"{h}x{w}->{oh}x{ow} {method}"
+                )
 
 
 def test_scale_translate_matches_op():
@@ -98,12 +107,18 @@ def test_scale_translate_matches_op():
     img = tf.constant(_photo_array(rng, 150, 110))
     for kernel, method in (("keyscubic", "bicubic"), ("triangle", "bilinear")):
         scale, translation = tf.constant([0.61, 1.7]), tf.constant([-3.25, 2.5])
-        ref = tf.raw_ops.ScaleAndTranslate(images=img[None], size=[64, 200], scale=scale,
-                                           translation=translation, kernel_type=kernel,
-                                           antialias=True)[0]
+        ref = tf.raw_ops.ScaleAndTranslate(
+            images=img[None],
+            size=[64, 200],
+            scale=scale,
+            translation=translation,
+            kernel_type=kernel,
+            antialias=True,
+        )[0]
         ref = tf.cast(tf.clip_by_value(tf.round(ref), 0.0, 255.0), tf.uint8)
-        out = transforms._scale_translate_uint8(img, tf.constant([64, 200]), scale,
-                                                translation, method)
+        out = transforms._scale_translate_uint8(
+            img, tf.constant([64, 200]), scale, translation, method
+        )
         np.testing.assert_array_equal(out.numpy(), ref.numpy())
 
 
@@ -133,8 +148,9 @@ def test_random_resized_crop_stateless():
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     # scale (1, 1) with ratio fixed to the image's aspect keeps the whole image.
-    whole = transforms.random_resized_crop(img, key, 24, scale=(1.0, 1.0), ratio=(1.25, 1.25),
-                                           method="bilinear").numpy()
+    whole = transforms.random_resized_crop(
+        img, key, 24, scale=(1.0, 1.0), ratio=(1.25, 1.25), method="bilinear"
+    ).numpy()
     ref = transforms._resize_uint8(img, 24, 24, "bilinear").numpy()
     np.testing.assert_array_equal(whole, ref)
     # "nearest" returns uint8 from tf.image.resize (it used to fail in the rounding step).
@@ -146,17 +162,21 @@ def test_normalize_images():
     x = np.random.default_rng(2).integers(0, 256, (2, 3, 4, 3), dtype=np.uint8)
     out = transforms.normalize_images(x)
     assert out.dtype == jnp.float32 and out.shape == x.shape
-    np.testing.assert_allclose(np.asarray(out), transforms.normalize_images_np(x), rtol=1e-6,
-                               atol=1e-6)
-    np.testing.assert_allclose(np.asarray(out)[..., 0].max(),
-                               (x[..., 0].max() / 255 - 0.48145466) / 0.26862954, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(out), transforms.normalize_images_np(x), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(out)[..., 0].max(), (x[..., 0].max() / 255 - 0.48145466) / 0.26862954, rtol=1e-5
+    )
     assert transforms.normalize_images(x, jnp.bfloat16).dtype == jnp.bfloat16
 
 
 # --- JPEG window decoding ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("subsampling,mode", [(2, "RGB"), (1, "RGB"), (0, "RGB"), (0, "L"),
-                                              (0, "CMYK")])
+
+@pytest.mark.parametrize(
+    "subsampling,mode", [(2, "RGB"), (1, "RGB"), (0, "RGB"), (0, "L"), (0, "CMYK")]
+)
 def test_jpeg_window_is_full_decode_slice(subsampling, mode):
     """`_decode_jpeg_window` at every DCT scale equals full decode (same scale) + slice,
     including windows starting on iMCU boundaries (x % 16 == 0), where a plain
@@ -174,8 +194,9 @@ def test_jpeg_window_is_full_decode_slice(subsampling, mode):
         for y0, x0, y1, x1 in windows:
             y0, x0, y1, x1 = (int(v) for v in (y0, x0, y1, x1))
             out = transforms._decode_jpeg_window(tf.constant(data), d, (hs, ws), y0, x0, y1, x1)
-            np.testing.assert_array_equal(out.numpy(), full[y0:y1, x0:x1],
-                                          err_msg=f"d={d} window {(y0, x0, y1, x1)}")
+            np.testing.assert_array_equal(
+                out.numpy(), full[y0:y1, x0:x1], err_msg=f"d={d} window {(y0, x0, y1, x1)}"
+            )
 
 
 @pytest.mark.parametrize("width,height", [(256, 256), (480, 360), (300, 449)])
@@ -191,8 +212,9 @@ def test_train_identical_below_2x(width, height):
     # Other methods too (no DCT scaling for area / nearest at any size).
     for method in ("bilinear", "lanczos3", "area", "nearest"):
         out = transforms.decode_random_resized_crop(data, _key(99), 224, method=method)
-        np.testing.assert_array_equal(out.numpy(),
-                                      _two_step_train(data, _key(99), 224, method=method))
+        np.testing.assert_array_equal(
+            out.numpy(), _two_step_train(data, _key(99), 224, method=method)
+        )
 
 
 def _centroid(image: np.ndarray, background: float) -> np.ndarray:
@@ -234,8 +256,9 @@ def test_dct_scaled_close_to_two_step(width, height):
     assert 0 < max(mads) <= 1.5, mads  # > 0: the DCT path ran
     out = transforms.decode_resize_center_crop(photo, 224).numpy().astype(int)
     assert 0 < np.abs(out - _two_step_eval(photo, 224)).mean() <= 1.5
-    shift = (_centroid(transforms.decode_resize_center_crop(disks, 224).numpy(), 40)
-             - _centroid(_two_step_eval(disks, 224), 40))
+    shift = _centroid(transforms.decode_resize_center_crop(disks, 224).numpy(), 40) - _centroid(
+        _two_step_eval(disks, 224), 40
+    )
     assert np.abs(shift).max() < 0.1, shift
 
 
@@ -259,8 +282,10 @@ def test_other_formats_and_channels():
     JPEGs give 3 channels, like the two-step path."""
     rng = np.random.default_rng(7)
     arr = _photo_array(rng, 300, 260)
-    cases = {fmt: _encode(arr, fmt, **kw) for fmt, kw in
-             (("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}), ("GIF", {}))}
+    cases = {
+        fmt: _encode(arr, fmt, **kw)
+        for fmt, kw in (("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}), ("GIF", {}))
+    }
     cases["gray PNG"] = _encode(arr[..., 0], "PNG")
     cases["gray JPEG"] = _photo_jpeg(rng, 500, 470, mode="L")  # >= 2x: DCT path
     cases["CMYK JPEG"] = _photo_jpeg(rng, 260, 300, mode="CMYK")
@@ -301,8 +326,14 @@ def test_errors():
         transforms.decode_image(cut)
     # The center crop needs rows ~470-730 only, which decode_and_crop_jpeg alone returns.
     assert tf.io.decode_and_crop_jpeg(cut, [470, 0, 260, 256]).shape == (260, 256, 3)
-    bad = [b"", b"not an image", b"\xff\xd8\xff" + b"garbage" * 20, cut, tall[:-1],
-           _encode(_photo_array(rng, 40, 30), "PNG")[:-30]]
+    bad = [
+        b"",
+        b"not an image",
+        b"\xff\xd8\xff" + b"garbage" * 20,
+        cut,
+        tall[:-1],
+        _encode(_photo_array(rng, 40, 30), "PNG")[:-30],
+    ]
     for data in bad:
         with pytest.raises(tf.errors.InvalidArgumentError):
             transforms.decode_random_resized_crop(data, _key(0), 64, scale=(0.04, 0.05))
@@ -314,16 +345,26 @@ def test_in_tf_data_graph():
     """Inside a tf.data map (graph mode) the outputs equal eager ones and bad samples are
     dropped by ignore_errors, as the pipeline's error guard does."""
     rng = np.random.default_rng(10)
-    items = [_photo_jpeg(rng, 256, 256), _encode(_photo_array(rng, 100, 90), "PNG"),
-             b"corrupt", _photo_jpeg(rng, 1000, 900)]
+    items = [
+        _photo_jpeg(rng, 256, 256),
+        _encode(_photo_array(rng, 100, 90), "PNG"),
+        b"corrupt",
+        _photo_jpeg(rng, 1000, 900),
+    ]
     ds = tf.data.Dataset.from_tensor_slices(items).enumerate()
-    ds = ds.map(lambda i, e: (transforms.decode_random_resized_crop(e, _key(0) + i, 96),
-                              transforms.decode_resize_center_crop(e, 96)))
+    ds = ds.map(
+        lambda i, e: (
+            transforms.decode_random_resized_crop(e, _key(0) + i, 96),
+            transforms.decode_resize_center_crop(e, 96),
+        )
+    )
     got = list(ds.ignore_errors().as_numpy_iterator())
     assert len(got) == 3
     for (train, evals), i in zip(got, (0, 1, 3)):
         key = _key(0) + tf.constant(i, tf.int64)
         np.testing.assert_array_equal(
-            train, transforms.decode_random_resized_crop(items[i], key, 96).numpy())
-        np.testing.assert_array_equal(evals,
-                                      transforms.decode_resize_center_crop(items[i], 96).numpy())
+            train, transforms.decode_random_resized_crop(items[i], key, 96).numpy()
+        )
+        np.testing.assert_array_equal(
+            evals, transforms.decode_resize_center_crop(items[i], 96).numpy()
+        )

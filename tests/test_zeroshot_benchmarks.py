@@ -2,6 +2,7 @@
 metadata against TFDS's own label metadata, and every benchmark end to end through the
 zero-shot evaluator on `tfds.testing.mock_data` (no download) with a very small random model.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -45,22 +46,28 @@ REPO = Path(__file__).resolve().parents[1]
 MICRO = CLIPConfig(
     embed_dim=16,
     vision=VisionTransformerConfig(image_size=16, patch_size=8, width=32, layers=1, heads=1),
-    text=TextTransformerConfig(context_length=16, width=32, layers=1, heads=1))
-BATCH = 512   # one compiled shape per tower; text batches of 512 prompts
+    text=TextTransformerConfig(context_length=16, width=32, layers=1, heads=1),
+)
+BATCH = 512  # one compiled shape per tower; text batches of 512 prompts
 # TFDS label names (from TFDS's code) that OpenAI's prompt list renames.
 RENAMED = {
-    "caltech101": {"car_side": "side of a car", "cougar_body": "body of a cougar cat",
-                   "cougar_face": "face of a cougar cat",
-                   "crocodile_head": "head of a  crocodile",   # sic, OpenAI's double space
-                   "faces": "off-center face", "faces_easy": "centered face",
-                   "flamingo_head": "head of a flamingo", "yin_yang": "yin and yang symbol"},
+    "caltech101": {
+        "car_side": "side of a car",
+        "cougar_body": "body of a cougar cat",
+        "cougar_face": "face of a cougar cat",
+        "crocodile_head": "head of a  crocodile",  # sic, OpenAI's double space
+        "faces": "off-center face",
+        "faces_easy": "centered face",
+        "flamingo_head": "head of a flamingo",
+        "yin_yang": "yin and yang symbol",
+    },
     "eurosat": {"HerbaceousVegetation": "brushland or shrubland", "SeaLake": "lake or sea"},
     "flowers102": {"ball moss": "air plant"},
 }
 
 
 def _norm(name: str) -> str:
-    if name.startswith("/"):            # SUN397 "/j/jail/indoor"
+    if name.startswith("/"):  # SUN397 "/j/jail/indoor"
         name = " ".join(name.strip("/").split("/")[1:])
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
@@ -106,15 +113,19 @@ def test_metadata_is_well_formed_and_matches_tfds_label_counts(mocked):
         assert all(b.classnames), name
         # OpenAI's ImageNet list names two pairs of classes alike (as the paper used it).
         repeated = {c for c in b.classnames if b.classnames.count(c) > 1}
-        assert repeated == ({"missile", "sunglasses"} if name.startswith("imagenet")
-                            and b.num_classes == 1000 else set()), name
+        assert repeated == (
+            {"missile", "sunglasses"}
+            if name.startswith("imagenet") and b.num_classes == 1000
+            else set()
+        ), name
         assert all(t.count("{}") == 1 for t in b.templates), name
-        assert set(b.paper) <= set(PAPER_MODELS) and all(0 < v < 100
-                                                          for v in b.paper.values()), name
+        assert set(b.paper) <= set(PAPER_MODELS) and all(0 < v < 100 for v in b.paper.values()), (
+            name
+        )
         label = tfds.builder(b.tfds_name).info.features[b.label_key]
         if b.class_indices is None:
             assert label.num_classes == b.num_classes, name
-        else:                       # ImageNet-A/-R: 200 of TFDS's 1,000 labels
+        else:  # ImageNet-A/-R: 200 of TFDS's 1,000 labels
             assert label.num_classes == 1000 and b.num_classes == 200, name
             assert sorted(b.class_indices) == list(b.class_indices), name
             assert 0 <= min(b.class_indices) and max(b.class_indices) < 1000, name
@@ -125,29 +136,35 @@ def test_classnames_follow_tfds_label_order(mocked):
     imagenet = benchmark("imagenet1k")
     open_clip = _open_clip_zero_shot_metadata()
     assert imagenet.classnames == tuple(open_clip.IMAGENET_CLASSNAMES)
-    assert imagenet.templates == IMAGENET80 == tuple(
-        t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+    assert (
+        imagenet.templates
+        == IMAGENET80
+        == tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+    )
     checked = 0
     wnids = tfds.builder("imagenet2012").info.features["label"].names
     for name in ("imagenet_a", "imagenet_r"):
         b = benchmark(name)
         assert b.classnames == tuple(imagenet.classnames[i] for i in b.class_indices)
     # Two well-known members of each subset, by WordNet id.
-    assert wnids[benchmark("imagenet_a").class_indices[0]] == "n01498041"   # stingray
-    assert wnids[benchmark("imagenet_r").class_indices[0]] == "n01443537"   # goldfish
+    assert wnids[benchmark("imagenet_a").class_indices[0]] == "n01498041"  # stingray
+    assert wnids[benchmark("imagenet_r").class_indices[0]] == "n01443537"  # goldfish
     for name in list_benchmarks():
         b = benchmark(name)
         tfds_names = tfds.builder(b.tfds_name).info.features[b.label_key].names
         if all(n.isdigit() for n in tfds_names) or tfds_names[0].startswith("n0"):
-            continue      # names only known once prepared (CIFAR, STL-10...) or WordNet ids
+            continue  # names only known once prepared (CIFAR, STL-10...) or WordNet ids
         renamed = RENAMED.get(name, {})
         for tfds_name, ours in zip(tfds_names, b.classnames):
             if tfds_name in renamed:
                 assert ours == renamed[tfds_name], (name, tfds_name, ours)
                 continue
             a, o = _norm(tfds_name), _norm(ours)
-            assert a in o or o in a or difflib.SequenceMatcher(None, a, o).ratio() >= 0.8, \
-                (name, tfds_name, ours)
+            assert a in o or o in a or difflib.SequenceMatcher(None, a, o).ratio() >= 0.8, (
+                name,
+                tfds_name,
+                ours,
+            )
         checked += 1
     assert checked == 9
 
@@ -157,8 +174,18 @@ def test_benchmark_end_to_end(name, mocked, env):
     """The runner's score equals nearest-class-embedding accuracy computed directly."""
     model, variables, tokenizer, mesh, embedder, cache = env
     b = benchmark(name)
-    record = run_benchmarks([b], model, variables, tokenizer, mesh, mocked, batch_size=BATCH,
-                            paper_model="ViT-B-32", embedder=embedder, class_cache=cache)
+    record = run_benchmarks(
+        [b],
+        model,
+        variables,
+        tokenizer,
+        mesh,
+        mocked,
+        batch_size=BATCH,
+        paper_model="ViT-B-32",
+        embedder=embedder,
+        class_cache=cache,
+    )
     assert not record["skipped"]
     r = record["results"][name]
     assert r["metrics"]["num_examples"] == benchmark_mocks.NUM_IMAGES
@@ -168,16 +195,15 @@ def test_benchmark_end_to_end(name, mocked, env):
     labels = benchmark_mocks.expected_labels(name)
     rows = remap_labels(labels, b.class_indices) if b.class_indices else labels
     counts = {n: c for n, c in r["details"]["class_counts"].items() if c}
-    assert counts == {b.classnames[i]: int(c) for i, c in zip(*np.unique(rows,
-                                                                        return_counts=True))}
+    assert counts == {b.classnames[i]: int(c) for i, c in zip(*np.unique(rows, return_counts=True))}
     # Cached class embeddings are those of this benchmark's names and templates.
     probe = [b.classnames[i] for i in sorted({0, int(rows[0]), b.num_classes - 1})]
     fresh = class_embeddings(lambda t: embedder.embed_texts(t, tokenizer), probe, b.templates)
-    np.testing.assert_allclose(np.stack([cache[(b.templates, c)] for c in probe]), fresh,
-                               atol=2e-5)
+    np.testing.assert_allclose(np.stack([cache[(b.templates, c)] for c in probe]), fresh, atol=2e-5)
     # Accuracy from the same images embedded directly.
-    images = [im if im.shape[-1] == 3 else np.repeat(im, 3, -1)
-              for im in benchmark_mocks.images(name)]
+    images = [
+        im if im.shape[-1] == 3 else np.repeat(im, 3, -1) for im in benchmark_mocks.images(name)
+    ]
     image_emb = embedder.embed_images(preprocess_images(images, MICRO.image_size))
     class_emb = np.stack([cache[(b.templates, c)] for c in b.classnames])
     correct = (image_emb @ class_emb.T).argmax(1) == rows
@@ -201,8 +227,17 @@ def test_benchmark_as_a_config_evaluator(mocked, env):
     config.evaluators = ml_collections.ConfigDict()
     config.evaluators.imagenet_r = benchmark("imagenet_r").zeroshot_block(mocked)
     metrics, _ = evaluate_all(config, model, variables, tokenizer, mesh)
-    record = run_benchmarks([benchmark("imagenet_r")], model, variables, tokenizer, mesh, mocked,
-                            batch_size=BATCH, embedder=embedder, class_cache=cache)
+    record = run_benchmarks(
+        [benchmark("imagenet_r")],
+        model,
+        variables,
+        tokenizer,
+        mesh,
+        mocked,
+        batch_size=BATCH,
+        embedder=embedder,
+        class_cache=cache,
+    )
     ours = record["results"]["imagenet_r"]["metrics"]
     for key in ("top1", "top5", "mean_per_class", "num_examples"):
         assert metrics[f"imagenet_r/{key}"] == pytest.approx(ours[key]), key
@@ -213,9 +248,17 @@ def test_unprepared_benchmarks_are_skipped_with_the_build_command(mocked, env):
     for name in ("imagenet1k", "resisc45"):
         benchmark_mocks.unprepare(name)
     try:
-        record = run_benchmarks(resolve("imagenet1k,mnist,resisc45"), model, variables,
-                                tokenizer, mesh, mocked, batch_size=BATCH, embedder=embedder,
-                                class_cache=cache)
+        record = run_benchmarks(
+            resolve("imagenet1k,mnist,resisc45"),
+            model,
+            variables,
+            tokenizer,
+            mesh,
+            mocked,
+            batch_size=BATCH,
+            embedder=embedder,
+            class_cache=cache,
+        )
     finally:
         for name in ("imagenet1k", "resisc45"):
             benchmark_mocks.prepare(name)
@@ -224,7 +267,8 @@ def test_unprepared_benchmarks_are_skipped_with_the_build_command(mocked, env):
     assert list(skipped) == ["imagenet1k", "resisc45"]
     assert skipped["imagenet1k"]["command"].startswith(
         f"tfds build imagenet2012 --data_dir {mocked} --manual_dir DIR (TFDS cannot download "
-        f"it: manual_dir should contain two files: ILSVRC2012_img_train.tar and")
+        f"it: manual_dir should contain two files: ILSVRC2012_img_train.tar and"
+    )
     assert skipped["resisc45"]["command"].startswith(f"tfds build resisc45 --data_dir {mocked}")
     table = format_benchmark_table(record)
     assert f"skipped imagenet1k: imagenet2012 is not prepared in {mocked}; prepare it" in table
@@ -278,8 +322,14 @@ def converted(tmp_path_factory) -> str:
     from clip_jax import convert
 
     variables = jax.jit(create_model(MICRO).init_variables)(jax.random.key(0))
-    return str(convert.save_converted(tmp_path_factory.mktemp("conv") / "micro", MICRO,
-                                      variables, source="/weights/openai/micro.pt"))
+    return str(
+        convert.save_converted(
+            tmp_path_factory.mktemp("conv") / "micro",
+            MICRO,
+            variables,
+            source="/weights/openai/micro.pt",
+        )
+    )
 
 
 def test_evaluate_benchmarks_table_json_and_paper_column(mocked, converted, tmp_path):
@@ -287,14 +337,29 @@ def test_evaluate_benchmarks_table_json_and_paper_column(mocked, converted, tmp_
     workdir = str(tmp_path / "out")
     benchmark_mocks.unprepare("food101")
     try:
-        record, path = evaluate_benchmarks(None, workdir, "cifar10,pcam,food101", mocked,
-                                           init_from=converted, paper_model="ViT-B-32")
+        record, path = evaluate_benchmarks(
+            None,
+            workdir,
+            "cifar10,pcam,food101",
+            mocked,
+            init_from=converted,
+            paper_model="ViT-B-32",
+        )
     finally:
         benchmark_mocks.prepare("food101")
     lines = format_benchmark_table(record).splitlines()
     table = "\n".join(lines)
-    assert lines[0].split() == ["benchmark", "dataset", "metric", "classes", "images", "score",
-                                "paper", "ViT-B-32", "diff"], table
+    assert lines[0].split() == [
+        "benchmark",
+        "dataset",
+        "metric",
+        "classes",
+        "images",
+        "score",
+        "paper",
+        "ViT-B-32",
+        "diff",
+    ], table
     cifar, pcam, mean = lines[2].split(), lines[3].split(), lines[4].split()
     assert cifar[:6] == ["cifar10", "cifar10", "test", "top1", "10", "5"], table
     assert cifar[7] == "91.3" and float(cifar[8]) == pytest.approx(float(cifar[6]) - 91.3), table
@@ -302,8 +367,10 @@ def test_evaluate_benchmarks_table_json_and_paper_column(mocked, converted, tmp_
     assert pcam[7] == "58.4", table
     assert mean[:3] == ["mean", "2", "benchmarks"], table
     assert float(mean[4]) == pytest.approx((91.3 + 58.4) / 2, abs=0.051), table
-    assert lines[5] == (f"skipped food101: food101 is not prepared in {mocked}; prepare it with: "
-                        f"tfds build food101 --data_dir {mocked}"), table
+    assert lines[5] == (
+        f"skipped food101: food101 is not prepared in {mocked}; prepare it with: "
+        f"tfds build food101 --data_dir {mocked}"
+    ), table
     assert path == os.path.join(workdir, "benchmarks_converted.json")
     saved = json.loads(Path(path).read_text())
     assert saved["paper_model"] == "ViT-B-32" and saved["kind"] == "converted"
@@ -320,23 +387,42 @@ def test_evaluate_benchmarks_table_json_and_paper_column(mocked, converted, tmp_
     with pytest.raises(EvalError, match="^--benchmarks needs --tfds_data_dir"):
         evaluate_benchmarks(None, workdir, "all", None, init_from=converted)
     with pytest.raises(EvalError, match="^--paper_model 'ViT-B-33': the paper has numbers for"):
-        evaluate_benchmarks(None, workdir, "all", mocked, init_from=converted,
-                            paper_model="ViT-B-33")
+        evaluate_benchmarks(
+            None, workdir, "all", mocked, init_from=converted, paper_model="ViT-B-33"
+        )
 
 
 def test_cli_lists_unprepared_benchmarks_without_downloading(converted, tmp_path):
     """The real command line on an empty TFDS data_dir: every benchmark skipped, exit 0."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH",
-                                                                                  "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    )
     (tmp_path / "tfds").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "clip_jax.evaluate", "--workdir", str(tmp_path / "out"),
-         "--init_from", converted, "--benchmarks", "imagenet1k,sun397", "--tfds_data_dir",
-         str(tmp_path / "tfds")], env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.evaluate",
+            "--workdir",
+            str(tmp_path / "out"),
+            "--init_from",
+            converted,
+            "--benchmarks",
+            "imagenet1k,sun397",
+            "--tfds_data_dir",
+            str(tmp_path / "tfds"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[2] == "(no benchmark evaluated)", proc.stdout
-    assert lines[3].startswith(f"skipped imagenet1k: imagenet2012 is not prepared in {tmp_path}"
-                               f"/tfds; prepare it with: tfds build imagenet2012 --data_dir ")
+    assert lines[3].startswith(
+        f"skipped imagenet1k: imagenet2012 is not prepared in {tmp_path}"
+        f"/tfds; prepare it with: tfds build imagenet2012 --data_dir "
+    )
     assert lines[4].endswith(f"tfds build sun397/standard-part1-120k --data_dir {tmp_path}/tfds")
     assert lines[5] == f"wrote {tmp_path}/out/benchmarks_converted.json"

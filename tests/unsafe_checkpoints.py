@@ -3,6 +3,7 @@
 Shared by the tests of clip_jax.torchscript and of the convert CLI. Importing this module runs
 nothing harmful; only `torch.jit.load` / plain unpickling of the files it builds does.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,4 +72,4 @@ class Opener:
         self.path = path
 
     def __reduce__(self):
-        return (open, (self.path, "w"))   # unpickling calls open(path, "w"): creates the file
+        return (open, (self.path, "w"))  # unpickling calls open(path, "w"): creates the file

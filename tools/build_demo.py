@@ -25,6 +25,7 @@ inputs, seeded shuffles).
 Only the standard library, PIL and ftfy are imported here, so that the tests can import
 :func:`normalize_caption` cheaply. The builder is not run by the tests: its output is committed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,24 +98,68 @@ _PERL_HASH = re.compile(r"0x[0-9a-f]{5,}", re.I)
 
 # Keywords that carry no information about the picture: upload-tool tags, theme names, the
 # package's own sorting bins.
-_STOP_KEYWORDS = frozenset({
-    "hash", "icons", "icon", "theme", "lemon theme icon", "magick", "geometry", "unsorted",
-    "action", "application", "applications", "mimetypes", "mime-types", "mime types", "appicon",
-    "menu", "work", "signs and symbols", "united nations member", "mapsym", "map symbol",
-    "networksym", "religholiday", "musicstuff", "miscellany", "subnational", "shapes", "shape",
-    "clip art", "clipart", "openclipart", "image", "picture", "simple", "other", "misc", "stuff",
-    "filesystem", "filesystems", "device", "devices", "stock", "apps",
-})  # compared after clean_text() and lower(): underscores are spaces by then
+_STOP_KEYWORDS = frozenset(
+    {
+        "hash",
+        "icons",
+        "icon",
+        "theme",
+        "lemon theme icon",
+        "magick",
+        "geometry",
+        "unsorted",
+        "action",
+        "application",
+        "applications",
+        "mimetypes",
+        "mime-types",
+        "mime types",
+        "appicon",
+        "menu",
+        "work",
+        "signs and symbols",
+        "united nations member",
+        "mapsym",
+        "map symbol",
+        "networksym",
+        "religholiday",
+        "musicstuff",
+        "miscellany",
+        "subnational",
+        "shapes",
+        "shape",
+        "clip art",
+        "clipart",
+        "openclipart",
+        "image",
+        "picture",
+        "simple",
+        "other",
+        "misc",
+        "stuff",
+        "filesystem",
+        "filesystems",
+        "device",
+        "devices",
+        "stock",
+        "apps",
+    }
+)  # compared after clean_text() and lower(): underscores are spaces by then
 _STOP_WORDS_IN_KEYWORDS = frozenset(
     "hash icons icon theme magick unsorted mimetypes appicon mapsym networksym religholiday".split()
 )
 
 _PLAYING_CARD = re.compile(
-    r"^(bordered|ornamental|simple|white)_(?:([cdhs])_(a|10|[2-9jqk])|jk_([br]))$")
+    r"^(bordered|ornamental|simple|white)_(?:([cdhs])_(a|10|[2-9jqk])|jk_([br]))$"
+)
 _CARD_SUITS = {"c": "clubs", "d": "diamonds", "h": "hearts", "s": "spades"}
 # Ranks in words: captions are compared without digits, so "2 of hearts" would equal "3 of ...".
-_CARD_RANKS = dict(zip("a 2 3 4 5 6 7 8 9 10 j q k".split(),
-                       "ace two three four five six seven eight nine ten jack queen king".split()))
+_CARD_RANKS = dict(
+    zip(
+        "a 2 3 4 5 6 7 8 9 10 j q k".split(),
+        "ace two three four five six seven eight nine ten jack queen king".split(),
+    )
+)
 
 MAX_TITLE_WORDS = 12
 MAX_DESCRIPTION_WORDS = 25
@@ -129,21 +174,29 @@ COLLECTION_TITLE_MIN = 10
 CLASSES: dict[str, frozenset[str]] = {
     name: frozenset(words.split())
     for name, words in [
-        ("bird", "bird birds eagle eagles owl parrot penguin penguins swan duck rooster hen "
-                 "chicken aquila acquila cigno"),
+        (
+            "bird",
+            "bird birds eagle eagles owl parrot penguin penguins swan duck rooster hen "
+            "chicken aquila acquila cigno",
+        ),
         ("fish", "fish fishes goldfish shark pesce"),
-        ("insect", "insect insects bug bugs butterfly bee ladybug ladybird dragonfly damselfly "
-                   "beetle ant ants fly wasp"),
+        (
+            "insect",
+            "insect insects bug bugs butterfly bee ladybug ladybird dragonfly damselfly "
+            "beetle ant ants fly wasp",
+        ),
         ("cat", "cat cats kitten kitty gatto"),
         ("dog", "dog dogs puppy cane"),
         ("horse", "horse horses pony cavallo"),
         ("dinosaur", "dinosaur dinosaurs dino dinosauro"),
         ("flower", "flower flowers rose roses tulip daisy sunflower fiore"),
         ("tree", "tree trees pine oak albero"),
-        ("fruit", "fruit fruits apple apples banana pear pears cherry cherries grape grapes "
-                  "strawberry lemon orange peach"),
-        ("dessert", "dessert desserts cake cakes icecream pie cookie cookies candy cupcake "
-                    "gelato"),
+        (
+            "fruit",
+            "fruit fruits apple apples banana pear pears cherry cherries grape grapes "
+            "strawberry lemon orange peach",
+        ),
+        ("dessert", "dessert desserts cake cakes icecream pie cookie cookies candy cupcake gelato"),
         ("drink", "drink drinks beverage beverages beer wine coffee tea juice cocktail"),
         ("house", "house houses home homes hut cottage casa"),
         ("car", "car cars automobile hummer jeep taxi"),
@@ -273,8 +326,9 @@ def name_from_file(file_name: str, creator: str = "") -> str:
             tokens.append(token)
     creator_words = normalize_caption(clean_text(creator)).split()
     # File names often end in a cut-off author name and initials: "bullet_hole_linda_kim_r".
-    while tokens and (len(tokens[-1]) == 1 or any(
-            w.startswith(tokens[-1].lower()) for w in creator_words)):
+    while tokens and (
+        len(tokens[-1]) == 1 or any(w.startswith(tokens[-1].lower()) for w in creator_words)
+    ):
         tokens.pop()
     if not any(len(t) >= 3 for t in tokens):
         return ""
@@ -398,7 +452,9 @@ def package_versions(packages: Sequence[str] = REQUIRED_PACKAGES) -> dict[str, s
         try:
             result = subprocess.run(
                 ["dpkg-query", "-W", "-f=${Version}", package],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             )
             versions[package] = result.stdout.strip() or "unknown"
         except (OSError, subprocess.CalledProcessError) as err:
@@ -498,7 +554,8 @@ def render_svg(svg_path: Path, box: int) -> Image.Image:
     """Renders an SVG with rsvg-convert into a PNG that fits a ``box x box`` square."""
     result = subprocess.run(
         ["rsvg-convert", "--keep-aspect-ratio", "-w", str(box), "-h", str(box), str(svg_path)],
-        capture_output=True, check=False,
+        capture_output=True,
+        check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"rsvg-convert failed on {svg_path}: {result.stderr.decode()[-300:]}")
@@ -595,13 +652,13 @@ def make_splits(
             if len(labels) == 1:
                 candidates[labels[0]].append(norm)
     classnames = [
-        name for name in CLASSES
-        if sum(len(groups[g]) for g in candidates[name]) >= min_per_class
+        name for name in CLASSES if sum(len(groups[g]) for g in candidates[name]) >= min_per_class
     ]
     for name in CLASSES:
         if name not in classnames:
             counts[f"class dropped (< {min_per_class} images): {name}"] = sum(
-                len(groups[g]) for g in candidates[name])
+                len(groups[g]) for g in candidates[name]
+            )
     classify_groups: set[str] = set()
     classify: list[ClipArt] = []
     labels: dict[str, int] = {}
@@ -625,7 +682,8 @@ def make_splits(
     if len(remaining) < 2 * heldout_size:
         raise ValueError(
             f"only {len(remaining)} caption groups left for heldout+train; heldout_size="
-            f"{heldout_size} would leave too little to train on")
+            f"{heldout_size} would leave too little to train on"
+        )
     heldout = []
     for norm in remaining[:heldout_size]:
         members = groups[norm]
@@ -660,9 +718,11 @@ def write_shard(
     labels: Optional[dict[str, int]] = None,
 ) -> None:
     """One gzipped tar: ``{key}.jpg``, ``{key}.txt`` (utf-8) and, with labels, ``{key}.cls``."""
-    with open(path, "wb") as raw, gzip.GzipFile(
-        filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9
-    ) as gz, tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with (
+        open(path, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar,
+    ):
         for item in items:
             _add_member(tar, f"{item.key}.jpg", images[item.key])
             _add_member(tar, f"{item.key}.txt", captions[item.key].encode("utf-8"))
@@ -672,7 +732,7 @@ def write_shard(
 
 def _chunks(items: Sequence[ClipArt], n: int) -> list[Sequence[ClipArt]]:
     bounds = [round(i * len(items) / n) for i in range(n + 1)]
-    return [items[bounds[i]: bounds[i + 1]] for i in range(n)]
+    return [items[bounds[i] : bounds[i + 1]] for i in range(n)]
 
 
 def write_provenance(
@@ -725,13 +785,13 @@ def write_provenance(
         "- Images: the package's PNGs (symlinked duplicates counted once); PNGs above PIL's",
         "  decompression-bomb limit are rendered from their SVG with `rsvg-convert`; drawings",
         "  whose SVG links an image file that is not in the package are skipped (their PNG shows",
-        "  a \"Linked Image Not Found\" placeholder). Alpha is flattened onto white, the image",
+        '  a "Linked Image Not Found" placeholder). Alpha is flattened onto white, the image',
         "  cropped to the drawing's bounding box, scaled so its longer side fills the square less",
         f"  a 1/32 margin (aspect kept) and padded with white to {size}x{size} (padding, not",
         f"  center-cropping); JPEG quality {quality}.",
         "- Captions: from each SVG's RDF metadata: `<title>. <description>. <keywords>.`",
         "  HTML entities and mojibake repaired, whitespace collapsed; collection/theme titles",
-        "  (\"Part of the Flat Icon Collection ...\", \"gramastar\", \"Lemon SVG theme\", ...),",
+        '  ("Part of the Flat Icon Collection ...", "gramastar", "Lemon SVG theme", ...),',
         "  licence/URL descriptions, tool tags and author names among the keywords dropped; the",
         f"  description cut to its first sentence ({MAX_DESCRIPTION_WORDS} words at most), at most",
         f"  {MAX_KEYWORDS} keywords not already in the text. Images whose title and description",
@@ -761,15 +821,24 @@ def write_provenance(
         "| label | class | images |",
         "|---|---|---|",
     ]
-    lines += [f"| {i} | {name} | {class_counts[name]} |"
-              for i, name in enumerate(splits.classnames)]
+    lines += [
+        f"| {i} | {name} | {class_counts[name]} |" for i, name in enumerate(splits.classnames)
+    ]
     lines += ["", "## Build log", ""]
     lines += [f"- {name}: {value}" for name, value in sorted(counts.items())]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def build(output: Path, size: int, seed: int, quality: int, train_shards: int,
-          heldout_size: int, workers: int, command: str) -> dict[str, int]:
+def build(
+    output: Path,
+    size: int,
+    seed: int,
+    quality: int,
+    train_shards: int,
+    heldout_size: int,
+    workers: int,
+    command: str,
+) -> dict[str, int]:
     """Builds the whole demo folder; returns images per split, bytes written and seconds taken."""
     start = time.time()
     check_sources(SOURCE_ROOT)
@@ -800,59 +869,88 @@ def build(output: Path, size: int, seed: int, quality: int, train_shards: int,
     for i, chunk in enumerate(_chunks(splits.train, train_shards)):
         write_shard(output / f"train-{i:05d}.tar.gz", chunk, images, splits.captions)
     write_shard(output / "heldout-00000.tar.gz", splits.heldout, images, splits.captions)
-    write_shard(output / "classify-00000.tar.gz", splits.classify, images, splits.captions,
-                splits.labels)
+    write_shard(
+        output / "classify-00000.tar.gz", splits.classify, images, splits.captions, splits.labels
+    )
     (output / "classnames.txt").write_text("\n".join(splits.classnames) + "\n", encoding="utf-8")
 
-    split_of = {it.key: name for name in ("train", "heldout", "classify")
-                for it in getattr(splits, name)}
+    split_of = {
+        it.key: name for name in ("train", "heldout", "classify") for it in getattr(splits, name)
+    }
     rows = ["key\tsplit\tlabel\tsource\tauthor"]
     for item in selected:
         if item.key in split_of:
             label = splits.labels.get(item.key, "")
             author = clean_text(item.creator).replace("\t", " ")
-            rows.append(f"{item.key}\t{split_of[item.key]}\t{label}\t"
-                        f"openclipart/png/{item.rel}.png\t{author}")
+            rows.append(
+                f"{item.key}\t{split_of[item.key]}\t{label}\t"
+                f"openclipart/png/{item.rel}.png\t{author}"
+            )
     (output / "sources.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
-    class_counts = collections.Counter(splits.classnames[splits.labels[it.key]]
-                                       for it in splits.classify)
+    class_counts = collections.Counter(
+        splits.classnames[splits.labels[it.key]] for it in splits.classify
+    )
     provenance = output / "PROVENANCE.md"
     # Total size including PROVENANCE.md itself: write once to measure, then rewrite.
     for _ in range(2):
         total = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
         write_provenance(
-            provenance, command=command, seed=seed, size=size, quality=quality,
-            versions=package_versions(), splits=splits,
-            shard_counts={"train": train_shards, "heldout": 1, "classify": 1}, counts=counts,
-            class_counts=class_counts, total_bytes=total,
+            provenance,
+            command=command,
+            seed=seed,
+            size=size,
+            quality=quality,
+            versions=package_versions(),
+            splits=splits,
+            shard_counts={"train": train_shards, "heldout": 1, "classify": 1},
+            counts=counts,
+            class_counts=class_counts,
+            total_bytes=total,
         )
-    return {"train": len(splits.train), "heldout": len(splits.heldout),
-            "classify": len(splits.classify), "bytes": total,
-            "seconds": round(time.time() - start)}
+    return {
+        "train": len(splits.train),
+        "heldout": len(splits.heldout),
+        "classify": len(splits.classify),
+        "bytes": total,
+        "seconds": round(time.time() - start),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python tools/build_demo.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="output folder (default: the package's data/demo)")
+        prog="python tools/build_demo.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="output folder (default: the package's data/demo)",
+    )
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
     parser.add_argument("--quality", type=int, default=85, help="JPEG quality")
     parser.add_argument("--train-shards", type=int, default=8, help="number of train shards")
     parser.add_argument("--heldout-size", type=int, default=800, help="held-out pairs")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="image encoding processes")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="image encoding processes"
+    )
     args = parser.parse_args(argv)
     if args.size < 8 or not 1 <= args.quality <= 100 or args.train_shards < 1:
         parser.error("need --size >= 8, 1 <= --quality <= 100 and --train-shards >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    command = "python tools/build_demo.py " + " ".join(
-        sys.argv[1:] if argv is None else list(argv))
+    command = "python tools/build_demo.py " + " ".join(sys.argv[1:] if argv is None else list(argv))
     try:
-        result = build(args.output, args.size, args.seed, args.quality, args.train_shards,
-                       args.heldout_size, args.workers, command.strip())
+        result = build(
+            args.output,
+            args.size,
+            args.seed,
+            args.quality,
+            args.train_shards,
+            args.heldout_size,
+            args.workers,
+            command.strip(),
+        )
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 Importing this package is cheap: the public names below are loaded on first use (TensorFlow
 and JAX are heavy imports), e.g. `clip_jax.data.build_train_dataset` imports the pipeline.
 """
+
 import importlib
 
 _LAZY = {

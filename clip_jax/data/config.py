@@ -4,6 +4,7 @@ The training config embeds `get_default_config()` as `config.data`. A mixture is
 `sources`, a tuple of dicts holding any of the per-source keys (`SOURCE_KEYS`) plus `weight`;
 keys a mixture entry leaves out are taken from the top level.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,19 @@ import ml_collections
 
 SOURCES = ("demo", "tfds", "tar", "tfrecord", "image_folder", "synthetic")
 # Keys that describe one source; a `sources` entry may set any of them (plus "weight").
-SOURCE_KEYS = ("source", "split", "shards", "tfds_name", "tfds_data_dir", "image_key",
-               "text_key", "label_key", "label_template", "caption_field", "image_folder")
+SOURCE_KEYS = (
+    "source",
+    "split",
+    "shards",
+    "tfds_name",
+    "tfds_data_dir",
+    "image_key",
+    "text_key",
+    "label_key",
+    "label_template",
+    "caption_field",
+    "image_folder",
+)
 _RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
 DECODE_MODES = ("auto", "window", "full")
 
@@ -92,6 +104,7 @@ def get_default_config() -> ml_collections.ConfigDict:
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
     """One resolved input source (see `get_default_config` for the meaning of each field)."""
+
     source: str = "demo"
     split: str = "train"
     shards: Any = ""
@@ -124,8 +137,10 @@ def source_specs(config) -> list[SourceSpec]:
         entry = dict(entry.to_dict() if hasattr(entry, "to_dict") else entry)
         unknown = set(entry) - set(SOURCE_KEYS) - {"weight"}
         if unknown:
-            raise ValueError(f"data.sources[{i}] has unknown key(s) {sorted(unknown)}; allowed: "
-                             f"{list(SOURCE_KEYS) + ['weight']}")
+            raise ValueError(
+                f"data.sources[{i}] has unknown key(s) {sorted(unknown)}; allowed: "
+                f"{list(SOURCE_KEYS) + ['weight']}"
+            )
         specs.append(SourceSpec(**{**top, **entry}))
     return specs
 
@@ -146,15 +161,19 @@ def validate_source(spec: SourceSpec, where: str = "data") -> None:
         raise ValueError(f"{where}.source={spec.source!r} unknown; choose one of {SOURCES}")
     if spec.source == "demo":
         from clip_jax.data.shards import DEMO_SPLITS
+
         if spec.split not in DEMO_SPLITS:
-            raise ValueError(f"{where}.split={spec.split!r} is not a demo split "
-                             f"({sorted(DEMO_SPLITS)})")
+            raise ValueError(
+                f"{where}.split={spec.split!r} is not a demo split ({sorted(DEMO_SPLITS)})"
+            )
     if spec.source in ("tar", "tfrecord") and not spec.shards:
         raise ValueError(f"{where}.shards is empty; source {spec.source!r} needs shard patterns")
     if spec.source == "tfds":
         if not spec.tfds_data_dir:
-            raise ValueError(f"{where}.tfds_data_dir is empty; source 'tfds' needs the folder "
-                             "holding the prepared dataset (no downloads)")
+            raise ValueError(
+                f"{where}.tfds_data_dir is empty; source 'tfds' needs the folder "
+                "holding the prepared dataset (no downloads)"
+            )
         if not spec.image_key:
             raise ValueError(f"{where}.image_key is empty")
         if not spec.text_key and not spec.label_key:
@@ -193,8 +212,9 @@ def validate(config) -> None:
     if _get(config, "decode", "auto") not in DECODE_MODES:
         raise ValueError(f"data.decode={config.decode!r}; choose one of {DECODE_MODES}")
     if config.resize_method not in _RESIZE_METHODS:
-        raise ValueError(f"data.resize_method={config.resize_method!r}; choose one of "
-                         f"{_RESIZE_METHODS}")
+        raise ValueError(
+            f"data.resize_method={config.resize_method!r}; choose one of {_RESIZE_METHODS}"
+        )
     for key in ("shuffle_buffer", "threadpool_size", "device_prefetch"):
         if int(config[key]) < 0:
             raise ValueError(f"data.{key}={config[key]!r} must be >= 0")
@@ -205,9 +225,11 @@ def validate(config) -> None:
             raise ValueError(f"data.{key}={config[key]!r} must be -1 (AUTOTUNE) or positive")
     tok = config.tokenizer
     if not isinstance(tok, str):
-        raise ValueError(f"data.tokenizer={tok!r} must be a tokenizer name or a SentencePiece "
-                         "'.model' path")
+        raise ValueError(
+            f"data.tokenizer={tok!r} must be a tokenizer name or a SentencePiece '.model' path"
+        )
     from clip_jax import tokenizers  # the one owner of which names exist
+
     try:
         tokenizers.check_name(tok)
     except ValueError as err:

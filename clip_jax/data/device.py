@@ -4,6 +4,7 @@ Each process feeds its local slice of the global batch (`local_batch_size` rows,
 addressable devices hold under `sharding`); `jax.make_array_from_process_local_data` assembles
 the global array without any cross-host copy.
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,9 @@ def _is_device_array(value: np.ndarray) -> bool:
     return value.dtype.kind in "biuf"  # bool, signed/unsigned int, float
 
 
-def make_global_batch(local_batch: Mapping[str, Any], sharding,
-                      host_keys: Sequence[str] = DEFAULT_HOST_KEYS) -> dict:
+def make_global_batch(
+    local_batch: Mapping[str, Any], sharding, host_keys: Sequence[str] = DEFAULT_HOST_KEYS
+) -> dict:
     """Builds global arrays from this process's rows.
 
     Args:
@@ -75,10 +77,14 @@ def _fetch_in_background(iterator: Iterable, size: int) -> "queue.Queue":
     return out
 
 
-def prefetch_to_device(iterator: Iterable[Mapping[str, Any]], size: int, sharding,
-                       host_keys: Sequence[str] = DEFAULT_HOST_KEYS,
-                       poll: Callable[[], None] | None = None,
-                       poll_interval_s: float = 1.0) -> Iterator[dict]:
+def prefetch_to_device(
+    iterator: Iterable[Mapping[str, Any]],
+    size: int,
+    sharding,
+    host_keys: Sequence[str] = DEFAULT_HOST_KEYS,
+    poll: Callable[[], None] | None = None,
+    poll_interval_s: float = 1.0,
+) -> Iterator[dict]:
     """Yields `make_global_batch(batch)` for each host batch, keeping `size` batches ahead.
 
     Transfers are asynchronous, so while the step runs on batch i the next `size` batches are

@@ -8,6 +8,7 @@ captions.jsonl holds one JSON object per line: {"image": "relative/path.jpg", "c
 Images are stored as they are (no re-encoding). Output: OUT/00000.tar, OUT/00001.tar, ... (or
 .tar.gz / .tfrecord), samples keyed by their line number ("000000123").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from clip_jax.data.sources import IMAGE_EXTENSIONS
 
 class Sample(NamedTuple):
     """One sample to write: encoded image bytes and their format extension ("jpg", "png"...)."""
+
     key: str
     image: bytes
     image_ext: str
@@ -66,8 +68,14 @@ def write_tfrecord_shard(path: str, samples: Iterable[Sample]) -> int:
     return count
 
 
-def write_shards(samples: Iterable[Sample], output: str, *, fmt: str = "tar",
-                 shard_size: int = 1000, gzip: bool = False) -> list[str]:
+def write_shards(
+    samples: Iterable[Sample],
+    output: str,
+    *,
+    fmt: str = "tar",
+    shard_size: int = 1000,
+    gzip: bool = False,
+) -> list[str]:
     """Splits `samples` into shards of `shard_size` under `output`; returns the shard paths."""
     if fmt not in ("tar", "tfrecord"):
         raise ValueError(f"format {fmt!r} unknown; use 'tar' or 'tfrecord'")
@@ -95,9 +103,14 @@ def write_shards(samples: Iterable[Sample], output: str, *, fmt: str = "tar",
     return paths
 
 
-def read_caption_file(images_dir: str, captions: str, *, image_field: str = "image",
-                      caption_field: str = "caption", label_field: str = "label"
-                      ) -> Iterator[Sample]:
+def read_caption_file(
+    images_dir: str,
+    captions: str,
+    *,
+    image_field: str = "image",
+    caption_field: str = "caption",
+    label_field: str = "label",
+) -> Iterator[Sample]:
     """Yields samples from a captions.jsonl; errors name the offending line."""
     with open(captions, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -113,8 +126,10 @@ def read_caption_file(images_dir: str, captions: str, *, image_field: str = "ima
             rel = row[image_field]
             ext = rel.rsplit(".", 1)[-1].lower() if "." in rel else ""
             if ext not in IMAGE_EXTENSIONS:
-                raise ValueError(f"{where}: image {rel!r} has extension {ext!r}, expected one of "
-                                 f"{IMAGE_EXTENSIONS}")
+                raise ValueError(
+                    f"{where}: image {rel!r} has extension {ext!r}, expected one of "
+                    f"{IMAGE_EXTENSIONS}"
+                )
             path = os.path.join(images_dir, rel)
             if not os.path.isfile(path):
                 raise ValueError(f"{where}: image file {path!r} does not exist")
@@ -123,8 +138,13 @@ def read_caption_file(images_dir: str, captions: str, *, image_field: str = "ima
                 raise ValueError(f"{where}: label {label!r} is not an integer")
             with open(path, "rb") as img:
                 data = img.read()
-            yield Sample(key=f"{lineno - 1:09d}", image=data, image_ext=ext,
-                         caption=str(row[caption_field]), label=label)
+            yield Sample(
+                key=f"{lineno - 1:09d}",
+                image=data,
+                image_ext=ext,
+                caption=str(row[caption_field]),
+                label=label,
+            )
 
 
 def main(argv=None) -> None:
@@ -137,29 +157,48 @@ def main(argv=None) -> None:
     parser.add_argument("--gzip", action="store_true", help="write .tar.gz shards")
     parser.add_argument("--image-field", default="image")
     parser.add_argument("--caption-field", default="caption")
-    parser.add_argument("--label-field", default="label",
-                        help="JSON field with an integer class label (written as .cls / "
-                             "image/class/label when present)")
-    parser.add_argument("--classnames", default=None,
-                        help="optional classnames.txt copied next to the shards")
+    parser.add_argument(
+        "--label-field",
+        default="label",
+        help="JSON field with an integer class label (written as .cls / "
+        "image/class/label when present)",
+    )
+    parser.add_argument(
+        "--classnames", default=None, help="optional classnames.txt copied next to the shards"
+    )
     args = parser.parse_args(argv)
-    samples = read_caption_file(args.images, args.captions, image_field=args.image_field,
-                                caption_field=args.caption_field, label_field=args.label_field)
+    samples = read_caption_file(
+        args.images,
+        args.captions,
+        image_field=args.image_field,
+        caption_field=args.caption_field,
+        label_field=args.label_field,
+    )
     counter = {"n": 0}
 
     def counted(it):
         for s in it:
             counter["n"] += 1
             yield s
-    paths = write_shards(counted(samples), args.output, fmt=args.format,
-                         shard_size=args.shard_size, gzip=args.gzip)
+
+    paths = write_shards(
+        counted(samples), args.output, fmt=args.format, shard_size=args.shard_size, gzip=args.gzip
+    )
     if args.classnames:
         with open(args.classnames, encoding="utf-8") as src:
             names = src.read()
         with open(os.path.join(args.output, "classnames.txt"), "w", encoding="utf-8") as dst:
             dst.write(names)
-    print(json.dumps({"shards": len(paths), "samples": counter["n"], "output": args.output,
-                      "format": args.format}))
+    print(
+        json.dumps(
+            {
+                "shards": len(paths),
+                "samples": counter["n"],
+                "output": args.output,
+                "format": args.format,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

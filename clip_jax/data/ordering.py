@@ -13,6 +13,7 @@ Positions: every element carries `position`, int64 `[num_sources + 1]`: for each
 many of its (shuffled) raw records have been consumed up to and including this element, and
 last, how many mixed elements have been consumed. For a single source both numbers are equal.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -47,8 +48,7 @@ class ShardPlan:
     resuming opens only the shards in flight, whatever the position (`resume_point`).
     """
 
-    def __init__(self, num_files: int, *, seed: Sequence[int], cycle_length: int,
-                 resample: bool):
+    def __init__(self, num_files: int, *, seed: Sequence[int], cycle_length: int, resample: bool):
         if num_files < 1:
             raise ValueError("a shard plan needs at least one file")
         self.num_files = num_files
@@ -136,8 +136,9 @@ def block_start(start: int, block: int) -> int:
     return start if block <= 1 else start // block * block
 
 
-def block_shuffle(raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: int = 0,
-                  on_block=None) -> tf.data.Dataset:
+def block_shuffle(
+    raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: int = 0, on_block=None
+) -> tf.data.Dataset:
     """Shuffles a raw stream within blocks of `block` records and skips the first `start` outputs.
 
     `raw` must begin at raw record `block_start(start, block)` (the caller opens the shards
@@ -172,8 +173,13 @@ def block_shuffle(raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: in
     return ds.unbatch().skip(within)
 
 
-def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf.Tensor,
-        start: Sequence[int] | None = None) -> tf.data.Dataset:
+def mix(
+    sources: Sequence[tf.data.Dataset],
+    weights: Sequence[float],
+    *,
+    key: tf.Tensor,
+    start: Sequence[int] | None = None,
+) -> tf.data.Dataset:
     """Mixes endless per-source streams (from `block_shuffle`) and attaches `position`.
 
     Element i comes from the source a uniform draw falls to in the weights' cumulative sum; the
@@ -189,8 +195,10 @@ def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf
     num = len(sources)
     start = list(start) if start is not None else [0] * (num + 1)
     if len(start) != num + 1:
-        raise ValueError(f"start position has {len(start)} entries; expected {num + 1} "
-                         f"({num} source counts + mixed count)")
+        raise ValueError(
+            f"start position has {len(start)} entries; expected {num + 1} "
+            f"({num} source counts + mixed count)"
+        )
     if num == 1:
         # One source: both counts are the source's own position, derived where the element is
         # next mapped (`position_and_index`) instead of in a stage of its own.
@@ -198,8 +206,10 @@ def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf
     else:
         w = np.asarray(weights, np.float64)
         if w.shape != (num,) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"mixture weights {list(weights)} must be {num} non-negative "
-                             "numbers with a positive sum")
+            raise ValueError(
+                f"mixture weights {list(weights)} must be {num} non-negative "
+                "numbers with a positive sum"
+            )
     # Choices are drawn CHOICE_CHUNK at a time (one uniform draw per chunk from (key, chunk)),
     # and the per-source counts of each element come from a cumulative sum over the chunk:
     # per element only an unbatch, the choice and a zip remain (a per-element categorical draw
@@ -212,16 +222,25 @@ def mix(sources: Sequence[tf.data.Dataset], weights: Sequence[float], *, key: tf
         u = tf.random.stateless_uniform([CHOICE_CHUNK], fold_in(key, c), dtype=tf.float64)
         src = tf.searchsorted(cdf, u, side="right", out_type=tf.int64)
         taken = tf.cast(tf.logical_or(c > first_chunk, lanes >= offset), tf.int64)
-        cum = counts[None, :] + tf.cumsum(tf.one_hot(src, num, dtype=tf.int64) *
-                                          taken[:, None], axis=0)
+        cum = counts[None, :] + tf.cumsum(
+            tf.one_hot(src, num, dtype=tf.int64) * taken[:, None], axis=0
+        )
         index = c * CHOICE_CHUNK + lanes
-        return cum[-1], {"source": src, "index": index,
-                         "position": tf.concat([cum, (index + 1)[:, None]], axis=1)}
+        return cum[-1], {
+            "source": src,
+            "index": index,
+            "position": tf.concat([cum, (index + 1)[:, None]], axis=1),
+        }
 
-    choices = (tf.data.Dataset.range(first_chunk, tf.int64.max)
-               .scan(tf.constant(start[:num], tf.int64), chunk).unbatch().skip(offset))
+    choices = (
+        tf.data.Dataset.range(first_chunk, tf.int64.max)
+        .scan(tf.constant(start[:num], tf.int64), chunk)
+        .unbatch()
+        .skip(offset)
+    )
     mixed = tf.data.Dataset.choose_from_datasets(
-        list(sources), choices.map(lambda c: c["source"]), stop_on_empty_dataset=True)
+        list(sources), choices.map(lambda c: c["source"]), stop_on_empty_dataset=True
+    )
 
     def attach(rec, choice):
         out = {k: v for k, v in rec.items() if k != "src_pos"}
@@ -247,8 +266,10 @@ def normalize_start(start_position, num_sources: int) -> list[int] | None:
     if arr.size == 1 and num_sources == 1:
         return [int(arr[0]), int(arr[0])]
     if arr.size != num_sources + 1:
-        raise ValueError(f"start_position {arr.tolist()} has {arr.size} entries; this pipeline "
-                         f"has {num_sources} source(s) and expects {num_sources + 1}")
+        raise ValueError(
+            f"start_position {arr.tolist()} has {arr.size} entries; this pipeline "
+            f"has {num_sources} source(s) and expects {num_sources + 1}"
+        )
     if np.any(arr < 0):
         raise ValueError(f"start_position {arr.tolist()} has negative entries")
     return [int(x) for x in arr]

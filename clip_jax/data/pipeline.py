@@ -14,6 +14,7 @@ in flight are opened.
 Eval: one source, every sample exactly once across processes, resize + center crop, the last
 batch padded to full size with `mask` marking real samples.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,7 +74,8 @@ class InputWatch:
         if seen - self._mark[1] > self.slack:
             raise NoUsableData(
                 f"no usable sample in {seen - self._mark[1]} records of {self.description}: "
-                "every image failed to decode or every caption is empty")
+                "every image failed to decode or every caption is empty"
+            )
 
 
 class DamagedJpegLog:
@@ -103,10 +105,12 @@ class DamagedJpegLog:
             self.count += 1
             count = self.count
         if count <= self.named:
-            logging.warning("input pipeline: sample %r has truncated JPEG data (no end-of-image "
-                            "marker); the libjpeg warning about it says 'Premature end of JPEG "
-                            "data'; undecodable samples are skipped and counted",
-                            key.decode("utf-8", errors="replace"))
+            logging.warning(
+                "input pipeline: sample %r has truncated JPEG data (no end-of-image "
+                "marker); the libjpeg warning about it says 'Premature end of JPEG "
+                "data'; undecodable samples are skipped and counted",
+                key.decode("utf-8", errors="replace"),
+            )
         elif count % 1000 == 0:
             logging.warning("input pipeline: %d samples with truncated JPEG data so far", count)
         return True
@@ -116,13 +120,13 @@ class DamagedJpegLog:
         n = tf.strings.length(encoded)
         k = tf.minimum(n, 64)
         tail = tf.io.decode_raw(tf.strings.substr(encoded, n - k, k), tf.uint8)
-        has_end = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF),
-                                               tf.equal(tail[1:], 0xD9)))
-        truncated = tf.logical_and(tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8"),
-                                   tf.logical_not(has_end))
-        return tf.cond(truncated,
-                       lambda: tf.py_function(self._log, [key], tf.bool),
-                       lambda: tf.constant(True))
+        has_end = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
+        truncated = tf.logical_and(
+            tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8"), tf.logical_not(has_end)
+        )
+        return tf.cond(
+            truncated, lambda: tf.py_function(self._log, [key], tf.bool), lambda: tf.constant(True)
+        )
 
 
 def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
@@ -140,26 +144,33 @@ def decode_dropping_errors(ds: tf.data.Dataset, fn, num_parallel_calls: int) -> 
     readers log and record damage themselves (`InputWatch.note_error`, truncated shards read up
     to the damage), and shard lists are checked for existence and readability at start.
     """
-    return ds.map(fn, num_parallel_calls=num_parallel_calls,
-                  deterministic=True).ignore_errors(log_warning=False)
+    return ds.map(fn, num_parallel_calls=num_parallel_calls, deterministic=True).ignore_errors(
+        log_warning=False
+    )
 
 
 def _tokenize_fn(tokenizer, context_length: int):
     """`tf.numpy_function` body: `[B]` utf-8 strings -> `int32 [B, context_length]`."""
+
     def tokenize(texts: np.ndarray) -> np.ndarray:
         strings = [t.decode("utf-8", errors="replace") for t in texts.tolist()]
         tokens = np.asarray(tokenizer(strings, context_length=context_length), dtype=np.int32)
         if tokens.shape != (len(strings), context_length):
-            raise ValueError(f"tokenizer returned shape {tokens.shape}, expected "
-                             f"{(len(strings), context_length)}")
+            raise ValueError(
+                f"tokenizer returned shape {tokens.shape}, expected "
+                f"{(len(strings), context_length)}"
+            )
         return tokens
+
     return tokenize
 
 
-def _tokenize_batch(texts: tf.Tensor, tokenizer, context_length: int,
-                    batch_size: int | None) -> tf.Tensor:
-    tokens = tf.numpy_function(_tokenize_fn(tokenizer, context_length), [texts], tf.int32,
-                               stateful=False)
+def _tokenize_batch(
+    texts: tf.Tensor, tokenizer, context_length: int, batch_size: int | None
+) -> tf.Tensor:
+    tokens = tf.numpy_function(
+        _tokenize_fn(tokenizer, context_length), [texts], tf.int32, stateful=False
+    )
     tokens.set_shape([batch_size, context_length])
     return tokens
 
@@ -172,10 +183,14 @@ def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
             for record in tf.data.TFRecordDataset(files[0]).take(n):
                 images.append(sources.parse_tfrecord(record)["image"].numpy())
         except tf.errors.OpError as err:  # a damaged first shard: decide on what was read
-            logging.info("data.decode=auto: peeking stopped at damage in %s (%s)", files[0],
-                         type(err).__name__)
+            logging.info(
+                "data.decode=auto: peeking stopped at damage in %s (%s)",
+                files[0],
+                type(err).__name__,
+            )
     else:
         from clip_jax.data import tar_shards
+
         images = []
         for _, members in tar_shards.iter_samples(files[0]):
             images.extend(members[e] for e in tar_shards.IMAGE_EXTENSIONS if e in members)
@@ -202,8 +217,12 @@ def use_windowed_decode(data_config, spec, files: list[str] | None, image_size: 
         return False
     sides = _peek_short_sides(spec, files)
     window = bool(sides) and float(np.median(sides)) >= 2 * image_size
-    logging.info("data.decode=auto: median shorter side %s px of %d peeked JPEGs -> %s decoding",
-                 np.median(sides) if sides else "n/a", len(sides), "window" if window else "full")
+    logging.info(
+        "data.decode=auto: median shorter side %s px of %d peeked JPEGs -> %s decoding",
+        np.median(sides) if sides else "n/a",
+        len(sides),
+        "window" if window else "full",
+    )
     return window
 
 
@@ -216,29 +235,60 @@ def _shard_files(spec: config_lib.SourceSpec) -> list[str]:
 def _shard_reader(spec, counter: shard_counts.ShardCounter, watch: InputWatch | None):
     """`reader(path, start) -> records` for the source's shard format."""
     if spec.source == "tfrecord":
+
         def read_tfrecord(path, start):
-            count = tf.numpy_function(lambda p: np.int64(counter.count(p.decode())), [path],
-                                      tf.int64, stateful=False)
+            count = tf.numpy_function(
+                lambda p: np.int64(counter.count(p.decode())), [path], tf.int64, stateful=False
+            )
             return sources.tfrecord_shard_dataset(path, start, count)
+
         return read_tfrecord
     caption_field = spec.caption_field
 
     def read_tar(path, start):
-        return sources.tar_shard_dataset(path, caption_field, start, counter=counter,
-                                         on_error=watch.note_error if watch else None)
+        return sources.tar_shard_dataset(
+            path,
+            caption_field,
+            start,
+            counter=counter,
+            on_error=watch.note_error if watch else None,
+        )
+
     return read_tar
 
 
-def _train_raw_source(spec, *, seed, process_index, process_count, key, start, block,
-                      cycle_length, resample, num_parallel_calls, index_dir, watch, files):
+def _train_raw_source(
+    spec,
+    *,
+    seed,
+    process_index,
+    process_count,
+    key,
+    start,
+    block,
+    cycle_length,
+    resample,
+    num_parallel_calls,
+    index_dir,
+    watch,
+    files,
+):
     """Raw records of one source for this process, from raw record `block_start(start)` on."""
     if spec.source == "tfds":
         raw = sources.tfds_records(
-            name=spec.tfds_name, split=spec.split, data_dir=spec.tfds_data_dir,
-            image_key=spec.image_key, text_key=spec.text_key, label_key=spec.label_key,
-            label_template=spec.label_template, shuffle_files=True,
-            seed=(seed * 1_000_003 + process_index) % (2 ** 31), process_index=process_index,
-            process_count=process_count, repeat=True)
+            name=spec.tfds_name,
+            split=spec.split,
+            data_dir=spec.tfds_data_dir,
+            image_key=spec.image_key,
+            text_key=spec.text_key,
+            label_key=spec.label_key,
+            label_template=spec.label_template,
+            shuffle_files=True,
+            seed=(seed * 1_000_003 + process_index) % (2**31),
+            process_index=process_index,
+            process_count=process_count,
+            repeat=True,
+        )
         # TFDS has no per-shard counts here: skip by reading (no decoding happens).
         return raw.skip(ordering.block_start(start, block))
     if spec.source == "image_folder":
@@ -246,8 +296,12 @@ def _train_raw_source(spec, *, seed, process_index, process_count, key, start, b
     files = shards_lib.split_for_process(files, process_index, process_count)
     fmt = "tfrecord" if spec.source == "tfrecord" else "tar"
     counter = shard_counts.ShardCounter(fmt, index_dir)
-    plan = ordering.ShardPlan(len(files), seed=[seed, process_index, key, _SALT_SHARDS],
-                              cycle_length=cycle_length, resample=resample)
+    plan = ordering.ShardPlan(
+        len(files),
+        seed=[seed, process_index, key, _SALT_SHARDS],
+        cycle_length=cycle_length,
+        resample=resample,
+    )
     raw_start = ordering.block_start(start, block)
     try:
         group, slots, starts = plan.resume_point(raw_start, lambda i: counter.count(files[i]))
@@ -255,19 +309,43 @@ def _train_raw_source(spec, *, seed, process_index, process_count, key, start, b
         raise NoUsableData(f"{err}: {spec.shards or spec.source}") from None
     on_error = watch.note_error if watch else None
     if fmt == "tar":
-        return sources.tar_stream(files, plan, start_group=group, first_slots=slots,
-                                  first_starts=starts, caption_field=spec.caption_field,
-                                  counter=counter, on_error=on_error)
-    return sources.read_groups(files, plan, _shard_reader(spec, counter, watch),
-                               start_group=group, first_slots=slots, first_starts=starts,
-                               num_parallel_calls=num_parallel_calls, counter=counter,
-                               on_error=on_error)
+        return sources.tar_stream(
+            files,
+            plan,
+            start_group=group,
+            first_slots=slots,
+            first_starts=starts,
+            caption_field=spec.caption_field,
+            counter=counter,
+            on_error=on_error,
+        )
+    return sources.read_groups(
+        files,
+        plan,
+        _shard_reader(spec, counter, watch),
+        start_group=group,
+        first_slots=slots,
+        first_starts=starts,
+        num_parallel_calls=num_parallel_calls,
+        counter=counter,
+        on_error=on_error,
+    )
 
 
-def build_train_dataset(data_config, *, image_size: int, tokenizer, context_length: int,
-                        local_batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1, start_position=None,
-                        watch: InputWatch | None = None, index_dir: str = "") -> tf.data.Dataset:
+def build_train_dataset(
+    data_config,
+    *,
+    image_size: int,
+    tokenizer,
+    context_length: int,
+    local_batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_position=None,
+    watch: InputWatch | None = None,
+    index_dir: str = "",
+) -> tf.data.Dataset:
     """Endless training batches for this process.
 
     Yields dicts:
@@ -286,38 +364,68 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
     start = ordering.normalize_start(start_position, len(specs))
     if specs[0].source == "synthetic":
         from clip_jax.data import synthetic
+
         return synthetic.synthetic_train_dataset(
-            pool_size=int(data_config.synthetic_pool_size), image_size=image_size,
-            context_length=context_length, vocab_size=tokenizer.vocab_size,
-            local_batch_size=local_batch_size, seed=seed, process_index=process_index,
-            process_count=process_count, start_position=int(start[-1]) if start else 0)
+            pool_size=int(data_config.synthetic_pool_size),
+            image_size=image_size,
+            context_length=context_length,
+            vocab_size=tokenizer.vocab_size,
+            local_batch_size=local_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            start_position=int(start[-1]) if start else 0,
+        )
     npc = int(data_config.num_parallel_calls)
     block = int(data_config.shuffle_buffer)
     if watch is not None:
-        watch.counters = [tf.Variable(start[j] if start else 0, dtype=tf.int64, trainable=False)
-                          for j in range(len(specs))]
+        watch.counters = [
+            tf.Variable(start[j] if start else 0, dtype=tf.int64, trainable=False)
+            for j in range(len(specs))
+        ]
         watch.description = "; ".join(str(s.shards or f"{s.source}:{s.split}") for s in specs)
         # Records between the counters (taken when a block is shuffled) and the consumer: up
         # to a block per source ahead, the decode stage's buffers, the batch being filled and
         # the batches prefetched by tf.data and onto the devices.
         watch.slack = 2 * max(block, 1) * len(specs) + 8 * local_batch_size + 4096
-    shard_lists = [_shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None
-                   for spec in specs]
+    shard_lists = [
+        _shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None for spec in specs
+    ]
     streams = []
     for j, spec in enumerate(specs):
         key = ordering.seed_key(seed, process_index, j)
         source_start = start[j] if start else 0
         raw = _train_raw_source(
-            spec, seed=seed, process_index=process_index, process_count=process_count, key=j,
-            start=source_start, block=block, cycle_length=int(data_config.shard_cycle_length),
-            resample=bool(data_config.resample), num_parallel_calls=npc,
-            index_dir=index_dir, watch=watch, files=shard_lists[j])
+            spec,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            key=j,
+            start=source_start,
+            block=block,
+            cycle_length=int(data_config.shard_cycle_length),
+            resample=bool(data_config.resample),
+            num_parallel_calls=npc,
+            index_dir=index_dir,
+            watch=watch,
+            files=shard_lists[j],
+        )
         on_block = watch.counters[j].assign if watch is not None else None
-        streams.append(ordering.block_shuffle(
-            raw, block=block, key=ordering.fold_in(key, _SALT_BLOCKS), start=source_start,
-            on_block=on_block))
-    mixed = ordering.mix(streams, [s.weight for s in specs],
-                         key=ordering.seed_key(seed, process_index, _SALT_MIX), start=start)
+        streams.append(
+            ordering.block_shuffle(
+                raw,
+                block=block,
+                key=ordering.fold_in(key, _SALT_BLOCKS),
+                start=source_start,
+                on_block=on_block,
+            )
+        )
+    mixed = ordering.mix(
+        streams,
+        [s.weight for s in specs],
+        key=ordering.seed_key(seed, process_index, _SALT_MIX),
+        start=start,
+    )
     aug_key = ordering.seed_key(seed, process_index, _SALT_AUGMENT)
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
     method = data_config.resize_method
@@ -332,30 +440,40 @@ def build_train_dataset(data_config, *, image_size: int, tokenizer, context_leng
     def transform(rec):
         # Records without an image or caption are dropped here, with undecodable images, by
         # failing the map (one stage fewer than a filter); they still count in `position`.
-        usable = tf.logical_and(tf.strings.length(rec["image"]) > 0,
-                                tf.strings.length(rec["text"]) > 0)
+        usable = tf.logical_and(
+            tf.strings.length(rec["image"]) > 0, tf.strings.length(rec["text"]) > 0
+        )
         position, index = ordering.position_and_index(rec)
         crop_key = ordering.fold_in(aug_key, index)
-        checks = [tf.debugging.Assert(usable, ["no image or caption"]),
-                  damaged_jpegs.check(rec["image"], rec["key"])]
+        checks = [
+            tf.debugging.Assert(usable, ["no image or caption"]),
+            damaged_jpegs.check(rec["image"], rec["key"]),
+        ]
         with tf.control_dependencies(checks):
             if window:  # same crop windows as the two-step path, decoding only them
                 image = transforms.decode_random_resized_crop(
-                    rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method)
+                    rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method
+                )
             else:
                 image = transforms.random_resized_crop(
-                    transforms.decode_image(rec["image"]), crop_key, image_size, scale=scale,
-                    ratio=ratio, method=method)
+                    transforms.decode_image(rec["image"]),
+                    crop_key,
+                    image_size,
+                    scale=scale,
+                    ratio=ratio,
+                    method=method,
+                )
         return {"image": image, "text": rec["text"], "position": position}
 
     ds = decode_dropping_errors(mixed, transform, npc)
     ds = ds.batch(local_batch_size, drop_remainder=True)
 
     def finish(batch):
-        return {"image": batch["image"],
-                "text": _tokenize_batch(batch["text"], tokenizer, context_length,
-                                        local_batch_size),
-                "position": batch["position"][-1]}
+        return {
+            "image": batch["image"],
+            "text": _tokenize_batch(batch["text"], tokenizer, context_length, local_batch_size),
+            "position": batch["position"][-1],
+        }
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(int(data_config.prefetch))
@@ -380,26 +498,46 @@ def _pad_batch(batch: dict, batch_size: int) -> dict:
 def _eval_raw_source(spec, *, process_index, process_count, cycle_length, num_parallel_calls):
     if spec.source == "tfds":
         return sources.tfds_records(
-            name=spec.tfds_name, split=spec.split, data_dir=spec.tfds_data_dir,
-            image_key=spec.image_key, text_key=spec.text_key, label_key=spec.label_key,
-            label_template=spec.label_template, shuffle_files=False, seed=0,
-            process_index=process_index, process_count=process_count, repeat=False)
+            name=spec.tfds_name,
+            split=spec.split,
+            data_dir=spec.tfds_data_dir,
+            image_key=spec.image_key,
+            text_key=spec.text_key,
+            label_key=spec.label_key,
+            label_template=spec.label_template,
+            shuffle_files=False,
+            seed=0,
+            process_index=process_index,
+            process_count=process_count,
+            repeat=False,
+        )
     if spec.source == "image_folder":
         raw, _ = sources.image_folder_records(spec.image_folder)
         return raw.shard(process_count, process_index)
     files = _shard_files(spec)
     counter = shard_counts.ShardCounter("tfrecord" if spec.source == "tfrecord" else "tar")
-    raw = sources.read_in_order(files, _shard_reader(spec, counter, None), cycle_length,
-                                num_parallel_calls)
+    raw = sources.read_in_order(
+        files, _shard_reader(spec, counter, None), cycle_length, num_parallel_calls
+    )
     # Record-level split: exactly once across processes whatever the shard count (eval sets
     # are small enough for every process to read all shards).
     return raw.shard(process_count, process_index)
 
 
-def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_length: int,
-                       batch_size: int, process_index: int = 0, process_count: int = 1,
-                       num_batches: int | None = None, resize_method: str | None = None,
-                       num_parallel_calls: int = -1, decode: str = "auto") -> tf.data.Dataset:
+def build_eval_dataset(
+    spec_or_config,
+    *,
+    image_size: int,
+    tokenizer,
+    context_length: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_batches: int | None = None,
+    resize_method: str | None = None,
+    num_parallel_calls: int = -1,
+    decode: str = "auto",
+) -> tf.data.Dataset:
     """Every sample of one source exactly once (across processes), in a fixed order.
 
     `spec_or_config` is a data config (single source), a per-source dict, or a `SourceSpec`.
@@ -430,56 +568,87 @@ def build_eval_dataset(spec_or_config, *, image_size: int, tokenizer, context_le
     method = resize_method or "bicubic"
     if method not in transforms.RESIZE_METHODS:
         raise ValueError(f"resize_method={method!r}; choose one of {transforms.RESIZE_METHODS}")
-    raw = _eval_raw_source(spec, process_index=process_index, process_count=process_count,
-                           cycle_length=16, num_parallel_calls=num_parallel_calls)
-    raw = raw.filter(lambda r: tf.logical_and(
-        tf.strings.length(r["image"]) > 0,
-        tf.logical_or(tf.strings.length(r["text"]) > 0, r["label"] >= 0)))
+    raw = _eval_raw_source(
+        spec,
+        process_index=process_index,
+        process_count=process_count,
+        cycle_length=16,
+        num_parallel_calls=num_parallel_calls,
+    )
+    raw = raw.filter(
+        lambda r: tf.logical_and(
+            tf.strings.length(r["image"]) > 0,
+            tf.logical_or(tf.strings.length(r["text"]) > 0, r["label"] >= 0),
+        )
+    )
     with_text = spec.source != "image_folder" and tokenizer is not None
     window = use_windowed_decode(
-        {"decode": decode}, spec,
-        _shard_files(spec) if spec.source in ("tar", "tfrecord") else None, image_size)
+        {"decode": decode},
+        spec,
+        _shard_files(spec) if spec.source in ("tar", "tfrecord") else None,
+        image_size,
+    )
 
     damaged_jpegs = DamagedJpegLog()
 
     def transform(rec):
         with tf.control_dependencies([damaged_jpegs.check(rec["image"], rec["key"])]):
             if window:
-                image = transforms.decode_resize_center_crop(rec["image"], image_size,
-                                                             method=method)
+                image = transforms.decode_resize_center_crop(
+                    rec["image"], image_size, method=method
+                )
             else:
-                image = transforms.resize_center_crop(transforms.decode_image(rec["image"]),
-                                                      image_size, method=method)
-        return {"image": image, "label": tf.cast(rec["label"], tf.int32),
-                "caption": rec["text"], "key": rec["key"]}
+                image = transforms.resize_center_crop(
+                    transforms.decode_image(rec["image"]), image_size, method=method
+                )
+        return {
+            "image": image,
+            "label": tf.cast(rec["label"], tf.int32),
+            "caption": rec["text"],
+            "key": rec["key"],
+        }
 
     ds = decode_dropping_errors(raw, transform, num_parallel_calls).batch(batch_size)
 
     def finish(batch):
         batch = _pad_batch(batch, batch_size)
         if with_text:
-            batch["text"] = _tokenize_batch(batch["caption"], tokenizer, context_length,
-                                            batch_size)
+            batch["text"] = _tokenize_batch(batch["caption"], tokenizer, context_length, batch_size)
         return batch
 
     ds = ds.map(finish, num_parallel_calls=1, deterministic=True)
     if num_batches is not None:
+
         def check(i, batch):
-            with tf.control_dependencies([tf.debugging.assert_less(
-                    i, tf.constant(num_batches, tf.int64),
-                    message=f"eval data has more than num_batches={num_batches} batches")]):
+            with tf.control_dependencies(
+                [
+                    tf.debugging.assert_less(
+                        i,
+                        tf.constant(num_batches, tf.int64),
+                        message=f"eval data has more than num_batches={num_batches} batches",
+                    )
+                ]
+            ):
                 return {k: tf.identity(v) for k, v in batch.items()}
+
         # All-padding batch built from the element spec (works even if this process has no data).
-        empty = {k: tf.fill(s.shape, "") if s.dtype == tf.string else tf.zeros(s.shape, s.dtype)
-                 for k, s in ds.element_spec.items()}
+        empty = {
+            k: tf.fill(s.shape, "") if s.dtype == tf.string else tf.zeros(s.shape, s.dtype)
+            for k, s in ds.element_spec.items()
+        }
         padding = tf.data.Dataset.from_tensors(empty).repeat(num_batches)
         # filter (not take) so that the stream is read to its end and the check sees any excess.
-        ds = (ds.enumerate().map(check).concatenate(padding).enumerate()
-              .filter(lambda i, b: i < num_batches).map(lambda i, b: b))
+        ds = (
+            ds.enumerate()
+            .map(check)
+            .concatenate(padding)
+            .enumerate()
+            .filter(lambda i, b: i < num_batches)
+            .map(lambda i, b: b)
+        )
     return _apply_options(ds.prefetch(2))
 
 
 def image_folder_classnames(root: str) -> list[str]:
     """Sorted class names (= labels 0..N-1) of an image-folder eval set."""
     return sources.list_image_folder(root)[2]
-

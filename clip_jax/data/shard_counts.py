@@ -9,6 +9,7 @@ over (`tar_shards.count_records`), TFRecord length prefixes with data seeked ove
 
 Cache entries are keyed by path, size and modification time, so a rewritten shard is recounted.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def _stat_key(path: str) -> str:
     """`path|size|mtime_ns` for local files; remote paths use tf.io.gfile.stat."""
     if "://" in path:
         import tensorflow as tf
+
         st = tf.io.gfile.stat(path)
         return f"{path}|{st.length}|{st.mtime_nsec}"
     st = os.stat(path)
@@ -40,6 +42,7 @@ def count_tfrecord_records(path: str) -> int:
     """
     if "://" in path:
         import tensorflow as tf
+
         f = tf.io.gfile.GFile(path, "rb")
         size = tf.io.gfile.stat(path).length
     else:
@@ -59,8 +62,14 @@ def count_tfrecord_records(path: str) -> int:
             offset = end
             count += 1
     if offset != size:
-        logging.warning("tfrecord shard %s is truncated after %d records (%d of %d bytes are "
-                        "whole records); the rest of it is skipped", path, count, offset, size)
+        logging.warning(
+            "tfrecord shard %s is truncated after %d records (%d of %d bytes are "
+            "whole records); the rest of it is skipped",
+            path,
+            count,
+            offset,
+            size,
+        )
     return count
 
 
@@ -74,6 +83,7 @@ def _img2dataset_count(path: str) -> int | None:
     if "://" not in path or not path.endswith((".tar", ".tfrecord")):
         return None
     import tensorflow as tf
+
     stats = path.rsplit(".", 1)[0] + "_stats.json"
     if not tf.io.gfile.exists(stats):
         return None

@@ -4,6 +4,7 @@ Shard lists are given as WebDataset/img2dataset-style brace patterns (``data/{00
 globs (``data/*.tar``), or lists of those. Expansion goes through ``tf.io.gfile`` so that the same
 patterns work for local paths and remote filesystems TensorFlow knows (``gs://``).
 """
+
 from __future__ import annotations
 
 import importlib.resources
@@ -58,7 +59,7 @@ def expand_braces(pattern: str) -> list[str]:
         if "{" in pattern or "}" in pattern:
             raise ValueError(f"unbalanced or nested braces in shard pattern {pattern!r}")
         return [pattern]
-    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end():]
+    head, body, tail = pattern[: match.start()], match.group(1), pattern[match.end() :]
     range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if range_match:
         lo_s, hi_s = range_match.groups()
@@ -72,7 +73,8 @@ def expand_braces(pattern: str) -> list[str]:
     else:
         raise ValueError(
             f"brace group {{{body}}} in shard pattern {pattern!r} is neither a range "
-            "{A..B} nor a list {a,b}")
+            "{A..B} nor a list {a,b}"
+        )
     return [p for opt in options for p in expand_braces(head + opt + tail)]
 
 
@@ -80,8 +82,10 @@ def _check_readable(path: str, what: str, pattern: str) -> None:
     """One-line errors for a shard that is a directory or cannot be read (local paths; remote
     filesystems report such problems when read)."""
     if tf.io.gfile.isdir(path):
-        raise ValueError(f"{what} {path!r} is a directory, not a shard file (from {pattern!r}); "
-                         "give a pattern of files, e.g. 'dir/*.tar'")
+        raise ValueError(
+            f"{what} {path!r} is a directory, not a shard file (from {pattern!r}); "
+            "give a pattern of files, e.g. 'dir/*.tar'"
+        )
     if "://" not in path and not os.access(path, os.R_OK):
         raise ValueError(f"permission denied: {what} file {path!r} cannot be read")
 
@@ -93,11 +97,10 @@ def _glob(path: str, what: str) -> list[str]:
     parent = os.path.dirname(path) or "."
     if "://" not in path and not (_GLOB_CHARS & set(parent)):
         blocked = _unreachable_ancestor(parent) or (
-            parent if os.path.isdir(parent) and not os.access(parent, os.R_OK | os.X_OK)
-            else None)
+            parent if os.path.isdir(parent) and not os.access(parent, os.R_OK | os.X_OK) else None
+        )
         if blocked:
-            raise ValueError(f"permission denied: cannot list {blocked!r} for {what} glob "
-                             f"{path!r}")
+            raise ValueError(f"permission denied: cannot list {blocked!r} for {what} glob {path!r}")
     raise ValueError(f"{what} glob {path!r} matches no file")
 
 
@@ -141,16 +144,19 @@ def resolve_files(spec: PatternSpec, *, what: str = "shards") -> list[str]:
                 if not tf.io.gfile.exists(path):
                     blocked = _unreachable_ancestor(path)
                     if blocked:
-                        raise ValueError(f"permission denied: cannot reach {what} file "
-                                         f"{path!r} (directory {blocked!r} is not searchable)")
+                        raise ValueError(
+                            f"permission denied: cannot reach {what} file "
+                            f"{path!r} (directory {blocked!r} is not searchable)"
+                        )
                     raise ValueError(f"{what} file {path!r} does not exist (from {pattern!r})")
                 _check_readable(path, what, pattern)
                 files.append(path)
     seen = set()
     unique = [f for f in files if not (f in seen or seen.add(f))]
     if len(unique) != len(files):
-        logging.warning("%d duplicate %s removed from the shard list", len(files) - len(unique),
-                        what)
+        logging.warning(
+            "%d duplicate %s removed from the shard list", len(files) - len(unique), what
+        )
     return unique
 
 
@@ -166,7 +172,8 @@ def split_for_process(files: Sequence[str], process_index: int, process_count: i
     if len(files) < process_count:
         raise ValueError(
             f"{len(files)} shard(s) for {process_count} processes: every process needs at least "
-            "one shard; write more, smaller shards (make_shards --shard-size) or use fewer hosts")
+            "one shard; write more, smaller shards (make_shards --shard-size) or use fewer hosts"
+        )
     return list(files[process_index::process_count])
 
 
@@ -184,11 +191,14 @@ def demo_shards(split: str) -> list[str]:
     prefix = pattern.split("*")[0]
     try:
         names = sorted(
-            entry.name for entry in folder.iterdir()
-            if entry.name.startswith(prefix) and entry.name.endswith(".tar.gz"))
+            entry.name
+            for entry in folder.iterdir()
+            if entry.name.startswith(prefix) and entry.name.endswith(".tar.gz")
+        )
     except FileNotFoundError as err:
-        raise ValueError(f"demo data folder {folder} is missing from the installed "
-                         "package") from err
+        raise ValueError(
+            f"demo data folder {folder} is missing from the installed package"
+        ) from err
     if not names:
         raise ValueError(f"no demo shards {pattern} in {folder}; is the package data installed?")
     return [str(folder / name) for name in names]

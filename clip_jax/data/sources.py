@@ -4,6 +4,7 @@ Every reader yields the same *raw record* structure (see `RAW_SIGNATURE`): still
 bytes, the caption string, an integer label and a key. Nothing here decodes an image, so raw
 records are cheap to skip when a run resumes (see `clip_jax.data.ordering`).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +17,10 @@ from clip_jax.data import tar_shards
 # One raw record. Missing members are empty strings / label -1, so that every sample reaches
 # the (counted) filter instead of breaking the reader.
 RAW_SIGNATURE = {
-    "key": tf.TensorSpec([], tf.string),    # sample key, e.g. "00012/000123456"
+    "key": tf.TensorSpec([], tf.string),  # sample key, e.g. "00012/000123456"
     "image": tf.TensorSpec([], tf.string),  # encoded JPEG/PNG/WebP/GIF/BMP bytes, b"" if missing
-    "text": tf.TensorSpec([], tf.string),   # utf-8 caption, stripped, b"" if missing
-    "label": tf.TensorSpec([], tf.int64),   # class label, -1 if missing
+    "text": tf.TensorSpec([], tf.string),  # utf-8 caption, stripped, b"" if missing
+    "label": tf.TensorSpec([], tf.int64),  # class label, -1 if missing
 }
 
 IMAGE_EXTENSIONS = tar_shards.IMAGE_EXTENSIONS
@@ -38,8 +39,9 @@ TFRECORD_KEY = "key"
 _RAW_BLOCK_SIGNATURE = {k: tf.TensorSpec([None], v.dtype) for k, v in RAW_SIGNATURE.items()}
 
 
-def tar_shard_dataset(path, caption_field: str = "caption", start=0, *, counter=None,
-                      on_error=None) -> tf.data.Dataset:
+def tar_shard_dataset(
+    path, caption_field: str = "caption", start=0, *, counter=None, on_error=None
+) -> tf.data.Dataset:
     """Raw records of one tar shard from record `start` on (`path`/`start` may be tensors).
 
     Records cross from Python in blocks (`tar_shards.iter_tar_blocks`) and are unbatched
@@ -48,6 +50,7 @@ def tar_shard_dataset(path, caption_field: str = "caption", start=0, *, counter=
     a later resume needs no count of its own; a failure to read it (not damage, which is
     logged and read up to) is reported to `on_error(message)` before it is raised.
     """
+
     def blocks(path, caption_field, start):
         path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
         n = 0
@@ -63,8 +66,8 @@ def tar_shard_dataset(path, caption_field: str = "caption", start=0, *, counter=
             counter.record(path, n)
 
     return tf.data.Dataset.from_generator(
-        blocks, args=(path, caption_field, start),
-        output_signature=_RAW_BLOCK_SIGNATURE).unbatch()
+        blocks, args=(path, caption_field, start), output_signature=_RAW_BLOCK_SIGNATURE
+    ).unbatch()
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,9 +96,13 @@ def parse_tfrecord(serialized: tf.Tensor) -> dict:
 
     def first(a, b):
         return tf.where(tf.strings.length(ex[a]) > 0, ex[a], ex[b])
-    return {"key": ex[TFRECORD_KEY], "image": first(TFRECORD_IMAGE, IMG2DATASET_IMAGE),
-            "text": tf.strings.strip(first(TFRECORD_TEXT, IMG2DATASET_TEXT)),
-            "label": ex[TFRECORD_LABEL]}
+
+    return {
+        "key": ex[TFRECORD_KEY],
+        "image": first(TFRECORD_IMAGE, IMG2DATASET_IMAGE),
+        "text": tf.strings.strip(first(TFRECORD_TEXT, IMG2DATASET_TEXT)),
+        "label": ex[TFRECORD_LABEL],
+    }
 
 
 def tfrecord_shard_dataset(path, start=0, count=None) -> tf.data.Dataset:
@@ -110,33 +117,40 @@ def tfrecord_shard_dataset(path, start=0, count=None) -> tf.data.Dataset:
     return ds.skip(start).map(parse_tfrecord)
 
 
-def make_tfrecord_example(image: bytes, text: str, label: int | None = None,
-                          key: str | None = None) -> bytes:
+def make_tfrecord_example(
+    image: bytes, text: str, label: int | None = None, key: str | None = None
+) -> bytes:
     """Serializes one sample as the project's `tf.train.Example` layout."""
     feature = {
         TFRECORD_IMAGE: tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
         TFRECORD_TEXT: tf.train.Feature(
-            bytes_list=tf.train.BytesList(value=[text.encode("utf-8")])),
+            bytes_list=tf.train.BytesList(value=[text.encode("utf-8")])
+        ),
     }
     if label is not None:
         feature[TFRECORD_LABEL] = tf.train.Feature(int64_list=tf.train.Int64List(value=[label]))
     if key is not None:
         feature[TFRECORD_KEY] = tf.train.Feature(
-            bytes_list=tf.train.BytesList(value=[key.encode("utf-8")]))
+            bytes_list=tf.train.BytesList(value=[key.encode("utf-8")])
+        )
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
 # --------------------------------------------------------------------------------------------
 # Shard streams (which file is read when)
 # --------------------------------------------------------------------------------------------
-def read_in_order(files: Sequence[str], reader, cycle_length: int,
-                  num_parallel_calls: int) -> tf.data.Dataset:
+def read_in_order(
+    files: Sequence[str], reader, cycle_length: int, num_parallel_calls: int
+) -> tf.data.Dataset:
     """Every file once, `cycle_length` at a time, one record from each in turn (evaluation)."""
     paths = tf.data.Dataset.from_tensor_slices(tf.constant(list(files), tf.string))
-    return paths.interleave(lambda p: reader(p, 0), cycle_length=max(1, min(cycle_length,
-                                                                             len(files))),
-                            block_length=1, num_parallel_calls=num_parallel_calls,
-                            deterministic=True)
+    return paths.interleave(
+        lambda p: reader(p, 0),
+        cycle_length=max(1, min(cycle_length, len(files))),
+        block_length=1,
+        num_parallel_calls=num_parallel_calls,
+        deterministic=True,
+    )
 
 
 def _all_empty(files: list[str], num_distinct: int, counter, on_error) -> bool:
@@ -145,15 +159,26 @@ def _all_empty(files: list[str], num_distinct: int, counter, on_error) -> bool:
     if counter is None or not counter.all_known_empty(num_distinct):
         return False
     if on_error is not None:
-        on_error(f"no record in any of the {len(files)} shard(s) "
-                 f"({files[0]}{', ...' if len(files) > 1 else ''}): empty or not "
-                 f"{counter.fmt} files")
+        on_error(
+            f"no record in any of the {len(files)} shard(s) "
+            f"({files[0]}{', ...' if len(files) > 1 else ''}): empty or not "
+            f"{counter.fmt} files"
+        )
     return True
 
 
-def read_groups(files: Sequence[str], plan, reader, *, start_group: int,
-                first_slots: Sequence[int], first_starts: Sequence[int],
-                num_parallel_calls: int, counter=None, on_error=None) -> tf.data.Dataset:
+def read_groups(
+    files: Sequence[str],
+    plan,
+    reader,
+    *,
+    start_group: int,
+    first_slots: Sequence[int],
+    first_starts: Sequence[int],
+    num_parallel_calls: int,
+    counter=None,
+    on_error=None,
+) -> tf.data.Dataset:
     """The endless raw record stream of `plan` (an `ordering.ShardPlan`) from a resume point.
 
     Group g's shards are read round-robin, one record from each in turn, by a deterministic
@@ -174,20 +199,39 @@ def read_groups(files: Sequence[str], plan, reader, *, start_group: int,
             yield {"path": [files[i] for i in plan.group(g)], "start": [0] * width}
             g += 1
 
-    descriptors = tf.data.Dataset.from_generator(groups, output_signature={
-        "path": tf.TensorSpec([width], tf.string), "start": tf.TensorSpec([width], tf.int64)})
+    descriptors = tf.data.Dataset.from_generator(
+        groups,
+        output_signature={
+            "path": tf.TensorSpec([width], tf.string),
+            "start": tf.TensorSpec([width], tf.int64),
+        },
+    )
 
     def read_group(group):
         slots = tf.data.Dataset.from_tensor_slices(group)
-        return slots.interleave(lambda s: reader(s["path"], s["start"]), cycle_length=width,
-                                block_length=1, num_parallel_calls=num_parallel_calls,
-                                deterministic=True)
+        return slots.interleave(
+            lambda s: reader(s["path"], s["start"]),
+            cycle_length=width,
+            block_length=1,
+            num_parallel_calls=num_parallel_calls,
+            deterministic=True,
+        )
+
     return descriptors.flat_map(read_group)
 
 
-def tar_stream(files: Sequence[str], plan, *, start_group: int, first_slots: Sequence[int],
-               first_starts: Sequence[int], caption_field: str = "caption", counter=None,
-               on_error=None, block_size: int = 64) -> tf.data.Dataset:
+def tar_stream(
+    files: Sequence[str],
+    plan,
+    *,
+    start_group: int,
+    first_slots: Sequence[int],
+    first_starts: Sequence[int],
+    caption_field: str = "caption",
+    counter=None,
+    on_error=None,
+    block_size: int = 64,
+) -> tf.data.Dataset:
     """`read_groups` for tar shards, done in one Python generator for the whole stream.
 
     The same record order as `read_groups` (round-robin over a group's shards, exhausted shards
@@ -199,8 +243,10 @@ def tar_stream(files: Sequence[str], plan, *, start_group: int, first_slots: Seq
     num_distinct = len(set(files))
 
     def group_records(slots, starts):
-        readers = [(files[i], int(st), tar_shards.iter_records(files[i], caption_field, int(st)))
-                   for i, st in zip(slots, starts)]
+        readers = [
+            (files[i], int(st), tar_shards.iter_records(files[i], caption_field, int(st)))
+            for i, st in zip(slots, starts)
+        ]
         counts = [0] * len(readers)
         active = list(range(len(readers)))
         while active:
@@ -230,8 +276,8 @@ def tar_stream(files: Sequence[str], plan, *, start_group: int, first_slots: Seq
             g += 1
 
     return tf.data.Dataset.from_generator(
-        lambda: tar_shards.to_blocks(stream(), block_size),
-        output_signature=_RAW_BLOCK_SIGNATURE).unbatch()
+        lambda: tar_shards.to_blocks(stream(), block_size), output_signature=_RAW_BLOCK_SIGNATURE
+    ).unbatch()
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,9 +290,21 @@ def _nested_get(features: dict, key: str):
     return value
 
 
-def tfds_records(*, name: str, split: str, data_dir: str, image_key: str, text_key: str,
-                 label_key: str, label_template: str, shuffle_files: bool, seed: int,
-                 process_index: int, process_count: int, repeat: bool) -> tf.data.Dataset:
+def tfds_records(
+    *,
+    name: str,
+    split: str,
+    data_dir: str,
+    image_key: str,
+    text_key: str,
+    label_key: str,
+    label_template: str,
+    shuffle_files: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    repeat: bool,
+) -> tf.data.Dataset:
     """Raw records from a prepared TFDS dataset; never downloads.
 
     `name` empty means `data_dir` is a prepared dataset version folder read with
@@ -263,9 +321,11 @@ def tfds_records(*, name: str, split: str, data_dir: str, image_key: str, text_k
     if name:
         builder = tfds.builder(name, data_dir=data_dir)
         if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
-            raise ValueError(f"TFDS dataset {name!r} is not prepared in {data_dir!r} "
-                             f"(looked for {builder.data_dir}/dataset_info.json); prepare it "
-                             "offline first, this pipeline never downloads")
+            raise ValueError(
+                f"TFDS dataset {name!r} is not prepared in {data_dir!r} "
+                f"(looked for {builder.data_dir}/dataset_info.json); prepare it "
+                "offline first, this pipeline never downloads"
+            )
     else:
         builder = tfds.builder_from_directory(data_dir)
     features = builder.info.features
@@ -274,8 +334,10 @@ def tfds_records(*, name: str, split: str, data_dir: str, image_key: str, text_k
             try:
                 _nested_get(features, key)
             except KeyError as err:
-                raise ValueError(f"TFDS {name or data_dir}: no {what} feature {key!r}; features "
-                                 f"are {list(features.keys())}") from err
+                raise ValueError(
+                    f"TFDS {name or data_dir}: no {what} feature {key!r}; features "
+                    f"are {list(features.keys())}"
+                ) from err
     if not text_key and not label_key:
         raise ValueError("TFDS source needs data.text_key or data.label_key")
 
@@ -290,19 +352,23 @@ def tfds_records(*, name: str, split: str, data_dir: str, image_key: str, text_k
         shuffle_seed=seed if shuffle_files else None,
         shuffle_reshuffle_each_iteration=True if shuffle_files else None,
         try_autocache=False,  # caching would change the file order between epochs
-        add_tfds_id=True)
+        add_tfds_id=True,
+    )
     subsplit = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count)
-    ds = builder.as_dataset(split=subsplit, shuffle_files=shuffle_files, decoders=decoders,
-                            read_config=read_config)
+        split, process_index=process_index, process_count=process_count
+    )
+    ds = builder.as_dataset(
+        split=subsplit, shuffle_files=shuffle_files, decoders=decoders, read_config=read_config
+    )
     if repeat:
         ds = ds.repeat()
 
     class_names = None
     if label_key and not text_key:
         label_feature = _nested_get(features, label_key)
-        class_names = tf.constant([label_template.format(n.replace("_", " "))
-                                   for n in label_feature.names])
+        class_names = tf.constant(
+            [label_template.format(n.replace("_", " ")) for n in label_feature.names]
+        )
 
     def to_raw(ex):
         text = tf.constant(b"")
@@ -313,8 +379,13 @@ def tfds_records(*, name: str, split: str, data_dir: str, image_key: str, text_k
             text = tf.strings.strip(_nested_get(ex, text_key))
         elif class_names is not None:
             text = tf.gather(class_names, label)
-        return {"key": ex["tfds_id"], "image": _nested_get(ex, image_key), "text": text,
-                "label": label}
+        return {
+            "key": ex["tfds_id"],
+            "image": _nested_get(ex, image_key),
+            "text": text,
+            "label": label,
+        }
+
     return ds.map(to_raw, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
@@ -325,8 +396,9 @@ def list_image_folder(root: str) -> tuple[list[str], list[int], list[str]]:
     """Lists `root/<class>/**/<image>`: (paths, labels, sorted class names)."""
     if not tf.io.gfile.isdir(root):
         raise ValueError(f"image folder {root!r} does not exist or is not a directory")
-    classes = sorted(d.rstrip("/") for d in tf.io.gfile.listdir(root)
-                     if tf.io.gfile.isdir(os.path.join(root, d)))
+    classes = sorted(
+        d.rstrip("/") for d in tf.io.gfile.listdir(root) if tf.io.gfile.isdir(os.path.join(root, d))
+    )
     if not classes:
         raise ValueError(f"image folder {root!r} has no class subfolders")
     paths, labels = [], []
@@ -346,9 +418,15 @@ def image_folder_records(root: str) -> tuple[tf.data.Dataset, list[str]]:
     paths, labels, classes = list_image_folder(root)
     keys = [os.path.relpath(p, root) for p in paths]
     ds = tf.data.Dataset.from_tensor_slices(
-        {"path": paths, "key": keys, "label": tf.constant(labels, tf.int64)})
+        {"path": paths, "key": keys, "label": tf.constant(labels, tf.int64)}
+    )
 
     def to_raw(ex):
-        return {"key": ex["key"], "image": tf.io.read_file(ex["path"]),
-                "text": tf.constant(b""), "label": ex["label"]}
+        return {
+            "key": ex["key"],
+            "image": tf.io.read_file(ex["path"]),
+            "text": tf.constant(b""),
+            "label": ex["label"],
+        }
+
     return ds.map(to_raw), classes

@@ -12,6 +12,7 @@ and the shard is read up to it; the sample being read when the damage is met kee
 that were complete. `count_records` applies exactly the same rules without reading member data
 (it seeks past it), so record counts used for constant-time resume agree with what is read.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -43,6 +44,7 @@ def open_shard(path: str) -> BinaryIO:
     """
     if "://" in path:
         import tensorflow as tf
+
         raw = tf.io.gfile.GFile(path, "rb")
     else:
         raw = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the caller
@@ -75,7 +77,7 @@ def _pax_path(data: bytes) -> str | None:
         if space < 0:
             break
         length = int(data[pos:space])
-        record = data[space + 1:pos + length - 1]
+        record = data[space + 1 : pos + length - 1]
         key, _, value = record.partition(b"=")
         if key == b"path":
             return value.decode("utf-8", "replace")
@@ -83,8 +85,9 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def iter_members(f: BinaryIO, want_data: Callable[[str], bool] = lambda name: True
-                 ) -> Iterator[tuple[str, bytes | None]]:
+def iter_members(
+    f: BinaryIO, want_data: Callable[[str], bool] = lambda name: True
+) -> Iterator[tuple[str, bytes | None]]:
     """Yields `(name, data)` for each regular file of a tar stream.
 
     `want_data(name)` is asked before a member's data is read: when False the data is skipped
@@ -172,11 +175,12 @@ def _split_name(name: str) -> tuple[str, str] | None:
     dot = name.find(".", slash + 1)
     if dot < 0:
         return None
-    return name[:dot], name[dot + 1:].lower()
+    return name[:dot], name[dot + 1 :].lower()
 
 
-def iter_samples(path: str, *, start: int = 0, read_data: bool = True
-                 ) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+def iter_samples(
+    path: str, *, start: int = 0, read_data: bool = True
+) -> Iterator[tuple[str, dict[str, bytes | None]]]:
     """Yields `(key, {ext: data})` for the samples of one shard from sample `start` on.
 
     The data of samples before `start` (and all data without `read_data`) is skipped, not read.
@@ -204,9 +208,14 @@ def iter_samples(path: str, *, start: int = 0, read_data: bool = True
                     current_key, members, index = key, {}, index + 1
                 members[ext] = data
     except (ShardDamage, EOFError, zlib.error, gzip.BadGzipFile, ValueError) as err:
-        logging.warning("tar shard %s is truncated or corrupt after sample %r (%s: %s); "
-                        "the rest of this shard is skipped", path, current_key,
-                        type(err).__name__, err)
+        logging.warning(
+            "tar shard %s is truncated or corrupt after sample %r (%s: %s); "
+            "the rest of this shard is skipped",
+            path,
+            current_key,
+            type(err).__name__,
+            err,
+        )
     if current_key is not None and index >= start:
         yield current_key, members
 
@@ -241,18 +250,24 @@ def _label(key: str, members: dict[str, bytes]) -> int:
         return -1
 
 
-def iter_records(path: str, caption_field: str = "caption", start: int = 0
-                 ) -> Iterator[tuple[bytes, bytes, bytes, int]]:
+def iter_records(
+    path: str, caption_field: str = "caption", start: int = 0
+) -> Iterator[tuple[bytes, bytes, bytes, int]]:
     """`(key, image, text, label)` per record of one shard from record `start` on (image and
     text b"" when missing, label -1)."""
     for key, members in iter_samples(path, start=start):
         image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), b"")
-        yield (key.encode("utf-8"), image, _caption(key, members, caption_field),
-               _label(key, members))
+        yield (
+            key.encode("utf-8"),
+            image,
+            _caption(key, members, caption_field),
+            _label(key, members),
+        )
 
 
-def iter_tar_blocks(path, caption_field="caption", start=0, block_size=64
-                    ) -> Iterator[dict[str, np.ndarray]]:
+def iter_tar_blocks(
+    path, caption_field="caption", start=0, block_size=64
+) -> Iterator[dict[str, np.ndarray]]:
     """Raw records of one shard from record `start` on, in blocks of up to `block_size`.
 
     Yields dicts of `[n]` arrays: key/image/text (object arrays of bytes; b"" when missing) and
@@ -260,8 +275,9 @@ def iter_tar_blocks(path, caption_field="caption", start=0, block_size=64
     Records before `start` are skipped without reading their data where the file can seek.
     """
     path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
-    caption_field = (caption_field.decode("utf-8") if isinstance(caption_field, bytes)
-                     else str(caption_field))
+    caption_field = (
+        caption_field.decode("utf-8") if isinstance(caption_field, bytes) else str(caption_field)
+    )
     yield from to_blocks(iter_records(path, caption_field, int(start)), block_size)
 
 
@@ -284,5 +300,10 @@ def _block(rows) -> dict[str, np.ndarray]:
         out = np.empty(len(values), dtype=object)
         out[:] = values
         return out
-    return {"key": objects(keys), "image": objects(images), "text": objects(texts),
-            "label": np.asarray(labels, np.int64)}
+
+    return {
+        "key": objects(keys),
+        "image": objects(images),
+        "text": objects(texts),
+        "label": np.asarray(labels, np.int64),
+    }

@@ -6,6 +6,7 @@ host->device traffic than float32; `normalize_images` turns them into model inpu
 TensorFlow and JAX are imported inside the functions that need them, so importing this module
 (e.g. for the constants from model code) stays cheap.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -56,8 +57,11 @@ def decode_image(encoded):
 
 # tf.image.resize(antialias=True) runs the ScaleAndTranslate op with these kernels (radius in
 # input pixels at scale 1); "area" and "nearest" use other ops.
-_WINDOW_KERNELS = {"bicubic": ("keyscubic", 2.0), "bilinear": ("triangle", 1.0),
-                   "lanczos3": ("lanczos3", 3.0)}
+_WINDOW_KERNELS = {
+    "bicubic": ("keyscubic", 2.0),
+    "bilinear": ("triangle", 1.0),
+    "lanczos3": ("lanczos3", 3.0),
+}
 
 
 def _scale_translate_uint8(image, out_hw, scale, translation, method: str):
@@ -83,10 +87,13 @@ def _scale_translate_uint8(image, out_hw, scale, translation, method: str):
 
     def rows(x, out_rows, axis):  # x: [1, in_rows, 1, n] -> float32 [1, out_rows, 1, n]
         return tf.raw_ops.ScaleAndTranslate(
-            images=x, size=tf.stack([out_rows, 1]),
-            scale=tf.concat([scale[axis:axis + 1], one], 0),
-            translation=tf.concat([translation[axis:axis + 1], zero], 0),
-            kernel_type=kernel, antialias=True)
+            images=x,
+            size=tf.stack([out_rows, 1]),
+            scale=tf.concat([scale[axis : axis + 1], one], 0),
+            translation=tf.concat([translation[axis : axis + 1], zero], 0),
+            kernel_type=kernel,
+            antialias=True,
+        )
 
     x = rows(tf.reshape(image, tf.stack([1, h, 1, w * 3])), out_h, 0)
     x = tf.transpose(tf.reshape(x, tf.stack([out_h, w, 3])), [1, 0, 2])
@@ -117,14 +124,27 @@ def _sample_crop(image_shape, key, scale: Sequence[float], ratio: Sequence[float
     import tensorflow as tf
 
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        image_shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=key,
-        min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale),
-        max_attempts=10, use_image_if_no_bounding_boxes=True)
+        image_shape,
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=key,
+        min_object_covered=0.0,
+        aspect_ratio_range=tuple(ratio),
+        area_range=tuple(scale),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
     return begin, crop_size
 
 
-def random_resized_crop(image, key, size: int, *, scale: Sequence[float] = (0.9, 1.0),
-                        ratio: Sequence[float] = (3 / 4, 4 / 3), method: str = "bicubic"):
+def random_resized_crop(
+    image,
+    key,
+    size: int,
+    *,
+    scale: Sequence[float] = (0.9, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    method: str = "bicubic",
+):
     """CLIP train augmentation: random crop of `scale` area fraction and `ratio` aspect
     (width/height), resized to `uint8 [size, size, 3]`.
 
@@ -203,9 +223,11 @@ _JPEG_MAGIC = b"\xff\xd8\xff"  # what tf.io.decode_image itself checks to pick i
 # A 1x1 grey JPEG (PIL, quality 1, optimize=True): `extract_jpeg_shape` reads it instead of
 # non-JPEG bytes, so the header read needs no control flow.
 _TINY_JPEG = bytes.fromhex(
-    "ffd8ffe000104a46494600010100000100010000ffdb004300" + "ff" * 64 +
-    "ffc0000b080001000101011100ffc40014000100000000000000000000000000000003ffc400141001000000"
-    "00000000000000000000000000ffda0008010100003f0037ffd9")
+    "ffd8ffe000104a46494600010100000100010000ffdb004300"
+    + "ff" * 64
+    + "ffc0000b080001000101011100ffc40014000100000000000000000000000000000003ffc400141001000000"
+    "00000000000000000000000000ffda0008010100003f0037ffd9"
+)
 # Only the `_WINDOW_KERNELS` methods can be reproduced on a sub-window at a sub-pixel offset;
 # "area" and "nearest" keep full-scale decoding (and full decode for eval).
 _DCT_SCALES = (2, 4, 8)  # libjpeg's decode ratios besides 1
@@ -255,16 +277,20 @@ def _branches(is_jpeg, dct_index, full_scale, dct_scaled, not_jpeg):
 
     def rare():
         index = tf.where(is_jpeg, dct_index - 1, len(_DCT_SCALES))
-        return tf.switch_case(index, [lambda d=d: dct_scaled(d) for d in _DCT_SCALES]
-                              + [not_jpeg])
+        return tf.switch_case(index, [lambda d=d: dct_scaled(d) for d in _DCT_SCALES] + [not_jpeg])
 
     return tf.cond(tf.logical_and(is_jpeg, tf.equal(dct_index, 0)), full_scale, rare)
 
 
-def decode_random_resized_crop(encoded, key, size: int, *,
-                               scale: Sequence[float] = (0.9, 1.0),
-                               ratio: Sequence[float] = (3 / 4, 4 / 3),
-                               method: str = "bicubic"):
+def decode_random_resized_crop(
+    encoded,
+    key,
+    size: int,
+    *,
+    scale: Sequence[float] = (0.9, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    method: str = "bicubic",
+):
     """`decode_image` + `random_resized_crop` in one step that decodes only the crop:
     encoded image (scalar string) -> `uint8 [size, size, 3]`.
 
@@ -292,16 +318,25 @@ def decode_random_resized_crop(encoded, key, size: int, *,
         # Decoded pixels the window touches (partly, at offsets that are not multiples of d);
         # the translation puts the window's exact edges on the output's edges.
         y0, x0 = y // d, x // d
-        region = _decode_jpeg_window(encoded, d, (_ceil_div(h, d), _ceil_div(w, d)), y0, x0,
-                                     _ceil_div(y + ch, d), _ceil_div(x + cw, d))
+        region = _decode_jpeg_window(
+            encoded,
+            d,
+            (_ceil_div(h, d), _ceil_div(w, d)),
+            y0,
+            x0,
+            _ceil_div(y + ch, d),
+            _ceil_div(x + cw, d),
+        )
         out_scale = float(size * d) / tf.cast(tf.stack([ch, cw]), tf.float32)
         offset = tf.cast(tf.stack([y - y0 * d, x - x0 * d]), tf.float32) / d
-        return _scale_translate_uint8(region, tf.constant([size, size]), out_scale,
-                                      -offset * out_scale, method)
+        return _scale_translate_uint8(
+            region, tf.constant([size, size]), out_scale, -offset * out_scale, method
+        )
 
     def not_jpeg():
-        return random_resized_crop(decode_image(encoded), key, size, scale=scale, ratio=ratio,
-                                   method=method)
+        return random_resized_crop(
+            decode_image(encoded), key, size, scale=scale, ratio=ratio, method=method
+        )
 
     dct_index = _dct_scale_index(tf.minimum(ch, cw), size, method)
     out = _branches(is_jpeg, dct_index, full_scale, dct_scaled, not_jpeg)
@@ -341,8 +376,9 @@ def decode_resize_center_crop(encoded, size: int, *, method: str = "bicubic"):
     is_jpeg, h, w = _jpeg_header(encoded)
     new_h, new_w, top, left = _center_crop_geometry(h, w, size)
     # The scales tf.image.resize uses for the full resize (output px per input px).
-    full_scale_yx = (tf.cast(tf.stack([new_h, new_w]), tf.float32)
-                     / tf.cast(tf.stack([h, w]), tf.float32))
+    full_scale_yx = tf.cast(tf.stack([new_h, new_w]), tf.float32) / tf.cast(
+        tf.stack([h, w]), tf.float32
+    )
 
     def window(d: int):
         hs, ws = _ceil_div(h, d), _ceil_div(w, d)
@@ -350,10 +386,15 @@ def decode_resize_center_crop(encoded, size: int, *, method: str = "bicubic"):
         y0, y1 = _support(top, size, sy, radius, hs)
         x0, x1 = _support(left, size, sx, radius, ws)
         region = _decode_jpeg_window(encoded, d, (hs, ws), y0, x0, y1, x1)
-        translation = tf.stack([tf.cast(y0, tf.float32) * sy - tf.cast(top, tf.float32),
-                                tf.cast(x0, tf.float32) * sx - tf.cast(left, tf.float32)])
-        return _scale_translate_uint8(region, tf.constant([size, size]), tf.stack([sy, sx]),
-                                      translation, method)
+        translation = tf.stack(
+            [
+                tf.cast(y0, tf.float32) * sy - tf.cast(top, tf.float32),
+                tf.cast(x0, tf.float32) * sx - tf.cast(left, tf.float32),
+            ]
+        )
+        return _scale_translate_uint8(
+            region, tf.constant([size, size]), tf.stack([sy, sx]), translation, method
+        )
 
     def not_jpeg():
         return resize_center_crop(decode_image(encoded), size, method=method)

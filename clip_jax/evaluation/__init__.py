@@ -11,6 +11,7 @@ The command line is `python -m clip_jax.evaluate`; the inference API is `clip_ja
 Importing this package is cheap (configs import `clip_jax.evaluation.config`): the names
 below and the submodules load on first use.
 """
+
 import importlib
 
 _LAZY = {
@@ -37,8 +38,19 @@ _LAZY = {
     "remap_labels": "clip_jax.evaluation.zeroshot",
     "zeroshot_metrics": "clip_jax.evaluation.zeroshot",
 }
-_SUBMODULES = ("benchmark_runner", "benchmarks", "config", "data", "embed", "linear_probe",
-               "result", "retrieval", "runner", "templates", "zeroshot")
+_SUBMODULES = (
+    "benchmark_runner",
+    "benchmarks",
+    "config",
+    "data",
+    "embed",
+    "linear_probe",
+    "result",
+    "retrieval",
+    "runner",
+    "templates",
+    "zeroshot",
+)
 
 __all__ = sorted(_LAZY)
 

@@ -9,6 +9,7 @@ listed under "skipped" with the `tfds build` command that prepares it. All bench
 `Embedder` (one compiled program per tower) and one class-embedding cache, so ImageNet-V2,
 -Sketch, -A and -R reuse ImageNet's 1,000 x 80 prompt embeddings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,11 +43,11 @@ def prepare_hint(bench: Benchmark, tfds_data_dir: str) -> str:
     import tensorflow_datasets as tfds
 
     command = bench.build_command(tfds_data_dir)
-    manual = getattr(tfds.builder_cls(bench.tfds_name.split("/")[0]),
-                     "MANUAL_DOWNLOAD_INSTRUCTIONS", None)
+    manual = getattr(
+        tfds.builder_cls(bench.tfds_name.split("/")[0]), "MANUAL_DOWNLOAD_INSTRUCTIONS", None
+    )
     if manual:
-        command += (" --manual_dir DIR (TFDS cannot download it: "
-                    + " ".join(manual.split()) + ")")
+        command += " --manual_dir DIR (TFDS cannot download it: " + " ".join(manual.split()) + ")"
     return command
 
 
@@ -63,8 +64,9 @@ def paper_model_for(config, source: str | None) -> str | None:
         return None
 
     def canonical(c):
-        return dataclasses.replace(set_activation(c, "quick_gelu"), init_logit_scale=0.0,
-                                   init_logit_bias=None)
+        return dataclasses.replace(
+            set_activation(c, "quick_gelu"), init_logit_scale=0.0, init_logit_bias=None
+        )
 
     mine = canonical(config)
     for name in PAPER_MODELS:
@@ -73,11 +75,20 @@ def paper_model_for(config, source: str | None) -> str | None:
     return None
 
 
-def run_benchmarks(benchmarks: Sequence[Benchmark], model, variables: dict[str, Any], tokenizer,
-                   mesh, tfds_data_dir: str, *, batch_size: int = 256,
-                   resize_method: str = "bicubic", paper_model: str | None = None,
-                   embedder: Embedder | None = None,
-                   class_cache: dict | None = None) -> dict[str, Any]:
+def run_benchmarks(
+    benchmarks: Sequence[Benchmark],
+    model,
+    variables: dict[str, Any],
+    tokenizer,
+    mesh,
+    tfds_data_dir: str,
+    *,
+    batch_size: int = 256,
+    resize_method: str = "bicubic",
+    paper_model: str | None = None,
+    embedder: Embedder | None = None,
+    class_cache: dict | None = None,
+) -> dict[str, Any]:
     """Evaluates every prepared benchmark; returns a JSON-ready record.
 
     record["results"][name]: metric, score (fraction), paper_score (fraction or None), metrics
@@ -88,8 +99,9 @@ def run_benchmarks(benchmarks: Sequence[Benchmark], model, variables: dict[str, 
     propagate: a broken dataset must not look like a bad model.
     """
     if paper_model is not None and paper_model not in PAPER_MODELS:
-        raise ValueError(f"paper_model={paper_model!r}; the paper has numbers for "
-                         f"{', '.join(PAPER_MODELS)}")
+        raise ValueError(
+            f"paper_model={paper_model!r}; the paper has numbers for {', '.join(PAPER_MODELS)}"
+        )
     embedder = embedder or Embedder(model, variables, mesh, batch_size)
     class_cache = {} if class_cache is None else class_cache
     results: dict[str, Any] = {}
@@ -97,36 +109,62 @@ def run_benchmarks(benchmarks: Sequence[Benchmark], model, variables: dict[str, 
     for bench in benchmarks:
         if not is_prepared(bench, tfds_data_dir):
             hint = prepare_hint(bench, tfds_data_dir)
-            skipped[bench.name] = {"reason": f"{bench.tfds_name} is not prepared in "
-                                             f"{tfds_data_dir}", "command": hint}
-            logging.warning("benchmark %s skipped: %s is not prepared; run: %s", bench.name,
-                            bench.tfds_name, hint)
+            skipped[bench.name] = {
+                "reason": f"{bench.tfds_name} is not prepared in {tfds_data_dir}",
+                "command": hint,
+            }
+            logging.warning(
+                "benchmark %s skipped: %s is not prepared; run: %s",
+                bench.name,
+                bench.tfds_name,
+                hint,
+            )
             continue
         start = time.perf_counter()
         block = bench.zeroshot_block(tfds_data_dir)
         block.batch_size, block.resize_method = batch_size, resize_method
-        result = evaluate_zeroshot(model, variables, tokenizer, mesh, block, embedder=embedder,
-                                   class_cache=class_cache)
+        result = evaluate_zeroshot(
+            model, variables, tokenizer, mesh, block, embedder=embedder, class_cache=class_cache
+        )
         seconds = time.perf_counter() - start
         paper = bench.paper.get(paper_model) if paper_model else None
         results[bench.name] = {
-            "title": bench.title, "tfds_name": bench.tfds_name, "split": bench.split,
-            "metric": bench.metric, "score": float(result.metrics[bench.metric]),
+            "title": bench.title,
+            "tfds_name": bench.tfds_name,
+            "split": bench.split,
+            "metric": bench.metric,
+            "score": float(result.metrics[bench.metric]),
             "paper_score": None if paper is None else round(paper / 100.0, 6),
-            "metrics": dict(result.metrics), "num_classes": bench.num_classes,
-            "num_templates": len(bench.templates), "seconds": seconds,
-            "details": result.details}
-        logging.info("benchmark %s: %s %.4f (%d images, %.1f s)", bench.name, bench.metric,
-                     results[bench.name]["score"], int(result.metrics["num_examples"]), seconds)
-    return {"tfds_data_dir": tfds_data_dir, "paper_model": paper_model, "results": results,
-            "skipped": skipped, "summary": _summary(results)}
+            "metrics": dict(result.metrics),
+            "num_classes": bench.num_classes,
+            "num_templates": len(bench.templates),
+            "seconds": seconds,
+            "details": result.details,
+        }
+        logging.info(
+            "benchmark %s: %s %.4f (%d images, %.1f s)",
+            bench.name,
+            bench.metric,
+            results[bench.name]["score"],
+            int(result.metrics["num_examples"]),
+            seconds,
+        )
+    return {
+        "tfds_data_dir": tfds_data_dir,
+        "paper_model": paper_model,
+        "results": results,
+        "skipped": skipped,
+        "summary": _summary(results),
+    }
 
 
 def _summary(results: dict[str, Any]) -> dict[str, Any]:
     scores = [r["score"] for r in results.values()]
     with_paper = [r for r in results.values() if r["paper_score"] is not None]
-    summary: dict[str, Any] = {"num_evaluated": len(scores),
-                               "mean_score": sum(scores) / len(scores) if scores else None}
+    summary: dict[str, Any] = {
+        "num_evaluated": len(scores),
+        "mean_score": sum(scores) / len(scores) if scores else None,
+    }
     if with_paper:
         summary["num_with_paper"] = len(with_paper)
         summary["mean_score_with_paper"] = sum(r["score"] for r in with_paper) / len(with_paper)
@@ -142,8 +180,14 @@ def format_benchmark_table(record: dict[str, Any]) -> str:
         header += [f"paper {paper_model}", "diff"]
     rows = []
     for name, r in record["results"].items():
-        row = [name, f"{r['tfds_name']} {r['split']}", r["metric"], str(r["num_classes"]),
-               str(int(r["metrics"]["num_examples"])), f"{100 * r['score']:.2f}"]
+        row = [
+            name,
+            f"{r['tfds_name']} {r['split']}",
+            r["metric"],
+            str(r["num_classes"]),
+            str(int(r["metrics"]["num_examples"])),
+            f"{100 * r['score']:.2f}",
+        ]
         if paper_model:
             row += _paper_cells(r["score"], r["paper_score"])
         rows.append(row)
@@ -152,16 +196,29 @@ def format_benchmark_table(record: dict[str, Any]) -> str:
     if evaluated:
         row = ["mean", f"{evaluated} benchmarks", "", "", "", f"{100 * summary['mean_score']:.2f}"]
         if paper_model:
-            row += _paper_cells(summary["mean_score"], summary.get("mean_paper_score")
-                                if with_paper == evaluated else None)
+            row += _paper_cells(
+                summary["mean_score"],
+                summary.get("mean_paper_score") if with_paper == evaluated else None,
+            )
         rows.append(row)
     if paper_model and 0 < with_paper < evaluated:
         ours = summary["mean_score_with_paper"]
-        rows.append(["mean w/ paper", f"{with_paper} benchmarks", "", "", "",
-                     f"{100 * ours:.2f}", *_paper_cells(ours, summary["mean_paper_score"])])
+        rows.append(
+            [
+                "mean w/ paper",
+                f"{with_paper} benchmarks",
+                "",
+                "",
+                "",
+                f"{100 * ours:.2f}",
+                *_paper_cells(ours, summary["mean_paper_score"]),
+            ]
+        )
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(header, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(f"{c:<{w}}" for c, w in zip(header, widths)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     lines += ["  ".join(f"{c:<{w}}" for c, w in zip(row, widths)).rstrip() for row in rows]
     if not rows:
         lines.append("(no benchmark evaluated)")

@@ -14,6 +14,7 @@ ImageNet classes: `class_indices` lists which (their TFDS labels are ImageNet-1k
 
 `python -m clip_jax.evaluate --benchmarks ...` runs them (`clip_jax.evaluation.benchmark_runner`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,6 +47,7 @@ class Benchmark:
     paper: {model name: percent} published zero-shot results (may be empty).
     notes: how this setup differs from the paper's, if it does. sources: where the lists are from.
     """
+
     name: str
     title: str
     tfds_name: str
@@ -67,9 +69,14 @@ class Benchmark:
     def source_spec(self, tfds_data_dir: str) -> data_config_lib.SourceSpec:
         """The evaluation data source: this benchmark's TFDS split in `tfds_data_dir`."""
         return data_config_lib.SourceSpec(
-            source="tfds", split=self.split, tfds_name=self.tfds_name,
-            tfds_data_dir=tfds_data_dir, image_key=self.image_key, text_key="",
-            label_key=self.label_key)
+            source="tfds",
+            split=self.split,
+            tfds_name=self.tfds_name,
+            tfds_data_dir=tfds_data_dir,
+            image_key=self.image_key,
+            text_key="",
+            label_key=self.label_key,
+        )
 
     def zeroshot_block(self, tfds_data_dir: str):
         """This benchmark as a `zeroshot` evaluator block (`clip_jax.evaluation.config`), e.g.
@@ -79,12 +86,22 @@ class Benchmark:
 
         from clip_jax.evaluation.config import zeroshot_block
 
-        block = zeroshot_block(**{k: v for k, v in dataclasses.asdict(
-            self.source_spec(tfds_data_dir)).items() if k != "weight"}).to_dict()
+        block = zeroshot_block(
+            **{
+                k: v
+                for k, v in dataclasses.asdict(self.source_spec(tfds_data_dir)).items()
+                if k != "weight"
+            }
+        ).to_dict()
         # A fresh ConfigDict: the defaults' field types (str) would refuse these tuples.
-        return ml_collections.ConfigDict(dict(
-            block, classnames=self.classnames, templates=self.templates,
-            class_indices=self.class_indices or ()))
+        return ml_collections.ConfigDict(
+            dict(
+                block,
+                classnames=self.classnames,
+                templates=self.templates,
+                class_indices=self.class_indices or (),
+            )
+        )
 
     def build_command(self, tfds_data_dir: str) -> str:
         """The shell command that prepares this benchmark's TFDS data in `tfds_data_dir`."""
@@ -102,9 +119,11 @@ def _raw() -> dict[str, dict[str, Any]]:
     for entry in sorted(_data_files().iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
             record = json.loads(entry.read_text(encoding="utf-8"))
-            if record.get("name") != entry.name[:-len(".json")]:
-                raise ValueError(f"benchmark file {entry.name} holds name "
-                                 f"{record.get('name')!r}; it must match the file name")
+            if record.get("name") != entry.name[: -len(".json")]:
+                raise ValueError(
+                    f"benchmark file {entry.name} holds name "
+                    f"{record.get('name')!r}; it must match the file name"
+                )
             out[record["name"]] = record
     return out
 
@@ -126,13 +145,15 @@ def benchmark(name: str) -> Benchmark:
     record = raw[name]
     classnames = record["classnames"]
     class_indices = record.get("class_indices")
-    if isinstance(classnames, str):          # the class names of another benchmark
+    if isinstance(classnames, str):  # the class names of another benchmark
         if classnames == name:
             raise ValueError(f"benchmark {name} takes its class names from itself")
         classnames = benchmark(classnames).classnames
     elif class_indices is not None:
-        raise ValueError(f"benchmark {name}: class_indices index the labels of the benchmark "
-                         f"named in 'classnames', which must be a name, not a list")
+        raise ValueError(
+            f"benchmark {name}: class_indices index the labels of the benchmark "
+            f"named in 'classnames', which must be a name, not a list"
+        )
     if class_indices is not None:
         # A subset benchmark: the parent's names of the listed labels, in that order.
         class_indices = tuple(int(i) for i in class_indices)
@@ -141,18 +162,28 @@ def benchmark(name: str) -> Benchmark:
     if metric not in METRICS:
         raise ValueError(f"benchmark {name}: metric {metric!r} is not one of {METRICS}")
     return Benchmark(
-        name=name, title=record["title"], tfds_name=record["tfds_name"], split=record["split"],
-        image_key=record["image_key"], label_key=record["label_key"],
+        name=name,
+        title=record["title"],
+        tfds_name=record["tfds_name"],
+        split=record["split"],
+        image_key=record["image_key"],
+        label_key=record["label_key"],
         classnames=tuple(str(c) for c in classnames),
-        templates=get_templates(record["templates"] if isinstance(record["templates"], str)
-                                else tuple(record["templates"])),
-        metric=metric, class_indices=class_indices,
+        templates=get_templates(
+            record["templates"]
+            if isinstance(record["templates"], str)
+            else tuple(record["templates"])
+        ),
+        metric=metric,
+        class_indices=class_indices,
         paper={str(k): float(v) for k, v in record.get("paper", {}).items()},
-        notes=record.get("notes", ""), sources=dict(record.get("sources", {})))
+        notes=record.get("notes", ""),
+        sources=dict(record.get("sources", {})),
+    )
 
 
 def resolve(names: str | list[str] | tuple[str, ...]) -> list[Benchmark]:
-    """"all", "a,b,c" or a list of names -> benchmarks, in the given order, without repeats.
+    """ "all", "a,b,c" or a list of names -> benchmarks, in the given order, without repeats.
 
     Raises ValueError naming unknown benchmarks (all of them, in one line).
     """
@@ -162,10 +193,14 @@ def resolve(names: str | list[str] | tuple[str, ...]) -> list[Benchmark]:
     if names == ["all"]:
         names = list_benchmarks()
     if not names:
-        raise ValueError("no benchmarks named; give 'all' or a comma-separated list of "
-                         f"{', '.join(list_benchmarks())}")
+        raise ValueError(
+            "no benchmarks named; give 'all' or a comma-separated list of "
+            f"{', '.join(list_benchmarks())}"
+        )
     unknown = [n for n in names if n not in _raw()]
     if unknown:
-        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose 'all' or from "
-                         f"{', '.join(list_benchmarks())}")
+        raise ValueError(
+            f"unknown benchmark(s) {', '.join(unknown)}; choose 'all' or from "
+            f"{', '.join(list_benchmarks())}"
+        )
     return [benchmark(n) for n in dict.fromkeys(names)]

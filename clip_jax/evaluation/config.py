@@ -6,6 +6,7 @@ clip_jax.evaluate` and the trainer (every `eval_every` steps) run every evaluato
 `--config.eval.evaluators.zeroshot.templates=imagenet80` or
 `--config.eval.evaluators.retrieval.data.split=heldout`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -73,7 +74,7 @@ def linear_probe_block(**data: Any) -> ml_collections.ConfigDict:
     # k training images per class (few-shot probe); 0 uses all of them.
     c.few_shot = 0
     # L2 strengths swept on the validation split (penalty l2/2*||W||^2 on the mean loss).
-    c.l2_grid = tuple(10.0 ** e for e in range(-6, 3))
+    c.l2_grid = tuple(10.0**e for e in range(-6, 3))
     # Gradient iterations of the full-batch solver per fit.
     c.max_iters = 1000
     # Seed of the key-hash splits (test, validation, few-shot choice).
@@ -106,24 +107,30 @@ def validate(config) -> None:
     if int(config.batch_size) <= 0:
         raise ValueError(f"eval.batch_size={config.batch_size!r} must be positive")
     from clip_jax.data.transforms import RESIZE_METHODS
+
     if config.resize_method not in RESIZE_METHODS:
-        raise ValueError(f"eval.resize_method={config.resize_method!r}; choose one of "
-                         f"{RESIZE_METHODS}")
+        raise ValueError(
+            f"eval.resize_method={config.resize_method!r}; choose one of {RESIZE_METHODS}"
+        )
     for name, block in config.evaluators.items():
         kind = block.get("type") if hasattr(block, "get") else None
         if kind not in EVALUATOR_TYPES:
-            raise ValueError(f"eval.evaluators.{name}.type={kind!r}; choose one of "
-                             f"{EVALUATOR_TYPES}")
+            raise ValueError(
+                f"eval.evaluators.{name}.type={kind!r}; choose one of {EVALUATOR_TYPES}"
+            )
         if "data" not in block:
             raise ValueError(f"eval.evaluators.{name} has no data block")
         # Bad sources and templates fail here, at startup, not at the first evaluation.
         from clip_jax.evaluation.data import source_spec
+
         spec = source_spec(block.data, f"eval.evaluators.{name}.data")
         if kind == "retrieval" and spec.source == "image_folder":
-            raise ValueError(f"eval.evaluators.{name}: retrieval needs captions; source "
-                             f"'image_folder' has none")
+            raise ValueError(
+                f"eval.evaluators.{name}: retrieval needs captions; source 'image_folder' has none"
+            )
         if kind == "zeroshot":
             from clip_jax.evaluation.templates import get_templates
+
             try:
                 get_templates(block.get("templates", "generic"))
             except ValueError as e:

@@ -1,4 +1,5 @@
 """Evaluation data: a configured source -> padded numpy batches, and its class names."""
+
 from __future__ import annotations
 
 import os
@@ -17,16 +18,25 @@ def source_spec(data: Any, where: str) -> data_config_lib.SourceSpec:
     data = dict(data)
     unknown = set(data) - set(data_config_lib.SOURCE_KEYS)
     if unknown:
-        raise ValueError(f"{where} has unknown key(s) {sorted(unknown)}; allowed: "
-                         f"{list(data_config_lib.SOURCE_KEYS)}")
+        raise ValueError(
+            f"{where} has unknown key(s) {sorted(unknown)}; allowed: "
+            f"{list(data_config_lib.SOURCE_KEYS)}"
+        )
     spec = data_config_lib.SourceSpec(**data)
     data_config_lib.validate_source(spec, where)
     return spec
 
 
-def eval_batches(spec: data_config_lib.SourceSpec, *, image_size: int, tokenizer,
-                 context_length: int, batch_size: int, resize_method: str,
-                 with_text: bool = True) -> Iterator[dict]:
+def eval_batches(
+    spec: data_config_lib.SourceSpec,
+    *,
+    image_size: int,
+    tokenizer,
+    context_length: int,
+    batch_size: int,
+    resize_method: str,
+    with_text: bool = True,
+) -> Iterator[dict]:
     """Numpy batches of `clip_jax.data.build_eval_dataset` (every sample once, padded, `mask`).
 
     Every process reads the whole set (the embedder places each process's rows), so the
@@ -35,13 +45,19 @@ def eval_batches(spec: data_config_lib.SourceSpec, *, image_size: int, tokenizer
     from clip_jax.data import pipeline  # TensorFlow: imported only when data is read
 
     ds = pipeline.build_eval_dataset(
-        spec, image_size=image_size, tokenizer=tokenizer if with_text else None,
-        context_length=context_length, batch_size=batch_size, resize_method=resize_method)
+        spec,
+        image_size=image_size,
+        tokenizer=tokenizer if with_text else None,
+        context_length=context_length,
+        batch_size=batch_size,
+        resize_method=resize_method,
+    )
     return ds.as_numpy_iterator()
 
 
-def classnames_for(spec: data_config_lib.SourceSpec,
-                   override: str | Sequence[str] | None = None) -> list[str]:
+def classnames_for(
+    spec: data_config_lib.SourceSpec, override: str | Sequence[str] | None = None
+) -> list[str]:
     """Class names (index = label) of a classification source.
 
     `override`: a path to a classnames.txt or a sequence of names. Otherwise by source: the
@@ -58,14 +74,18 @@ def classnames_for(spec: data_config_lib.SourceSpec,
         return shards_lib.demo_classnames()
     if spec.source == "image_folder":
         from clip_jax.data.sources import list_image_folder
+
         return list_image_folder(spec.image_folder)[2]
     if spec.source in ("tar", "tfrecord"):
         first = shards_lib.resolve_files(spec.shards, what=f"{spec.source} shards")[0]
         path = os.path.join(os.path.dirname(first), "classnames.txt")
         import tensorflow as tf
+
         if not tf.io.gfile.exists(path):
-            raise ValueError(f"no class names for {spec.source} shards {spec.shards!r}: "
-                             f"{path} does not exist; set the evaluator's `classnames`")
+            raise ValueError(
+                f"no class names for {spec.source} shards {spec.shards!r}: "
+                f"{path} does not exist; set the evaluator's `classnames`"
+            )
         return _nonempty(shards_lib.read_classnames(path), path)
     if spec.source == "tfds":
         return _tfds_classnames(spec)
@@ -93,6 +113,8 @@ def _tfds_classnames(spec: data_config_lib.SourceSpec) -> list[str]:
     names = getattr(feature, "names", None)
     if not names:
         dataset = spec.tfds_name or spec.tfds_data_dir
-        raise ValueError(f"TFDS feature {spec.label_key!r} of {dataset} has no class names; "
-                         f"set the evaluator's `classnames`")
+        raise ValueError(
+            f"TFDS feature {spec.label_key!r} of {dataset} has no class names; "
+            f"set the evaluator's `classnames`"
+        )
     return list(names)

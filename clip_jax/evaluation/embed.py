@@ -7,6 +7,7 @@ every process holds all of them (evaluation sets are small enough). Every proces
 whole evaluation set and places its own rows (`jax.make_array_from_callback`), which keeps
 multi-host evaluation free of any gathering of strings or labels.
 """
+
 from __future__ import annotations
 
 import functools
@@ -68,8 +69,9 @@ class Embedder:
 
     def _to_global(self, array: np.ndarray) -> jax.Array:
         # Every process holds the full batch; each places the rows its devices own.
-        return jax.make_array_from_callback(array.shape, self._batch_sharding,
-                                            lambda index: array[index])
+        return jax.make_array_from_callback(
+            array.shape, self._batch_sharding, lambda index: array[index]
+        )
 
     def _run(self, fn, batch: np.ndarray) -> np.ndarray:
         out = fn(self.variables, self._to_global(batch))
@@ -81,7 +83,7 @@ class Embedder:
         """Slices `rows` into full batches (the last padded with zeros) -> (batch, n_real)."""
         b = self.batch_size
         for start in range(0, len(rows), b):
-            chunk = rows[start:start + b]
+            chunk = rows[start : start + b]
             n = len(chunk)
             if n < b:
                 pad = np.zeros((b - n,) + chunk.shape[1:], chunk.dtype)
@@ -95,8 +97,10 @@ class Embedder:
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
         """int32 [N, L] -> float32 [N, D], unit norm."""
-        out = [self._run(self._text_fn, chunk)[:n]
-               for chunk, n in self._padded_batches(np.asarray(tokens, np.int32))]
+        out = [
+            self._run(self._text_fn, chunk)[:n]
+            for chunk, n in self._padded_batches(np.asarray(tokens, np.int32))
+        ]
         return _concat(out, self._dim())
 
     def embed_texts(self, texts: list[str], tokenizer) -> np.ndarray:
@@ -104,8 +108,9 @@ class Embedder:
         tokens = tokenizer(list(texts), context_length=self.model.config.context_length)
         return self.embed_tokens(np.asarray(tokens, np.int32))
 
-    def embed_dataset(self, batches: Iterable[dict[str, np.ndarray]],
-                      with_text: bool = True) -> dict[str, np.ndarray]:
+    def embed_dataset(
+        self, batches: Iterable[dict[str, np.ndarray]], with_text: bool = True
+    ) -> dict[str, np.ndarray]:
         """Runs over `clip_jax.data.build_eval_dataset` batches (numpy); drops padding rows.
 
         Returns: image float32 [N, D]; text float32 [N, D] (if `with_text` and the batches have
@@ -118,8 +123,9 @@ class Embedder:
                 continue
             n = len(mask)
             if n != self.batch_size:
-                raise ValueError(f"dataset batch size {n} differs from the embedder's "
-                                 f"{self.batch_size}")
+                raise ValueError(
+                    f"dataset batch size {n} differs from the embedder's {self.batch_size}"
+                )
             images.append(self._run(self._image_fn, batch["image"])[mask])
             if with_text and "text" in batch:
                 texts.append(self._run(self._text_fn, batch["text"])[mask])
@@ -127,10 +133,12 @@ class Embedder:
             keys.extend(_as_str(k) for k in np.asarray(batch["key"])[mask])
             captions.extend(_as_str(c) for c in np.asarray(batch["caption"])[mask])
         dim = self._dim()
-        out = {"image": _concat(images, dim),
-               "label": np.concatenate(labels) if labels else np.zeros((0,), np.int32),
-               "key": np.asarray(keys, dtype=object),
-               "caption": np.asarray(captions, dtype=object)}
+        out = {
+            "image": _concat(images, dim),
+            "label": np.concatenate(labels) if labels else np.zeros((0,), np.int32),
+            "key": np.asarray(keys, dtype=object),
+            "caption": np.asarray(captions, dtype=object),
+        }
         if texts:
             out["text"] = _concat(texts, dim)
         return out

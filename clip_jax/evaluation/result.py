@@ -1,4 +1,5 @@
 """The value every evaluator returns."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +10,7 @@ from typing import Any
 class EvalResult:
     """`metrics`: flat {name: float} for logging (e.g. {"top1": 0.41}); `details`: anything
     JSON-serialisable for the results file (per-class accuracy, baselines, counts, sweeps)."""
+
     metrics: dict[str, float]
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 

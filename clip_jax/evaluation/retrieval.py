@@ -5,6 +5,7 @@ most similar to it. Text -> image: a caption query is correct at k when its imag
 k most similar images. Ties are broken towards the lower index (as a stable sort), so results
 never depend on the order of floating-point equal scores being the "lucky" one.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -19,8 +20,9 @@ from clip_jax.evaluation.result import EvalResult, get_option
 _BLOCK = 1024
 
 
-def image_to_text_ranks(image_emb: np.ndarray, text_emb: np.ndarray,
-                        text_to_image: np.ndarray) -> np.ndarray:
+def image_to_text_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+) -> np.ndarray:
     """int [Ni]: 0-based rank of each image's best-ranked own caption among all texts.
 
     Args:
@@ -35,9 +37,9 @@ def image_to_text_ranks(image_emb: np.ndarray, text_emb: np.ndarray,
     ranks = np.empty(num_images, np.int64)
     for start in range(0, num_images, _BLOCK):
         rows = np.arange(start, min(start + _BLOCK, num_images))
-        sims = image_emb[rows] @ text_emb.T                        # [b, Nt]
-        own = text_to_image[None, :] == rows[:, None]              # [b, Nt]
-        best = np.where(own, sims, -np.inf).max(axis=1)            # [b]
+        sims = image_emb[rows] @ text_emb.T  # [b, Nt]
+        own = text_to_image[None, :] == rows[:, None]  # [b, Nt]
+        best = np.where(own, sims, -np.inf).max(axis=1)  # [b]
         # The first own caption (lowest index) holding the best score defines the tie-break.
         first = np.where(own & (sims == best[:, None]), order[None, :], order.size).min(axis=1)
         tied_before = (sims == best[:, None]) & (order[None, :] < first[:, None])
@@ -46,23 +48,28 @@ def image_to_text_ranks(image_emb: np.ndarray, text_emb: np.ndarray,
     return ranks
 
 
-def text_to_image_ranks(image_emb: np.ndarray, text_emb: np.ndarray,
-                        text_to_image: np.ndarray) -> np.ndarray:
+def text_to_image_ranks(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray
+) -> np.ndarray:
     """int [Nt]: 0-based rank of each caption's own image among all images."""
     order = np.arange(image_emb.shape[0])
     ranks = np.empty(text_emb.shape[0], np.int64)
     for start in range(0, text_emb.shape[0], _BLOCK):
         cols = np.arange(start, min(start + _BLOCK, text_emb.shape[0]))
-        sims = text_emb[cols] @ image_emb.T                        # [b, Ni]
+        sims = text_emb[cols] @ image_emb.T  # [b, Ni]
         target = text_to_image[cols]
-        own = np.take_along_axis(sims, target[:, None], axis=1)    # [b, 1]
+        own = np.take_along_axis(sims, target[:, None], axis=1)  # [b, 1]
         ahead = (sims > own) | ((sims == own) & (order[None, :] < target[:, None]))
         ranks[cols] = ahead.sum(axis=1)
     return ranks
 
 
-def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image: np.ndarray,
-                      ks: Sequence[int] = (1, 5, 10)) -> EvalResult:
+def retrieval_metrics(
+    image_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_image: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> EvalResult:
     """Recall@k both ways: metrics `image_to_text_R@k`, `text_to_image_R@k`, `mean_recall`
     (mean over all of them), `num_images`, `num_texts`; details hold the chance levels
     (expected recall of a random ranking) and median ranks (1-based)."""
@@ -76,15 +83,18 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray, text_to_image
         metrics[f"image_to_text_R@{k}"] = float((i2t < k).mean())
         metrics[f"text_to_image_R@{k}"] = float((t2i < k).mean())
         # Random ranking: P(none of an image's c captions in the top k of Nt) = C(Nt-c,k)/C(Nt,k).
-        chance[f"image_to_text_R@{k}"] = float(np.mean([_hit_chance(num_texts, c, k)
-                                                         for c in caps]))
+        chance[f"image_to_text_R@{k}"] = float(
+            np.mean([_hit_chance(num_texts, c, k) for c in caps])
+        )
         chance[f"text_to_image_R@{k}"] = min(k, num_images) / num_images
     metrics["mean_recall"] = float(np.mean(list(metrics.values())))
     metrics["num_images"] = float(num_images)
     metrics["num_texts"] = float(num_texts)
-    details = {"chance": chance,
-               "image_to_text_median_rank": float(np.median(i2t) + 1),
-               "text_to_image_median_rank": float(np.median(t2i) + 1)}
+    details = {
+        "chance": chance,
+        "image_to_text_median_rank": float(np.median(i2t) + 1),
+        "text_to_image_median_rank": float(np.median(t2i) + 1),
+    }
     return EvalResult(metrics, details)
 
 
@@ -112,8 +122,9 @@ def group_captions(keys: np.ndarray, captions: np.ndarray) -> tuple[np.ndarray, 
     return np.asarray(image_rows, np.int64), np.asarray(text_to_image, np.int64)
 
 
-def evaluate_retrieval(model, variables: dict[str, Any], tokenizer, mesh, config,
-                       embedder: Embedder | None = None) -> EvalResult:
+def evaluate_retrieval(
+    model, variables: dict[str, Any], tokenizer, mesh, config, embedder: Embedder | None = None
+) -> EvalResult:
     """Recall@k on the image-caption source `config.data` (several captions of one image share
     its key; images are deduplicated by key). Options: data, ks, batch_size, resize_method."""
     spec = data_lib.source_spec(get_option(config, "data", {}), "retrieval.data")
@@ -124,13 +135,18 @@ def evaluate_retrieval(model, variables: dict[str, Any], tokenizer, mesh, config
         raise ValueError(f"retrieval ks={ks!r} must be positive integers")
     embedder = embedder or Embedder(model, variables, mesh, get_option(config, "batch_size", 256))
     cfg = model.config
-    data = embedder.embed_dataset(data_lib.eval_batches(
-        spec, image_size=cfg.image_size, tokenizer=tokenizer, context_length=cfg.context_length,
-        batch_size=embedder.batch_size,
-        resize_method=get_option(config, "resize_method", "bicubic")))
+    data = embedder.embed_dataset(
+        data_lib.eval_batches(
+            spec,
+            image_size=cfg.image_size,
+            tokenizer=tokenizer,
+            context_length=cfg.context_length,
+            batch_size=embedder.batch_size,
+            resize_method=get_option(config, "resize_method", "bicubic"),
+        )
+    )
     image_rows, text_to_image = group_captions(data["key"], data["caption"])
     if len(image_rows) == 0:
         raise ValueError(f"retrieval data {spec} has no captioned samples")
     captioned = np.asarray([bool(c) for c in data["caption"]])
-    return retrieval_metrics(data["image"][image_rows], data["text"][captioned], text_to_image,
-                             ks)
+    return retrieval_metrics(data["image"][image_rows], data["text"][captioned], text_to_image, ks)

@@ -1,4 +1,5 @@
 """Runs every configured evaluator with one shared embedder."""
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,9 @@ EVALUATORS: dict[str, Callable[..., EvalResult]] = {
 }
 
 
-def evaluate_all(eval_config, model, variables: dict[str, Any], tokenizer, mesh,
-                 step: int | None = None) -> tuple[dict[str, float], dict[str, Any]]:
+def evaluate_all(
+    eval_config, model, variables: dict[str, Any], tokenizer, mesh, step: int | None = None
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Runs `eval_config.evaluators` in order.
 
     Returns (metrics, details): metrics flat {"<name>/<metric>": float} (plus
@@ -37,20 +39,25 @@ def evaluate_all(eval_config, model, variables: dict[str, Any], tokenizer, mesh,
     for name, block in eval_config.evaluators.items():
         block = _with_globals(block, eval_config)
         start = time.perf_counter()
-        result = EVALUATORS[block.type](model, variables, tokenizer, mesh, block,
-                                        embedder=embedder)
+        result = EVALUATORS[block.type](model, variables, tokenizer, mesh, block, embedder=embedder)
         seconds = time.perf_counter() - start
         for key, value in result.metrics.items():
             metrics[f"{name}/{key}"] = float(value)
         metrics[f"{name}/seconds"] = seconds
         details[name] = dict(result.details, type=block.type, config=block.to_dict())
-        logging.info("eval %s (step %s): %s (%.1f s)", name, step,
-                     ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()), seconds)
+        logging.info(
+            "eval %s (step %s): %s (%.1f s)",
+            name,
+            step,
+            ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items()),
+            seconds,
+        )
     return metrics, details
 
 
-def run_evaluators(eval_config, model, variables: dict[str, Any], tokenizer, mesh,
-                   step: int | None = None) -> dict[str, float]:
+def run_evaluators(
+    eval_config, model, variables: dict[str, Any], tokenizer, mesh, step: int | None = None
+) -> dict[str, float]:
     """The flat metrics of `evaluate_all`, keys like "zeroshot/top1" (for the trainer's log)."""
     return evaluate_all(eval_config, model, variables, tokenizer, mesh, step)[0]
 

@@ -4,6 +4,7 @@ As in the CLIP paper: each class's prompts are embedded and L2-normalised, avera
 mean re-normalised (prompt ensembling); an image is assigned the class whose embedding has the
 highest cosine similarity with it.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -17,10 +18,12 @@ from clip_jax.evaluation.result import EvalResult, get_option
 from clip_jax.evaluation.templates import format_prompts, get_templates
 
 
-def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
-                     templates: Sequence[str],
-                     cache: dict[tuple[tuple[str, ...], str], np.ndarray] | None = None
-                     ) -> np.ndarray:
+def class_embeddings(
+    embed_texts: Callable[[list[str]], np.ndarray],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    cache: dict[tuple[tuple[str, ...], str], np.ndarray] | None = None,
+) -> np.ndarray:
     """float32 [C, D] unit-norm class embeddings.
 
     `embed_texts`: strings -> float32 [N, D] unit-norm embeddings (e.g. `Embedder.embed_texts`
@@ -57,8 +60,10 @@ def remap_labels(labels: np.ndarray, class_indices: Sequence[int]) -> np.ndarray
     rows = lookup[labels]
     if (rows < 0).any():
         bad = sorted(set(labels[rows < 0].tolist()))
-        raise ValueError(f"{int((rows < 0).sum())} image(s) have labels outside the "
-                         f"{len(indices)} classes of class_indices (e.g. {bad[:5]})")
+        raise ValueError(
+            f"{int((rows < 0).sum())} image(s) have labels outside the "
+            f"{len(indices)} classes of class_indices (e.g. {bad[:5]})"
+        )
     return rows
 
 
@@ -74,8 +79,12 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return ahead.sum(axis=1) < k
 
 
-def zeroshot_metrics(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray,
-                     classnames: Sequence[str] | None = None) -> EvalResult:
+def zeroshot_metrics(
+    image_emb: np.ndarray,
+    labels: np.ndarray,
+    class_emb: np.ndarray,
+    classnames: Sequence[str] | None = None,
+) -> EvalResult:
     """Accuracy of nearest-class-embedding predictions.
 
     Args:
@@ -91,8 +100,10 @@ def zeroshot_metrics(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.nd
     if len(labels) == 0:
         raise ValueError("zero-shot evaluation got no labelled images")
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}); got {labels.min()}.."
-                         f"{labels.max()} (do the class names match the data?)")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}); got {labels.min()}.."
+            f"{labels.max()} (do the class names match the data?)"
+        )
     scores = image_emb @ class_emb.T
     correct1 = topk_correct(scores, labels, 1)
     metrics = {"top1": float(correct1.mean())}
@@ -110,18 +121,26 @@ def zeroshot_metrics(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.nd
         "num_classes": int(num_classes),
         "chance_top1": 1.0 / num_classes,
         "majority_baseline_top1": float(counts.max() / len(labels)),
-        "per_class_top1": {n: (None if np.isnan(a) else float(a))
-                           for n, a in zip(names, per_class)},
+        "per_class_top1": {
+            n: (None if np.isnan(a) else float(a)) for n, a in zip(names, per_class)
+        },
         "class_counts": {n: int(c) for n, c in zip(names, counts)},
-        "predicted_counts": {n: int(c) for n, c in
-                             zip(names, np.bincount(predictions, minlength=num_classes))},
+        "predicted_counts": {
+            n: int(c) for n, c in zip(names, np.bincount(predictions, minlength=num_classes))
+        },
     }
     return EvalResult(metrics, details)
 
 
-def evaluate_zeroshot(model, variables: dict[str, Any], tokenizer, mesh, config,
-                      embedder: Embedder | None = None,
-                      class_cache: dict | None = None) -> EvalResult:
+def evaluate_zeroshot(
+    model,
+    variables: dict[str, Any],
+    tokenizer,
+    mesh,
+    config,
+    embedder: Embedder | None = None,
+    class_cache: dict | None = None,
+) -> EvalResult:
     """Zero-shot accuracy on the labelled source `config.data`.
 
     `config` (an evaluator block of `clip_jax.evaluation.config`): data, classnames, templates,
@@ -134,21 +153,33 @@ def evaluate_zeroshot(model, variables: dict[str, Any], tokenizer, mesh, config,
     templates = get_templates(get_option(config, "templates", "generic"))
     class_indices = tuple(get_option(config, "class_indices", ()))
     if class_indices and len(class_indices) != len(classnames):
-        raise ValueError(f"zero-shot: {len(class_indices)} class_indices for {len(classnames)} "
-                         f"class names")
+        raise ValueError(
+            f"zero-shot: {len(class_indices)} class_indices for {len(classnames)} class names"
+        )
     embedder = embedder or Embedder(model, variables, mesh, get_option(config, "batch_size", 256))
-    class_emb = class_embeddings(lambda t: embedder.embed_texts(t, tokenizer), classnames,
-                                 templates, class_cache)
+    class_emb = class_embeddings(
+        lambda t: embedder.embed_texts(t, tokenizer), classnames, templates, class_cache
+    )
     cfg = model.config
-    data = embedder.embed_dataset(data_lib.eval_batches(
-        spec, image_size=cfg.image_size, tokenizer=None, context_length=cfg.context_length,
-        batch_size=embedder.batch_size, resize_method=get_option(config, "resize_method",
-                                                                 "bicubic"), with_text=False),
-        with_text=False)
+    data = embedder.embed_dataset(
+        data_lib.eval_batches(
+            spec,
+            image_size=cfg.image_size,
+            tokenizer=None,
+            context_length=cfg.context_length,
+            batch_size=embedder.batch_size,
+            resize_method=get_option(config, "resize_method", "bicubic"),
+            with_text=False,
+        ),
+        with_text=False,
+    )
     labelled = data["label"] >= 0
     if not labelled.all():
-        logging.warning("zero-shot: %d of %d samples have no label and are skipped",
-                        int((~labelled).sum()), len(labelled))
+        logging.warning(
+            "zero-shot: %d of %d samples have no label and are skipped",
+            int((~labelled).sum()),
+            len(labelled),
+        )
     labels = data["label"][labelled]
     if class_indices:
         labels = remap_labels(labels, class_indices)

@@ -1,4 +1,5 @@
 """CLIP model definitions: towers, the two-tower model and the registry of named configs."""
+
 from clip_jax.models.clip import CLIP, l2_normalize
 from clip_jax.models.config import (
     CLIPConfig,
@@ -27,6 +28,17 @@ def create_model(name_or_config, dtype="float32", attention_impl=None, **overrid
     return CLIP(config, dtype=jnp.dtype(dtype), attention_impl=attention_impl)
 
 
-__all__ = ["CLIP", "CLIPConfig", "ModifiedResNet", "ModifiedResNetConfig", "TextTransformer",
-           "TextTransformerConfig", "VisionTransformer", "VisionTransformerConfig", "create_model",
-           "get_model_config", "l2_normalize", "list_models"]
+__all__ = [
+    "CLIP",
+    "CLIPConfig",
+    "ModifiedResNet",
+    "ModifiedResNetConfig",
+    "TextTransformer",
+    "TextTransformerConfig",
+    "VisionTransformer",
+    "VisionTransformerConfig",
+    "create_model",
+    "get_model_config",
+    "l2_normalize",
+    "list_models",
+]

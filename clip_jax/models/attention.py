@@ -33,6 +33,7 @@ Not verified without a GPU: cuDNN under a multi-device batch-sharded jit with se
 (the image tower's padded path): JAX's custom partitioning passes the seq-length operands with
 their own sharding.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,10 @@ def parse_implementation(name: str | None) -> Implementation:
         return Implementation(None, None)
     match = _NAME.match(name)
     if match is None or (match.group(2) is not None and int(match.group(2)) < 1):
-        raise ValueError(f"attention_impl={name!r}: expected '', 'xla', 'cudnn', "
-                         f"'cudnn_padded', 'cudnn_padN' or 'xla_padN' (N >= 1)")
+        raise ValueError(
+            f"attention_impl={name!r}: expected '', 'xla', 'cudnn', "
+            f"'cudnn_padded', 'cudnn_padN' or 'xla_padN' (N >= 1)"
+        )
     backend, multiple = match.group(1), match.group(2)
     if multiple is not None:
         return Implementation(backend, int(multiple))
@@ -81,8 +84,15 @@ def padded_length(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
 
 
-def padded_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool,
-                     length: int, implementation: str | None) -> jax.Array:
+def padded_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    causal: bool,
+    length: int,
+    implementation: str | None,
+) -> jax.Array:
     """Attention over the sequence zero-padded to `length`, padding masked; same result as
     unpadded attention.
 
@@ -96,19 +106,28 @@ def padded_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, caus
     """
     batch, seq, _, _ = query.shape
     if key.shape[1] != seq or value.shape[1] != seq:
-        raise ValueError(f"padded_attention is self-attention: query length {seq}, key "
-                         f"{key.shape[1]}, value {value.shape[1]}")
+        raise ValueError(
+            f"padded_attention is self-attention: query length {seq}, key "
+            f"{key.shape[1]}, value {value.shape[1]}"
+        )
     if length < seq:
         raise ValueError(f"padded length {length} is shorter than the sequence ({seq})")
     if length == seq:  # nothing to mask: cuDNN's plain NO_MASK / CAUSAL kernels
-        return jax.nn.dot_product_attention(query, key, value, is_causal=causal,
-                                            implementation=implementation)
+        return jax.nn.dot_product_attention(
+            query, key, value, is_causal=causal, implementation=implementation
+        )
     pad = ((0, 0), (0, length - seq), (0, 0), (0, 0))
     query, key, value = (jnp.pad(x, pad) for x in (query, key, value))
     lengths = None if causal else jnp.full((batch,), seq, jnp.int32)
-    out = jax.nn.dot_product_attention(query, key, value, is_causal=causal,
-                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                       implementation=implementation)
+    out = jax.nn.dot_product_attention(
+        query,
+        key,
+        value,
+        is_causal=causal,
+        query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths,
+        implementation=implementation,
+    )
     return out[:, :seq]
 
 
@@ -120,8 +139,9 @@ def _cudnn_candidates(seq: int, pad_multiple: int | None) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
-               pad_multiple: int | None) -> int | None:
+def cudnn_plan(
+    shape: tuple[int, ...], dtype: str, causal: bool, pad_multiple: int | None
+) -> int | None:
     """The sequence length cuDNN attention will run at for q/k/v of `shape` [B, T, N, H], or
     None if cuDNN refuses every candidate (use XLA). Decided by compiling cuDNN attention's
     gradient for one example of that shape: JAX's shape checks run when the backward is
@@ -130,16 +150,21 @@ def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
     line) per shape; the probe costs one small compile per shape on the GPU."""
     backend = jax.default_backend()
     if backend != "gpu":
-        logger.warning("attention_impl=cudnn needs an NVIDIA GPU (JAX backend is %r): "
-                       "using XLA attention for %s", backend, shape)
+        logger.warning(
+            "attention_impl=cudnn needs an NVIDIA GPU (JAX backend is %r): "
+            "using XLA attention for %s",
+            backend,
+            shape,
+        )
         return None
     probe = jax.ShapeDtypeStruct((1, *shape[1:]), jnp.dtype(dtype))
     refusals = []
     for length in _cudnn_candidates(shape[1], pad_multiple):
+
         def loss(q, k, v, length=length):
-            out = padded_attention(q, k, v, causal=causal, length=length,
-                                   implementation="cudnn")
+            out = padded_attention(q, k, v, causal=causal, length=length, implementation="cudnn")
             return jnp.sum(out.astype(jnp.float32))
+
         try:
             jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(probe, probe, probe).compile()
         except (NotImplementedError, RuntimeError) as e:
@@ -149,11 +174,20 @@ def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
             continue
         _PLANS[(shape, dtype, causal, pad_multiple)] = length
         if refusals or length != shape[1]:
-            logger.info("cuDNN attention for %s (causal=%s) at sequence length %d%s", shape,
-                        causal, length, f" (refused: {'; '.join(refusals)})" if refusals else "")
+            logger.info(
+                "cuDNN attention for %s (causal=%s) at sequence length %d%s",
+                shape,
+                causal,
+                length,
+                f" (refused: {'; '.join(refusals)})" if refusals else "",
+            )
         return length
-    logger.warning("cuDNN refused attention for %s (causal=%s), using XLA: %s", shape, causal,
-                   "; ".join(refusals))
+    logger.warning(
+        "cuDNN refused attention for %s (causal=%s), using XLA: %s",
+        shape,
+        causal,
+        "; ".join(refusals),
+    )
     _PLANS[(shape, dtype, causal, pad_multiple)] = None
     return None
 
@@ -161,13 +195,21 @@ def cudnn_plan(shape: tuple[int, ...], dtype: str, causal: bool,
 def cudnn_plans() -> list[dict]:
     """The decisions `cudnn_plan` made in this process on a GPU: shape [B, T, N, H], causal,
     and the length cuDNN runs at (None: XLA), e.g. for a benchmark's report."""
-    return [{"shape": list(shape), "dtype": dtype, "causal": causal, "pad_multiple": multiple,
-             "length": length}
-            for (shape, dtype, causal, multiple), length in _PLANS.items()]
+    return [
+        {
+            "shape": list(shape),
+            "dtype": dtype,
+            "causal": causal,
+            "pad_multiple": multiple,
+            "length": length,
+        }
+        for (shape, dtype, causal, multiple), length in _PLANS.items()
+    ]
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool,
-                          implementation: str | None) -> jax.Array:
+def dot_product_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool, implementation: str | None
+) -> jax.Array:
     """Multi-head self-attention, softmax(q k^T / sqrt(H)) v per head.
 
     Args:
@@ -182,13 +224,21 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     if impl.backend == "cudnn":
         length = cudnn_plan(tuple(query.shape), str(query.dtype), causal, impl.pad_multiple)
         if length is None:
-            return jax.nn.dot_product_attention(query, key, value, is_causal=causal,
-                                                implementation="xla")
-        return padded_attention(query, key, value, causal=causal, length=length,
-                                implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                query, key, value, is_causal=causal, implementation="xla"
+            )
+        return padded_attention(
+            query, key, value, causal=causal, length=length, implementation="cudnn"
+        )
     if impl.pad_multiple is not None:
-        return padded_attention(query, key, value, causal=causal,
-                                length=padded_length(seq, impl.pad_multiple),
-                                implementation=impl.backend)
-    return jax.nn.dot_product_attention(query, key, value, is_causal=causal,
-                                        implementation=impl.backend)
+        return padded_attention(
+            query,
+            key,
+            value,
+            causal=causal,
+            length=padded_length(seq, impl.pad_multiple),
+            implementation=impl.backend,
+        )
+    return jax.nn.dot_product_attention(
+        query, key, value, is_causal=causal, implementation=impl.backend
+    )

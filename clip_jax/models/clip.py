@@ -1,4 +1,5 @@
 """The two-tower CLIP model."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -39,16 +40,29 @@ class CLIP(nn.Module):
     def setup(self):
         cfg = self.config
         tower = {"vit": VisionTransformer, "resnet": ModifiedResNet}[cfg.vision.type]
-        self.image = tower(cfg.vision, cfg.embed_dim, attention_impl=self.attention_impl,
-                           dtype=self.dtype, remat=self.remat, scan_layers=self.scan_layers)
-        self.text = TextTransformer(cfg.text, cfg.embed_dim, attention_impl=self.attention_impl,
-                                    dtype=self.dtype, remat=self.remat,
-                                    scan_layers=self.scan_layers)
-        self.logit_scale = self.param("logit_scale", nn.initializers.constant(cfg.init_logit_scale),
-                                      ())
+        self.image = tower(
+            cfg.vision,
+            cfg.embed_dim,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+        )
+        self.text = TextTransformer(
+            cfg.text,
+            cfg.embed_dim,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+        )
+        self.logit_scale = self.param(
+            "logit_scale", nn.initializers.constant(cfg.init_logit_scale), ()
+        )
         if cfg.init_logit_bias is not None:
-            self.logit_bias = self.param("logit_bias",
-                                         nn.initializers.constant(cfg.init_logit_bias), ())
+            self.logit_bias = self.param(
+                "logit_bias", nn.initializers.constant(cfg.init_logit_bias), ()
+            )
 
     def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
         """[B, H, W, 3] normalised float -> [B, D] float32, unnormalised (as OpenAI)."""
@@ -58,8 +72,9 @@ class CLIP(nn.Module):
         """[B, L] int32 -> [B, D] float32, unnormalised (as OpenAI)."""
         return self.text(tokens).astype(jnp.float32)
 
-    def __call__(self, images: jax.Array, tokens: jax.Array,
-                 train: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self, images: jax.Array, tokens: jax.Array, train: bool = False
+    ) -> dict[str, jax.Array]:
         """Both towers: returns L2-normalised `image_embeddings` [B, D], `text_embeddings` [B, D]
         (float32), the raw `logit_scale` parameter (a log; exp it and clip at 100 for logits)
         and, for SigLIP-style models, `logit_bias`."""

@@ -4,6 +4,7 @@ These are plain frozen dataclasses so that a model is fully described by JSON-se
 checkpoints store `CLIPConfig.to_dict()` and `CLIPConfig.from_dict()` rebuilds the same model.
 Compute precision is not part of the architecture; it is chosen when the module is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +30,8 @@ class VisionTransformerConfig:
     def __post_init__(self):
         if self.image_size % self.patch_size:
             raise ValueError(
-                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+                f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
+            )
         if self.width % self.heads:
             raise ValueError(f"vision width {self.width} is not divisible by heads {self.heads}")
 
@@ -49,11 +51,13 @@ class ModifiedResNetConfig:
         if len(self.layers) != 4:
             raise ValueError(f"ModifiedResNet needs 4 stage depths, got {self.layers}")
         if self.image_size % 32:
-            raise ValueError(f"ModifiedResNet image_size must be a multiple of 32, got "
-                             f"{self.image_size}")
+            raise ValueError(
+                f"ModifiedResNet image_size must be a multiple of 32, got {self.image_size}"
+            )
         if (self.width * 32) % self.heads:
-            raise ValueError(f"attention-pool width {self.width * 32} is not divisible by heads "
-                             f"{self.heads}")
+            raise ValueError(
+                f"attention-pool width {self.width * 32} is not divisible by heads {self.heads}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +103,9 @@ class CLIPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["vision"]["layers"] = (list(d["vision"]["layers"]) if self.vision.type == "resnet"
-                                 else d["vision"]["layers"])
+        d["vision"]["layers"] = (
+            list(d["vision"]["layers"]) if self.vision.type == "resnet" else d["vision"]["layers"]
+        )
         return d
 
     @classmethod

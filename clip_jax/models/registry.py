@@ -5,6 +5,7 @@ their weights convert one-to-one. `-quickgelu` variants use QuickGELU (what Open
 ViT weights need); the plain names use exact GELU as in open_clip. Tiny entries are for tests and
 CPU work.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,17 +22,21 @@ from clip_jax.models.config import (
 def _vit(embed, image, patch, width, layers, text_width, text_heads, text_layers=12):
     return CLIPConfig(
         embed_dim=embed,
-        vision=VisionTransformerConfig(image_size=image, patch_size=patch, width=width,
-                                       layers=layers, heads=width // 64),
-        text=TextTransformerConfig(width=text_width, heads=text_heads, layers=text_layers))
+        vision=VisionTransformerConfig(
+            image_size=image, patch_size=patch, width=width, layers=layers, heads=width // 64
+        ),
+        text=TextTransformerConfig(width=text_width, heads=text_heads, layers=text_layers),
+    )
 
 
 def _rn(embed, image, layers, width, text_width, text_heads):
     return CLIPConfig(
         embed_dim=embed,
-        vision=ModifiedResNetConfig(image_size=image, layers=layers, width=width,
-                                    heads=width * 32 // 64),
-        text=TextTransformerConfig(width=text_width, heads=text_heads, layers=12))
+        vision=ModifiedResNetConfig(
+            image_size=image, layers=layers, width=width, heads=width * 32 // 64
+        ),
+        text=TextTransformerConfig(width=text_width, heads=text_heads, layers=12),
+    )
 
 
 _MODELS: dict[str, CLIPConfig] = {
@@ -48,11 +53,13 @@ _MODELS: dict[str, CLIPConfig] = {
     "tiny-vit": CLIPConfig(
         embed_dim=128,
         vision=VisionTransformerConfig(image_size=64, patch_size=8, width=128, layers=2, heads=2),
-        text=TextTransformerConfig(context_length=32, width=128, layers=2, heads=2)),
+        text=TextTransformerConfig(context_length=32, width=128, layers=2, heads=2),
+    ),
     "tiny-rn": CLIPConfig(
         embed_dim=128,
         vision=ModifiedResNetConfig(image_size=64, layers=(1, 1, 1, 1), width=16, heads=4),
-        text=TextTransformerConfig(context_length=32, width=128, layers=2, heads=2)),
+        text=TextTransformerConfig(context_length=32, width=128, layers=2, heads=2),
+    ),
 }
 
 
@@ -87,7 +94,8 @@ def apply_overrides(config: CLIPConfig, name: str = "", **overrides: Any) -> CLI
             config,
             vision=dataclasses.replace(config.vision, **vision_overrides),
             text=dataclasses.replace(config.text, **text_overrides),
-            **overrides)
+            **overrides,
+        )
     except TypeError as e:
         raise ValueError(f"bad override for model {name or 'config'!r}: {e}") from None
 
@@ -97,5 +105,6 @@ def set_activation(config: CLIPConfig, activation: str) -> CLIPConfig:
     vision = config.vision
     if isinstance(vision, VisionTransformerConfig):
         vision = dataclasses.replace(vision, activation=activation)
-    return dataclasses.replace(config, vision=vision,
-                               text=dataclasses.replace(config.text, activation=activation))
+    return dataclasses.replace(
+        config, vision=vision, text=dataclasses.replace(config.text, activation=activation)
+    )

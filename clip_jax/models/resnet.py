@@ -11,6 +11,7 @@ BatchNorm keeps running statistics in the `batch_stats` collection. In train mod
 are computed over the whole (global) batch: under `jax.jit` with a batch-sharded input XLA
 inserts the cross-device reduction itself, so this is synchronised BN without an axis name.
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -21,8 +22,8 @@ from clip_jax.models.config import ModifiedResNetConfig
 from clip_jax.models.transformer import Dtype, remat_policy
 from clip_jax.models.vit import _check_image_shape
 
-BN_EPS = 1e-5       # torch BatchNorm2d default
-BN_MOMENTUM = 0.9   # flax convention; equals torch momentum=0.1
+BN_EPS = 1e-5  # torch BatchNorm2d default
+BN_MOMENTUM = 0.9  # flax convention; equals torch momentum=0.1
 
 
 @jax.custom_vjp
@@ -76,8 +77,12 @@ class PointwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, H, W, C_in] -> [B, H, W, features]."""
-        kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                            (1, 1, x.shape[-1], self.features), jnp.float32)
+        kernel = self.param(
+            "kernel",
+            nn.initializers.lecun_normal(),
+            (1, 1, x.shape[-1], self.features),
+            jnp.float32,
+        )
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return _channel_matmul(x, kernel[0, 0])
 
@@ -87,8 +92,14 @@ def _conv(features: int, kernel: int, name: str, dtype: Dtype) -> nn.Module:
         return PointwiseConv(features, dtype=dtype, name=name)
     # torch padding=k//2 on both sides; flax 'SAME' would pad asymmetrically for stride 2.
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)), use_bias=False,
-                   dtype=dtype, name=name)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        dtype=dtype,
+        name=name,
+    )
 
 
 def _avg_pool(x: jax.Array, size: int) -> jax.Array:
@@ -103,14 +114,21 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         """[B, H, W, C] -> [B, H/stride, W/stride, 4 * planes]."""
-        bn = lambda name, **kw: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                             epsilon=BN_EPS, dtype=self.dtype, name=name, **kw)
+        bn = lambda name, **kw: nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPS,
+            dtype=self.dtype,
+            name=name,
+            **kw,
+        )
         out = jax.nn.relu(bn("bn1")(_conv(self.planes, 1, "conv1", self.dtype)(x)))
         out = jax.nn.relu(bn("bn2")(_conv(self.planes, 3, "conv2", self.dtype)(out)))
         out = _avg_pool(out, self.stride)
         # Zero-init the last BN's scale so each block starts as the identity (as open_clip).
         out = bn("bn3", scale_init=nn.initializers.zeros)(
-            _conv(self.planes * 4, 1, "conv3", self.dtype)(out))
+            _conv(self.planes * 4, 1, "conv3", self.dtype)(out)
+        )
         identity = x
         if self.stride > 1 or x.shape[-1] != self.planes * 4:
             identity = _avg_pool(x, self.stride)
@@ -132,12 +150,18 @@ class AttentionPool2d(nn.Module):
         batch, height, width, channels = x.shape
         x = x.reshape(batch, height * width, channels)
         x = jnp.concatenate([x.mean(axis=1, keepdims=True), x], axis=1)  # [B, HW + 1, C]
-        positional = self.param("positional_embedding", nn.initializers.normal(channels ** -0.5),
-                                (height * width + 1, channels))
+        positional = self.param(
+            "positional_embedding",
+            nn.initializers.normal(channels**-0.5),
+            (height * width + 1, channels),
+        )
         x = x + positional.astype(self.dtype)
         dense = lambda features, name: nn.Dense(
-            features, dtype=self.dtype, kernel_init=nn.initializers.normal(channels ** -0.5),
-            name=name)
+            features,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal(channels**-0.5),
+            name=name,
+        )
         head_dim = channels // self.heads
         split = lambda t: t.reshape(batch, t.shape[1], self.heads, head_dim)
         q = split(dense(channels, "q_proj")(x[:, :1]))
@@ -152,8 +176,8 @@ class ModifiedResNet(nn.Module):
     output_dim: int
     attention_impl: str | None = None  # unused; keeps the tower constructors uniform
     dtype: Dtype = jnp.float32
-    remat: str = "none"         # rematerialise each Bottleneck block (transformer.remat_policy)
-    scan_layers: bool = False   # unused: the stages' blocks differ in shape, nothing to scan
+    remat: str = "none"  # rematerialise each Bottleneck block (transformer.remat_policy)
+    scan_layers: bool = False  # unused: the stages' blocks differ in shape, nothing to scan
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -163,24 +187,38 @@ class ModifiedResNet(nn.Module):
         """
         cfg = self.config
         _check_image_shape(images, cfg.image_size)
-        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                                       epsilon=BN_EPS, dtype=self.dtype, name=name)
+        bn = lambda name: nn.BatchNorm(
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPS,
+            dtype=self.dtype,
+            name=name,
+        )
         x = images.astype(self.dtype)
         stem = [(cfg.width // 2, 2), (cfg.width // 2, 1), (cfg.width, 1)]
         for i, (features, stride) in enumerate(stem, start=1):
             pad = ((1, 1), (1, 1))
-            x = nn.Conv(features, (3, 3), strides=stride, padding=pad, use_bias=False,
-                        dtype=self.dtype, name=f"conv{i}")(x)
+            x = nn.Conv(
+                features,
+                (3, 3),
+                strides=stride,
+                padding=pad,
+                use_bias=False,
+                dtype=self.dtype,
+                name=f"conv{i}",
+            )(x)
             x = jax.nn.relu(bn(f"bn{i}")(x))
         x = _avg_pool(x, 2)
         use_remat, policy = remat_policy(self.remat)
         # static_argnums counts `self`: argument 2 is the Python bool `train`.
-        block = nn.remat(Bottleneck, policy=policy, static_argnums=(2,)) if use_remat \
-            else Bottleneck
+        block = (
+            nn.remat(Bottleneck, policy=policy, static_argnums=(2,)) if use_remat else Bottleneck
+        )
         for stage, blocks in enumerate(cfg.layers):
-            planes = cfg.width * 2 ** stage
+            planes = cfg.width * 2**stage
             for index in range(blocks):
                 stride = 2 if (stage > 0 and index == 0) else 1
-                x = block(planes, stride, dtype=self.dtype,
-                          name=f"layer{stage + 1}_{index}")(x, train)
+                x = block(planes, stride, dtype=self.dtype, name=f"layer{stage + 1}_{index}")(
+                    x, train
+                )
         return AttentionPool2d(cfg.heads, self.output_dim, dtype=self.dtype, name="attnpool")(x)

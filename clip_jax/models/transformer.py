@@ -3,6 +3,7 @@
 Parameter names follow OpenAI/open_clip (`ln_1`, `attn/in_proj`, `attn/out_proj`, `ln_2`,
 `mlp/c_fc`, `mlp/c_proj`) so that weight conversion is a renaming plus transposes.
 """
+
 from __future__ import annotations
 
 import re
@@ -65,15 +66,19 @@ class QKVProjection(nn.Module):
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """[B, T, W] -> q, k, v, each [B, T, heads, W // heads]."""
         batch, length, width = x.shape
-        kernel = self.param("kernel", nn.initializers.normal(width ** -0.5),
-                            (width, 3 * width), jnp.float32)
+        kernel = self.param(
+            "kernel", nn.initializers.normal(width**-0.5), (width, 3 * width), jnp.float32
+        )
         bias = self.param("bias", nn.initializers.zeros_init(), (3 * width,), jnp.float32)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         head_dim = width // self.heads
         return tuple(
-            (jnp.dot(x, kernel[:, i * width:(i + 1) * width]) + bias[i * width:(i + 1) * width]
-             ).reshape(batch, length, self.heads, head_dim)
-            for i in range(3))
+            (
+                jnp.dot(x, kernel[:, i * width : (i + 1) * width])
+                + bias[i * width : (i + 1) * width]
+            ).reshape(batch, length, self.heads, head_dim)
+            for i in range(3)
+        )
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -100,12 +105,14 @@ class MultiHeadSelfAttention(nn.Module):
         """[B, T, W] -> [B, T, W]."""
         batch, length, width = x.shape
         q, k, v = QKVProjection(self.heads, dtype=self.dtype, name="in_proj")(x)
-        out = attention.dot_product_attention(q, k, v, causal=self.causal,
-                                              implementation=self.attention_impl)
+        out = attention.dot_product_attention(
+            q, k, v, causal=self.causal, implementation=self.attention_impl
+        )
         out = out.reshape(batch, length, width)
-        out_std = self.out_init_std if self.out_init_std is not None else width ** -0.5
-        return nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std),
-                        name="out_proj")(out)
+        out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
+        return nn.Dense(
+            width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std), name="out_proj"
+        )(out)
 
 
 class Mlp(nn.Module):
@@ -119,12 +126,17 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
-        h = nn.Dense(self.mlp_width, dtype=self.dtype,
-                     kernel_init=nn.initializers.normal((2 * width) ** -0.5), name="c_fc")(x)
+        h = nn.Dense(
+            self.mlp_width,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.normal((2 * width) ** -0.5),
+            name="c_fc",
+        )(x)
         h = get_activation(self.activation)(h)
-        out_std = self.out_init_std if self.out_init_std is not None else width ** -0.5
-        return nn.Dense(width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std),
-                        name="c_proj")(h)
+        out_std = self.out_init_std if self.out_init_std is not None else width**-0.5
+        return nn.Dense(
+            width, dtype=self.dtype, kernel_init=nn.initializers.normal(out_std), name="c_proj"
+        )(h)
 
 
 REMAT_CHOICES = ("none", "full")  # plus any name in jax.checkpoint_policies
@@ -141,13 +153,21 @@ def remat_policy(remat: str) -> tuple[bool, Callable | None]:
     policy = getattr(jax.checkpoint_policies, remat, None)
     if policy is None or remat.startswith("_"):
         names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
-        raise ValueError(f"model.remat={remat!r}: expected 'none', 'full' or one of "
-                         f"jax.checkpoint_policies: {', '.join(names)}")
-    if remat in ("save_only_these_names", "save_any_names_but_these",
-                 "save_anything_except_these_names", "save_and_offload_only_these_names",
-                 "save_from_both_policies"):
-        raise ValueError(f"model.remat={remat!r} is a policy factory that needs arguments; "
-                         f"use a ready policy such as 'dots_with_no_batch_dims_saveable'")
+        raise ValueError(
+            f"model.remat={remat!r}: expected 'none', 'full' or one of "
+            f"jax.checkpoint_policies: {', '.join(names)}"
+        )
+    if remat in (
+        "save_only_these_names",
+        "save_any_names_but_these",
+        "save_anything_except_these_names",
+        "save_and_offload_only_these_names",
+        "save_from_both_policies",
+    ):
+        raise ValueError(
+            f"model.remat={remat!r} is a policy factory that needs arguments; "
+            f"use a ready policy such as 'dots_with_no_batch_dims_saveable'"
+        )
     return True, policy
 
 
@@ -171,16 +191,26 @@ class ResidualAttentionBlock(nn.Module):
     def __call__(self, x: jax.Array, _: Any = None) -> jax.Array | tuple[jax.Array, None]:
         """[B, T, W] -> [B, T, W] (or `(x, None)` with scan_output)."""
         width = x.shape[-1]
-        residual_std = width ** -0.5 * (2 * self.depth) ** -0.5
+        residual_std = width**-0.5 * (2 * self.depth) ** -0.5
         y = layer_norm("ln_1", self.dtype)(x)
-        y = MultiHeadSelfAttention(width, self.heads, causal=self.causal,
-                                   out_init_std=residual_std,
-                                   attention_impl=self.attention_impl,
-                                   dtype=self.dtype, name="attn")(y)
+        y = MultiHeadSelfAttention(
+            width,
+            self.heads,
+            causal=self.causal,
+            out_init_std=residual_std,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            name="attn",
+        )(y)
         x = x + y
         y = layer_norm("ln_2", self.dtype)(x)
-        y = Mlp(int(width * self.mlp_ratio), self.activation, out_init_std=residual_std,
-                dtype=self.dtype, name="mlp")(y)
+        y = Mlp(
+            int(width * self.mlp_ratio),
+            self.activation,
+            out_init_std=residual_std,
+            dtype=self.dtype,
+            name="mlp",
+        )(y)
         x = x + y
         return (x, None) if self.scan_output else x
 
@@ -215,12 +245,23 @@ class Transformer(nn.Module):
             # Under scan, CSE across iterations is impossible anyway; prevent_cse=False lets
             # XLA optimise the loop body better (flax's recommendation).
             block = nn.remat(block, policy=policy, prevent_cse=not self.scan_layers)
-        kwargs = dict(heads=self.heads, mlp_ratio=self.mlp_ratio, activation=self.activation,
-                      causal=self.causal, depth=self.layers, attention_impl=self.attention_impl,
-                      dtype=self.dtype)
+        kwargs = dict(
+            heads=self.heads,
+            mlp_ratio=self.mlp_ratio,
+            activation=self.activation,
+            causal=self.causal,
+            depth=self.layers,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+        )
         if self.scan_layers:
-            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                            length=self.layers, in_axes=nn.broadcast)
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                length=self.layers,
+                in_axes=nn.broadcast,
+            )
             x, _ = stack(scan_output=True, name=SCANNED_NAME, **kwargs)(x, None)
             return x
         for i in range(self.layers):

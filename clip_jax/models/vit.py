@@ -1,4 +1,5 @@
 """Vision Transformer image tower (OpenAI CLIP layout)."""
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -23,8 +24,8 @@ class VisionTransformer(nn.Module):
     output_dim: int
     attention_impl: str | None = None
     dtype: Dtype = jnp.float32
-    remat: str = "none"         # per-block activation rematerialisation (transformer.py)
-    scan_layers: bool = False   # nn.scan over the blocks (stacked `resblocks` params)
+    remat: str = "none"  # per-block activation rematerialisation (transformer.py)
+    scan_layers: bool = False  # nn.scan over the blocks (stacked `resblocks` params)
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
@@ -33,23 +34,38 @@ class VisionTransformer(nn.Module):
         cfg = self.config
         _check_image_shape(images, cfg.image_size)
         width = cfg.width
-        x = nn.Conv(width, (cfg.patch_size, cfg.patch_size), strides=cfg.patch_size,
-                    padding="VALID", use_bias=False, dtype=self.dtype, name="conv1")(
-                        images.astype(self.dtype))
+        x = nn.Conv(
+            width,
+            (cfg.patch_size, cfg.patch_size),
+            strides=cfg.patch_size,
+            padding="VALID",
+            use_bias=False,
+            dtype=self.dtype,
+            name="conv1",
+        )(images.astype(self.dtype))
         batch, grid_h, grid_w, _ = x.shape
         x = x.reshape(batch, grid_h * grid_w, width)
-        scale = width ** -0.5
+        scale = width**-0.5
         class_embedding = self.param("class_embedding", nn.initializers.normal(scale), (width,))
         cls = jnp.broadcast_to(class_embedding.astype(self.dtype), (batch, 1, width))
         x = jnp.concatenate([cls, x], axis=1)
-        positional = self.param("positional_embedding", nn.initializers.normal(scale),
-                                (grid_h * grid_w + 1, width))
+        positional = self.param(
+            "positional_embedding", nn.initializers.normal(scale), (grid_h * grid_w + 1, width)
+        )
         x = x + positional.astype(self.dtype)
         x = layer_norm("ln_pre", self.dtype)(x)
-        x = Transformer(cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.activation, causal=False,
-                        attention_impl=self.attention_impl, dtype=self.dtype,
-                        remat=self.remat, scan_layers=self.scan_layers,
-                        name="transformer")(x)
+        x = Transformer(
+            cfg.layers,
+            cfg.heads,
+            cfg.mlp_ratio,
+            cfg.activation,
+            causal=False,
+            attention_impl=self.attention_impl,
+            dtype=self.dtype,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+            name="transformer",
+        )(x)
         pooled = layer_norm("ln_post", self.dtype)(x[:, 0])
         proj = self.param("proj", nn.initializers.normal(scale), (width, self.output_dim))
         return pooled @ proj.astype(self.dtype)
@@ -57,5 +73,7 @@ class VisionTransformer(nn.Module):
 
 def _check_image_shape(images: jax.Array, image_size: int) -> None:
     if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
-        raise ValueError(f"expected images of shape [B, {image_size}, {image_size}, 3], got "
-                         f"{tuple(images.shape)}")
+        raise ValueError(
+            f"expected images of shape [B, {image_size}, {image_size}, 3], got "
+            f"{tuple(images.shape)}"
+        )

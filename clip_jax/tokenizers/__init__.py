@@ -19,6 +19,7 @@ Train a SentencePiece model on captions (one per line) from the shell:
     python -m clip_jax.tokenizers train --input captions.txt --vocab-size 32000 --output spm.model
     python -m clip_jax.tokenizers encode --tokenizer clip-bpe "a photo of a cat"
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,24 @@ from clip_jax.tokenizers.base import DEFAULT_CONTEXT_LENGTH, Tokenizer
 from clip_jax.tokenizers.bpe import ClipBPETokenizer
 from clip_jax.tokenizers.spm import SentencePieceTokenizer, train_sentencepiece
 
-__all__ = ["get", "check_name", "Tokenizer", "ClipBPETokenizer", "SentencePieceTokenizer",
-           "train_sentencepiece", "DEFAULT_CONTEXT_LENGTH", "CLIP_BPE_NAMES"]
+__all__ = [
+    "get",
+    "check_name",
+    "Tokenizer",
+    "ClipBPETokenizer",
+    "SentencePieceTokenizer",
+    "train_sentencepiece",
+    "DEFAULT_CONTEXT_LENGTH",
+    "CLIP_BPE_NAMES",
+]
 
 #: Names accepted by `get` for the OpenAI CLIP BPE tokenizer (case-insensitive).
 CLIP_BPE_NAMES = ("clip-bpe", "openai")
 
 
-def get(name_or_path: Union[str, os.PathLike, Tokenizer],
-        context_length: int = DEFAULT_CONTEXT_LENGTH) -> Tokenizer:
+def get(
+    name_or_path: Union[str, os.PathLike, Tokenizer], context_length: int = DEFAULT_CONTEXT_LENGTH
+) -> Tokenizer:
     """Returns the tokenizer for `name_or_path`.
 
     - "clip-bpe" or "openai" (any case): OpenAI CLIP's BPE (`ClipBPETokenizer`);
@@ -59,7 +69,8 @@ def get(name_or_path: Union[str, os.PathLike, Tokenizer],
     raise ValueError(
         f"unknown tokenizer {spec!r}; accepted: {' or '.join(map(repr, CLIP_BPE_NAMES))} (OpenAI"
         " CLIP BPE), or a path to a SentencePiece '.model' file (train one with"
-        " `python -m clip_jax.tokenizers train`)")
+        " `python -m clip_jax.tokenizers train`)"
+    )
 
 
 def check_name(name: Union[str, os.PathLike]) -> None:

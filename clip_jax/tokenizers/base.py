@@ -1,4 +1,5 @@
 """The interface every clip_jax tokenizer implements, and the batching rule they share."""
+
 from __future__ import annotations
 
 import abc
@@ -44,8 +45,14 @@ def check_context_length(context_length) -> int:
     return int(context_length)
 
 
-def pack(rows: Sequence[Sequence[int]], context_length: int, *, sot_id: Optional[int],
-         eot_id: int, pad_id: int = 0) -> np.ndarray:
+def pack(
+    rows: Sequence[Sequence[int]],
+    context_length: int,
+    *,
+    sot_id: Optional[int],
+    eot_id: int,
+    pad_id: int = 0,
+) -> np.ndarray:
     """Builds the int32 [N, context_length] batch from per-text ids without special tokens.
 
     Each row is `[sot_id] + ids + [eot_id]` (no sot when `sot_id` is None). A row longer than
@@ -122,10 +129,12 @@ class Tokenizer(abc.ABC):
         A single text gives N = 1. `context_length` defaults to the one given at construction.
         """
         context_length = check_context_length(
-            self.context_length if context_length is None else context_length)
+            self.context_length if context_length is None else context_length
+        )
         rows = self.encode_batch(as_str_list(texts))
-        return pack(rows, context_length, sot_id=self.sot_id, eot_id=self.eot_id,
-                    pad_id=self.pad_id)
+        return pack(
+            rows, context_length, sot_id=self.sot_id, eot_id=self.eot_id, pad_id=self.pad_id
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(context_length={self.context_length})"

@@ -30,6 +30,7 @@ On the benchmark's ASCII captions this Python part is ~13% of the CPU time (3.6 
 The Rust tokenizers are built at first use (~0.2 s) and shared by every instance in the process.
 A process forked after using them gets them without threads (`tokenizers` warns about it).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,8 +46,9 @@ import tokenizers as hf
 
 from clip_jax.tokenizers.base import DEFAULT_CONTEXT_LENGTH, Text, Tokenizer, as_str
 
-DEFAULT_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                "bpe_simple_vocab_16e6.txt.gz")
+DEFAULT_BPE_PATH = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz"
+)
 SPECIAL_TOKENS = ("<start_of_text>", "<end_of_text>")
 # Number of merges CLIP uses: 49152 tokens minus 256 bytes minus the 2 special tokens.
 NUM_MERGES = 49152 - 256 - 2
@@ -57,8 +59,10 @@ NUM_MERGES = 49152 - 256 - 2
 BPE_CACHE_SIZE = 1 << 17
 
 # CLIP's pre-tokenising regex (open_clip's SimpleTokenizer.pat), for the Python side.
-CLIP_PATTERN = (r"<start_of_text>|<end_of_text>"
-                r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+")
+CLIP_PATTERN = (
+    r"<start_of_text>|<end_of_text>"
+    r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
 # The same on lower-case ASCII text, for the Rust side (no special tokens: texts holding one
 # take the Python path).
 ASCII_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^\sa-z0-9]+"
@@ -70,8 +74,11 @@ _NEEDS_FULL_CLEAN = regex.compile(r"[^\t\n\x20-\x25\x27-\x7e]")
 
 def bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible map from the 256 byte values to printable unicode characters."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -87,8 +94,11 @@ def needs_full_clean(text: str) -> bool:
 
     `isascii` is O(1) in CPython and `isprintable` a C loop; the regex only runs for ASCII
     text holding tabs, newlines or other control characters."""
-    return not (text.isascii() and "&" not in text
-                and (text.isprintable() or _NEEDS_FULL_CLEAN.search(text) is None))
+    return not (
+        text.isascii()
+        and "&" not in text
+        and (text.isprintable() or _NEEDS_FULL_CLEAN.search(text) is None)
+    )
 
 
 def clean_text(text: str) -> str:
@@ -104,7 +114,7 @@ class _Vocab:
     def __init__(self, path: str):
         with gzip.open(path) as f:
             merges = f.read().decode("utf-8").split("\n")
-        merges = [tuple(m.split()) for m in merges[1:NUM_MERGES + 1]]
+        merges = [tuple(m.split()) for m in merges[1 : NUM_MERGES + 1]]
         byte_encoder = bytes_to_unicode()
         vocab = list(byte_encoder.values())
         vocab += [v + "</w>" for v in vocab]
@@ -117,19 +127,28 @@ class _Vocab:
         self.pattern = regex.compile(CLIP_PATTERN, regex.IGNORECASE)
 
         # One BPE model (and its word cache) shared by both Rust tokenizers.
-        model = hf.models.BPE(vocab=encoder, merges=merges, end_of_word_suffix="</w>",
-                              cache_capacity=BPE_CACHE_SIZE, fuse_unk=False)
+        model = hf.models.BPE(
+            vocab=encoder,
+            merges=merges,
+            end_of_word_suffix="</w>",
+            cache_capacity=BPE_CACHE_SIZE,
+            fuse_unk=False,
+        )
         self.ascii = hf.Tokenizer(model)
         self.ascii.pre_tokenizer = hf.pre_tokenizers.Split(
-            hf.Regex(ASCII_PATTERN), behavior="removed", invert=True)
+            hf.Regex(ASCII_PATTERN), behavior="removed", invert=True
+        )
         self.pieces = hf.Tokenizer(model)
-        self.pieces.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                use_regex=False)
-        self.pieces.add_special_tokens([hf.AddedToken(t, special=True, normalized=False)
-                                        for t in SPECIAL_TOKENS])
+        self.pieces.pre_tokenizer = hf.pre_tokenizers.ByteLevel(
+            add_prefix_space=False, use_regex=False
+        )
+        self.pieces.add_special_tokens(
+            [hf.AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+        )
 
-    def route(self, texts: Sequence[str]) -> tuple[list[int], list[str], list[int],
-                                                     list[list[str]]]:
+    def route(
+        self, texts: Sequence[str]
+    ) -> tuple[list[int], list[str], list[int], list[list[str]]]:
         """Cleans a batch and splits it between the two Rust tokenizers (see the top).
 
         Returns `(ascii_at, ascii_texts, pieces_at, pieces)`: the indices and cleaned texts for
@@ -162,8 +181,7 @@ class _Vocab:
         out: list[list[int]] = [[]] * len(texts)
         for i, e in zip(ascii_at, encs):
             out[i] = e.ids
-        encs = self.pieces.encode_batch_fast(pieces, is_pretokenized=True,
-                                             add_special_tokens=False)
+        encs = self.pieces.encode_batch_fast(pieces, is_pretokenized=True, add_special_tokens=False)
         for i, e in zip(pieces_at, encs):
             out[i] = e.ids
         return out
@@ -183,8 +201,9 @@ class ClipBPETokenizer(Tokenizer):
     or as the first `row == eot_id`, or as the last non-zero position.
     """
 
-    def __init__(self, context_length: int = DEFAULT_CONTEXT_LENGTH,
-                 bpe_path: Optional[str] = None):
+    def __init__(
+        self, context_length: int = DEFAULT_CONTEXT_LENGTH, bpe_path: Optional[str] = None
+    ):
         super().__init__(context_length)
         self.bpe_path = os.fspath(bpe_path) if bpe_path is not None else DEFAULT_BPE_PATH
         if not os.path.isfile(self.bpe_path):
@@ -236,8 +255,11 @@ class ClipBPETokenizer(Tokenizer):
         if bad:
             raise ValueError(f"ids out of range [0, {len(v.decoder)}): {bad[:10]}")
         text = "".join([v.decoder[i] for i in ids])
-        text = (bytearray(v.byte_decoder[c] for c in text)
-                .decode("utf-8", errors="replace").replace("</w>", " "))
+        text = (
+            bytearray(v.byte_decoder[c] for c in text)
+            .decode("utf-8", errors="replace")
+            .replace("</w>", " ")
+        )
         return text.strip() if skip_special_tokens else text
 
     def __repr__(self) -> str:

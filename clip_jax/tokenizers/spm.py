@@ -17,6 +17,7 @@ one per core).
 Note for text towers: unlike CLIP's BPE, eos is not the largest id, so the end-of-text position
 must be found as the first `ids == eot_id` or the last non-zero position, not as `argmax(ids)`.
 """
+
 from __future__ import annotations
 
 import io
@@ -37,11 +38,19 @@ class SentencePieceTokenizer(Tokenizer):
 
     `num_threads`: threads encoding each batch (-1: one per core)."""
 
-    def __init__(self, model_path: Union[str, os.PathLike],
-                 context_length: int = DEFAULT_CONTEXT_LENGTH, num_threads: int = -1):
+    def __init__(
+        self,
+        model_path: Union[str, os.PathLike],
+        context_length: int = DEFAULT_CONTEXT_LENGTH,
+        num_threads: int = -1,
+    ):
         super().__init__(context_length)
-        if isinstance(num_threads, bool) or not isinstance(num_threads, int) \
-                or num_threads == 0 or num_threads < -1:
+        if (
+            isinstance(num_threads, bool)
+            or not isinstance(num_threads, int)
+            or num_threads == 0
+            or num_threads < -1
+        ):
             raise ValueError(f"num_threads must be -1 (one per core) or >= 1, got {num_threads!r}")
         self.num_threads = num_threads
         self.model_path = os.fspath(model_path)
@@ -61,13 +70,18 @@ class SentencePieceTokenizer(Tokenizer):
             raise ValueError(
                 f"{self.model_path}: clip_jax needs a SentencePiece model with pad id 0 and an eos"
                 f" id (this one has pad_id={sp.pad_id()}, eos_id={sp.eos_id()}, where -1 means"
-                " none); train one with `python -m clip_jax.tokenizers train`")
+                " none); train one with `python -m clip_jax.tokenizers train`"
+            )
         self._sp = sp
 
     # Pickles carry the serialized model, so they load where the .model file is absent.
     def __getstate__(self):
-        return {"context_length": self.context_length, "model_path": self.model_path,
-                "proto": self._proto, "num_threads": self.num_threads}
+        return {
+            "context_length": self.context_length,
+            "model_path": self.model_path,
+            "proto": self._proto,
+            "num_threads": self.num_threads,
+        }
 
     def __setstate__(self, state):
         self.context_length = state["context_length"]
@@ -92,8 +106,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         # One native call for the batch: C++ threads, GIL released.
-        return self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads) \
-            if texts else []
+        return (
+            self._sp.encode(list(texts), out_type=int, num_threads=self.num_threads)
+            if texts
+            else []
+        )
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids`; by default cut at the first eos and skipping pad. Control pieces (pad,
@@ -112,8 +129,7 @@ class SentencePieceTokenizer(Tokenizer):
         return self._sp.id_to_piece(int(i))
 
     def __repr__(self) -> str:
-        return (f"SentencePieceTokenizer({self.model_path!r}, "
-                f"context_length={self.context_length})")
+        return f"SentencePieceTokenizer({self.model_path!r}, context_length={self.context_length})"
 
 
 def _iter_lines(lines: Iterable) -> Iterable[str]:
@@ -123,12 +139,19 @@ def _iter_lines(lines: Iterable) -> Iterable[str]:
             yield line
 
 
-def train_sentencepiece(lines_or_path: Union[str, os.PathLike, Iterable[Union[str, bytes]]],
-                        vocab_size: int, output: Union[str, os.PathLike], *,
-                        model_type: str = "unigram", character_coverage: float = 0.9995,
-                        normalization_rule_name: str = "nmt_nfkc",
-                        input_sentence_size: int = 10_000_000, num_threads: Optional[int] = None,
-                        verbose: bool = False, **trainer_kwargs) -> str:
+def train_sentencepiece(
+    lines_or_path: Union[str, os.PathLike, Iterable[Union[str, bytes]]],
+    vocab_size: int,
+    output: Union[str, os.PathLike],
+    *,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    normalization_rule_name: str = "nmt_nfkc",
+    input_sentence_size: int = 10_000_000,
+    num_threads: Optional[int] = None,
+    verbose: bool = False,
+    **trainer_kwargs,
+) -> str:
     """Trains a SentencePiece model for clip_jax and writes it to `output` (a `.model` file).
 
     `lines_or_path`: a text file with one caption per line, or an iterable of captions. At
@@ -139,15 +162,25 @@ def train_sentencepiece(lines_or_path: Union[str, os.PathLike, Iterable[Union[st
     Returns `output` as a string.
     """
     output = os.fspath(output)
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
-            or vocab_size < 4:
+    if (
+        isinstance(vocab_size, bool)
+        or not isinstance(vocab_size, (int, np.integer))
+        or vocab_size < 4
+    ):
         raise ValueError(f"vocab_size must be an int >= 4, got {vocab_size!r}")
     options = dict(
-        model_type=model_type, vocab_size=int(vocab_size),
-        character_coverage=character_coverage, normalization_rule_name=normalization_rule_name,
-        pad_id=PAD_ID, unk_id=UNK_ID, eos_id=EOS_ID, bos_id=BOS_ID,
-        hard_vocab_limit=False, input_sentence_size=int(input_sentence_size),
-        shuffle_input_sentence=True, num_threads=num_threads or min(os.cpu_count() or 1, 16),
+        model_type=model_type,
+        vocab_size=int(vocab_size),
+        character_coverage=character_coverage,
+        normalization_rule_name=normalization_rule_name,
+        pad_id=PAD_ID,
+        unk_id=UNK_ID,
+        eos_id=EOS_ID,
+        bos_id=BOS_ID,
+        hard_vocab_limit=False,
+        input_sentence_size=int(input_sentence_size),
+        shuffle_input_sentence=True,
+        num_threads=num_threads or min(os.cpu_count() or 1, 16),
     )
     options.update(trainer_kwargs)
     if isinstance(lines_or_path, (str, os.PathLike)):
