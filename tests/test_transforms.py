@@ -86,9 +86,11 @@ def test_decode_formats():
 
 def test_resize_is_tf_image_resize():
     """`_resize_uint8` filters both axes as rows (faster); it must give tf.image.resize's
-    pixels exactly, down and up, for every method."""
+    pixels exactly, down and up, for every method (small images take one op: both sides of
+    `_ONE_OP_MAX_PIXELS` are covered)."""
     rng = np.random.default_rng(1)
-    for h, w in ((37, 300), (256, 256), (480, 360)):
+    assert 12 * 20 <= transforms._ONE_OP_MAX_PIXELS < 101 * 100
+    for h, w in ((12, 20), (101, 100), (37, 300), (256, 256), (480, 360)):
         img = tf.constant(_photo_array(rng, w, h))
         for method in transforms.RESIZE_METHODS:
             for oh, ow in ((224, 224), (50, 81), (2 * h, w + 3)):

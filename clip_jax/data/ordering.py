@@ -146,8 +146,10 @@ def block_shuffle(
     each element in the shuffled order, i.e. the number of records of this source consumed once
     this element is taken; it is computed per block, not per element (each per-element stage
     costs ~10-30 us of tf.data overhead here). `block <= 1` keeps the raw order. Nothing is
-    decoded while skipping. `on_block(last_src_pos)` (optional) returns an op run once per
-    block as it is shuffled (the input watch's record counter).
+    decoded while skipping. `on_block(records)` (optional) is applied to each shuffled block
+    (a dict of `[n]` tensors, with `src_pos`) and returns it with the same `n` records in the
+    same order: per-record work done vectorised, once per block (the pipeline's checks and
+    input-watch counter).
     """
     if start < 0:
         raise ValueError(f"start position must be >= 0, got {start}")
@@ -155,10 +157,7 @@ def block_shuffle(
     def tag(records, base):
         n = tf.shape(records["key"])[0]
         out = dict(records, src_pos=base + tf.range(1, tf.cast(n, tf.int64) + 1))
-        if on_block is None:
-            return out
-        with tf.control_dependencies([on_block(out["src_pos"][-1])]):
-            return {k: tf.identity(v) for k, v in out.items()}
+        return out if on_block is None else on_block(out)
 
     if block <= 1:  # raw order; numbered in small batches all the same
         return raw.batch(64).enumerate().map(lambda b, r: tag(r, start + b * 64)).unbatch()

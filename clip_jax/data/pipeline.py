@@ -83,10 +83,11 @@ class DamagedJpegLog:
 
     libjpeg reports damage ("Premature end of JPEG data. Stopped at line 14/64", "Corrupt JPEG
     data: ...") without saying which sample it was. A JPEG whose last 64 bytes hold no
-    end-of-image marker (FF D9) was cut short, as interrupted downloads are: `check` flags it in
-    the graph (a few byte compares per sample) and logs its key from Python only then. The first
-    `named` keys are logged one by one, then one line per further 1,000. Damage inside the data
-    that leaves the end intact is reported by libjpeg alone.
+    end-of-image marker (FF D9) was cut short, as interrupted downloads are: `note` flags such
+    records in the graph, vectorised (the train pipeline runs it once per shuffled block), and
+    logs their keys from Python only when there are any. The first `named` keys are logged one
+    by one, then one line per further 1,000. Damage inside the data that leaves the end intact
+    is reported by libjpeg alone.
     """
 
     def __init__(self, named: int = 20):
@@ -95,38 +96,73 @@ class DamagedJpegLog:
         self._seen: set[bytes] = set()
         self._lock = threading.Lock()
 
-    def _log(self, key) -> bool:
-        key = key.numpy()
-        with self._lock:
-            if key in self._seen:
-                return True
-            if len(self._seen) < 100_000:
-                self._seen.add(key)
-            self.count += 1
-            count = self.count
-        if count <= self.named:
-            logging.warning(
-                "input pipeline: sample %r has truncated JPEG data (no end-of-image "
-                "marker); the libjpeg warning about it says 'Premature end of JPEG "
-                "data'; undecodable samples are skipped and counted",
-                key.decode("utf-8", errors="replace"),
-            )
-        elif count % 1000 == 0:
-            logging.warning("input pipeline: %d samples with truncated JPEG data so far", count)
+    def _log(self, keys) -> bool:
+        for key in keys.numpy().tolist():
+            with self._lock:
+                if key in self._seen:
+                    continue
+                if len(self._seen) < 100_000:
+                    self._seen.add(key)
+                self.count += 1
+                count = self.count
+            if count <= self.named:
+                logging.warning(
+                    "input pipeline: sample %r has truncated JPEG data (no end-of-image marker);"
+                    " the libjpeg warning about it says 'Premature end of JPEG data'; "
+                    "undecodable samples are skipped and counted",
+                    key.decode("utf-8", errors="replace"),
+                )
+            elif count % 1000 == 0:
+                logging.warning("input pipeline: %d samples with truncated JPEG data so far", count)
         return True
 
-    def check(self, encoded: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-        """A bool scalar op to run before decoding `encoded` (a string scalar)."""
+    @staticmethod
+    def truncated(encoded: tf.Tensor) -> tf.Tensor:
+        """bool, `encoded`'s shape: JPEG data without FF D9 in its last 64 bytes."""
         n = tf.strings.length(encoded)
         k = tf.minimum(n, 64)
-        tail = tf.io.decode_raw(tf.strings.substr(encoded, n - k, k), tf.uint8)
-        has_end = tf.reduce_any(tf.logical_and(tf.equal(tail[:-1], 0xFF), tf.equal(tail[1:], 0xD9)))
-        truncated = tf.logical_and(
-            tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8"), tf.logical_not(has_end)
+        # [..., 64]: zero padding after a short tail cannot form FF D9.
+        tail = tf.io.decode_raw(tf.strings.substr(encoded, n - k, k), tf.uint8, fixed_length=64)
+        has_end = tf.reduce_any(
+            tf.logical_and(tf.equal(tail[..., :-1], 0xFF), tf.equal(tail[..., 1:], 0xD9)), -1
         )
+        is_jpeg = tf.equal(tf.strings.substr(encoded, 0, 2), b"\xff\xd8")
+        return tf.logical_and(is_jpeg, tf.logical_not(has_end))
+
+    def note(self, encoded: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        """An op (bool scalar) that logs the keys of truncated JPEGs among `encoded` (string
+        scalar or `[N]`, `keys` alike); run it before they are decoded."""
+        flags = tf.reshape(self.truncated(encoded), [-1])
         return tf.cond(
-            truncated, lambda: tf.py_function(self._log, [key], tf.bool), lambda: tf.constant(True)
+            tf.reduce_any(flags),
+            lambda: tf.py_function(
+                self._log, [tf.boolean_mask(tf.reshape(keys, [-1]), flags)], tf.bool
+            ),
+            lambda: tf.constant(True),
         )
+
+
+def _block_checks(watch_counter: tf.Variable | None, damaged_jpegs: DamagedJpegLog):
+    """`block_shuffle`'s per-block function for training: the per-record checks, vectorised.
+
+    Records without an image or caption get an empty image, which the decode map then fails and
+    drops (they still count in positions, see `ordering.num_skipped`); truncated JPEGs are
+    logged by key; the input watch's record counter advances. Per element these checks cost
+    ~60 us of tf.data op overhead (16 px JPEGs: 235 vs 174 us per sample with and without).
+    """
+
+    def check(records: dict) -> dict:
+        usable = tf.logical_and(
+            tf.strings.length(records["image"]) > 0, tf.strings.length(records["text"]) > 0
+        )
+        deps = [damaged_jpegs.note(records["image"], records["key"])]
+        if watch_counter is not None:
+            deps.append(watch_counter.assign(records["src_pos"][-1]))
+        with tf.control_dependencies(deps):
+            image = tf.where(usable, records["image"], "")
+        return dict(records, image=image)
+
+    return check
 
 
 def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
@@ -391,6 +427,7 @@ def build_train_dataset(
     shard_lists = [
         _shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None for spec in specs
     ]
+    damaged_jpegs = DamagedJpegLog()
     streams = []
     for j, spec in enumerate(specs):
         key = ordering.seed_key(seed, process_index, j)
@@ -410,7 +447,7 @@ def build_train_dataset(
             watch=watch,
             files=shard_lists[j],
         )
-        on_block = watch.counters[j].assign if watch is not None else None
+        on_block = _block_checks(watch.counters[j] if watch is not None else None, damaged_jpegs)
         streams.append(
             ordering.block_shuffle(
                 raw,
@@ -435,34 +472,25 @@ def build_train_dataset(
     else:  # "auto" keeps full decoding for mixtures
         window = str(data_config.get("decode", "auto")) == "window"
 
-    damaged_jpegs = DamagedJpegLog()
-
     def transform(rec):
-        # Records without an image or caption are dropped here, with undecodable images, by
-        # failing the map (one stage fewer than a filter); they still count in `position`.
-        usable = tf.logical_and(
-            tf.strings.length(rec["image"]) > 0, tf.strings.length(rec["text"]) > 0
-        )
+        # Records without an image or caption arrive with an empty image (`_block_checks`) and
+        # are dropped here with undecodable images, by failing the map (no filter stage, no
+        # per-element check); they still count in `position`.
         position, index = ordering.position_and_index(rec)
         crop_key = ordering.fold_in(aug_key, index)
-        checks = [
-            tf.debugging.Assert(usable, ["no image or caption"]),
-            damaged_jpegs.check(rec["image"], rec["key"]),
-        ]
-        with tf.control_dependencies(checks):
-            if window:  # same crop windows as the two-step path, decoding only them
-                image = transforms.decode_random_resized_crop(
-                    rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method
-                )
-            else:
-                image = transforms.random_resized_crop(
-                    transforms.decode_image(rec["image"]),
-                    crop_key,
-                    image_size,
-                    scale=scale,
-                    ratio=ratio,
-                    method=method,
-                )
+        if window:  # same crop windows as the two-step path, decoding only them
+            image = transforms.decode_random_resized_crop(
+                rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method
+            )
+        else:
+            image = transforms.random_resized_crop(
+                transforms.decode_image(rec["image"]),
+                crop_key,
+                image_size,
+                scale=scale,
+                ratio=ratio,
+                method=method,
+            )
         return {"image": image, "text": rec["text"], "position": position}
 
     ds = decode_dropping_errors(mixed, transform, npc)
@@ -592,7 +620,7 @@ def build_eval_dataset(
     damaged_jpegs = DamagedJpegLog()
 
     def transform(rec):
-        with tf.control_dependencies([damaged_jpegs.check(rec["image"], rec["key"])]):
+        with tf.control_dependencies([damaged_jpegs.note(rec["image"], rec["key"])]):
             if window:
                 image = transforms.decode_resize_center_crop(
                     rec["image"], image_size, method=method

@@ -102,6 +102,10 @@ def _scale_translate_uint8(image, out_hw, scale, translation, method: str):
     return tf.transpose(tf.reshape(x, tf.stack([out_w, out_h, 3])), [1, 0, 2])
 
 
+# Images up to this many pixels are resized by one ScaleAndTranslate op (see `_resize_uint8`).
+_ONE_OP_MAX_PIXELS = 100 * 100
+
+
 def _resize_uint8(image, height, width, method: str):
     """`tf.image.resize(image, [height, width], method, antialias=True)`, rounded to uint8
     (`image` `uint8 [h, w, 3]`); the ScaleAndTranslate methods run `_scale_translate_uint8`
@@ -109,13 +113,25 @@ def _resize_uint8(image, height, width, method: str):
     import tensorflow as tf
 
     out_hw = tf.stack([height, width])
-    if method in _WINDOW_KERNELS:
+
+    def one_op():
+        resized = tf.image.resize(image, out_hw, method=method, antialias=True)
+        if resized.dtype == tf.uint8:  # "nearest" keeps the input dtype
+            return resized
+        return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+    if method not in _WINDOW_KERNELS:
+        return one_op()
+
+    def two_passes():
         scale = tf.cast(out_hw, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
         return _scale_translate_uint8(image, out_hw, scale, tf.zeros([2], tf.float32), method)
-    resized = tf.image.resize(image, out_hw, method=method, antialias=True)
-    if resized.dtype == tf.uint8:  # "nearest" keeps the input dtype
-        return resized
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+    # Same pixels either way. The two-pass resize runs ~40 small ops, ~100 us of tf.data
+    # per-op overhead that only pays back from ~112 px images (per-sample CPU, same run:
+    # 16 px 153 vs 187 us, 64 px 147 vs 244 us, 128 px 543 vs 509 us, 256 px 1833 vs 1107 us).
+    pixels = tf.shape(image)[0] * tf.shape(image)[1]
+    return tf.cond(pixels <= _ONE_OP_MAX_PIXELS, one_op, two_passes)
 
 
 def _sample_crop(image_shape, key, scale: Sequence[float], ratio: Sequence[float]):
