@@ -6,8 +6,8 @@ consecutive *blocks* of `block` raw records, block b permuted by a stateless per
 from (seed, b). Output position p then maps to a fixed raw record, and resuming after p records
 means: skip the raw records of the p // block finished blocks (I/O only, nothing decoded),
 rebuild the current block's permutation, and drop its first p % block entries. The memory cost
-is that of a shuffle buffer of the same size (one block of encoded records, plus the next one
-while it fills).
+is that of two shuffle buffers of the same size: the block being consumed and the next one,
+read ahead so that block boundaries do not stall the stream.
 
 Positions: every element carries `position`, int64 `[num_sources + 1]`: for each source, how
 many of its (shuffled) raw records have been consumed up to and including this element, and
@@ -168,7 +168,10 @@ def block_shuffle(
         order = tf.random.experimental.stateless_shuffle(tf.range(n), fold_in(key, block_index))
         return tag({k: tf.gather(v, order) for k, v in records.items()}, block_index * block)
 
-    ds = raw.batch(block).enumerate(start=first_block).map(permute)
+    # prefetch(1): the next block is read while this one is consumed. Without it the stream
+    # stalls for a whole block read at every block boundary (10,000 480x360 tar records: ~1.8 s
+    # per ~10 s of decoding on 2 cores). Memory: up to two blocks of encoded records at a time.
+    ds = raw.batch(block).enumerate(start=first_block).map(permute).prefetch(1)
     return ds.unbatch().skip(within)
 
 
