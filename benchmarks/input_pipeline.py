@@ -11,6 +11,7 @@ Prints JSON lines (one run, one process):
   which goes first), so machine load hits them alike; each round starts with untimed batches
   that drain what a pipeline prefetched while the others ran.
   Pipelines: `clip_jax_tar`, `clip_jax_tfrecord` (`build_train_dataset`, default data config),
+  `clip_jax_mix` (a weighted mixture of the two, equal weights),
   `reference` (plain tf.data on the TFRecords: files interleaved (cycle 16) -> shuffle(10k) ->
   parse -> decode_jpeg -> random crop (area 0.9-1.0, aspect 3/4-4/3) + antialiased bicubic
   resize -> batch -> CLIP BPE in a parallel tf.numpy_function -> prefetch) and
@@ -341,8 +342,11 @@ def clip_jax_dataset(
     from clip_jax.data.pipeline import build_train_dataset
 
     cfg = config_lib.get_default_config()
-    cfg.source = source
-    cfg.shards = pattern
+    if source == "mix":  # `pattern`: {source: shards}, mixed with equal weights
+        cfg.sources = tuple({"source": s, "shards": p, "weight": 1.0} for s, p in pattern.items())
+    else:
+        cfg.source = source
+        cfg.shards = pattern
     cfg.shuffle_buffer = shuffle_buffer
     cfg.threadpool_size = threads
     return build_train_dataset(
@@ -439,7 +443,7 @@ def run_case(
     drain: int,
     cores: int,
 ) -> None:
-    """Times the four pipelines of `case` alternately and prints one JSON line for each."""
+    """Times the pipelines of `case` alternately and prints one JSON line for each."""
     import tensorflow as tf
 
     tfrecords = sorted(tf.io.gfile.glob(data["tfrecord"]))
@@ -469,6 +473,16 @@ def run_case(
             "clip_jax_tfrecord",
             "tfrecord",
             lambda: clip_jax_dataset(data["tfrecord"], "tfrecord", tokenizer=tokenizer, **common),
+        ),
+        Timed(  # a weighted mixture: the same records as tar and as TFRecord, half each
+            "clip_jax_mix",
+            "tar+tfrecord",
+            lambda: clip_jax_dataset(
+                {"tar": data["tar"], "tfrecord": data["tfrecord"]},
+                "mix",
+                tokenizer=tokenizer,
+                **common,
+            ),
         ),
     ]
     warmup = min(case.round_batches, 4)
