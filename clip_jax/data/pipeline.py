@@ -168,6 +168,9 @@ def _block_checks(watch_counter: tf.Variable | None, damaged_jpegs: DamagedJpegL
 def _apply_options(ds: tf.data.Dataset, threadpool_size: int = 0) -> tf.data.Dataset:
     options = tf.data.Options()
     options.deterministic = True
+    # Fuses consecutive maps into one stage, e.g. a mixture's attach-position map into the
+    # decode map (16 px mixture, same run: 367-378 vs 464-483 us of CPU per sample).
+    options.experimental_optimization.map_fusion = True
     if threadpool_size:
         options.threading.private_threadpool_size = threadpool_size
     return ds.with_options(options)
