@@ -106,16 +106,21 @@ class Checkpointer:
         checksums, and CheckpointError naming the problem when the step does not exist or the
         saved tree does not match the model (missing/unexpected parameters, other shapes).
         """
+        return self._restore_verified(self.resolve_step(step), abstract_state)
+
+    def resolve_step(self, step: int | None) -> int:
+        """`step` when it is a complete checkpoint, the latest one when `step` is None; else
+        CheckpointError naming the available steps."""
         steps = self.all_steps()
         if step is None:
-            step = self.latest_step()
-            if step is None:
+            if not steps:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        elif step not in steps:
+            return max(steps)
+        if step not in steps:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
             )
-        return self._restore_verified(step, abstract_state)
+        return step
 
     def restore_latest_intact(
         self, abstract_state: Any
@@ -232,9 +237,7 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of checkpoint `step` (default: the latest), its checksum verified."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        step = self.resolve_step(step)
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -400,15 +403,7 @@ def load_model_variables(
     checkpointer = Checkpointer(workdir, read_only=True)
     try:
         steps = checkpointer.all_steps()
-        if step is None:
-            if not steps:
-                raise CheckpointError(f"no complete checkpoint in {checkpointer.directory}")
-            step = max(steps)
-        elif step not in steps:
-            raise CheckpointError(
-                f"no checkpoint for step {step} in {checkpointer.directory}; "
-                f"available steps: {steps}"
-            )
+        step = checkpointer.resolve_step(step)
         if sharding is None:
             sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)), PartitionSpec())
         try:
