@@ -319,11 +319,11 @@ def test_paper_model_detection():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
     """The micro model as converted weights whose recorded source mentions openai."""
-    from clip_jax import convert
+    from clip_jax import model_store
 
     variables = jax.jit(create_model(MICRO).init_variables)(jax.random.key(0))
     return str(
-        convert.save_converted(
+        model_store.save_converted(
             tmp_path_factory.mktemp("conv") / "micro",
             MICRO,
             variables,
