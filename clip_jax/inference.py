@@ -45,7 +45,7 @@ class CLIPInference:
         resize_method: str = "bicubic",
     ):
         from clip_jax import sharding as sharding_lib
-        from clip_jax.evaluation.embed import Embedder
+        from clip_jax.embedder import Embedder
 
         self.config = loaded.config
         self.step = loaded.step
