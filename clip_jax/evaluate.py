@@ -153,14 +153,19 @@ def _load(workdir: str, step: int | None, init_from: str | None, sharding):
 
     if init_from and step is not None:
         raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
-    try:
-        if init_from and model_store.locate(init_from)[0] not in ("converted", "hub"):
+    if init_from:
+        try:
+            kind = model_store.locate(init_from)[0]
+        except CheckpointError:
+            kind = None
+        if kind not in ("converted", "hub"):
             raise EvalError(
                 f"--init_from {init_from} is not a converted checkpoint (expected "
                 f"{model_store.MODEL_JSON} and {model_store.VARIABLES_ITEM}/ in it) nor a Hub "
                 f"reference (hf-hub:ORG/NAME or pretrained:ARCH/TAG); evaluate a training run "
                 f"with --workdir (and --step)"
             )
+    try:
         return model_store.load_model(init_from or workdir, step, sharding)
     except CheckpointError as e:
         raise EvalError(str(e)) from None
