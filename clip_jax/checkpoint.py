@@ -194,7 +194,7 @@ class Checkpointer:
         except DamagedCheckpointError as e:
             outcome, reason = _DAMAGED, e.reason
         if outcome == _OK:
-            difference = _tree_difference(saved, abstract_state)
+            difference = tree_difference(saved, abstract_state)
             if difference:  # the same on every process: they read the same metadata
                 raise CheckpointError(
                     f"checkpoint step {step} in {self.directory} does not "
@@ -301,9 +301,9 @@ def _verify(state: Any, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _tree_difference(saved: Any, abstract: Any) -> str:
-    """'' when the saved tree (ArrayMetadata leaves) has the same array names and shapes as
-    `abstract`, else a summary of the differences."""
+def tree_difference(saved: Any, abstract: Any) -> str:
+    """'' when the saved tree (ArrayMetadata or array leaves) has the same array names and
+    shapes as `abstract`, else a summary of the differences."""
 
     def shapes(tree):
         return {

@@ -58,11 +58,8 @@ def place_variables(variables: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     replicated = sharding_lib.replicated(mesh)
 
     def place(x):
-        sharding = getattr(x, "sharding", None)
-        if isinstance(x, jax.Array) and isinstance(sharding, NamedSharding):
-            if sharding.mesh == mesh:
-                return x
-        return jax.device_put(x, replicated)
+        on_mesh = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+        return x if on_mesh and x.sharding.mesh == mesh else jax.device_put(x, replicated)
 
     return jax.tree.map(place, variables)
 

@@ -146,25 +146,13 @@ def load_model(
         variables = jax.device_put(variables, sharding)
         return LoadedModel(config, variables, hub.TOKENIZER, "float32", None, kind, pinned, {})
     if kind == "converted":
-        config, meta = _read_model_json(path)
-        variables = _restore_converted(path, config, sharding)
-        tokenizer = meta.get("tokenizer") or DEFAULT_TOKENIZER
-        return LoadedModel(
-            config, variables, tokenizer, "float32", None, kind, os.path.abspath(path), meta
-        )
+        loaded = _converted_model(path)
+        variables = _restore_converted(path, loaded.config, sharding)
+        return dataclasses.replace(loaded, variables=variables)
     step, variables, meta = _restore_workdir(path, step, sharding)
-    config = _workdir_config(path, step, meta)
-    check_variables(config, variables, f"checkpoint step {step} of {path}")
-    return LoadedModel(
-        config,
-        variables,
-        meta.get("tokenizer") or DEFAULT_TOKENIZER,
-        meta.get("dtype", "float32"),
-        step,
-        kind,
-        os.path.abspath(path),
-        meta,
-    )
+    loaded = _workdir_model(path, step, meta)
+    check_variables(loaded.config, variables, f"checkpoint step {step} of {path}")
+    return dataclasses.replace(loaded, variables=variables)
 
 
 def describe(path: str | os.PathLike, step: int | None = None) -> LoadedModel:
@@ -175,57 +163,24 @@ def describe(path: str | os.PathLike, step: int | None = None) -> LoadedModel:
     if kind == "hub":
         return dataclasses.replace(load_model(path), variables=None)
     if kind == "converted":
-        config, meta = _read_model_json(path)
-        tokenizer = meta.get("tokenizer") or DEFAULT_TOKENIZER
-        return LoadedModel(
-            config, None, tokenizer, "float32", None, kind, os.path.abspath(path), meta
-        )
+        return _converted_model(path)
     checkpointer = ckpt_lib.Checkpointer(path, read_only=True)
     try:
         step = checkpointer.resolve_step(step)
         meta = checkpointer.restore_meta(step)
     finally:
         checkpointer.close()
-    return LoadedModel(
-        _workdir_config(path, step, meta),
-        None,
-        meta.get("tokenizer") or DEFAULT_TOKENIZER,
-        meta.get("dtype", "float32"),
-        step,
-        kind,
-        os.path.abspath(path),
-        meta,
-    )
+    return _workdir_model(path, step, meta)
 
 
 def check_variables(config: models.CLIPConfig, variables: dict[str, Any], where: str) -> None:
     """Raises CheckpointError when `variables` do not have exactly the leaves and shapes of
     the model `config` builds."""
-    from flax import traverse_util
-
     model = models.create_model(config)
-    expected = traverse_util.flatten_dict(
-        jax.eval_shape(model.init_variables, jax.random.key(0)), sep="/"
-    )
-    got = traverse_util.flatten_dict(dict(variables), sep="/")
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k}: saved {tuple(got[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if tuple(got[k].shape) != tuple(expected[k].shape)
-    ]
-    parts = [
-        f"{len(items)} {title} (e.g. {', '.join(items[:3])})"
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", shapes),
-        )
-        if items
-    ]
-    if parts:
-        raise CheckpointError(f"{where} does not match its model config: " + "; ".join(parts))
+    expected = jax.eval_shape(model.init_variables, jax.random.key(0))
+    difference = ckpt_lib.tree_difference(variables, expected)
+    if difference:
+        raise CheckpointError(f"{where} does not match its model config: {difference}")
 
 
 def save_converted(
@@ -257,18 +212,6 @@ def save_converted(
     meta = {"model_config": config.to_dict(), "tokenizer": tokenizer, "source": source}
     (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
-
-
-def _read_model_json(directory: str) -> tuple[models.CLIPConfig, dict[str, Any]]:
-    path = os.path.join(os.path.abspath(directory), MODEL_JSON)
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-        return models.CLIPConfig.from_dict(meta["model_config"]), meta
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from e
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"corrupt {path}: {type(e).__name__}: {e}") from e
 
 
 def _restore_converted(
@@ -330,15 +273,43 @@ def _restore_workdir(
     return step, variables, meta
 
 
-def _workdir_config(workdir: str, step: int, meta: dict[str, Any]) -> models.CLIPConfig:
+def _converted_model(directory: str) -> LoadedModel:
+    """What model.json of a converted directory says (no variables)."""
+    path = os.path.join(os.path.abspath(directory), MODEL_JSON)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        config = models.CLIPConfig.from_dict(meta["model_config"])
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"corrupt {path}: {type(e).__name__}: {e}") from e
+    tokenizer = meta.get("tokenizer") or DEFAULT_TOKENIZER
+    return LoadedModel(
+        config, None, tokenizer, "float32", None, "converted", os.path.dirname(path), meta
+    )
+
+
+def _workdir_model(workdir: str, step: int, meta: dict[str, Any]) -> LoadedModel:
+    """What the metadata of checkpoint `step` says about its model (no variables)."""
     if "model_config" not in meta:
         raise CheckpointError(
             f"checkpoint step {step} of {workdir} has no model_config in its "
             f"metadata; it was not written by clip_jax.train"
         )
     try:
-        return models.CLIPConfig.from_dict(meta["model_config"])
+        config = models.CLIPConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(
             f"checkpoint step {step} of {workdir} has an invalid model_config: {e}"
         ) from e
+    return LoadedModel(
+        config,
+        None,
+        meta.get("tokenizer") or DEFAULT_TOKENIZER,
+        meta.get("dtype", "float32"),
+        step,
+        "workdir",
+        os.path.abspath(workdir),
+        meta,
+    )
