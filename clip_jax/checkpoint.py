@@ -106,16 +106,21 @@ class Checkpointer:
         checksums, and CheckpointError naming the problem when the step does not exist or the
         saved tree does not match the model (missing/unexpected parameters, other shapes).
         """
+        return self._restore_verified(self.resolve_step(step), abstract_state)
+
+    def resolve_step(self, step: int | None) -> int:
+        """`step` when it is a complete checkpoint, the latest one when `step` is None; else
+        CheckpointError naming the available steps."""
         steps = self.all_steps()
         if step is None:
-            step = self.latest_step()
-            if step is None:
+            if not steps:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
-        elif step not in steps:
+            return max(steps)
+        if step not in steps:
             raise CheckpointError(
                 f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
             )
-        return self._restore_verified(step, abstract_state)
+        return step
 
     def restore_latest_intact(
         self, abstract_state: Any
@@ -189,7 +194,7 @@ class Checkpointer:
         except DamagedCheckpointError as e:
             outcome, reason = _DAMAGED, e.reason
         if outcome == _OK:
-            difference = _tree_difference(saved, abstract_state)
+            difference = tree_difference(saved, abstract_state)
             if difference:  # the same on every process: they read the same metadata
                 raise CheckpointError(
                     f"checkpoint step {step} in {self.directory} does not "
@@ -232,9 +237,7 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON metadata of checkpoint `step` (default: the latest), its checksum verified."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        step = self.resolve_step(step)
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -298,9 +301,9 @@ def _verify(state: Any, meta: dict[str, Any]) -> str | None:
     return None
 
 
-def _tree_difference(saved: Any, abstract: Any) -> str:
-    """'' when the saved tree (ArrayMetadata leaves) has the same array names and shapes as
-    `abstract`, else a summary of the differences."""
+def tree_difference(saved: Any, abstract: Any) -> str:
+    """'' when the saved tree (ArrayMetadata or array leaves) has the same array names and
+    shapes as `abstract`, else a summary of the differences."""
 
     def shapes(tree):
         return {
@@ -382,63 +385,3 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
     )
-
-
-def load_model_variables(
-    workdir: str, step: int | None = None, sharding: Any = None
-) -> tuple[int, dict[str, Any], dict[str, Any]]:
-    """Model variables of a training run, without knowing its optimizer or config.
-
-    Restores `params` and `batch_stats` of checkpoint `step` (default: the latest) of
-    `workdir` onto `sharding` (default: replicated over all devices), whatever the device count
-    that wrote it.
-    Returns (step, variables {"params", "batch_stats"?}, meta) where meta holds
-    `model_config` (a CLIPConfig dict), `tokenizer` and `dtype`.
-    """
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    checkpointer = Checkpointer(workdir, read_only=True)
-    try:
-        steps = checkpointer.all_steps()
-        if step is None:
-            if not steps:
-                raise CheckpointError(f"no complete checkpoint in {checkpointer.directory}")
-            step = max(steps)
-        elif step not in steps:
-            raise CheckpointError(
-                f"no checkpoint for step {step} in {checkpointer.directory}; "
-                f"available steps: {steps}"
-            )
-        if sharding is None:
-            sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("devices",)), PartitionSpec())
-        try:
-            saved = checkpointer.saved_state_tree(step)
-            abstract = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding),
-                dict(saved),
-            )
-            state, meta = checkpointer.restore(step, abstract)
-        except DamagedCheckpointError as e:
-            others = [s for s in steps if s != step]
-            if not others:
-                raise
-            raise DamagedCheckpointError(
-                checkpointer.directory, step, f"{e.reason}; other steps: {others}"
-            ) from None
-    finally:
-        checkpointer.close()
-    if "model_config" not in meta:
-        raise CheckpointError(
-            f"checkpoint step {step} of {workdir} has no model_config in its "
-            f"metadata; it was not written by clip_jax.train"
-        )
-    variables = {"params": state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
-    if meta.get("scan_layers"):
-        # Trained with nn.scan over layers: back to the unrolled `resblocks_{i}` layout that
-        # `clip_jax.models.create_model` builds by default (and that conversion writes).
-        from clip_jax.models.transformer import unstack_layers
-
-        variables = unstack_layers(variables)
-    return step, variables, meta

@@ -16,7 +16,7 @@ The architecture is inferred from the tensor shapes, as open_clip's
   * the transformer activation (QuickGELU or exact GELU): see `convert_state_dict`'s
     `quick_gelu` argument.
 
-Command line (writes an orbax checkpoint directory readable by `load_converted`):
+Command line (writes a converted directory, see `clip_jax.model_store`):
 
     python -m clip_jax.convert --model ViT-B-32 --input ViT-B-32.pt --output /ckpt/vit-b-32
     python -m clip_jax.convert --input pretrained:ViT-B-32/openai --output /ckpt/vit-b-32
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import pickle
@@ -71,8 +70,6 @@ OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
 _IGNORED_SUFFIXES = (".num_batches_tracked", ".attn_mask")
 _IGNORED_KEYS = ("attn_mask",)
 
-VARIABLES_ITEM = "variables"  # orbax item (sub-directory) holding the Flax variables
-MODEL_JSON = "model.json"  # model config and provenance, beside the orbax item
 TOKENIZER_NAME = "clip-bpe"  # OpenAI/open_clip CLIP models all use OpenAI's BPE
 
 
@@ -579,77 +576,6 @@ def convert_state_dict(
 
 
 # ----------------------------------------------------------------------------------------------
-# Saving and loading converted checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def save_converted(
-    directory: str | os.PathLike,
-    config: CLIPConfig,
-    variables: dict[str, Any],
-    source: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write `DIR/variables` (orbax StandardCheckpointer) and `DIR/model.json`.
-
-    model.json: `{"model_config": config.to_dict(), "tokenizer": "clip-bpe", "source": source}`.
-    Returns the absolute directory. Refuses to replace existing files unless `overwrite`.
-    """
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-    directory = Path(directory).absolute()  # orbax needs absolute paths
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"{str(directory)!r} exists and is not empty (pass overwrite=True "
-            f"/ --overwrite to replace it)"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / VARIABLES_ITEM, variables, force=overwrite)
-    checkpointer.wait_until_finished()  # saves are asynchronous
-    meta = {"model_config": config.to_dict(), "tokenizer": TOKENIZER_NAME, "source": source}
-    (directory / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-    return directory
-
-
-def load_converted(
-    directory: str | os.PathLike, sharding: jax.sharding.Sharding | None = None
-) -> tuple[CLIPConfig, dict[str, Any]]:
-    """Restore what `save_converted` wrote: (CLIPConfig, float32 Flax variables).
-
-    The restore target is `jax.eval_shape` of the model's init, so every shape and dtype is
-    checked. `sharding` places every array (default: the first local device).
-    """
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-    directory = Path(directory).absolute()
-    meta_path, item = directory / MODEL_JSON, directory / VARIABLES_ITEM
-    if not meta_path.is_file() or not item.is_dir():
-        raise FileNotFoundError(
-            f"{str(directory)!r} is not a converted clip_jax checkpoint: "
-            f"expected {MODEL_JSON} and {VARIABLES_ITEM}/ in it"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-        config = CLIPConfig.from_dict(meta["model_config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"corrupt {meta_path}: {e}") from e
-    model = create_model(config)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-        jax.eval_shape(model.init_variables, jax.random.key(0)),
-    )
-    try:
-        variables = ocp.StandardCheckpointer().restore(item, abstract)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        raise ValueError(
-            f"cannot restore the variables in {item} for the model in {meta_path}: {e}"
-        ) from e
-    return config, variables
-
-
-# ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
 
@@ -661,14 +587,15 @@ def convert_file(
     quick_gelu: bool | None = None,
     overwrite: bool = False,
 ) -> tuple[CLIPConfig, Path]:
-    """Read a checkpoint file, convert it and save it with `save_converted`.
+    """Read a checkpoint file, convert it and save it with `model_store.save_converted`.
 
     `input_path` may also be a Hub reference (`hf-hub:ORG/NAME[@REV]`, `pretrained:ARCH/TAG`,
     see `clip_jax.hub`); its config fixes the architecture, so `model_name` and `quick_gelu`
     must then be None. `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their
     released weights need it), otherwise as in `convert_state_dict`.
     """
-    from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
+    # pylint: disable=import-outside-toplevel  (hub imports convert; orbax only when saving)
+    from clip_jax import hub, model_store
 
     if hub.is_reference(input_path):
         if model_name is not None or quick_gelu is not None:
@@ -677,16 +604,21 @@ def convert_file(
                 f"activation; --model/--quick-gelu apply to checkpoint files only"
             )
         config, variables, source = hub.load(input_path)
-        directory = save_converted(
-            output_dir, config, variables, overwrite=overwrite, source=source
+        directory = model_store.save_converted(
+            output_dir, config, variables, source, overwrite, tokenizer=TOKENIZER_NAME
         )
         return config, directory
     state_dict, is_jit = _read_checkpoint(input_path)
     if quick_gelu is None and is_jit:
         quick_gelu = True
     config, variables = convert_state_dict(state_dict, model_name, quick_gelu=quick_gelu)
-    directory = save_converted(
-        output_dir, config, variables, overwrite=overwrite, source=os.path.abspath(input_path)
+    directory = model_store.save_converted(
+        output_dir,
+        config,
+        variables,
+        os.path.abspath(input_path),
+        overwrite,
+        tokenizer=TOKENIZER_NAME,
     )
     return config, directory
 

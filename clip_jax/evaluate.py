@@ -108,8 +108,7 @@ def evaluate(
     dtype: str | None = None,
 ) -> tuple[dict[str, float], str]:
     """Restores, evaluates and writes the JSON; returns (metrics, path of the JSON)."""
-    from clip_jax import checkpoint as ckpt_lib
-    from clip_jax import evaluation, inference, models, sharding, tokenizers
+    from clip_jax import evaluation, models, sharding, tokenizers
 
     eval_config = eval_config_of(config)
     try:
@@ -117,21 +116,8 @@ def evaluate(
     except ValueError as e:
         raise EvalError(str(e)) from None
     mesh = sharding.create_mesh()
-    if init_from and step is not None:
-        raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
     source = init_from or workdir
-    from clip_jax import hub
-
-    if init_from and not (inference.is_converted_dir(init_from) or hub.is_reference(init_from)):
-        raise EvalError(
-            f"--init_from {init_from} is not a converted checkpoint (expected "
-            f"model.json and variables/ in it) nor a Hub reference (hf-hub:ORG/NAME "
-            f"or pretrained:ARCH/TAG)"
-        )
-    try:
-        restored = inference.restore(source, step, sharding.replicated(mesh))
-    except ckpt_lib.CheckpointError as e:
-        raise EvalError(str(e)) from None
+    restored = _load(workdir, step, init_from, sharding.replicated(mesh))
     model = models.create_model(restored.config, dtype=dtype or restored.dtype)
     tokenizer = tokenizers.get(restored.tokenizer)
     logging.info("evaluating %s (step %s) on %d devices", source, restored.step, jax.device_count())
@@ -144,7 +130,7 @@ def evaluate(
         os.makedirs(workdir, exist_ok=True)
         record = {
             "step": restored.step,
-            "checkpoint": source if hub.is_reference(source) else os.path.abspath(source),
+            "checkpoint": source if restored.kind == "hub" else os.path.abspath(source),
             "kind": restored.kind,
             "num_devices": jax.device_count(),
             "metrics": metrics,
@@ -157,6 +143,32 @@ def evaluate(
             f.write("\n")
         os.replace(tmp, path)  # never leaves a half-written results file
     return metrics, path
+
+
+def _load(workdir: str, step: int | None, init_from: str | None, sharding):
+    """The model to evaluate: checkpoint `step` of `workdir`, or the converted / Hub weights
+    `init_from`, as a `clip_jax.model_store.LoadedModel`; EvalError (one line) when bad."""
+    from clip_jax import model_store
+    from clip_jax.checkpoint import CheckpointError
+
+    if init_from and step is not None:
+        raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
+    if init_from:
+        try:
+            kind = model_store.locate(init_from)[0]
+        except CheckpointError:
+            kind = None
+        if kind not in ("converted", "hub"):
+            raise EvalError(
+                f"--init_from {init_from} is not a converted checkpoint (expected "
+                f"{model_store.MODEL_JSON} and {model_store.VARIABLES_ITEM}/ in it) nor a Hub "
+                f"reference (hf-hub:ORG/NAME or pretrained:ARCH/TAG); evaluate a training run "
+                f"with --workdir (and --step)"
+            )
+    try:
+        return model_store.load_model(init_from or workdir, step, sharding)
+    except CheckpointError as e:
+        raise EvalError(str(e)) from None
 
 
 def _json_default(value: Any) -> Any:
@@ -196,8 +208,7 @@ def evaluate_benchmarks(
 
     The eval config (`config.eval` or the defaults) gives batch_size and resize_method.
     """
-    from clip_jax import checkpoint as ckpt_lib
-    from clip_jax import inference, models, sharding, tokenizers
+    from clip_jax import models, sharding, tokenizers
     from clip_jax.evaluation import benchmark_runner
     from clip_jax.evaluation import benchmarks as benchmarks_lib
 
@@ -218,24 +229,12 @@ def evaluate_benchmarks(
             f"--paper_model {paper_model!r}: the paper has numbers for "
             f"{', '.join(benchmarks_lib.PAPER_MODELS)}"
         )
-    if init_from and step is not None:
-        raise EvalError("--step applies to workdir checkpoints, not to --init_from weights")
     eval_config = eval_config_of(config)
     mesh = sharding.create_mesh()
     source = init_from or workdir
-    if init_from and not inference.is_converted_dir(init_from):
-        raise EvalError(
-            f"--init_from {init_from} is not a converted checkpoint (expected "
-            f"model.json and variables/ in it)"
-        )
-    try:
-        restored = inference.restore(source, step, sharding.replicated(mesh))
-    except ckpt_lib.CheckpointError as e:
-        raise EvalError(str(e)) from None
-    if paper_model is None and restored.kind == "converted":
-        with open(os.path.join(source, "model.json"), encoding="utf-8") as f:
-            origin = json.load(f).get("source")
-        paper_model = benchmark_runner.paper_model_for(restored.config, origin)
+    restored = _load(workdir, step, init_from, sharding.replicated(mesh))
+    if paper_model is None and restored.origin:
+        paper_model = benchmark_runner.paper_model_for(restored.config, restored.origin)
         if paper_model:
             logging.info("%s holds OpenAI's %s: showing the paper's numbers", source, paper_model)
     model = models.create_model(restored.config, dtype=dtype or restored.dtype)
@@ -252,7 +251,7 @@ def evaluate_benchmarks(
     )
     record.update(
         step=restored.step,
-        checkpoint=os.path.abspath(source),
+        checkpoint=source if restored.kind == "hub" else os.path.abspath(source),
         kind=restored.kind,
         num_devices=jax.device_count(),
     )

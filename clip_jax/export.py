@@ -3,8 +3,8 @@
     python -m clip_jax.export --from runs/tiny --format open_clip --output exported/tiny
     python -m clip_jax.export --from runs/tiny --step 2000 --format hf --output exported/tiny-hf
 
-`--from` is a training workdir (its latest checkpoint, or `--step`), a `python -m
-clip_jax.convert` output directory, or a Hub reference (see `clip_jax.hub`).
+`--from` is a training workdir (its latest checkpoint, or `--step` / `WORKDIR@STEP`), a
+`python -m clip_jax.convert` output directory, or a Hub reference (see `clip_jax.model_store`).
 
   * `--format open_clip` writes `open_clip_config.json` + `open_clip_model.safetensors`:
         model, _, preprocess = open_clip.create_model_and_transforms("local-dir:exported/tiny")
@@ -105,15 +105,15 @@ def export(
     """
     import jax
 
-    from clip_jax import inference, tokenizers
+    from clip_jax import model_store, tokenizers
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     output = Path(output).absolute()
     if output.exists():
         raise FileExistsError(f"{output} already exists; export writes a new directory")
-    restored = inference.restore(
-        os.fspath(source), step, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    restored = model_store.load_model(
+        source, step, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     )
     if restored.tokenizer.strip().lower() not in tokenizers.CLIP_BPE_NAMES:
         raise ExportError(
@@ -173,10 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     if os.path.exists(args.output):
         parser.fail(2, f"--output {args.output!r} already exists; export writes a new directory")
-    from clip_jax import hub
+    from clip_jax import model_store
 
-    if not hub.is_reference(args.source) and not os.path.isdir(args.source):
-        parser.fail(2, f"--from {args.source!r}: no such directory")
+    try:
+        model_store.locate(args.source)
+    except CheckpointError as e:
+        parser.fail(2, f"--from: {e}")
     try:
         directory = export(args.source, args.format, args.output, args.step)
     except (ExportError, CheckpointError, ValueError, OSError, ImportError) as e:

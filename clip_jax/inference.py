@@ -2,6 +2,7 @@
 
     import clip_jax
     model = clip_jax.load("runs/tiny")              # a training workdir (latest checkpoint)
+    model = clip_jax.load("runs/tiny@1200")         # or one of its checkpoints
     model = clip_jax.load("converted/ViT-B-32")     # or a `python -m clip_jax.convert` output
     model = clip_jax.load("pretrained:ViT-B-32/openai")   # or Hub weights (clip_jax.hub)
     img = model.encode_image(images)    # uint8 [N, H, W, 3] -> float32 [N, D], unit L2 norm
@@ -17,135 +18,13 @@ one zero-padded), so one program compiles per tower whatever N is.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from clip_jax import models, tokenizers
-from clip_jax.checkpoint import CheckpointError
-
-
-@dataclasses.dataclass
-class Restored:
-    """What `restore` read: the architecture, its variables and how to run it."""
-
-    config: models.CLIPConfig
-    variables: dict[str, Any]
-    tokenizer: str
-    dtype: str
-    step: int | None  # training step; None for converted weights
-    kind: str  # "workdir", "converted" or "hub"
-
-
-def is_converted_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "model.json")) and os.path.isdir(
-        os.path.join(path, "variables")
-    )
-
-
-def is_workdir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "checkpoints"))
-
-
-def check_variables(model: models.CLIP, variables: dict[str, Any], where: str) -> None:
-    """Raises CheckpointError when `variables` do not have exactly the model's leaves/shapes."""
-    from flax import traverse_util
-
-    expected = traverse_util.flatten_dict(
-        jax.eval_shape(model.init_variables, jax.random.key(0)), sep="/"
-    )
-    got = traverse_util.flatten_dict(dict(variables), sep="/")
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    shapes = [
-        f"{k}: saved {tuple(got[k].shape)}, model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(got))
-        if tuple(got[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for title, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", shapes),
-        ):
-            if items:
-                parts.append(f"{len(items)} {title} (e.g. {', '.join(items[:3])})")
-        raise CheckpointError(f"{where} does not match its model config: " + "; ".join(parts))
-
-
-def restore(path: str, step: int | None = None, sharding=None) -> Restored:
-    """Reads a training workdir (checkpoint `step`, default the latest), a converted-weights
-    directory or a Hub reference (`hf-hub:ORG/NAME[@REV]`, `pretrained:ARCH/TAG`; see
-    `clip_jax.hub`); arrays are placed on `sharding` (default: replicated over all devices).
-
-    Raises CheckpointError (a clear message) when `path` is neither, or the checkpoint is
-    missing, damaged or does not match its model config.
-    """
-    if sharding is None:
-        from clip_jax import sharding as sharding_lib
-
-        sharding = sharding_lib.replicated(sharding_lib.create_mesh())
-    path = os.fspath(path)
-    from clip_jax import hub
-
-    if hub.is_reference(path):  # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
-        if step is not None:
-            raise CheckpointError(
-                f"{path} names pretrained weights, which have no steps; drop step={step}"
-            )
-        try:
-            config, variables, _ = hub.load(path)
-        except (ValueError, ImportError) as e:
-            raise CheckpointError(str(e)) from e
-        return Restored(
-            config, jax.device_put(variables, sharding), hub.TOKENIZER, "float32", None, "hub"
-        )
-    if is_converted_dir(path):
-        if step is not None:
-            raise CheckpointError(
-                f"{path} holds converted weights, which have no steps; drop step={step}"
-            )
-        from clip_jax import convert
-
-        try:
-            config, variables = convert.load_converted(path, sharding=sharding)
-            with open(os.path.join(path, "model.json"), encoding="utf-8") as f:
-                tokenizer = json.load(f).get("tokenizer", "clip-bpe")
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise CheckpointError(str(e)) from e
-        return Restored(config, variables, tokenizer, "float32", None, "converted")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path} does not exist")
-    if not is_workdir(path):
-        raise CheckpointError(
-            f"{path} is neither a training workdir (no checkpoints/ in it) nor "
-            f"a converted checkpoint (model.json + variables/)"
-        )
-    from clip_jax.checkpoint import load_model_variables
-
-    # Damaged checkpoints (missing/unreadable files, failed checksums) raise
-    # DamagedCheckpointError, a CheckpointError, with a one-line message.
-    step, variables, meta = load_model_variables(path, step, sharding=sharding)
-    try:
-        config = models.CLIPConfig.from_dict(meta["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"checkpoint step {step} of {path} has an invalid model_config: {e}"
-        ) from e
-    check_variables(models.create_model(config), variables, f"checkpoint step {step} of {path}")
-    return Restored(
-        config,
-        variables,
-        meta.get("tokenizer", "clip-bpe"),
-        meta.get("dtype", "float32"),
-        step,
-        "workdir",
-    )
+from clip_jax.model_store import LoadedModel
 
 
 class CLIPInference:
@@ -158,7 +37,7 @@ class CLIPInference:
 
     def __init__(
         self,
-        restored: Restored,
+        loaded: LoadedModel,
         *,
         mesh=None,
         batch_size: int = 64,
@@ -166,16 +45,16 @@ class CLIPInference:
         resize_method: str = "bicubic",
     ):
         from clip_jax import sharding as sharding_lib
-        from clip_jax.evaluation.embed import Embedder
+        from clip_jax.embedder import Embedder
 
-        self.config = restored.config
-        self.step = restored.step
-        self.dtype = dtype or restored.dtype
+        self.config = loaded.config
+        self.step = loaded.step
+        self.dtype = dtype or loaded.dtype
         self.model = models.create_model(self.config, dtype=self.dtype)
         self.mesh = mesh or sharding_lib.create_mesh()
-        self.tokenizer = tokenizers.get(restored.tokenizer)
+        self.tokenizer = tokenizers.get(loaded.tokenizer)
         self.resize_method = resize_method
-        self._embedder = Embedder(self.model, restored.variables, self.mesh, batch_size)
+        self._embedder = Embedder(self.model, loaded.variables, self.mesh, batch_size)
         self.variables = self._embedder.variables
         self.image_size = self.config.image_size
         self.context_length = self.config.context_length
@@ -297,20 +176,23 @@ def load(
     """Loads a model for inference from a training workdir or a converted-weights directory.
 
     Args:
-      path: `--workdir` of `python -m clip_jax.train` (restores checkpoint `step`, default the
-        latest, onto the devices present now, whatever device count wrote it), an output
+      path: `--workdir` of `python -m clip_jax.train` (restores checkpoint `step` or
+        `path@STEP`, default the latest, onto the devices present now, whatever device count
+        wrote it; see `clip_jax.model_store`), an output
         directory of `python -m clip_jax.convert`, or pretrained weights from the Hugging Face
         Hub: `hf-hub:ORG/NAME[@REVISION]` or `pretrained:ARCH/TAG` (e.g.
         `pretrained:ViT-B-32/openai`; downloaded into the Hugging Face cache on first use).
       batch_size: rows per device call (rounded up to a multiple of the devices).
       dtype: compute dtype; default the training run's (float32 for converted weights).
       mesh: device mesh; default all devices, data parallel.
-    Raises CheckpointError naming the problem for a bad path or checkpoint.
+    Raises `clip_jax.checkpoint.CheckpointError` naming the problem for a bad path or
+    checkpoint.
     """
+    from clip_jax import model_store
     from clip_jax import sharding as sharding_lib
 
     mesh = mesh or sharding_lib.create_mesh()
-    restored = restore(os.fspath(path), step, sharding_lib.replicated(mesh))
+    loaded = model_store.load_model(path, step, sharding_lib.replicated(mesh))
     return CLIPInference(
-        restored, mesh=mesh, batch_size=batch_size, dtype=dtype, resize_method=resize_method
+        loaded, mesh=mesh, batch_size=batch_size, dtype=dtype, resize_method=resize_method
     )

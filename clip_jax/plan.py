@@ -301,8 +301,7 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
     Returns {"mesh", "train": compile_memory(...) + "prefetch", "total", "fits",
     "state_per_chip", "eval": {...} | None}.
     """
-    from clip_jax import sharding, train_setup
-    from clip_jax.evaluation import embed
+    from clip_jax import embedder, sharding, train_setup
 
     try:
         mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=topo.devices)
@@ -331,28 +330,26 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
     result = {"mesh": {k: int(v) for k, v in mesh.shape.items()}, "train": train, "eval": None}
     if with_eval and train["fits"]:
         result["eval"] = _plan_eval(
-            config, setup, embed, state_bytes + train["prefetch"], capacity, options
+            config, setup, embedder, state_bytes + train["prefetch"], capacity, options
         )
     return result
 
 
-def _plan_eval(config, setup, embed, resident: int, capacity: int, options) -> dict[str, Any]:
+def _plan_eval(config, setup, embedder, resident: int, capacity: int, options) -> dict[str, Any]:
     """The embedder's two programs (images, texts) as `clip_jax.evaluation` runs them during
     training: the train state and prefetched batches stay resident meanwhile, and the
-    embedder holds its own replicated copy of the parameters."""
+    embedder reads the state's own (FSDP-sharded) parameters, gathering them in the program."""
     import jax
     import jax.numpy as jnp
 
     mesh = setup.mesh
-    image_fn, text_fn = embed._jitted_towers(setup.model, mesh)  # the evaluators' own programs
-    replicated = setup.replicated
-    variables = {"params": setup.abstract_state.params}
-    if setup.abstract_state.batch_stats:
-        variables["batch_stats"] = setup.abstract_state.batch_stats
-    variables = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), variables
-    )
-    b = embed.round_batch_size(int(config.eval.batch_size), mesh)
+    image_fn, text_fn = embedder.jitted_towers(setup.model, mesh)  # the evaluators' programs
+    state = setup.sharded_abstract_state()
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    shared = device_bytes(variables)  # program arguments that are part of the resident state
+    b = embedder.round_batch_size(int(config.eval.batch_size), mesh)
     s, length = setup.model_config.image_size, setup.model_config.context_length
     images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=setup.batch_sharding)
     tokens = jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=setup.batch_sharding)
@@ -363,7 +360,7 @@ def _plan_eval(config, setup, embed, resident: int, capacity: int, options) -> d
     }
     out: dict[str, Any] = {"batch_size": b, "programs": progs, "resident": resident}
     if all(p["fits"] for p in progs.values()):
-        out["total"] = resident + max(p["program"] for p in progs.values())
+        out["total"] = resident + max(p["program"] for p in progs.values()) - shared
         out["fits"] = out["total"] <= capacity
     else:
         out["fits"] = False

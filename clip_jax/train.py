@@ -145,14 +145,12 @@ def validate_config(config, mesh=None) -> None:
         except ValueError as e:
             raise ConfigError(f"config.eval: {e}") from None
     if config.init_from:
-        from clip_jax import hub  # a Hub reference is resolved (downloaded) by _load_model
+        from clip_jax import model_store  # a Hub reference is resolved (downloaded) by _load_model
 
-        check(
-            hub.is_reference(config.init_from) or os.path.isdir(config.init_from),
-            "init_from",
-            config.init_from,
-            "directory does not exist",
-        )
+        try:
+            model_store.locate(config.init_from)
+        except ckpt_lib.CheckpointError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
     else:
         try:
             models.get_model_config(config.model.name)
@@ -268,10 +266,13 @@ def _model_overrides(config) -> dict:
 
 
 def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
-    """Model architecture (+ converted variables when init_from is set) and tokenizer name.
+    """Model architecture (+ the variables of `init_from` when it is set) and tokenizer name.
 
-    With `loss="siglip"` a from-scratch model gets SigLIP's initial temperature log(10) and a
-    logit bias initialised at -10; converted weights without a bias get a fresh one (-10).
+    `init_from`: a converted directory, a training workdir (latest checkpoint, or
+    `WORKDIR@STEP`) or a Hub reference (`clip_jax.model_store`); its config and tokenizer
+    replace `model.name` and `data.tokenizer`. With `loss="siglip"` a from-scratch model gets
+    SigLIP's initial temperature log(10) and a logit bias initialised at -10; weights without
+    a bias get a fresh one (-10).
     """
     siglip = config.loss == "siglip"
     if not config.init_from:
@@ -282,24 +283,16 @@ def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
                 init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
             )
         return model_config, None, config.data.tokenizer
-    from clip_jax import convert, hub  # torch-free; only needs orbax
+    from clip_jax import model_store
 
-    tokenizer = config.data.tokenizer
-    if hub.is_reference(config.init_from):  # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
-        try:
-            model_config, variables, _ = hub.load(config.init_from)
-        except hub.HubError as e:
-            raise ConfigError(f"config.init_from: {e}") from None
-        tokenizer = hub.TOKENIZER
-    else:
-        model_config, variables = convert.load_converted(config.init_from)
-        meta_path = os.path.join(config.init_from, "model.json")
-        if os.path.exists(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                tokenizer = json.load(f).get("tokenizer", tokenizer)
+    try:
+        loaded = model_store.load_model(config.init_from)
+    except ckpt_lib.CheckpointError as e:
+        raise ConfigError(f"config.init_from: {e}") from None
+    model_config = loaded.config
     if siglip and model_config.init_logit_bias is None:
         model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    return model_config, variables, tokenizer
+    return model_config, loaded.variables, loaded.tokenizer
 
 
 class _PreemptedWhileWaiting(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable
 
 import jax
@@ -123,13 +122,15 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
 
 
 def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, dict | None, str]:
-    """Model architecture (+ converted variables when init_from is set and `with_weights`)
+    """Model architecture (+ the variables of `init_from` when it is set and `with_weights`)
     and tokenizer name.
 
-    With `loss="siglip"` a from-scratch model gets SigLIP's initial temperature log(10) and a
-    logit bias initialised at -10; converted weights without a bias get a fresh one (-10).
-    `with_weights=False` reads only the converted model's `model.json` (no arrays), for
-    callers that need shapes alone.
+    `init_from` is any model source of `clip_jax.model_store`: a converted directory, a
+    training workdir (its latest checkpoint, or `WORKDIR@STEP`) or a Hub reference; its
+    config and tokenizer replace `model.name` and `data.tokenizer`. With `loss="siglip"` a
+    from-scratch model gets SigLIP's initial temperature log(10) and a logit bias initialised
+    at -10; weights without a bias get a fresh one (-10). `with_weights=False` reads only the
+    model description (no arrays), for callers that need shapes alone.
     """
     siglip = config.loss == "siglip"
     if not config.init_from:
@@ -140,36 +141,18 @@ def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, di
                 init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
             )
         return model_config, None, config.data.tokenizer
-    from clip_jax import convert  # torch-free; only needs orbax
+    from clip_jax import model_store
+    from clip_jax.checkpoint import CheckpointError
 
-    if with_weights:
-        model_config, variables = convert.load_converted(config.init_from)
-    else:
-        model_config, variables = _converted_config(config.init_from), None
+    try:
+        read = model_store.load_model if with_weights else model_store.describe
+        loaded = read(config.init_from)
+    except CheckpointError as e:
+        raise ConfigError(f"config.init_from: {e}") from None
+    model_config = loaded.config
     if siglip and model_config.init_logit_bias is None:
         model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    meta_path = os.path.join(config.init_from, convert.MODEL_JSON)
-    tokenizer = config.data.tokenizer
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            tokenizer = json.load(f).get("tokenizer", tokenizer)
-    return model_config, variables, tokenizer
-
-
-def _converted_config(directory: str) -> models.CLIPConfig:
-    from clip_jax import convert
-
-    path = os.path.join(directory, convert.MODEL_JSON)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return models.CLIPConfig.from_dict(json.load(f)["model_config"])
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config.init_from={directory!r}: no {convert.MODEL_JSON} "
-            f"(not a converted clip_jax checkpoint)"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"config.init_from={directory!r}: corrupt {path}: {e}") from None
+    return model_config, loaded.variables, loaded.tokenizer
 
 
 def build_model(config, model_config: models.CLIPConfig) -> models.CLIP:
@@ -259,8 +242,8 @@ class TrainSetup:
 def build(config, mesh: Mesh, with_weights: bool = True) -> TrainSetup:
     """Everything `clip_jax.train` builds from `config` on `mesh`, without parameter values.
 
-    `with_weights=False` skips reading converted weights (`init_from`): only their
-    architecture is read, for planning. Raises ConfigError for bad sharding rules or freeze
+    `with_weights=False` skips reading the weights of `init_from`: only their architecture is
+    read, for planning. Raises ConfigError for bad sharding rules or freeze
     regexes.
     """
     model_config, init_variables, tokenizer_name = load_model(config, with_weights)

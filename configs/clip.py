@@ -50,7 +50,9 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint_every = 200  # steps between checkpoints (a final one is always written)
     c.keep_checkpoints = 3  # how many recent checkpoints to keep
     c.eval_every = 0  # steps between evaluations during training (0: never)
-    c.init_from = ""  # directory written by `python -m clip_jax.convert`
+    # Weights to start from (fresh optimizer): a `python -m clip_jax.convert` directory, a Hub
+    # reference, or another run's workdir, "runs/x" (latest checkpoint) or "runs/x@1200".
+    c.init_from = ""
     c.freeze = ""  # regex over param paths to freeze, e.g. "image/.*" (LiT)
     c.nan_policy = "stop"  # on a non-finite loss/grad: "stop" the run or "skip" the step
     # Contrastive loss: "clip" (softmax cross-entropy over the global batch) or "siglip"

@@ -19,14 +19,14 @@ open_clip = pytest.importorskip("open_clip")
 
 from open_clip_peer import make_small_model  # noqa: E402
 
-from clip_jax import convert, evaluation, tokenizers  # noqa: E402
+from clip_jax import convert, evaluation, model_store, tokenizers  # noqa: E402
 from clip_jax import sharding as sharding_lib  # noqa: E402
 from clip_jax.data import demo_classnames  # noqa: E402
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 from clip_jax.evaluate import EvalError, evaluate  # noqa: E402
 from clip_jax.evaluation import data as eval_data  # noqa: E402
 from clip_jax.evaluation.templates import get_templates  # noqa: E402
-from clip_jax.inference import load, restore  # noqa: E402
+from clip_jax.inference import load  # noqa: E402
 from clip_jax.models import create_model  # noqa: E402
 
 TEXT = dict(context_length=32, width=128, layers=2, heads=2)
@@ -79,7 +79,9 @@ def _open_clip_zeroshot(model, images: np.ndarray, classnames, templates):
 def setup(tmp_path_factory):
     torch_model = make_small_model(128, VISION, TEXT, quick_gelu=False, seed=1)
     config, variables = convert.convert_state_dict(torch_model.state_dict(), "tiny-vit")
-    directory = convert.save_converted(tmp_path_factory.mktemp("oc") / "tiny", config, variables)
+    directory = model_store.save_converted(
+        tmp_path_factory.mktemp("oc") / "tiny", config, variables
+    )
     images, labels = _demo_classify()
     classnames = demo_classnames()
     scores, probs = _open_clip_zeroshot(torch_model, images, classnames, get_templates(TEMPLATES))
@@ -100,7 +102,7 @@ def test_load_classify_matches_open_clip(setup):
 def test_zeroshot_evaluator_matches_open_clip(setup):
     directory, _, labels, classnames, ref_scores, _ = setup
     mesh = sharding_lib.create_mesh()
-    restored = restore(directory, sharding=sharding_lib.replicated(mesh))
+    restored = model_store.load_model(directory, sharding=sharding_lib.replicated(mesh))
     block = evaluation.config.zeroshot_block(source="demo", split="classify")
     block.templates = TEMPLATES
     result = evaluation.evaluate_zeroshot(

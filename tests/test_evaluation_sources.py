@@ -14,8 +14,8 @@ from PIL import Image
 from clip_jax import evaluation, tokenizers
 from clip_jax import sharding as sharding_lib
 from clip_jax.data.make_shards import Sample, write_tar_shard, write_tfrecord_shard
+from clip_jax.embedder import Embedder
 from clip_jax.evaluation.config import linear_probe_block, retrieval_block, zeroshot_block
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.models import create_model, get_model_config
 
 CLASSES = ["red", "green", "blue"]

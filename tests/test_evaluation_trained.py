@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import checkpoint, evaluation, inference, models, tokenizers
+from clip_jax import checkpoint, evaluation, inference, model_store, models, tokenizers
 from clip_jax import sharding as sharding_lib
 from clip_jax.evaluate import EvalError, evaluate
 
@@ -82,7 +82,7 @@ def inprocess(workdir):
     """Zero-shot + retrieval in this process, on 8 devices."""
     assert jax.device_count() == 8
     mesh = sharding_lib.create_mesh()
-    restored = inference.restore(workdir, sharding=sharding_lib.replicated(mesh))
+    restored = model_store.load_model(workdir, sharding=sharding_lib.replicated(mesh))
     assert restored.step == STEPS and restored.kind == "workdir"
     leaf = restored.variables["params"]["logit_scale"]
     assert len(leaf.sharding.device_set) == 8  # restored onto all 8 devices

@@ -19,9 +19,8 @@ import jax  # noqa: E402
 from hf_peer import hf_encode  # noqa: E402
 from open_clip_peer import jax_encode, make_small_model, random_images, random_tokens, torch_encode  # noqa: E402
 
-from clip_jax import convert, export, tokenizers  # noqa: E402
+from clip_jax import convert, export, model_store, tokenizers  # noqa: E402
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
-from clip_jax.models import CLIPConfig  # noqa: E402
 
 TOL = 1e-4
 TEXT_CFG = dict(context_length=16, width=64, heads=2, layers=2)
@@ -48,7 +47,7 @@ def _converted(tmp_path: Path, vision_cfg: dict, quick_gelu: bool):
         48, vision_cfg, TEXT_CFG, quick_gelu=quick_gelu, seed=7, logit_scale=2.9
     )
     config, variables = convert.convert_state_dict(model.state_dict(), quick_gelu=quick_gelu)
-    directory = convert.save_converted(tmp_path / "converted", config, variables)
+    directory = model_store.save_converted(tmp_path / "converted", config, variables)
     return model, config, variables, directory
 
 
@@ -165,7 +164,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
         ],
         capsys,
     )
-    assert code == 2 and "no such directory" in message
+    assert code == 2 and "does not exist" in message
     code, message = _cli(
         ["--from", str(directory), "--format", "onnx", "--output", str(tmp_path / "o")], capsys
     )
@@ -191,16 +190,16 @@ def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
     command line, --step); both reload with clip_jax's embeddings."""
     from test_train import get_config
 
-    from clip_jax import checkpoint, train
+    from clip_jax import train
 
     config = get_config(
         batch_size=8, total_steps=2, checkpoint_every=2, **{"data.source": "synthetic"}
     )
     workdir = tmp_path / "run"
     train.train(config, str(workdir), devices=jax.devices()[:1])
-    step, variables, meta = checkpoint.load_model_variables(str(workdir))
-    assert step == 2
-    model_config = CLIPConfig.from_dict(meta["model_config"])
+    loaded = model_store.load_model(str(workdir))
+    assert loaded.step == 2
+    variables, model_config = loaded.variables, loaded.config
 
     export.main(
         [

@@ -25,7 +25,7 @@ import jax  # noqa: E402
 from hf_peer import add_hub_repo, hf_encode, hf_repo_files, make_hf_clip, open_clip_repo_files  # noqa: E402
 from open_clip_peer import jax_encode, make_small_model, random_images, random_tokens, torch_encode  # noqa: E402
 
-from clip_jax import convert, hub  # noqa: E402
+from clip_jax import convert, hub, model_store  # noqa: E402
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +273,9 @@ def test_convert_cli_reads_hub_and_lists_pretrained(hub_cache, tmp_path, capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     meta = json.loads((tmp_path / "converted" / "model.json").read_text())
     assert meta["source"] == f"hf-hub:test-org/tiny-rn@{commit}"
-    config, variables = convert.load_converted(tmp_path / "converted")
+    variables = model_store.load_model(
+        tmp_path / "converted", sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    ).variables
     reference = hub.load("hf-hub:test-org/tiny-rn")[1]
     for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import convert
+from clip_jax import model_store
 from clip_jax.checkpoint import CheckpointError
 from clip_jax.inference import load, preprocess_images
 from clip_jax.models import create_model, get_model_config
@@ -17,7 +17,9 @@ from clip_jax.models import create_model, get_model_config
 def converted_dir(tmp_path_factory):
     config = get_model_config("tiny-vit")
     variables = jax.jit(create_model(config).init_variables)(jax.random.key(0))
-    return str(convert.save_converted(tmp_path_factory.mktemp("tiny") / "conv", config, variables))
+    return str(
+        model_store.save_converted(tmp_path_factory.mktemp("tiny") / "conv", config, variables)
+    )
 
 
 @pytest.fixture(scope="module")

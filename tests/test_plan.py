@@ -13,8 +13,8 @@ from test_train import REPO, get_config, read_metrics
 
 from clip_jax import (
     accelerators,
-    checkpoint,
     metrics,
+    model_store,
     plan,
     sharding,
     tokenizers,
@@ -62,7 +62,7 @@ def test_train_setup_builds_the_step_train_builds(tmp_path):
     devices = jax.devices()[:4]
     train.train(config, str(tmp_path / "run"), devices=devices)
     logged = read_metrics(tmp_path / "run")[0]
-    _, trained_params, _ = checkpoint.load_model_variables(str(tmp_path / "run"))
+    trained_params = model_store.load_model(str(tmp_path / "run")).variables
 
     mesh = sharding.create_mesh(2, 2, devices=devices)
     setup = train_setup.build(config, mesh)

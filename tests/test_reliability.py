@@ -25,7 +25,7 @@ from test_scale import SMALL_JSON
 from test_train import get_config, losses, read_metrics
 
 import clip_jax
-from clip_jax import checkpoint, checksum, cli, evaluate, metrics, train, workdir_lock
+from clip_jax import checkpoint, checksum, cli, evaluate, metrics, model_store, train, workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -128,7 +128,7 @@ def test_flipped_byte_is_reported_and_training_resumes_from_the_intact_checkpoin
     with pytest.raises(evaluate.EvalError) as eval_error:
         evaluate.evaluate(None, str(workdir))
     assert str(eval_error.value) == message
-    assert checkpoint.load_model_variables(str(workdir), step=2)[0] == 2  # older one is fine
+    assert model_store.load_model(str(workdir), step=2).step == 2  # older one is fine
 
     with caplog.at_level(logging.WARNING):
         result = train.train(_config(total_steps=6), str(workdir), devices=jax.devices()[:1])
@@ -156,7 +156,7 @@ def test_truncated_or_metadata_less_checkpoints_are_one_line_damage_errors(train
     path = _largest_array_file(workdir, 4)
     os.truncate(path, os.path.getsize(path) // 2)
     with pytest.raises(checkpoint.DamagedCheckpointError) as error:
-        checkpoint.load_model_variables(str(workdir))
+        model_store.load_model(str(workdir))
     assert _one_line(str(error.value)).startswith("damaged checkpoint: step 4 in ")
     assert "unreadable (ValueError: OUT_OF_RANGE" in str(error.value)
     gc.collect()
@@ -234,8 +234,8 @@ def test_checkpoints_without_checksums_restore_unverified_with_a_warning(trained
         del meta[key]
     meta_file.write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING):
-        step, variables, _ = checkpoint.load_model_variables(str(workdir))
-    assert step == 4 and "params" in variables
+        loaded = model_store.load_model(str(workdir))
+    assert loaded.step == 4 and "params" in loaded.variables
     assert "written without checksums" in caplog.text
 
 

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from test_train import get_config, losses, read_metrics
 
-from clip_jax import checkpoint, models, sharding, step, train
+from clip_jax import checkpoint, model_store, models, sharding, step, train
 from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
@@ -210,11 +210,9 @@ def test_siglip_training_on_eight_devices_with_accumulation(tmp_path):
 def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     """init_from (unrolled resblocks_{i}) into a scanned, rematerialised model; the eval hook
     writes evaluator metrics to metrics.jsonl."""
-    from clip_jax import convert
-
     model_config = models.get_model_config("tiny-vit", **SMALL)
     variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(3))
-    convert.save_converted(tmp_path / "converted", model_config, variables)
+    model_store.save_converted(tmp_path / "converted", model_config, variables)
     config = get_config(
         batch_size=8,
         total_steps=2,
@@ -235,8 +233,9 @@ def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
     last = read_metrics(tmp_path / "w")[-1]
     assert last["step"] == 2 and 0.0 <= last["zeroshot/top1"] <= 1.0
-    _, trained, meta = checkpoint.load_model_variables(str(tmp_path / "w"))
-    assert meta["scan_layers"] is True
+    loaded = model_store.load_model(str(tmp_path / "w"))
+    trained = loaded.variables
+    assert loaded.meta["scan_layers"] is True
     # lr 0: the stacked checkpoint holds exactly the converted weights.
     assert (
         _max_diff(

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from clip_jax import checkpoint, train
+from clip_jax import checkpoint, model_store, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -101,8 +101,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         np.testing.assert_allclose(b[step], a[step], rtol=1e-5, err_msg=f"step {step}")
-    _, params_a, _ = checkpoint.load_model_variables(str(straight))
-    _, params_b, _ = checkpoint.load_model_variables(str(resumed))
+    params_a = model_store.load_model(str(straight)).variables
+    params_b = model_store.load_model(str(resumed)).variables
     for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     written = read_metrics(straight)[-1]
@@ -217,11 +217,11 @@ def test_nan_loss_stops_with_the_step_number_or_is_skipped(tmp_path):
 
 
 def test_lit_freezes_the_image_tower_of_converted_weights(tmp_path):
-    from clip_jax import convert, models
+    from clip_jax import models
 
     model_config = models.get_model_config("tiny-vit")
     variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(7))
-    convert.save_converted(tmp_path / "converted", model_config, variables)
+    model_store.save_converted(tmp_path / "converted", model_config, variables)
     config = get_config(
         batch_size=8,
         total_steps=3,
@@ -230,7 +230,7 @@ def test_lit_freezes_the_image_tower_of_converted_weights(tmp_path):
         **{"data.source": "synthetic"},
     )
     train.train(config, str(tmp_path / "lit"), devices=jax.devices()[:1])
-    _, trained, _ = checkpoint.load_model_variables(str(tmp_path / "lit"))
+    trained = model_store.load_model(str(tmp_path / "lit")).variables
     start = variables["params"]
     for a, b in zip(jax.tree.leaves(trained["params"]["image"]), jax.tree.leaves(start["image"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -252,8 +252,9 @@ def test_checkpoint_of_a_scanned_model_loads_for_inference(tmp_path):
         batch_size=8, total_steps=2, **{"data.source": "synthetic", "model.scan_layers": True}
     )
     train.train(config, str(tmp_path / "scan"), devices=jax.devices()[:1])
-    _, variables, meta = checkpoint.load_model_variables(str(tmp_path / "scan"))
-    assert meta["scan_layers"] is True
+    loaded = model_store.load_model(str(tmp_path / "scan"))
+    variables = loaded.variables
+    assert loaded.meta["scan_layers"] is True
     assert "resblocks_1" in variables["params"]["text"]["transformer"]
     model = clip_jax.load(str(tmp_path / "scan"))
     tokens = ["a red square", "a photo of a dog"]

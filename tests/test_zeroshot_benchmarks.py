@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from clip_jax import sharding as sharding_lib
 from clip_jax import tokenizers
+from clip_jax.embedder import Embedder
 from clip_jax.evaluate import EvalError, evaluate_benchmarks
 from clip_jax.evaluation import benchmark, list_benchmarks
 from clip_jax.evaluation.benchmark_runner import (
@@ -29,7 +30,6 @@ from clip_jax.evaluation.benchmark_runner import (
     run_benchmarks,
 )
 from clip_jax.evaluation.benchmarks import METRICS, PAPER_MODELS, resolve
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.templates import IMAGENET80
 from clip_jax.evaluation.zeroshot import class_embeddings, remap_labels
 from clip_jax.inference import preprocess_images
@@ -319,11 +319,11 @@ def test_paper_model_detection():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
     """The micro model as converted weights whose recorded source mentions openai."""
-    from clip_jax import convert
+    from clip_jax import model_store
 
     variables = jax.jit(create_model(MICRO).init_variables)(jax.random.key(0))
     return str(
-        convert.save_converted(
+        model_store.save_converted(
             tmp_path_factory.mktemp("conv") / "micro",
             MICRO,
             variables,

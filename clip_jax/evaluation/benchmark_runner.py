@@ -19,8 +19,8 @@ from typing import Any, Sequence
 
 from absl import logging
 
+from clip_jax.embedder import Embedder
 from clip_jax.evaluation.benchmarks import PAPER_MODELS, Benchmark
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.zeroshot import evaluate_zeroshot
 
 

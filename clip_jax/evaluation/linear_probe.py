@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from clip_jax.embedder import Embedder
 from clip_jax.evaluation import data as data_lib
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.result import EvalResult, get_option
 
 DEFAULT_L2_GRID = tuple(float(v) for v in np.logspace(-6, 2, 9))

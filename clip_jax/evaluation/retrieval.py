@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from clip_jax.embedder import Embedder
 from clip_jax.evaluation import data as data_lib
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.result import EvalResult, get_option
 
 # Image rows scored per block: bounds the [block, num_texts] similarity matrix in memory.

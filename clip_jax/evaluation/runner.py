@@ -8,8 +8,8 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
+from clip_jax.embedder import Embedder
 from clip_jax.evaluation import config as config_lib
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.linear_probe import evaluate_linear_probe
 from clip_jax.evaluation.result import EvalResult
 from clip_jax.evaluation.retrieval import evaluate_retrieval

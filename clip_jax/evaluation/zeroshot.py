@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from absl import logging
 
+from clip_jax.embedder import Embedder
 from clip_jax.evaluation import data as data_lib
-from clip_jax.evaluation.embed import Embedder
 from clip_jax.evaluation.result import EvalResult, get_option
 from clip_jax.evaluation.templates import format_prompts, get_templates
 

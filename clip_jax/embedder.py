@@ -1,7 +1,12 @@
 """Batched, sharded embedding of images and texts with frozen model variables.
 
-One jitted function per tower, cached per (model, mesh): the trainer calls the evaluators every
-`eval_every` steps and each call reuses the compiled programs (only the variables change).
+Serves the inference API (`clip_jax.load`) and the evaluators (`clip_jax.evaluation`, also
+run by the trainer every `eval_every` steps). One jitted function per tower, cached per
+(model, mesh); jit compiles it once per variable layout, so the trainer's repeated evaluations
+reuse the compiled programs (only the values change). The variables keep the layout they have
+on the mesh: the trainer's FSDP-sharded parameters are all-gathered inside the program where
+each weight is used (as the train step does), never copied replicated between evaluations;
+weights from elsewhere (NumPy, one device, another mesh) are replicated once.
 Batches are split over the mesh's data-parallel axes; the embeddings come back replicated so
 every process holds all of them (evaluation sets are small enough). Every process reads the
 whole evaluation set and places its own rows (`jax.make_array_from_callback`), which keeps
@@ -15,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from clip_jax import sharding as sharding_lib
 from clip_jax.data.transforms import normalize_images
@@ -23,21 +28,40 @@ from clip_jax.models import l2_normalize
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_towers(model, mesh: Mesh):
+def jitted_towers(model, mesh: Mesh):
     """(image_fn, text_fn): jitted `(variables, uint8 [B,H,W,3]) -> float32 [B, D]` and
-    `(variables, int32 [B, L]) -> float32 [B, D]`, L2-normalised, replicated outputs."""
+    `(variables, int32 [B, L]) -> float32 [B, D]`, L2-normalised, replicated outputs.
+
+    The inputs keep the shardings they carry (variables: replicated or FSDP-sharded on `mesh`;
+    batches: `sharding.batch_sharding(mesh)`), so no in_shardings are fixed here."""
     replicated = sharding_lib.replicated(mesh)
-    batch = sharding_lib.batch_sharding(mesh)
+
+    def gather(variables):
+        # FSDP-sharded weights are all-gathered where they are used; without the constraint
+        # GSPMD would carry their feature-dim sharding into the activations (see
+        # clip_jax.step's `gather`). A no-op for replicated variables.
+        return jax.lax.with_sharding_constraint(variables, replicated)
 
     def image_fn(variables, images):
         x = normalize_images(images, model.dtype)
-        return l2_normalize(model.apply(variables, x, method=model.encode_image))
+        return l2_normalize(model.apply(gather(variables), x, method=model.encode_image))
 
     def text_fn(variables, tokens):
-        return l2_normalize(model.apply(variables, tokens, method=model.encode_text))
+        return l2_normalize(model.apply(gather(variables), tokens, method=model.encode_text))
 
-    kwargs = dict(in_shardings=(replicated, batch), out_shardings=replicated)
-    return jax.jit(image_fn, **kwargs), jax.jit(text_fn, **kwargs)
+    return jax.jit(image_fn, out_shardings=replicated), jax.jit(text_fn, out_shardings=replicated)
+
+
+def place_variables(variables: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
+    """`variables` on `mesh`: arrays already laid out on it keep their sharding (the trainer's
+    FSDP-sharded parameters: no replicated copy); others are replicated over it."""
+    replicated = sharding_lib.replicated(mesh)
+
+    def place(x):
+        on_mesh = isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding)
+        return x if on_mesh and x.sharding.mesh == mesh else jax.device_put(x, replicated)
+
+    return jax.tree.map(place, variables)
 
 
 def round_batch_size(batch_size: int, mesh: Mesh) -> int:
@@ -53,8 +77,9 @@ class Embedder:
 
     Args:
       model: a `clip_jax.models.CLIP`.
-      variables: its variables ({"params", "batch_stats"?}); placed replicated on `mesh`
-        (a no-op when the trainer's replicated parameters are passed).
+      variables: its variables ({"params", "batch_stats"?}), placed by `place_variables`:
+        arrays already on `mesh` (the trainer's, FSDP-sharded or not) are used as they are,
+        anything else is replicated over `mesh`.
       mesh: device mesh (`clip_jax.sharding.create_mesh`).
       batch_size: rows per device call; rounded up to a multiple of the data-parallel devices.
     """
@@ -63,8 +88,8 @@ class Embedder:
         self.model = model
         self.mesh = mesh
         self.batch_size = round_batch_size(batch_size, mesh)
-        self.variables = jax.device_put(variables, sharding_lib.replicated(mesh))
-        self._image_fn, self._text_fn = _jitted_towers(model, mesh)
+        self.variables = place_variables(variables, mesh)
+        self._image_fn, self._text_fn = jitted_towers(model, mesh)
         self._batch_sharding = sharding_lib.batch_sharding(mesh)
 
     def _to_global(self, array: np.ndarray) -> jax.Array:
