@@ -6,10 +6,11 @@ Prints JSON lines (one run, one process):
 - `throughput`, one per pipeline and case: samples/s (median of `--rounds` timed rounds, min,
   max, every round), per core, ratio to the reference; process CPU ms per sample and its
   ratio to the reference (steadier than samples/s on a shared machine), cores kept busy; time
-  to the first batch, RSS growth while warming that pipeline, the process's peak RSS so far.
-  Pipelines of one case are built together and timed alternately, round by round (rotating
-  which goes first), so machine load hits them alike; each round starts with untimed batches
-  that drain what a pipeline prefetched while the others ran.
+  to the first batch, the largest RSS growth over its rounds, the process's peak RSS so far.
+  Pipelines of one case are timed alternately, round by round (rotating which goes first), so
+  machine load hits them alike. Each round builds the pipeline afresh, warms it up (first
+  block, a few batches, then batches that come back prefetched) and drops it after timing, so
+  only the timed pipeline is alive and the process CPU of a round is its own.
   Pipelines: `clip_jax_tar`, `clip_jax_tfrecord` (`build_train_dataset`, default data config),
   `clip_jax_mix` (a weighted mixture of the two, equal weights),
   `reference` (plain tf.data on the TFRecords: files interleaved (cycle 16) -> shuffle(10k) ->
@@ -388,17 +389,15 @@ def emit(row: dict) -> None:
 
 @dataclasses.dataclass
 class Timed:
-    """One pipeline under measurement: its iterator and what was measured on it."""
+    """One pipeline under measurement: how to build it and what was measured on it."""
 
     name: str
     source: str
     make: Callable
-    it: Iterator | None = None
     first_batch_s: float = 0.0
     rss_growth_mb: float = 0.0
     rounds: list = dataclasses.field(default_factory=list)
     drained: int = 0
-    batch_s: float = 0.0
     cpu_ms: list = dataclasses.field(default_factory=list)  # process CPU ms per sample
     busy: list = dataclasses.field(default_factory=list)  # process CPU s per wall s
 
@@ -486,31 +485,37 @@ def run_case(
         ),
     ]
     warmup = min(case.round_batches, 4)
-    for p in pipes:
-        logging.info("%s: warming up %s", case.name, p.name)
-        before = rss_mb()
-        start = time.perf_counter()
-        p.it = p.make().as_numpy_iterator()
-        batch = next(p.it)
-        p.first_batch_s = time.perf_counter() - start
-        expected = (case.batch_size, case.image_size, case.image_size, 3)
-        if batch["image"].shape != expected:
-            raise RuntimeError(f"{p.name}: image batch {batch['image'].shape}, want {expected}")
-        # Alone on the machine (the others' buffers are full): its per-batch time, which
-        # tells prefetched batches from produced ones in `drain_prefetched`.
-        p.batch_s = statistics.median(pull_times(p.it, warmup))
-        p.rss_growth_mb = round(rss_mb() - before, 1)
     samples = case.round_batches * case.batch_size
+    # Each round builds a fresh iterator and drops it after timing: a pipeline left alive
+    # between its rounds keeps working in the background (clip_jax reads its next shuffle block
+    # ahead, tf.data refills its buffers), and that work would be charged to whichever pipeline
+    # is being timed. With one pipeline alive at a time, the process CPU during a round is its.
     for r in range(rounds):
         for p in pipes[r % len(pipes) :] + pipes[: r % len(pipes)]:
-            p.drained += drain_prefetched(p.it, drain, p.batch_s, cap=2 * case.round_batches + 4)
+            logging.info("%s round %d: starting %s", case.name, r, p.name)
+            before = rss_mb()
+            start = time.perf_counter()
+            it = p.make().as_numpy_iterator()
+            batch = next(it)
+            if r == 0:
+                p.first_batch_s = time.perf_counter() - start
+                expected = (case.batch_size, case.image_size, case.image_size, 3)
+                if batch["image"].shape != expected:
+                    raise RuntimeError(
+                        f"{p.name}: image batch {batch['image'].shape}, want {expected}"
+                    )
+            # Its own per-batch time tells prefetched batches from produced ones.
+            batch_s = statistics.median(pull_times(it, warmup))
+            p.drained += drain_prefetched(it, drain, batch_s, cap=2 * case.round_batches + 4)
             cpu_start = time.process_time()
-            times = pull_times(p.it, case.round_batches)
+            times = pull_times(it, case.round_batches)
             cpu = time.process_time() - cpu_start
             p.rounds.append(samples / sum(times))
             p.cpu_ms.append(1000 * cpu / samples)
             p.busy.append(cpu / sum(times))
-            p.batch_s = statistics.median(times)
+            p.rss_growth_mb = max(p.rss_growth_mb, round(rss_mb() - before, 1))
+            del it, batch
+            gc.collect()
         logging.info(
             "%s round %d: %s",
             case.name,
@@ -541,8 +546,8 @@ def run_case(
                 "round_ratios_to_reference": [
                     round(a / b, 3) for a, b in zip(p.rounds, reference.rounds)
                 ],
-                # CPU cost holds up under machine load better than samples/s: idle pipelines use
-                # no CPU (measured), so process CPU time during a round is this pipeline's.
+                # CPU cost holds up under machine load better than samples/s (one pipeline is
+                # alive at a time, so the process CPU time during a round is this pipeline's).
                 "cpu_ms_per_sample": round(statistics.median(p.cpu_ms), 3),
                 "cpu_ratio_to_reference": round(statistics.median(p.cpu_ms) / ref_cpu, 3),
                 "cores_busy": round(statistics.median(p.busy), 2),
@@ -560,9 +565,6 @@ def run_case(
                 "threads": threads or None,
             }
         )
-    for p in pipes:
-        p.it = None
-    gc.collect()
 
 
 def run_resume(
