@@ -7,13 +7,11 @@ loop with logging, checkpoints and preemption handling.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
 import signal
 import sys
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 # TensorFlow (tf.data) is loud by default; keep its C++ logs to warnings and up.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
@@ -26,23 +24,18 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
-from clip_jax import cli, host_memory, models, optim, sharding, tokenizers, workdir_lock
+from clip_jax import cli, host_memory, sharding, tokenizers, train_setup, workdir_lock
 from clip_jax import data as data_lib
-from clip_jax import losses as losses_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
-from clip_jax.models import attention, transformer
+from clip_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/clip.py:tiny.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """The config asks for something impossible; the message names the key."""
+ConfigError = train_setup.ConfigError  # the config asks for something impossible
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -73,13 +66,11 @@ def maybe_initialize_distributed(config) -> None:
 
 
 def validate_config(config, mesh=None) -> None:
-    """Raises ConfigError naming the offending key for any impossible value."""
-
-    def check(ok, key, value, why):
-        if not ok:
-            raise ConfigError(f"config.{key}={value!r}: {why}")
-
-    check(config.batch_size > 0, "batch_size", config.batch_size, "must be positive")
+    """Raises ConfigError naming the offending key for any impossible value: the model and step
+    checks of `train_setup.validate_step_config`, then the run's own (schedule, logging,
+    checkpoints, distributed, evaluation, init_from, data)."""
+    train_setup.validate_step_config(config, mesh, jax.process_count())
+    check = train_setup.require
     check(config.total_steps > 0, "total_steps", config.total_steps, "must be positive")
     check(config.log_every > 0, "log_every", config.log_every, "must be positive")
     check(
@@ -89,47 +80,12 @@ def validate_config(config, mesh=None) -> None:
         "must be >= 0 (0: only at the end)",
     )
     check(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints, "must be >= 1")
-    check(config.dtype in _DTYPES, "dtype", config.dtype, f"must be one of {_DTYPES}")
     check(
         config.nan_policy in ("stop", "skip"),
         "nan_policy",
         config.nan_policy,
         "must be 'stop' or 'skip'",
     )
-    try:
-        optim.validate(config.optim)  # every optim.* key: lr, warmup_steps, b1, b2, eps, ...
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    check(
-        config.accumulation_steps >= 1,
-        "accumulation_steps",
-        config.accumulation_steps,
-        "must be >= 1 (1: no accumulation)",
-    )
-    check(
-        config.batch_size % config.accumulation_steps == 0,
-        "batch_size",
-        config.batch_size,
-        f"must be divisible by accumulation_steps={config.accumulation_steps}",
-    )
-    check(
-        config.loss in losses_lib.LOSSES, "loss", config.loss, f"must be one of {losses_lib.LOSSES}"
-    )
-    try:
-        transformer.remat_policy(config.model.remat)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        attention.parse_implementation(config.model.attention_impl)
-    except ValueError as e:
-        raise ConfigError(f"config.model.{e}") from None
-    check(
-        isinstance(config.model.scan_layers, bool),
-        "model.scan_layers",
-        config.model.scan_layers,
-        "must be True or False",
-    )
-    _model_overrides(config)
     check(
         config.distributed.heartbeat_timeout_s > 0,
         "distributed.heartbeat_timeout_s",
@@ -145,7 +101,7 @@ def validate_config(config, mesh=None) -> None:
         except ValueError as e:
             raise ConfigError(f"config.eval: {e}") from None
     if config.init_from:
-        from clip_jax import hub  # a Hub reference is resolved (downloaded) by _load_model
+        from clip_jax import hub  # a Hub reference is resolved (downloaded) by load_model
 
         check(
             hub.is_reference(config.init_from) or os.path.isdir(config.init_from),
@@ -153,39 +109,12 @@ def validate_config(config, mesh=None) -> None:
             config.init_from,
             "directory does not exist",
         )
-    else:
-        try:
-            models.get_model_config(config.model.name)
-        except ValueError as e:
-            raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
     try:
         data_lib.validate(config.data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if mesh is None:
         _check_data_files(config.data)
-    else:
-        shards = sharding.num_batch_shards(mesh)
-        check(
-            config.batch_size % shards == 0,
-            "batch_size",
-            config.batch_size,
-            f"must be divisible by the {shards} data-parallel devices of mesh {dict(mesh.shape)}",
-        )
-        k = config.accumulation_steps
-        check(
-            config.batch_size % (shards * k) == 0,
-            "batch_size",
-            config.batch_size,
-            f"must be divisible by accumulation_steps x data-parallel devices = {k} x "
-            f"{shards} (each micro-batch is split over all devices)",
-        )
-        check(
-            config.batch_size % jax.process_count() == 0,
-            "batch_size",
-            config.batch_size,
-            f"must be divisible by the {jax.process_count()} processes",
-        )
 
 
 def _check_data_files(data_config) -> None:
@@ -243,65 +172,6 @@ def _lock_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
     return lock
 
 
-def _model_overrides(config) -> dict:
-    """`config.model.overrides` (a JSON object string) parsed, e.g.
-    '{"vision": {"layers": 1}, "text": {"width": 64}, "embed_dim": 64}'."""
-    text = config.model.overrides
-    if not text:
-        return {}
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config.model.overrides={text!r}: not valid JSON ({e})") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"config.model.overrides={text!r}: must be a JSON object")
-    if config.init_from:
-        raise ConfigError(
-            "config.model.overrides must be empty with init_from (the "
-            "architecture comes from the converted weights)"
-        )
-    try:
-        models.get_model_config(config.model.name, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model.overrides={text!r}: {e}") from None
-    return overrides
-
-
-def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
-    """Model architecture (+ converted variables when init_from is set) and tokenizer name.
-
-    With `loss="siglip"` a from-scratch model gets SigLIP's initial temperature log(10) and a
-    logit bias initialised at -10; converted weights without a bias get a fresh one (-10).
-    """
-    siglip = config.loss == "siglip"
-    if not config.init_from:
-        model_config = models.get_model_config(config.model.name, **_model_overrides(config))
-        if siglip:
-            model_config = model_config.replace(
-                init_logit_scale=losses_lib.SIGLIP_INIT_LOGIT_SCALE,
-                init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
-            )
-        return model_config, None, config.data.tokenizer
-    from clip_jax import convert, hub  # torch-free; only needs orbax
-
-    tokenizer = config.data.tokenizer
-    if hub.is_reference(config.init_from):  # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
-        try:
-            model_config, variables, _ = hub.load(config.init_from)
-        except hub.HubError as e:
-            raise ConfigError(f"config.init_from: {e}") from None
-        tokenizer = hub.TOKENIZER
-    else:
-        model_config, variables = convert.load_converted(config.init_from)
-        meta_path = os.path.join(config.init_from, "model.json")
-        if os.path.exists(meta_path):
-            with open(meta_path, encoding="utf-8") as f:
-                tokenizer = json.load(f).get("tokenizer", tokenizer)
-    if siglip and model_config.init_logit_bias is None:
-        model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    return model_config, variables, tokenizer
-
-
 class _PreemptedWhileWaiting(Exception):
     """SIGTERM arrived while the loop was waiting for the input pipeline."""
 
@@ -333,102 +203,36 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     # Mesh: every device of every process; batch split over (data, fsdp).
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     validate_config(config, mesh)
-    local_batch = config.batch_size // jax.process_count()
 
-    # Model, tokenizer, optimizer.
-    model_config, init_variables, tokenizer_name = _load_model(config)
-    model = models.CLIP(
-        model_config,
-        dtype=jnp.dtype(config.dtype),
-        attention_impl=config.model.attention_impl or None,
-        remat=config.model.remat,
-        scan_layers=config.model.scan_layers,
-    )
-    tokenizer = tokenizers.get(tokenizer_name)
-    if tokenizer.vocab_size > model_config.text.vocab_size:
+    # Model, optimizer, shardings and the jitted step (no parameter values yet).
+    setup = train_setup.build(config, mesh)
+    tokenizer = tokenizers.get(setup.tokenizer_name)
+    if tokenizer.vocab_size > setup.model_config.text.vocab_size:
         raise ConfigError(
-            f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens but "
-            f"the text tower's vocabulary is {model_config.text.vocab_size}"
+            f"tokenizer {setup.tokenizer_name!r} has {tokenizer.vocab_size} tokens but "
+            f"the text tower's vocabulary is {setup.model_config.text.vocab_size}"
         )
-    abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
-    tx, schedule = optim.create_optimizer(
-        config.optim, config.total_steps, abstract_params, freeze=config.freeze
-    )
-    image_frozen = bool(config.freeze) and all(
-        jax.tree.leaves(optim.frozen_mask(abstract_params, config.freeze)["image"])
-    )
 
     # Everything above only reads; from here on the workdir is written, by one run at a time.
     _prepare_workdir(workdir)
     lock = _lock_workdir(workdir)
     try:
-        return _train_locked(
-            config,
-            workdir,
-            _Setup(
-                mesh,
-                model,
-                model_config,
-                init_variables,
-                tokenizer,
-                tokenizer_name,
-                tx,
-                schedule,
-                image_frozen,
-                local_batch,
-            ),
-        )
+        return _train_locked(config, workdir, setup, tokenizer)
     finally:
         if lock is not None:
             lock.release()
 
 
-class _Setup(NamedTuple):
-    """What `train` built before touching the workdir."""
-
-    mesh: Any
-    model: models.CLIP
-    model_config: models.CLIPConfig
-    init_variables: dict | None
-    tokenizer: Any
-    tokenizer_name: str
-    tx: Any
-    schedule: Any
-    image_frozen: bool
-    local_batch: int
-
-
-def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
+def _train_locked(config, workdir: str, setup: train_setup.TrainSetup, tokenizer) -> dict[str, Any]:
     """The part of `train` that writes to the workdir (called with the workdir lock held)."""
-    (
-        mesh,
-        model,
-        model_config,
-        init_variables,
-        tokenizer,
-        tokenizer_name,
-        tx,
-        schedule,
-        image_frozen,
-        local_batch,
-    ) = setup
+    mesh, model, model_config = setup.mesh, setup.model, setup.model_config
+    init_variables, tokenizer_name = setup.init_variables, setup.tokenizer_name
+    state_shardings, batch_shard = setup.state_shardings, setup.batch_sharding
+    local_batch = config.batch_size // jax.process_count()
     is_primary = jax.process_index() == 0
     if is_primary:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
-
-    # Shardings: parameters and optimizer state split over `fsdp` (default: largest divisible
-    # dimension; config.sharding_rules override by path), batch split over (data, fsdp).
-    init_fn = functools.partial(step_lib.init_train_state, model, tx, config.seed)
-    abstract_state = jax.eval_shape(init_fn)
-    try:
-        state_shardings = sharding.state_shardings(
-            mesh, abstract_state, rules=tuple(config.sharding_rules)
-        )
-    except ValueError as e:
-        raise ConfigError(f"config.sharding_rules: {e}") from None
-    batch_shard = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
 
     # State: restore the latest checkpoint of this workdir, else initialise directly sharded.
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
@@ -437,7 +241,7 @@ def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
         # Damaged checkpoints are skipped (a warning each) and moved to damaged_checkpoints/,
         # so that this run can write their steps again.
         state, meta, skipped = checkpointer.restore_latest_intact(
-            ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
+            ckpt_lib.abstract_with_shardings(setup.abstract_state, state_shardings)
         )
         for damaged in skipped:
             moved = checkpointer.quarantine(damaged.step)
@@ -457,7 +261,7 @@ def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
         samples_delivered = int(meta["samples_delivered"])
         logging.info("resuming from step %d", int(state.step))
     else:
-        state = jax.jit(init_fn, out_shardings=state_shardings)()
+        state = setup.jit_init()()
         if init_variables is not None:
             if config.loss == "siglip" and "logit_bias" not in init_variables["params"]:
                 # SigLIP fine-tuning of CLIP weights: a fresh bias (-10) joins them.
@@ -518,23 +322,7 @@ def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
     logging.info("input pipeline ready; waiting for the first batch")
 
     # The jitted step: explicit shardings, the old state's buffers donated to the new one.
-    train_step = step_lib.make_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        train_image_tower=not image_frozen,
-        loss=config.loss,
-        accumulation_steps=config.accumulation_steps,
-        param_shardings=state_shardings.params,
-    )
-    batch_shardings = {"image": batch_shard, "text": batch_shard}
-    jit_step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    jit_step = setup.jit_step()
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=start_step)
     history: dict[str, Any] = {"step": start_step}
@@ -576,15 +364,7 @@ def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
             if compiled is None:
                 compiled = jit_step.lower(state, batch).compile()
                 flops_per_step = metrics_lib.model_flops(
-                    step_lib.make_train_step(
-                        model,
-                        tx,
-                        schedule,
-                        mesh=None,
-                        train_image_tower=not image_frozen,
-                        loss=config.loss,
-                        accumulation_steps=config.accumulation_steps,
-                    ),
+                    setup.train_step(mesh=None),
                     *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch)),
                 )
             state, step_metrics = compiled(state, batch)

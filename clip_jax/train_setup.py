@@ -4,8 +4,8 @@
 step exactly as `clip_jax.train` builds them (same model flags, freeze mask, sharding rules,
 accumulation, loss, donation), plus the abstract train state and batch, so a caller can lower
 and compile the real step from shapes alone (`clip_jax.plan` compiles it for TPU pods that are
-not there). `train.py` keeps its own copy of this logic for now; it can switch to this module
-line for line (tests/test_plan.py checks that both give the same state after a step).
+not there). `clip_jax.train` builds its run with it (tests/test_plan.py checks that a trainer
+step and this module's jitted step give the same state).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding
 from clip_jax import step as step_lib
-from clip_jax.models import transformer
+from clip_jax.models import attention, transformer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,16 +57,22 @@ def model_overrides(config) -> dict:
     return overrides
 
 
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+    """Raises `ConfigError("config.KEY=VALUE: WHY")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r}: {why}")
+
+
 def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 1) -> None:
     """The checks of `train.validate_config` that concern the model and the step (not data,
     checkpoints or evaluation); raises ConfigError naming the offending key."""
-
-    def check(ok, key, value, why):
-        if not ok:
-            raise ConfigError(f"config.{key}={value!r}: {why}")
-
+    check = require
     check(config.batch_size > 0, "batch_size", config.batch_size, "must be positive")
     check(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
+    try:
+        optim.validate(config.optim)  # every optim.* key: lr, warmup_steps, b1, b2, eps, ...
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check(
         config.accumulation_steps >= 1,
         "accumulation_steps",
@@ -86,6 +92,10 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
         transformer.remat_policy(config.model.remat)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        attention.parse_implementation(config.model.attention_impl)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     check(
         isinstance(config.model.scan_layers, bool),
         "model.scan_layers",
@@ -129,7 +139,7 @@ def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, di
     With `loss="siglip"` a from-scratch model gets SigLIP's initial temperature log(10) and a
     logit bias initialised at -10; converted weights without a bias get a fresh one (-10).
     `with_weights=False` reads only the converted model's `model.json` (no arrays), for
-    callers that need shapes alone.
+    callers that need shapes alone; a Hub reference is read whole either way.
     """
     siglip = config.loss == "siglip"
     if not config.init_from:
@@ -140,19 +150,29 @@ def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, di
                 init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
             )
         return model_config, None, config.data.tokenizer
-    from clip_jax import convert  # torch-free; only needs orbax
+    from clip_jax import convert, hub  # torch-free; only needs orbax
 
-    if with_weights:
-        model_config, variables = convert.load_converted(config.init_from)
+    tokenizer = config.data.tokenizer
+    if hub.is_reference(config.init_from):  # hf-hub:ORG/NAME[@REV] or pretrained:ARCH/TAG
+        # The Hub layouts carry no separate architecture file: with_weights=False reads the
+        # weights too (from the local Hub cache after the first download) and drops them.
+        try:
+            model_config, variables, _ = hub.load(config.init_from)
+        except hub.HubError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
+        tokenizer = hub.TOKENIZER
+        variables = variables if with_weights else None
     else:
-        model_config, variables = _converted_config(config.init_from), None
+        if with_weights:
+            model_config, variables = convert.load_converted(config.init_from)
+        else:
+            model_config, variables = _converted_config(config.init_from), None
+        meta_path = os.path.join(config.init_from, convert.MODEL_JSON)
+        if os.path.exists(meta_path):
+            with open(meta_path, encoding="utf-8") as f:
+                tokenizer = json.load(f).get("tokenizer", tokenizer)
     if siglip and model_config.init_logit_bias is None:
         model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    meta_path = os.path.join(config.init_from, convert.MODEL_JSON)
-    tokenizer = config.data.tokenizer
-    if os.path.exists(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            tokenizer = json.load(f).get("tokenizer", tokenizer)
     return model_config, variables, tokenizer
 
 
