@@ -276,14 +276,20 @@ class TrainSetup:
         )
 
 
-def build(config, mesh: Mesh, with_weights: bool = True) -> TrainSetup:
+def build(
+    config,
+    mesh: Mesh,
+    with_weights: bool = True,
+    loaded: tuple[models.CLIPConfig, dict | None, str] | None = None,
+) -> TrainSetup:
     """Everything `clip_jax.train` builds from `config` on `mesh`, without parameter values.
 
     `with_weights=False` skips reading converted weights (`init_from`): only their
-    architecture is read, for planning. Raises ConfigError for bad sharding rules or freeze
+    architecture is read, for planning. `loaded`: `load_model(config)`'s result when the caller
+    has it already (nothing is read again). Raises ConfigError for bad sharding rules or freeze
     regexes.
     """
-    model_config, init_variables, tokenizer_name = load_model(config, with_weights)
+    model_config, init_variables, tokenizer_name = loaded or load_model(config, with_weights)
     model = build_model(config, model_config)
     abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
     try:
