@@ -25,6 +25,7 @@ from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding
 from clip_jax import step as step_lib
 from clip_jax.models import attention, transformer
+from clip_jax.models import overrides as overrides_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -34,27 +35,21 @@ class ConfigError(ValueError):
 
 
 def model_overrides(config) -> dict:
-    """`config.model.overrides` (a JSON object string) parsed, e.g.
-    '{"vision": {"layers": 1}, "text": {"width": 64}, "embed_dim": 64}'."""
-    text = config.model.overrides
-    if not text:
+    """The architecture fields set in `config.model` (`--config.model.vision.width=64`, see
+    `clip_jax.models.overrides`) as `models.get_model_config` overrides; {} when none is."""
+    changes = overrides_lib.set_fields(config.model)
+    if not changes:
         return {}
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config.model.overrides={text!r}: not valid JSON ({e})") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"config.model.overrides={text!r}: must be a JSON object")
     if config.init_from:
+        key, value = next(iter(changes.items()))
         raise ConfigError(
-            "config.model.overrides must be empty with init_from (the "
-            "architecture comes from the converted weights)"
+            f"config.model.{key}={value!r}: architecture fields must stay unset with init_from "
+            f"(the architecture comes from the converted weights)"
         )
     try:
-        models.get_model_config(config.model.name, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model.overrides={text!r}: {e}") from None
-    return overrides
+        return overrides_lib.resolve(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -102,12 +97,12 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
         config.model.scan_layers,
         "must be True or False",
     )
-    model_overrides(config)
     if not config.init_from:
         try:
             models.get_model_config(config.model.name)
         except ValueError as e:
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
+    model_overrides(config)
     if mesh is not None:
         shards = sharding.num_batch_shards(mesh)
         check(

@@ -145,6 +145,7 @@ def _run_cli(*args, env_extra=None, **kwargs):
     "override,message",
     [
         ("--config.batch_sise=3", "batch_sise"),
+        ("--config.model.vision.wdth=3", 'Did you mean "width"'),
         ("--config.batch_size=abc", "batch_size"),
         ("--config.batch_size=12", "divisible by the 8"),
         ("--config.data.source=tar", "data.shards is empty"),
