@@ -254,11 +254,8 @@ def _train_locked(config, workdir: str, setup: train_setup.TrainSetup, tokenizer
             # so it is taken at log steps only (a single process checks its flag every step).
             vote = log_step or jax.process_count() == 1
             preempted = _any_process(preemption.requested) if vote else False
-            if (
-                (config.checkpoint_every and step % config.checkpoint_every == 0)
-                or last
-                or preempted
-            ):
+            every = config.checkpoint_every
+            if last or preempted or (every and step % every == 0):
                 checkpointer.save(step, state, _checkpoint_meta(config, setup, data))
             if preempted:
                 logging.warning("preempted at step %d: checkpoint saved, exiting", step)
