@@ -15,12 +15,15 @@ from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
 # A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
+SMALL_MODEL = {
+    "embed_dim": 64,
+    "vision": {"width": 64, "heads": 2},
+    "text": {"width": 64, "heads": 2},
+}
+# The same as config keys (model.embed_dim, model.vision.width, ...) and command-line flags.
 SMALL = {
-    "model.embed_dim": 64,
-    "model.vision.width": 64,
-    "model.vision.heads": 2,
-    "model.text.width": 64,
-    "model.text.heads": 2,
+    "model.embed_dim": SMALL_MODEL["embed_dim"],
+    **{f"model.{t}.{k}": v for t in ("vision", "text") for k, v in SMALL_MODEL[t].items()},
 }
 SMALL_FLAGS = [f"--config.{key}={value}" for key, value in SMALL.items()]
 
@@ -113,7 +116,7 @@ def test_sharding_rules_and_optimizer_state_follow_params():
 
 
 def _small_model(**kwargs):
-    return models.CLIP(models.get_model_config("tiny-vit", **SMALL), **kwargs)
+    return models.CLIP(models.get_model_config("tiny-vit", **SMALL_MODEL), **kwargs)
 
 
 def _batch(n=32, seed=0):
@@ -217,7 +220,7 @@ def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     writes evaluator metrics to metrics.jsonl."""
     from clip_jax import convert
 
-    model_config = models.get_model_config("tiny-vit", **SMALL)
+    model_config = models.get_model_config("tiny-vit", **SMALL_MODEL)
     variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(3))
     convert.save_converted(tmp_path / "converted", model_config, variables)
     config = get_config(
