@@ -112,16 +112,18 @@ class FlopCounter:
 
     Lowered (not compiled) for the CPU without loops, so shapes cost nothing: model FLOPs are
     the step without remat; executed FLOPs add remat's recomputation and, with accumulation,
-    one more forward pass of the whole batch.
+    one more forward pass of the whole batch. `loaded`: `train_setup.load_model(config)`'s
+    result when the caller has it (the trainer), so `init_from` is not read again.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, loaded: tuple | None = None):
         import jax
 
         from clip_jax import sharding
 
         self._base = with_changes(config, **{"model.scan_layers": False, "accumulation_steps": 1})
         self._mesh = sharding.create_mesh(1, 1, devices=jax.devices("cpu")[:1])
+        self._loaded = loaded
 
     @functools.lru_cache(maxsize=None)  # noqa: B019 - one counter per plan, few remat values
     def step(self, remat: str) -> float:
@@ -129,7 +131,10 @@ class FlopCounter:
         from clip_jax import metrics, train_setup
 
         setup = train_setup.build(
-            with_changes(self._base, **{"model.remat": remat}), self._mesh, with_weights=False
+            with_changes(self._base, **{"model.remat": remat}),
+            self._mesh,
+            with_weights=False,
+            loaded=self._loaded,
         )
         flops = metrics.model_flops(
             setup.train_step(mesh=None), setup.abstract_state, setup.abstract_batch(sharded=False)
@@ -144,7 +149,7 @@ class FlopCounter:
         from clip_jax import metrics, train_setup
         from clip_jax.data.transforms import normalize_images
 
-        setup = train_setup.build(self._base, self._mesh, with_weights=False)
+        setup = train_setup.build(self._base, self._mesh, with_weights=False, loaded=self._loaded)
         model = setup.model
 
         def forward(params, batch_stats, batch):

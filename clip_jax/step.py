@@ -8,10 +8,9 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from clip_jax import losses, sharding
+from clip_jax import grad_cache, losses, sharding
 from clip_jax.data.transforms import normalize_images
 from clip_jax.models import CLIP
 
@@ -48,7 +47,7 @@ def init_train_state(model: CLIP, tx: optax.GradientTransformation, seed: int) -
     )
 
 
-GradFn = Callable[[Any, Any, dict], tuple[jax.Array, dict, Any, Any]]
+GradFn = grad_cache.GradFn
 
 
 def make_grad_fn(
@@ -63,28 +62,40 @@ def make_grad_fn(
     """`grad_fn(params, batch_stats, batch) -> (loss, metrics, grads, new_batch_stats)`.
 
     batch: image uint8 [B, H, W, 3], text int32 [B, L], batch-sharded over the mesh.
-    `accumulation_steps` K > 1 computes the *same* gradients as K = 1 (the contrastive loss
-    still sees all B x B pairs) with the activations of only B / K rows alive at a time
-    (GradCache, Gao et al. 2021):
-      1. embed every micro-batch with no gradient tape (a `lax.scan` of forward passes);
-      2. the loss over the full [B, D] embeddings and its gradient w.r.t. the embeddings (and
-         the temperature/bias parameters), with the usual sharded loss;
-      3. for each micro-batch again: forward under `jax.vjp`, pull back its [B/K, D] slice of
-         the embedding gradient, add the parameter gradients to a running sum (a `lax.scan`).
-    The forward runs twice (about 1.33x the FLOPs of a plain step).
-    BatchNorm (ResNet towers) normalises with each micro-batch's statistics, in both passes
-    alike (so the gradients are those of that micro-batch-BN model; equal to the plain step
-    only for models without BatchNorm); running statistics are updated once per micro-batch
-    during pass 1.
-    Micro-batch m takes rows [m*c, (m+1)*c) of every device's local rows (c = B / (K * n)
-    for n batch shards), so splitting and merging never move data between devices.
-    `param_shardings` (optional) pins the gradient accumulator's sharding to the parameters'
-    (FSDP: each device accumulates only its shard).
+    `accumulation_steps` K > 1 computes the *same* gradients as K = 1 with the activations of
+    only B / K rows alive at a time (`clip_jax.grad_cache`). `param_shardings` (optional) pins
+    its gradient accumulator's sharding to the parameters' (FSDP).
     """
+    forward = _make_forward(model, mesh, train_image_tower)
+    if accumulation_steps > 1:
+        return grad_cache.make_grad_fn(
+            forward,
+            mesh,
+            loss=loss,
+            accumulation_steps=accumulation_steps,
+            param_shardings=param_shardings,
+        )
+
+    def grad_fn(params, batch_stats, batch):
+        def loss_fn(params):
+            out, new_batch_stats = forward(params, batch_stats, batch["image"], batch["text"])
+            value, metrics = losses.contrastive_loss(loss, out, mesh)
+            return value, (metrics, new_batch_stats)
+
+        (value, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params
+        )
+        return value, metrics, grads, new_batch_stats
+
+    return grad_fn
+
+
+def _make_forward(model: CLIP, mesh: Mesh | None, train_image_tower: bool) -> grad_cache.Forward:
+    """`forward(params, batch_stats, images uint8 [b, H, W, 3], text int32 [b, L]) ->
+    (model outputs, new batch_stats)`: images normalised in the model's dtype; BatchNorm
+    (ResNet towers) in training mode unless the image tower is frozen."""
     has_batch_stats = model.config.vision.type == "resnet"
     bn_train = has_batch_stats and train_image_tower
-    num_shards = sharding.num_batch_shards(mesh) if mesh is not None else 1
-    axes = sharding.batch_axes(mesh) if mesh is not None else ()
 
     def gather(params):
         """FSDP: all-gather each weight where the forward uses it. Without this constraint
@@ -97,7 +108,6 @@ def make_grad_fn(
         return jax.lax.with_sharding_constraint(params, sharding.replicated(mesh))
 
     def forward(params, batch_stats, images_u8, text):
-        """Model outputs and updated batch stats for one (micro-)batch."""
         images = normalize_images(images_u8, model.dtype)
         variables = {"params": gather(params)}
         if has_batch_stats:
@@ -107,99 +117,7 @@ def make_grad_fn(
             return out, updates["batch_stats"]
         return model.apply(variables, images, text, train=False), batch_stats
 
-    def plain(params, batch_stats, batch):
-        def loss_fn(params):
-            out, new_batch_stats = forward(params, batch_stats, batch["image"], batch["text"])
-            value, metrics = losses.contrastive_loss(loss, out, mesh)
-            return value, (metrics, new_batch_stats)
-
-        (value, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params
-        )
-        return value, metrics, grads, new_batch_stats
-
-    if accumulation_steps == 1:
-        return plain
-    steps = accumulation_steps
-
-    def constrain(x, spec):
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-
-    def split(x):
-        """[B, ...] -> [K, B/K, ...]: micro-batch m = rows [m*c, (m+1)*c) of each shard."""
-        global_batch = x.shape[0]
-        if global_batch % (steps * num_shards):
-            raise ValueError(
-                f"batch {global_batch} is not divisible by accumulation_steps "
-                f"{steps} x {num_shards} batch shards"
-            )
-        c = global_batch // (steps * num_shards)
-        x = x.reshape(num_shards, steps, c, *x.shape[1:]).swapaxes(0, 1)
-        return constrain(x.reshape(steps, num_shards * c, *x.shape[3:]), P(None, axes))
-
-    def merge(x):
-        """Inverse of `split`: [K, B/K, ...] -> [B, ...] in the original row order."""
-        c = x.shape[1] // num_shards
-        x = x.reshape(steps, num_shards, c, *x.shape[2:]).swapaxes(0, 1)
-        return constrain(x.reshape(steps * num_shards * c, *x.shape[3:]), P(axes))
-
-    def embed(params, batch_stats, images_u8, text):
-        out, new_batch_stats = forward(params, batch_stats, images_u8, text)
-        return (out["image_embeddings"], out["text_embeddings"]), new_batch_stats
-
-    def accumulated(params, batch_stats, batch):
-        images, texts = split(batch["image"]), split(batch["text"])
-
-        # Pass 1: embeddings of all micro-batches, no activations kept for a backward pass.
-        frozen = jax.lax.stop_gradient(params)
-
-        def embed_step(stats, xs):
-            embeddings, stats = embed(frozen, stats, *xs)
-            return stats, embeddings
-
-        new_batch_stats, (image_emb, text_emb) = jax.lax.scan(
-            embed_step, batch_stats, (images, texts)
-        )
-
-        # Full-batch loss; gradient w.r.t. the embeddings and the loss's own parameters.
-        scalars = {k: params[k] for k in ("logit_scale", "logit_bias") if k in params}
-
-        def loss_of_embeddings(image_all, text_all, scalars):
-            out = {
-                "image_embeddings": image_all,
-                "text_embeddings": text_all,
-                **{k: v.astype(jnp.float32) for k, v in scalars.items()},
-            }
-            return losses.contrastive_loss(loss, out, mesh)
-
-        (value, metrics), (g_image, g_text, g_scalars) = jax.value_and_grad(
-            loss_of_embeddings, argnums=(0, 1, 2), has_aux=True
-        )(merge(image_emb), merge(text_emb), scalars)
-
-        # Pass 2: recompute each micro-batch under vjp and back-propagate its gradient slice.
-        def pin(tree):
-            if param_shardings is None:
-                return tree
-            return jax.tree.map(jax.lax.with_sharding_constraint, tree, param_shardings)
-
-        def backward_step(acc, xs):
-            images_m, text_m, g_image_m, g_text_m = xs
-            _, pullback = jax.vjp(lambda p: embed(p, batch_stats, images_m, text_m)[0], params)
-            (grads_m,) = pullback((g_image_m, g_text_m))
-            return pin(jax.tree.map(jnp.add, acc, grads_m)), None
-
-        zeros = pin(jax.tree.map(jnp.zeros_like, params))
-        grads, _ = jax.lax.scan(
-            backward_step, zeros, (images, texts, split(g_image), split(g_text))
-        )
-        grads = dict(grads)
-        for k, g in g_scalars.items():
-            grads[k] = grads[k] + g.astype(grads[k].dtype)
-        return value, metrics, grads, new_batch_stats
-
-    return accumulated
+    return forward
 
 
 def make_train_step(

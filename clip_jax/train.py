@@ -1,14 +1,16 @@
 """`python -m clip_jax.train --config configs/clip.py:tiny --workdir runs/tiny`.
 
-Reads top to bottom: distributed init -> config checks -> mesh -> model, tokenizer, optimizer
--> shardings -> state (initialised sharded, or restored) -> input pipeline -> jitted step ->
-loop with logging, checkpoints and preemption handling.
+Reads top to bottom. `train`: distributed init -> config checks -> mesh -> model, optimizer,
+shardings and step (`clip_jax.train_setup`) -> workdir lock. `_train_locked`: restore or
+initialise the state -> compile the step, count its FLOPs -> input pipeline -> the loop: next
+batch -> step -> maybe evaluate -> maybe log -> maybe checkpoint -> maybe stop. The helpers
+follow in that order: state and compilation, input and preemption, the metric log,
+evaluation and checkpoint metadata.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import contextlib
 import os
 import signal
 import sys
@@ -26,23 +28,18 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
-from clip_jax import cli, host_memory, models, optim, sharding, tokenizers, workdir_lock
+from clip_jax import cli, host_memory, sharding, tokenizers, train_setup, workdir_lock
 from clip_jax import data as data_lib
-from clip_jax import losses as losses_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
-from clip_jax.models import attention, transformer
+from clip_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/clip.py:tiny.", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
-_DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """The config asks for something impossible; the message names the key."""
+ConfigError = train_setup.ConfigError  # the config asks for something impossible
 
 
 def maybe_initialize_distributed(config) -> None:
@@ -73,13 +70,11 @@ def maybe_initialize_distributed(config) -> None:
 
 
 def validate_config(config, mesh=None) -> None:
-    """Raises ConfigError naming the offending key for any impossible value."""
-
-    def check(ok, key, value, why):
-        if not ok:
-            raise ConfigError(f"config.{key}={value!r}: {why}")
-
-    check(config.batch_size > 0, "batch_size", config.batch_size, "must be positive")
+    """Raises ConfigError naming the offending key for any impossible value: the model and step
+    checks of `train_setup.validate_step_config`, then the run's own (schedule, logging,
+    checkpoints, distributed, evaluation, init_from, data)."""
+    train_setup.validate_step_config(config, mesh, jax.process_count())
+    check = train_setup.require
     check(config.total_steps > 0, "total_steps", config.total_steps, "must be positive")
     check(config.log_every > 0, "log_every", config.log_every, "must be positive")
     check(
@@ -89,47 +84,12 @@ def validate_config(config, mesh=None) -> None:
         "must be >= 0 (0: only at the end)",
     )
     check(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints, "must be >= 1")
-    check(config.dtype in _DTYPES, "dtype", config.dtype, f"must be one of {_DTYPES}")
     check(
         config.nan_policy in ("stop", "skip"),
         "nan_policy",
         config.nan_policy,
         "must be 'stop' or 'skip'",
     )
-    try:
-        optim.validate(config.optim)  # every optim.* key: lr, warmup_steps, b1, b2, eps, ...
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    check(
-        config.accumulation_steps >= 1,
-        "accumulation_steps",
-        config.accumulation_steps,
-        "must be >= 1 (1: no accumulation)",
-    )
-    check(
-        config.batch_size % config.accumulation_steps == 0,
-        "batch_size",
-        config.batch_size,
-        f"must be divisible by accumulation_steps={config.accumulation_steps}",
-    )
-    check(
-        config.loss in losses_lib.LOSSES, "loss", config.loss, f"must be one of {losses_lib.LOSSES}"
-    )
-    try:
-        transformer.remat_policy(config.model.remat)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        attention.parse_implementation(config.model.attention_impl)
-    except ValueError as e:
-        raise ConfigError(f"config.model.{e}") from None
-    check(
-        isinstance(config.model.scan_layers, bool),
-        "model.scan_layers",
-        config.model.scan_layers,
-        "must be True or False",
-    )
-    _model_overrides(config)
     check(
         config.distributed.heartbeat_timeout_s > 0,
         "distributed.heartbeat_timeout_s",
@@ -145,45 +105,19 @@ def validate_config(config, mesh=None) -> None:
         except ValueError as e:
             raise ConfigError(f"config.eval: {e}") from None
     if config.init_from:
-        from clip_jax import model_store  # a Hub reference is resolved (downloaded) by _load_model
+        # A Hub reference is only located here; train_setup.load_model downloads it.
+        from clip_jax import model_store
 
         try:
             model_store.locate(config.init_from)
         except ckpt_lib.CheckpointError as e:
             raise ConfigError(f"config.init_from: {e}") from None
-    else:
-        try:
-            models.get_model_config(config.model.name)
-        except ValueError as e:
-            raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
     try:
         data_lib.validate(config.data)
     except (ValueError, FileNotFoundError) as e:
         raise ConfigError(str(e)) from None
     if mesh is None:
         _check_data_files(config.data)
-    else:
-        shards = sharding.num_batch_shards(mesh)
-        check(
-            config.batch_size % shards == 0,
-            "batch_size",
-            config.batch_size,
-            f"must be divisible by the {shards} data-parallel devices of mesh {dict(mesh.shape)}",
-        )
-        k = config.accumulation_steps
-        check(
-            config.batch_size % (shards * k) == 0,
-            "batch_size",
-            config.batch_size,
-            f"must be divisible by accumulation_steps x data-parallel devices = {k} x "
-            f"{shards} (each micro-batch is split over all devices)",
-        )
-        check(
-            config.batch_size % jax.process_count() == 0,
-            "batch_size",
-            config.batch_size,
-            f"must be divisible by the {jax.process_count()} processes",
-        )
 
 
 def _check_data_files(data_config) -> None:
@@ -241,81 +175,9 @@ def _lock_workdir(workdir: str) -> workdir_lock.WorkdirLock | None:
     return lock
 
 
-def _model_overrides(config) -> dict:
-    """`config.model.overrides` (a JSON object string) parsed, e.g.
-    '{"vision": {"layers": 1}, "text": {"width": 64}, "embed_dim": 64}'."""
-    text = config.model.overrides
-    if not text:
-        return {}
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config.model.overrides={text!r}: not valid JSON ({e})") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"config.model.overrides={text!r}: must be a JSON object")
-    if config.init_from:
-        raise ConfigError(
-            "config.model.overrides must be empty with init_from (the "
-            "architecture comes from the converted weights)"
-        )
-    try:
-        models.get_model_config(config.model.name, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model.overrides={text!r}: {e}") from None
-    return overrides
-
-
-def _load_model(config) -> tuple[models.CLIPConfig, dict | None, str]:
-    """Model architecture (+ the variables of `init_from` when it is set) and tokenizer name.
-
-    `init_from`: a converted directory, a training workdir (latest checkpoint, or
-    `WORKDIR@STEP`) or a Hub reference (`clip_jax.model_store`); its config and tokenizer
-    replace `model.name` and `data.tokenizer`. With `loss="siglip"` a from-scratch model gets
-    SigLIP's initial temperature log(10) and a logit bias initialised at -10; weights without
-    a bias get a fresh one (-10).
-    """
-    siglip = config.loss == "siglip"
-    if not config.init_from:
-        model_config = models.get_model_config(config.model.name, **_model_overrides(config))
-        if siglip:
-            model_config = model_config.replace(
-                init_logit_scale=losses_lib.SIGLIP_INIT_LOGIT_SCALE,
-                init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
-            )
-        return model_config, None, config.data.tokenizer
-    from clip_jax import model_store
-
-    try:
-        loaded = model_store.load_model(config.init_from)
-    except ckpt_lib.CheckpointError as e:
-        raise ConfigError(f"config.init_from: {e}") from None
-    model_config = loaded.config
-    if siglip and model_config.init_logit_bias is None:
-        model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    return model_config, loaded.variables, loaded.tokenizer
-
-
-class _PreemptedWhileWaiting(Exception):
-    """SIGTERM arrived while the loop was waiting for the input pipeline."""
-
-
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and exiting")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
-    """Runs (or resumes) training; returns the last logged metrics plus `step`.
+    """Runs (or resumes) training; returns the last logged metrics plus `step` (and
+    `preempted: True` when SIGTERM ended the run).
 
     `devices` restricts the mesh to a subset of this process's devices (tests compare 1 and 8
     devices in one process); default: every device of every process.
@@ -326,111 +188,106 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     # Mesh: every device of every process; batch split over (data, fsdp).
     mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
     validate_config(config, mesh)
-    local_batch = config.batch_size // jax.process_count()
 
-    # Model, tokenizer, optimizer.
-    model_config, init_variables, tokenizer_name = _load_model(config)
-    model = models.CLIP(
-        model_config,
-        dtype=jnp.dtype(config.dtype),
-        attention_impl=config.model.attention_impl or None,
-        remat=config.model.remat,
-        scan_layers=config.model.scan_layers,
-    )
-    tokenizer = tokenizers.get(tokenizer_name)
-    if tokenizer.vocab_size > model_config.text.vocab_size:
+    # Model, optimizer, shardings and the jitted step (no parameter values yet).
+    setup = train_setup.build(config, mesh)
+    tokenizer = tokenizers.get(setup.tokenizer_name)
+    if tokenizer.vocab_size > setup.model_config.text.vocab_size:
         raise ConfigError(
-            f"tokenizer {tokenizer_name!r} has {tokenizer.vocab_size} tokens but "
-            f"the text tower's vocabulary is {model_config.text.vocab_size}"
+            f"tokenizer {setup.tokenizer_name!r} has {tokenizer.vocab_size} tokens but "
+            f"the text tower's vocabulary is {setup.model_config.text.vocab_size}"
         )
-    abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
-    tx, schedule = optim.create_optimizer(
-        config.optim, config.total_steps, abstract_params, freeze=config.freeze
-    )
-    image_frozen = bool(config.freeze) and all(
-        jax.tree.leaves(optim.frozen_mask(abstract_params, config.freeze)["image"])
-    )
 
     # Everything above only reads; from here on the workdir is written, by one run at a time.
     _prepare_workdir(workdir)
     lock = _lock_workdir(workdir)
     try:
-        return _train_locked(
-            config,
-            workdir,
-            _Setup(
-                mesh,
-                model,
-                model_config,
-                init_variables,
-                tokenizer,
-                tokenizer_name,
-                tx,
-                schedule,
-                image_frozen,
-                local_batch,
-            ),
-        )
+        return _train_locked(config, workdir, setup, tokenizer)
     finally:
         if lock is not None:
             lock.release()
 
 
-class _Setup(NamedTuple):
-    """What `train` built before touching the workdir."""
-
-    mesh: Any
-    model: models.CLIP
-    model_config: models.CLIPConfig
-    init_variables: dict | None
-    tokenizer: Any
-    tokenizer_name: str
-    tx: Any
-    schedule: Any
-    image_frozen: bool
-    local_batch: int
-
-
-def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
-    """The part of `train` that writes to the workdir (called with the workdir lock held)."""
-    (
-        mesh,
-        model,
-        model_config,
-        init_variables,
-        tokenizer,
-        tokenizer_name,
-        tx,
-        schedule,
-        image_frozen,
-        local_batch,
-    ) = setup
-    is_primary = jax.process_index() == 0
-    if is_primary:
+def _train_locked(config, workdir: str, setup: train_setup.TrainSetup, tokenizer) -> dict[str, Any]:
+    """The run proper, with the workdir lock held: state, compiled step, input, then the loop
+    next batch -> step -> maybe evaluate -> maybe log -> maybe checkpoint -> maybe stop."""
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
             f.write(config.to_json_best_effort(indent=2))
+    with contextlib.ExitStack() as cleanup:
+        checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+        cleanup.callback(checkpointer.close)  # waits for the last asynchronous save
+        start = _restore_or_initialise(config, setup, checkpointer)
+        step_fn = _compile_step(setup)
+        log = _MetricLog(config, setup, workdir, start, _flops_per_step(setup))
+        cleanup.callback(log.close)
+        preemption = _Preemption()
+        cleanup.callback(preemption.restore)
+        data = _Input(config, setup, tokenizer, workdir, start, preemption, log.progress)
 
-    # Shardings: parameters and optimizer state split over `fsdp` (default: largest divisible
-    # dimension; config.sharding_rules override by path), batch split over (data, fsdp).
-    init_fn = functools.partial(step_lib.init_train_state, model, tx, config.seed)
-    abstract_state = jax.eval_shape(init_fn)
-    try:
-        state_shardings = sharding.state_shardings(
-            mesh, abstract_state, rules=tuple(config.sharding_rules)
-        )
-    except ValueError as e:
-        raise ConfigError(f"config.sharding_rules: {e}") from None
-    batch_shard = sharding.batch_sharding(mesh)
-    replicated = sharding.replicated(mesh)
+        state, step = start.state, start.step
+        history: dict[str, Any] = {"step": step}
+        while step < config.total_steps:
+            batch = data.next()
+            if batch is None:  # SIGTERM while waiting for the input pipeline
+                logging.warning("SIGTERM received while waiting for data at step %d", step)
+                if step > start.step:
+                    checkpointer.save(step, state, _checkpoint_meta(config, setup, data))
+                history["preempted"] = True
+                break
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            log.add(step, step_metrics)
 
-    # State: restore the latest checkpoint of this workdir, else initialise directly sharded.
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    data_position, samples_delivered = None, 0
-    if checkpointer.latest_step() is not None:
+            last = step == config.total_steps
+            eval_metrics = {}
+            if config.eval_every and (step % config.eval_every == 0 or last):
+                eval_metrics = _evaluate(config, setup, state, tokenizer, step)
+            log_step = step % config.log_every == 0 or last
+            if log_step:
+                history = dict(log.write(step, eval_metrics, data), step=step)
+            elif eval_metrics:
+                log.write_eval(step, eval_metrics)
+
+            # Several processes must agree to stop together; that vote is a blocking collective,
+            # so it is taken at log steps only (a single process checks its flag every step).
+            vote = log_step or jax.process_count() == 1
+            preempted = _any_process(preemption.requested) if vote else False
+            every = config.checkpoint_every
+            if last or preempted or (every and step % every == 0):
+                checkpointer.save(step, state, _checkpoint_meta(config, setup, data))
+            if preempted:
+                logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+                history["preempted"] = True
+                break
+    return history
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the loop: the state to start from, the compiled step, its FLOPs
+
+
+class _Start(NamedTuple):
+    """Where the run starts: the state and this process's input position (None: the start)."""
+
+    state: step_lib.TrainState
+    step: int
+    data_position: np.ndarray | None
+    samples_delivered: int  # by this process in the steps before `step`
+
+
+def _restore_or_initialise(
+    config, setup: train_setup.TrainSetup, checkpointer: ckpt_lib.Checkpointer
+) -> _Start:
+    """The latest intact checkpoint of the workdir, else a fresh state (with `init_from`'s
+    weights), created directly sharded. Logs the state's bytes per device (the FSDP saving)."""
+    if checkpointer.latest_step() is None:
+        state, data_position, samples_delivered = _initial_state(config, setup), None, 0
+    else:
         # Damaged checkpoints are skipped (a warning each) and moved to damaged_checkpoints/,
         # so that this run can write their steps again.
         state, meta, skipped = checkpointer.restore_latest_intact(
-            ckpt_lib.abstract_with_shardings(abstract_state, state_shardings)
+            ckpt_lib.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
         )
         for damaged in skipped:
             moved = checkpointer.quarantine(damaged.step)
@@ -449,213 +306,30 @@ def _train_locked(config, workdir: str, setup: _Setup) -> dict[str, Any]:
         data_position = np.asarray(positions[jax.process_index()], np.int64)
         samples_delivered = int(meta["samples_delivered"])
         logging.info("resuming from step %d", int(state.step))
-    else:
-        state = jax.jit(init_fn, out_shardings=state_shardings)()
-        if init_variables is not None:
-            if config.loss == "siglip" and "logit_bias" not in init_variables["params"]:
-                # SigLIP fine-tuning of CLIP weights: a fresh bias (-10) joins them.
-                init_variables = dict(
-                    init_variables,
-                    params=dict(
-                        init_variables["params"],
-                        logit_bias=np.asarray(jax.device_get(state.params["logit_bias"])),
-                    ),
-                )
-            if config.model.scan_layers:
-                # Converted weights are unrolled (resblocks_{i}); the scanned model stacks them.
-                init_variables = jax.tree.map(np.asarray, transformer.stack_layers(init_variables))
-            state = _with_converted_weights(state, init_variables, state_shardings)
-    start_step = int(state.step)
-    # Memory per device of the sharded state (the FSDP saving), logged with the first metrics.
-    memory_metrics = {
-        "param_bytes_per_device": sharding.per_device_bytes(state.params),
-        "state_bytes_per_device": sharding.per_device_bytes(state),
-    }
     logging.info(
         "per-device bytes: params %d, train state %d (mesh %s)",
-        memory_metrics["param_bytes_per_device"],
-        memory_metrics["state_bytes_per_device"],
-        dict(mesh.shape),
+        sharding.per_device_bytes(state.params),
+        sharding.per_device_bytes(state),
+        dict(setup.mesh.shape),
     )
+    return _Start(state, int(state.step), data_position, samples_delivered)
 
-    # Input pipeline: this process's rows of each global batch, one batch ahead on devices.
-    # Per-shard record counts are cached in the workdir, so a restart resumes in constant time.
-    watch = data_lib.InputWatch()
-    dataset = data_lib.build_train_dataset(
-        config.data,
-        image_size=model_config.image_size,
-        tokenizer=tokenizer,
-        context_length=model_config.context_length,
-        local_batch_size=local_batch,
-        seed=config.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_position=data_position,
-        watch=watch,
-        index_dir=os.path.join(workdir, "data_index"),
-    )
-    preemption = _Preemption()
 
-    def while_waiting_for_data():
-        # Runs every second the loop waits for a batch: SIGTERM and dead pipelines end the wait.
-        if preemption.requested:
-            raise _PreemptedWhileWaiting()
-        watch.check(samples_delivered)
-
-    batches = data_lib.prefetch_to_device(
-        dataset.as_numpy_iterator(),
-        config.data.device_prefetch,
-        batch_shard,
-        poll=while_waiting_for_data,
-    )
-    logging.info("input pipeline ready; waiting for the first batch")
-
-    # The jitted step: explicit shardings, the old state's buffers donated to the new one.
-    train_step = step_lib.make_train_step(
-        model,
-        tx,
-        schedule,
-        mesh,
-        train_image_tower=not image_frozen,
-        loss=config.loss,
-        accumulation_steps=config.accumulation_steps,
-        param_shardings=state_shardings.params,
-    )
-    batch_shardings = {"image": batch_shard, "text": batch_shard}
-    jit_step = jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_shardings),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
-
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_primary, resume_step=start_step)
-    history: dict[str, Any] = {"step": start_step}
-    compiled = None
-    flops_per_step = None
-    peak = metrics_lib.peak_flops(mesh.devices.flat[0])
-    progress = metrics_lib.Progress(config.total_steps, start_step, config.batch_size)
-    window: list[dict] = []
-    pending_check = None  # (step, metrics) awaiting the non-finite check, one step behind
-    skipped_logged = (
-        data_lib.num_skipped(data_position, samples_delivered) if data_position is not None else 0
-    )
-    step = start_step
-    position = data_position  # the last consumed batch's; set by every batch below
-    try:
-        while step < config.total_steps:
-            t0 = time.perf_counter()
-            try:
-                batch = next(batches)
-            except _PreemptedWhileWaiting:
-                logging.warning("SIGTERM received while waiting for data at step %d", step)
-                if step > start_step:
-                    checkpointer.save(
-                        step,
-                        state,
-                        _checkpoint_meta(
-                            position, samples_delivered, model_config, tokenizer_name, config
-                        ),
-                    )
-                history["preempted"] = True
-                break
-            except StopIteration:
-                watch.check(samples_delivered)
-                raise data_lib.NoUsableData(
-                    "the input pipeline ended; training data is endless, so no shard could be read"
-                ) from None
-            progress.add_data_wait(time.perf_counter() - t0)
-            position = batch.pop("position")
-            if compiled is None:
-                compiled = jit_step.lower(state, batch).compile()
-                flops_per_step = metrics_lib.model_flops(
-                    step_lib.make_train_step(
-                        model,
-                        tx,
-                        schedule,
-                        mesh=None,
-                        train_image_tower=not image_frozen,
-                        loss=config.loss,
-                        accumulation_steps=config.accumulation_steps,
-                    ),
-                    *jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, batch)),
-                )
-            state, step_metrics = compiled(state, batch)
-            step += 1
-            samples_delivered += local_batch
-            window.append(step_metrics)
-            if config.nan_policy == "stop":
-                # Checked one step behind, so the host never waits for the step just queued.
-                if pending_check is not None:
-                    _stop_if_nonfinite(*pending_check)
-                pending_check = (step, step_metrics)
-
-            last = step == config.total_steps
-            eval_metrics = {}
-            if config.eval_every and (step % config.eval_every == 0 or last):
-                eval_metrics = _evaluate(config, model, state, tokenizer, mesh, step)
-            log_step = step % config.log_every == 0 or last
-            if eval_metrics and not log_step:
-                writer.write(step, eval_metrics)
-            if log_step:
-                if pending_check is not None:
-                    _stop_if_nonfinite(*pending_check)
-                    pending_check = None
-                scalars = _summarize(window)
-                if scalars["nonfinite"]:
-                    logging.warning(
-                        "%d of the last %d steps (to step %d) had a non-finite loss "
-                        "or gradient and were skipped",
-                        scalars["nonfinite"],
-                        len(window),
-                        step,
-                    )
-                window = []
-                scalars.update(progress.measure(step))
-                scalars.update(eval_metrics)
-                scalars.update(memory_metrics)
-                scalars["skipped_samples"] = data_lib.num_skipped(position, samples_delivered)
-                if scalars["skipped_samples"] > skipped_logged:
-                    # One line per log step, not one per bad sample.
-                    logging.warning(
-                        "%d samples skipped so far (no image or caption, or an undecodable image)",
-                        scalars["skipped_samples"],
-                    )
-                    skipped_logged = scalars["skipped_samples"]
-                if flops_per_step:
-                    scalars["flops_per_sec"] = flops_per_step * scalars["steps_per_sec"]
-                    if peak:
-                        scalars["mfu"] = scalars["flops_per_sec"] / (peak * mesh.size)
-                writer.write(step, scalars)
-                if is_primary:
-                    logging.info(metrics_lib.format_progress(step, config.total_steps, scalars))
-                history = dict(scalars, step=step)
-
-            # Several processes must agree to stop together; that vote is a blocking collective,
-            # so it is taken at log steps only (a single process checks its flag every step).
-            preempted = (
-                _any_process(preemption.requested)
-                if log_step or jax.process_count() == 1
-                else False
-            )
-            if (
-                (config.checkpoint_every and step % config.checkpoint_every == 0)
-                or last
-                or preempted
-            ):
-                meta = _checkpoint_meta(
-                    position, samples_delivered, model_config, tokenizer_name, config
-                )
-                checkpointer.save(step, state, meta)
-            if preempted:
-                logging.warning("preempted at step %d: checkpoint saved, exiting", step)
-                history["preempted"] = True
-                break
-    finally:
-        checkpointer.close()
-        writer.close()
-        preemption.restore()
-    return history
+def _initial_state(config, setup: train_setup.TrainSetup) -> step_lib.TrainState:
+    """`init_fn` under jit with the state's shardings; `init_from`'s converted weights (a fresh
+    SigLIP bias joined, stacked for a scanned model) replace the initial params."""
+    state = setup.jit_init()()
+    variables = setup.init_variables
+    if variables is None:
+        return state
+    if config.loss == "siglip" and "logit_bias" not in variables["params"]:
+        # SigLIP fine-tuning of CLIP weights: a fresh bias (-10) joins them.
+        bias = np.asarray(jax.device_get(state.params["logit_bias"]))
+        variables = dict(variables, params=dict(variables["params"], logit_bias=bias))
+    if config.model.scan_layers:
+        # Converted weights are unrolled (resblocks_{i}); the scanned model stacks them.
+        variables = jax.tree.map(np.asarray, transformer.stack_layers(variables))
+    return _with_converted_weights(state, variables, setup.state_shardings)
 
 
 def _with_converted_weights(state, variables: dict, state_shardings) -> step_lib.TrainState:
@@ -680,15 +354,196 @@ def _with_converted_weights(state, variables: dict, state_shardings) -> step_lib
     return state.replace(params=params, batch_stats=batch_stats)
 
 
-def _evaluate(config, model, state, tokenizer, mesh, step: int) -> dict[str, float]:
-    """Runs the configured evaluators (`config.eval`) on the current weights; every process
-    takes part (the embedder is sharded over the mesh), only process 0 writes."""
-    from clip_jax import evaluation  # imported lazily: only runs that evaluate need it
+def _compile_step(setup: train_setup.TrainSetup):
+    """The jitted step (explicit shardings, the old state's buffers donated to the new one),
+    compiled ahead of time from the abstract state and global batch."""
+    t0 = time.perf_counter()
+    lowered = setup.jit_step().lower(setup.sharded_abstract_state(), setup.abstract_batch())
+    compiled = lowered.compile()
+    logging.info("train step compiled in %.1f s", time.perf_counter() - t0)
+    return compiled
 
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    return evaluation.run_evaluators(config.eval, model, variables, tokenizer, mesh, step)
+
+def _flops_per_step(setup: train_setup.TrainSetup) -> float | None:
+    """Model FLOPs of one step: counted without remat, layer scan or accumulation, whose loops
+    and recomputation XLA's cost analysis would miscount (`clip_jax.plan.FlopCounter`)."""
+    from clip_jax import plan
+
+    loaded = (setup.model_config, None, setup.tokenizer_name)
+    try:
+        return plan.FlopCounter(setup.config, loaded=loaded).model()
+    except plan.PlanError as e:
+        logging.warning("no model FLOP count (flops_per_sec and mfu are not logged): %s", e)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Input: batches one ahead on the devices, SIGTERM while waiting
+
+
+class _PreemptedWhileWaiting(Exception):
+    """SIGTERM arrived while the loop was waiting for the input pipeline."""
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop polls, so it can save and exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and exiting")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+class _Input:
+    """This process's rows of each global batch, one batch ahead on the devices, and how far it
+    has read: `position` of the last batch taken and `samples_delivered` so far (both go into
+    checkpoints). Per-shard record counts are cached in the workdir, so a restart resumes in
+    constant time."""
+
+    def __init__(self, config, setup, tokenizer, workdir, start: _Start, preemption, progress):
+        self.position = start.data_position
+        self.samples_delivered = start.samples_delivered
+        self._local_batch = config.batch_size // jax.process_count()
+        self._progress = progress
+        self._watch = data_lib.InputWatch()
+        dataset = data_lib.build_train_dataset(
+            config.data,
+            image_size=setup.model_config.image_size,
+            tokenizer=tokenizer,
+            context_length=setup.model_config.context_length,
+            local_batch_size=self._local_batch,
+            seed=config.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            start_position=start.data_position,
+            watch=self._watch,
+            index_dir=os.path.join(workdir, "data_index"),
+        )
+
+        def while_waiting_for_data():
+            # Runs every second the loop waits for a batch: SIGTERM and dead pipelines end it.
+            if preemption.requested:
+                raise _PreemptedWhileWaiting()
+            self._watch.check(self.samples_delivered)
+
+        self._batches = data_lib.prefetch_to_device(
+            dataset.as_numpy_iterator(),
+            config.data.device_prefetch,
+            setup.batch_sharding,
+            poll=while_waiting_for_data,
+        )
+        logging.info("input pipeline ready; waiting for the first batch")
+
+    def next(self) -> dict | None:
+        """The next global batch {image, text}, or None if SIGTERM came while waiting."""
+        t0 = time.perf_counter()
+        try:
+            batch = next(self._batches)
+        except _PreemptedWhileWaiting:
+            return None
+        except StopIteration:
+            self._watch.check(self.samples_delivered)
+            raise data_lib.NoUsableData(
+                "the input pipeline ended; training data is endless, so no shard could be read"
+            ) from None
+        self._progress.add_data_wait(time.perf_counter() - t0)
+        self.position = batch.pop("position")
+        self.samples_delivered += self._local_batch
+        return batch
+
+    def skipped_samples(self) -> int:
+        """Samples dropped so far on this process (no image or caption, undecodable image)."""
+        if self.position is None:
+            return 0
+        return data_lib.num_skipped(self.position, self.samples_delivered)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics: one row every log_every steps; the non-finite check
+
+
+class _MetricLog:
+    """Collects each step's metrics and writes a row every `log_every` steps to metrics.jsonl,
+    TensorBoard and (process 0) the console: means since the last row, throughput, MFU, bytes
+    per device, skipped samples. With nan_policy='stop' a non-finite step raises, checked one
+    step behind so the host never waits for the step just queued."""
+
+    def __init__(self, config, setup, workdir: str, start: _Start, flops_per_step: float | None):
+        self.progress = metrics_lib.Progress(config.total_steps, start.step, config.batch_size)
+        self._total_steps = config.total_steps
+        self._stop_on_nonfinite = config.nan_policy == "stop"
+        self._writer = metrics_lib.MetricWriter(
+            workdir, enabled=jax.process_index() == 0, resume_step=start.step
+        )
+        self._flops_per_step = flops_per_step
+        peak = metrics_lib.peak_flops(setup.mesh.devices.flat[0])
+        self._peak_flops = peak * setup.mesh.size if peak else None
+        self._memory = {
+            "param_bytes_per_device": sharding.per_device_bytes(start.state.params),
+            "state_bytes_per_device": sharding.per_device_bytes(start.state),
+        }
+        self._window: list[dict] = []
+        self._pending_check = None  # (step, metrics) awaiting the non-finite check
+        self._skipped_logged = (
+            0
+            if start.data_position is None
+            else data_lib.num_skipped(start.data_position, start.samples_delivered)
+        )
+
+    def add(self, step: int, step_metrics: dict) -> None:
+        """Keeps `step_metrics` (device arrays) for the next row; checks the previous step."""
+        self._window.append(step_metrics)
+        if self._stop_on_nonfinite:
+            if self._pending_check is not None:
+                _stop_if_nonfinite(*self._pending_check)
+            self._pending_check = (step, step_metrics)
+
+    def write_eval(self, step: int, eval_metrics: dict) -> None:
+        self._writer.write(step, eval_metrics)
+
+    def write(self, step: int, eval_metrics: dict, data: _Input) -> dict[str, Any]:
+        """The row for `step` (with `eval_metrics`), written and returned."""
+        if self._pending_check is not None:
+            _stop_if_nonfinite(*self._pending_check)
+            self._pending_check = None
+        scalars = _summarize(self._window)
+        if scalars["nonfinite"]:
+            logging.warning(
+                "%d of the last %d steps (to step %d) had a non-finite loss "
+                "or gradient and were skipped",
+                scalars["nonfinite"],
+                len(self._window),
+                step,
+            )
+        self._window = []
+        scalars.update(self.progress.measure(step))
+        scalars.update(eval_metrics)
+        scalars.update(self._memory)
+        scalars["skipped_samples"] = data.skipped_samples()
+        if scalars["skipped_samples"] > self._skipped_logged:
+            # One line per log step, not one per bad sample.
+            logging.warning(
+                "%d samples skipped so far (no image or caption, or an undecodable image)",
+                scalars["skipped_samples"],
+            )
+            self._skipped_logged = scalars["skipped_samples"]
+        if self._flops_per_step:
+            scalars["flops_per_sec"] = self._flops_per_step * scalars["steps_per_sec"]
+            if self._peak_flops:
+                scalars["mfu"] = scalars["flops_per_sec"] / self._peak_flops
+        self._writer.write(step, scalars)
+        if jax.process_index() == 0:
+            logging.info(metrics_lib.format_progress(step, self._total_steps, scalars))
+        return scalars
+
+    def close(self) -> None:
+        self._writer.close()
 
 
 def _stop_if_nonfinite(step: int, step_metrics: dict) -> None:
@@ -713,14 +568,33 @@ def _summarize(window: list[dict]) -> dict[str, float]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# Evaluation, checkpoint metadata, cross-process agreement
+
+
+def _evaluate(config, setup: train_setup.TrainSetup, state, tokenizer, step: int) -> dict:
+    """Runs the configured evaluators (`config.eval`) on the current weights; every process
+    takes part (the embedder is sharded over the mesh), only process 0 writes."""
+    from clip_jax import evaluation  # imported lazily: only runs that evaluate need it
+
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    return evaluation.run_evaluators(
+        config.eval, setup.model, variables, tokenizer, setup.mesh, step
+    )
+
+
 def _any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
-def _checkpoint_meta(position, samples_delivered, model_config, tokenizer_name, config) -> dict:
-    position = np.asarray(position, np.int64)
+def _checkpoint_meta(config, setup: train_setup.TrainSetup, data: _Input) -> dict:
+    """What a checkpoint stores beside the state: every process's input position, the model
+    architecture and tokenizer (for inference and export), dtype, scan layout and loss."""
+    position = np.asarray(data.position, np.int64)
     if jax.process_count() > 1:
         positions = multihost_utils.process_allgather(position).tolist()
     else:
@@ -729,9 +603,9 @@ def _checkpoint_meta(position, samples_delivered, model_config, tokenizer_name, 
     # unrolled model convert them with clip_jax.models.transformer.unstack_layers.
     return {
         "data_position": positions,
-        "samples_delivered": int(samples_delivered),
-        "model_config": model_config.to_dict(),
-        "tokenizer": tokenizer_name,
+        "samples_delivered": int(data.samples_delivered),
+        "model_config": setup.model_config.to_dict(),
+        "tokenizer": setup.tokenizer_name,
         "dtype": config.dtype,
         "scan_layers": bool(config.model.scan_layers),
         "loss": config.loss,

@@ -4,15 +4,14 @@
 step exactly as `clip_jax.train` builds them (same model flags, freeze mask, sharding rules,
 accumulation, loss, donation), plus the abstract train state and batch, so a caller can lower
 and compile the real step from shapes alone (`clip_jax.plan` compiles it for TPU pods that are
-not there). `train.py` keeps its own copy of this logic for now; it can switch to this module
-line for line (tests/test_plan.py checks that both give the same state after a step).
+not there). `clip_jax.train` builds its run with it (tests/test_plan.py checks that a trainer
+step and this module's jitted step give the same state).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from typing import Any, Callable
 
 import jax
@@ -23,7 +22,8 @@ from jax.sharding import Mesh, NamedSharding
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding
 from clip_jax import step as step_lib
-from clip_jax.models import transformer
+from clip_jax.models import attention, transformer
+from clip_jax.models import overrides as overrides_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,39 +33,39 @@ class ConfigError(ValueError):
 
 
 def model_overrides(config) -> dict:
-    """`config.model.overrides` (a JSON object string) parsed, e.g.
-    '{"vision": {"layers": 1}, "text": {"width": 64}, "embed_dim": 64}'."""
-    text = config.model.overrides
-    if not text:
+    """The architecture fields set in `config.model` (`--config.model.vision.width=64`, see
+    `clip_jax.models.overrides`) as `models.get_model_config` overrides; {} when none is."""
+    changes = overrides_lib.set_fields(config.model)
+    if not changes:
         return {}
-    try:
-        overrides = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config.model.overrides={text!r}: not valid JSON ({e})") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"config.model.overrides={text!r}: must be a JSON object")
     if config.init_from:
+        key, value = next(iter(changes.items()))
         raise ConfigError(
-            "config.model.overrides must be empty with init_from (the "
-            "architecture comes from the converted weights)"
+            f"config.model.{key}={value!r}: architecture fields must stay unset with init_from "
+            f"(the architecture comes from the converted weights)"
         )
     try:
-        models.get_model_config(config.model.name, **overrides)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"config.model.overrides={text!r}: {e}") from None
-    return overrides
+        return overrides_lib.resolve(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def require(ok: bool, key: str, value: Any, why: str) -> None:
+    """Raises `ConfigError("config.KEY=VALUE: WHY")` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r}: {why}")
 
 
 def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 1) -> None:
     """The checks of `train.validate_config` that concern the model and the step (not data,
     checkpoints or evaluation); raises ConfigError naming the offending key."""
-
-    def check(ok, key, value, why):
-        if not ok:
-            raise ConfigError(f"config.{key}={value!r}: {why}")
-
+    check = require
     check(config.batch_size > 0, "batch_size", config.batch_size, "must be positive")
     check(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
+    try:
+        optim.validate(config.optim)  # every optim.* key: lr, warmup_steps, b1, b2, eps, ...
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     check(
         config.accumulation_steps >= 1,
         "accumulation_steps",
@@ -85,18 +85,22 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
         transformer.remat_policy(config.model.remat)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    try:
+        attention.parse_implementation(config.model.attention_impl)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     check(
         isinstance(config.model.scan_layers, bool),
         "model.scan_layers",
         config.model.scan_layers,
         "must be True or False",
     )
-    model_overrides(config)
     if not config.init_from:
         try:
             models.get_model_config(config.model.name)
         except ValueError as e:
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
+    model_overrides(config)
     if mesh is not None:
         shards = sharding.num_batch_shards(mesh)
         check(
@@ -239,14 +243,20 @@ class TrainSetup:
         )
 
 
-def build(config, mesh: Mesh, with_weights: bool = True) -> TrainSetup:
+def build(
+    config,
+    mesh: Mesh,
+    with_weights: bool = True,
+    loaded: tuple[models.CLIPConfig, dict | None, str] | None = None,
+) -> TrainSetup:
     """Everything `clip_jax.train` builds from `config` on `mesh`, without parameter values.
 
     `with_weights=False` skips reading the weights of `init_from`: only their architecture is
-    read, for planning. Raises ConfigError for bad sharding rules or freeze
+    read, for planning. `loaded`: `load_model(config)`'s result when the caller has it
+    already (nothing is read again). Raises ConfigError for bad sharding rules or freeze
     regexes.
     """
-    model_config, init_variables, tokenizer_name = load_model(config, with_weights)
+    model_config, init_variables, tokenizer_name = loaded or load_model(config, with_weights)
     model = build_model(config, model_config)
     abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
     try:

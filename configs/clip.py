@@ -9,6 +9,7 @@ import ml_collections
 
 from clip_jax.data import config as data_config
 from clip_jax.evaluation import config as eval_config
+from clip_jax.models import overrides as model_overrides
 
 VARIANTS = ("tiny", "tiny_rn", "vit_b32", "vit_b16", "vit_l14", "rn50", "rn101", "lit_b32")
 
@@ -38,9 +39,14 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # compiles for deep models). Params are stored stacked (`resblocks` [layers, ...]);
     # init_from weights are stacked automatically. ResNet towers are never scanned.
     c.model.scan_layers = False
-    # JSON object overriding fields of the named architecture, e.g. for small test models:
-    # '{"embed_dim": 64, "vision": {"layers": 1, "width": 64}, "text": {"layers": 1}}'.
-    c.model.overrides = ""
+    # Fields of the named architecture to replace, e.g. a small test model:
+    # --config.model.embed_dim=64 --config.model.vision.width=64 --config.model.text.layers=1.
+    # Unset (None): the architecture's value; must stay unset with init_from. Top level:
+    # embed_dim, init_logit_scale, init_logit_bias. vision.*: image_size, width, heads, layers
+    # (ViT: an int, plus patch_size, mlp_ratio, activation; ModifiedResNet: 4 stage depths,
+    # '(3, 4, 6, 3)'). text.*: context_length, vocab_size, width, layers, heads, mlp_ratio,
+    # activation, pad_id. See clip_jax/models/config.py.
+    model_overrides.add_fields(c.model)
 
     c.batch_size = 256  # global batch over all devices and processes
     c.total_steps = 1000  # optimizer steps; the LR schedule spans them

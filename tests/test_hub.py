@@ -286,7 +286,7 @@ def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
     import ml_collections
     from test_train import get_config
 
-    from clip_jax import evaluation, train
+    from clip_jax import evaluation, train, train_setup
     from clip_jax.evaluate import evaluate
 
     model = _open_clip_model(VIT_CFG, quick_gelu=True)
@@ -298,12 +298,12 @@ def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
         **{"data.source": "synthetic"},
     )
     train.validate_config(config)
-    model_config, variables, tokenizer = train._load_model(config)
+    model_config, variables, tokenizer = train_setup.load_model(config)
     assert tokenizer == "clip-bpe" and model_config.text.activation == "quick_gelu"
     assert model_config.image_size == 32
     bad = get_config(init_from="hf-hub:nobody/absent", **{"data.source": "synthetic"})
     with pytest.raises(train.ConfigError, match=r"config\.init_from: .*nobody/absent"):
-        train._load_model(bad)
+        train_setup.load_model(bad)
 
     eval_config = ml_collections.ConfigDict({"eval": evaluation.get_default_config()})
     for name in ("retrieval", "linear_probe"):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_train import get_config
 
-from clip_jax import checkpoint, model_store, train
+from clip_jax import checkpoint, model_store, train, train_setup
 
 
 def _config(**overrides):
@@ -39,7 +39,7 @@ def first_run(tmp_path_factory) -> str:
     config = _config(
         total_steps=2,
         checkpoint_every=1,
-        **{"model.overrides": '{"text": {"layers": 1}}', "data.tokenizer": "openai"},
+        **{"model.text.layers": 1, "data.tokenizer": "openai"},
     )
     train.train(config, workdir, devices=jax.devices()[:1])
     assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [1, 2]
@@ -74,7 +74,7 @@ def test_second_run_starts_from_the_latest_weights_with_a_fresh_optimizer(first_
 
 
 def test_a_given_step_is_taken(first_run):
-    model_config, variables, tokenizer = train._load_model(
+    model_config, variables, tokenizer = train_setup.load_model(
         _config(total_steps=1, init_from=f"{first_run}@1")
     )
     _assert_same(variables, model_store.load_model(first_run, step=1).variables)

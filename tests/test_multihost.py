@@ -11,7 +11,7 @@ import time
 
 import jax
 import numpy as np
-from test_scale import SMALL_JSON, small_config
+from test_scale import SMALL_FLAGS, small_config
 from test_train import losses, read_metrics
 
 from clip_jax import checkpoint, train
@@ -28,7 +28,7 @@ def _args(workdir, **overrides):
         str(workdir),
         "--config.data.source=synthetic",
         "--config.batch_size=16",
-        f"--config.model.overrides={SMALL_JSON}",
+        *SMALL_FLAGS,
         "--config.log_every=1",
         "--config.optim.warmup_steps=2",
         "--config.data.shuffle_buffer=64",

@@ -25,13 +25,15 @@ from clip_jax import (
 from clip_jax import data as data_lib
 
 # One layer per tower keeps each XLA:TPU compile to a few seconds.
-ONE_LAYER = json.dumps(
-    {
-        "embed_dim": 64,
-        "vision": {"layers": 1, "width": 64, "heads": 2},
-        "text": {"layers": 1, "width": 64, "heads": 2},
-    }
-)
+ONE_LAYER = {
+    "model.embed_dim": 64,
+    "model.vision.layers": 1,
+    "model.vision.width": 64,
+    "model.vision.heads": 2,
+    "model.text.layers": 1,
+    "model.text.width": 64,
+    "model.text.heads": 2,
+}
 
 
 def small_config(**overrides):
@@ -39,7 +41,7 @@ def small_config(**overrides):
         "batch_size": 32,
         "total_steps": 1,
         "data.source": "synthetic",
-        "model.overrides": ONE_LAYER,
+        **ONE_LAYER,
     }
     base.update(overrides)
     return get_config(**base)
@@ -161,14 +163,7 @@ def test_tpu_siglip_ring_and_accumulation_on_v4_megacore():
     """SigLIP's ring loss lowers to collective-permutes on a v4 slice; exact accumulation over
     4 micro-batches needs fewer temporaries than the full batch at once (patch 4: 257 tokens
     per image, so activations, not the gradients, dominate)."""
-    tokens = json.dumps(
-        {
-            "embed_dim": 64,
-            "vision": {"layers": 1, "width": 64, "heads": 2, "patch_size": 4},
-            "text": {"layers": 1, "width": 64, "heads": 2},
-        }
-    )
-    config = small_config(batch_size=512, loss="siglip", **{"model.overrides": tokens})
+    config = small_config(batch_size=512, loss="siglip", **{"model.vision.patch_size": 4})
     full, _, _, lowered = _compile(config, "v4:2x2x1")
     accum, _, _, _ = _compile(plan.with_changes(config, accumulation_steps=4), "v4:2x2x1")
     assert "collective_permute" in lowered.as_text()

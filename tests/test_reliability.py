@@ -21,7 +21,7 @@ import pytest
 from absl import flags
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_scale import SMALL_JSON
+from test_scale import SMALL, SMALL_FLAGS
 from test_train import get_config, losses, read_metrics
 
 import clip_jax
@@ -37,7 +37,7 @@ def _config(**overrides):
         "checkpoint_every": 2,
         "keep_checkpoints": 3,
         "data.source": "synthetic",
-        "model.overrides": SMALL_JSON,
+        **SMALL,
     }
     base.update(overrides)
     return get_config(**base)
@@ -270,7 +270,7 @@ def test_second_run_on_a_workdir_refuses_and_a_crashed_holder_leaves_no_stale_lo
             "--config.batch_size=8",
             "--config.total_steps=100000",
             "--config.data.source=synthetic",
-            f"--config.model.overrides={SMALL_JSON}",
+            *SMALL_FLAGS,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

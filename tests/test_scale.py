@@ -1,7 +1,6 @@
 """Scale features: FSDP meshes, cross-mesh restore, remat/scan, exact gradient accumulation,
 SigLIP in the trainer, converted weights into a scanned model, the eval hook, config errors."""
 
-import json
 import shutil
 
 import jax
@@ -11,13 +10,22 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from test_train import get_config, losses, read_metrics
 
-from clip_jax import checkpoint, model_store, models, sharding, step, train
+from clip_jax import checkpoint, model_store, models, sharding, step, train, train_setup
 from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
 # A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
-SMALL = {"embed_dim": 64, "vision": {"width": 64, "heads": 2}, "text": {"width": 64, "heads": 2}}
-SMALL_JSON = json.dumps(SMALL)
+SMALL_MODEL = {
+    "embed_dim": 64,
+    "vision": {"width": 64, "heads": 2},
+    "text": {"width": 64, "heads": 2},
+}
+# The same as config keys (model.embed_dim, model.vision.width, ...) and command-line flags.
+SMALL = {
+    "model.embed_dim": SMALL_MODEL["embed_dim"],
+    **{f"model.{t}.{k}": v for t in ("vision", "text") for k, v in SMALL_MODEL[t].items()},
+}
+SMALL_FLAGS = [f"--config.{key}={value}" for key, value in SMALL.items()]
 
 
 def small_config(**overrides):
@@ -25,7 +33,7 @@ def small_config(**overrides):
         "batch_size": 16,
         "total_steps": 5,
         "data.source": "synthetic",
-        "model.overrides": SMALL_JSON,
+        **SMALL,
     }
     base.update(overrides)
     return get_config(**base)
@@ -108,7 +116,7 @@ def test_sharding_rules_and_optimizer_state_follow_params():
 
 
 def _small_model(**kwargs):
-    return models.CLIP(models.get_model_config("tiny-vit", **SMALL), **kwargs)
+    return models.CLIP(models.get_model_config("tiny-vit", **SMALL_MODEL), **kwargs)
 
 
 def _batch(n=32, seed=0):
@@ -210,7 +218,7 @@ def test_siglip_training_on_eight_devices_with_accumulation(tmp_path):
 def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     """init_from (unrolled resblocks_{i}) into a scanned, rematerialised model; the eval hook
     writes evaluator metrics to metrics.jsonl."""
-    model_config = models.get_model_config("tiny-vit", **SMALL)
+    model_config = models.get_model_config("tiny-vit", **SMALL_MODEL)
     variables = jax.jit(models.create_model(model_config).init_variables)(jax.random.key(3))
     model_store.save_converted(tmp_path / "converted", model_config, variables)
     config = get_config(
@@ -252,14 +260,35 @@ def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
         ({"accumulation_steps": 3}, "divisible by accumulation_steps"),
         ({"loss": "triplet"}, "config.loss"),
         ({"model.remat": "sometimes"}, "model.remat"),
-        ({"model.overrides": "{bad json"}, "model.overrides"),
-        ({"model.overrides": '{"vision": {"wdth": 3}}'}, "model.overrides"),
+        ({"model.vision.wdth": 3}, r"model\.vision\.wdth=3: the vit tower of 'tiny-vit' has no"),
+        ({"model.vision.patch_size": 5}, r"model \(tiny-vit with .*vision.patch_size=5.*\): image"),
+        (
+            {"model.vision.layers": (1, 1, 1, 1)},
+            r"vision\.layers=\(1, 1, 1, 1\): must be int",
+        ),
+        ({"model.name": "tiny-rn", "model.vision.patch_size": 8}, "resnet tower of 'tiny-rn'"),
+        ({"init_from": "/"}, r"model\.embed_dim=64: architecture fields must stay unset with init"),
         ({"distributed.heartbeat_timeout_s": 0}, "heartbeat_timeout_s"),
     ],
 )
 def test_bad_scale_config_is_a_clear_error(overrides, message):
     with pytest.raises(train.ConfigError, match=message):
         train.validate_config(small_config(**overrides))
+
+
+def test_model_fields_replace_those_of_the_named_architecture():
+    """`config.model.{embed_dim, vision.*, text.*}` replace the named architecture's fields;
+    unset ones keep its values; ResNet stage depths are a tuple."""
+    model_config, _, _ = train_setup.load_model(
+        small_config(**{"model.text.layers": 1, "model.vision.mlp_ratio": 2})
+    )
+    named = models.get_model_config("tiny-vit")
+    assert (model_config.embed_dim, model_config.vision.width, model_config.text.width) == (64,) * 3
+    assert (model_config.text.layers, model_config.vision.mlp_ratio) == (1, 2.0)
+    assert model_config.vision.layers == named.vision.layers
+    assert model_config.vision.patch_size == named.vision.patch_size
+    resnet = get_config("tiny_rn", **{"model.vision.layers": (1, 2, 1, 1)})
+    assert train_setup.load_model(resnet)[0].vision.layers == (1, 2, 1, 1)
 
 
 def test_bad_sharding_rule_is_a_config_error(tmp_path):
