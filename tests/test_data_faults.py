@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from test_data_helpers import FakeTokenizer, data_config
+from data_samples import FakeTokenizer, data_config
 
 from clip_jax.data import device, shards
 from clip_jax.data.pipeline import InputWatch, NoUsableData, build_train_dataset

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from test_train import get_config
+from train_runs import get_config
 
 from clip_jax import models, optim, train
 from clip_jax import step as step_lib

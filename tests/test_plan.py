@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_train import REPO, get_config, read_metrics
+from train_runs import REPO, get_config, read_metrics
 
 from clip_jax import (
     accelerators,

@@ -6,7 +6,6 @@ import glob
 import json
 import logging
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -21,13 +20,10 @@ import pytest
 from absl import flags
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_scale import SMALL_JSON
-from test_train import get_config, losses, read_metrics
+from train_runs import REPO, SMALL_JSON, get_config, losses, read_metrics
 
 import clip_jax
 from clip_jax import checkpoint, checksum, cli, evaluate, metrics, train, workdir_lock
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):

@@ -1,7 +1,6 @@
 """Scale features: FSDP meshes, cross-mesh restore, remat/scan, exact gradient accumulation,
 SigLIP in the trainer, converted weights into a scanned model, the eval hook, config errors."""
 
-import json
 import shutil
 
 import jax
@@ -9,26 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_train import get_config, losses, read_metrics
+from train_runs import SMALL, get_config, losses, read_metrics, small_config
 
 from clip_jax import checkpoint, models, sharding, step, train
 from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
-
-# A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
-SMALL = {"embed_dim": 64, "vision": {"width": 64, "heads": 2}, "text": {"width": 64, "heads": 2}}
-SMALL_JSON = json.dumps(SMALL)
-
-
-def small_config(**overrides):
-    base = {
-        "batch_size": 16,
-        "total_steps": 5,
-        "data.source": "synthetic",
-        "model.overrides": SMALL_JSON,
-    }
-    base.update(overrides)
-    return get_config(**base)
 
 
 def test_fsdp_meshes_match_one_device_shrink_params_and_restore_across_meshes(tmp_path):

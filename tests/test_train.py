@@ -1,9 +1,7 @@
 """Trainer: device-count invariance, exact resume, preemption, bad config, NaN policy, LiT."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -12,39 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_runs import REPO, get_config, losses, read_metrics
 
 from clip_jax import checkpoint, train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def get_config(variant="tiny", **overrides):
-    spec = importlib.util.spec_from_file_location("clip_config", REPO / "configs" / "clip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    config.unlock()
-    config.log_every = 1
-    config.checkpoint_every = 0
-    config.optim.warmup_steps = 2
-    config.data.shuffle_buffer = 64
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    config.lock()
-    return config
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny_rn"])
