@@ -92,6 +92,7 @@ def test_only_undecodable_samples_fail_fast(tmp_path):
     assert message.startswith("no usable sample in") and path in message
 
 
+@pytest.mark.slow
 def test_directory_and_unreadable_shards_are_one_line_errors(tmp_path):
     (tmp_path / "dir.tar").mkdir()
     with pytest.raises(ValueError, match="is a directory, not a shard file"):
@@ -160,6 +161,7 @@ def _train_cli(workdir, shard, *extra):
     )
 
 
+@pytest.mark.slow
 def test_train_cli_empty_shard_is_one_line_error(tmp_path):
     path = tmp_path / "empty.tar"
     tarfile.open(path, "w").close()
@@ -169,6 +171,7 @@ def test_train_cli_empty_shard_is_one_line_error(tmp_path):
     assert "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_sigterm_while_waiting_for_data_exits_cleanly(tmp_path):
     path = tmp_path / "bad.tar"
     _bad_samples_tar(str(path))

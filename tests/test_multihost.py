@@ -10,11 +10,13 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from train_runs import REPO, SMALL_JSON, losses, read_metrics, small_config
 
 from clip_jax import checkpoint, train
 
 LAUNCHER = REPO / "launch" / "local.sh"
+pytestmark = pytest.mark.slow  # every test launches processes
 
 
 def _args(workdir, **overrides):

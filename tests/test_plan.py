@@ -249,6 +249,7 @@ def test_search_prefers_fastest_then_less_accumulation_then_small_fsdp():
     assert [t["fits"] for t in result["tried"]] == [False, True, True, False]
 
 
+@pytest.mark.slow
 def test_plan_cli_bad_topology_is_one_line(tmp_path):
     proc = subprocess.run(
         [

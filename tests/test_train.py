@@ -109,6 +109,7 @@ def _run_cli(*args, env_extra=None, **kwargs):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -128,6 +129,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, override, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "w"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
