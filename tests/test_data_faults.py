@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -45,7 +46,10 @@ def _bad_samples_tar(path, n=20):
 
 
 def _consume(cfg, timeout_s=60):
-    """Pulls batches the way the trainer does; returns the error that ended the wait."""
+    """Pulls batches the way the trainer does; returns the error that ended the wait, after
+    checking that the input thread ends (a pipeline left spinning over undecodable records
+    kept a core busy for the rest of the test process)."""
+    before = set(threading.enumerate())
     watch = InputWatch()
     ds = build_train_dataset(
         cfg, image_size=8, tokenizer=TOK, context_length=8, local_batch_size=4, seed=0, watch=watch
@@ -70,6 +74,10 @@ def _consume(cfg, timeout_s=60):
             next(batches)
         except StopIteration:
             watch.check(0)
+    for thread in set(threading.enumerate()) - before:
+        if thread.name == "clip_jax-input":
+            thread.join(timeout=30)
+            assert not thread.is_alive(), "the input pipeline still runs after NoUsableData"
     return str(err.value)
 
 

@@ -137,7 +137,13 @@ def block_start(start: int, block: int) -> int:
 
 
 def block_shuffle(
-    raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: int = 0, on_block=None
+    raw: tf.data.Dataset,
+    *,
+    block: int,
+    key: tf.Tensor,
+    start: int = 0,
+    on_block=None,
+    stop: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Shuffles a raw stream within blocks of `block` records and skips the first `start` outputs.
 
@@ -147,7 +153,8 @@ def block_shuffle(
     this element is taken; it is computed per block, not per element (each per-element stage
     costs ~10-30 us of tf.data overhead here). `block <= 1` keeps the raw order. Nothing is
     decoded while skipping. `on_block(last_src_pos)` (optional) returns an op run once per
-    block as it is shuffled (the input watch's record counter).
+    block as it is shuffled (the input watch's record counter). `stop` (optional, a bool
+    variable) ends the stream at the next block once it is True (the input watch gave up).
     """
     if start < 0:
         raise ValueError(f"start position must be >= 0, got {start}")
@@ -160,8 +167,12 @@ def block_shuffle(
         with tf.control_dependencies([on_block(out["src_pos"][-1])]):
             return {k: tf.identity(v) for k, v in out.items()}
 
+    def until_stopped(blocks):
+        return blocks if stop is None else blocks.take_while(lambda _: tf.logical_not(stop))
+
     if block <= 1:  # raw order; numbered in small batches all the same
-        return raw.batch(64).enumerate().map(lambda b, r: tag(r, start + b * 64)).unbatch()
+        ds = raw.batch(64).enumerate().map(lambda b, r: tag(r, start + b * 64))
+        return until_stopped(ds).unbatch()
     first_block, within = divmod(start, block)
 
     def permute(block_index, records):
@@ -170,7 +181,7 @@ def block_shuffle(
         return tag({k: tf.gather(v, order) for k, v in records.items()}, block_index * block)
 
     ds = raw.batch(block).enumerate(start=first_block).map(permute)
-    return ds.unbatch().skip(within)
+    return until_stopped(ds).unbatch().skip(within)
 
 
 def mix(
