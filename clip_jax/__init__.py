@@ -16,6 +16,8 @@ Submodules are imported lazily so that `import clip_jax` stays cheap.
 
 import importlib
 
+# The one place the version is written: setup.cfg reads it (`version = attr:`, statically, no
+# import at build time) and installed code reads it as `clip_jax.__version__`.
 __version__ = "0.1.0"
 
 _SUBMODULES = (

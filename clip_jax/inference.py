@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from clip_jax import models, tokenizers
+from clip_jax.losses import MAX_LOGIT_SCALE
 from clip_jax.model_store import LoadedModel
 
 
@@ -60,7 +61,7 @@ class CLIPInference:
         self.context_length = self.config.context_length
         self.embed_dim = self.config.embed_dim
         log_scale = float(np.asarray(self.variables["params"]["logit_scale"]))
-        self.logit_scale = float(min(np.exp(log_scale), 100.0))
+        self.logit_scale = float(min(np.exp(log_scale), MAX_LOGIT_SCALE))
 
     def preprocess(self, images: np.ndarray | Sequence[Any]) -> np.ndarray:
         """uint8 [N, H, W, 3] array, or a list of uint8 [H, W, 3] arrays / PIL images of any

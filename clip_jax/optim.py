@@ -9,6 +9,8 @@ from typing import Any, Callable
 import jax
 import optax
 
+from clip_jax.sharding import path_str
+
 # Weight decay by parameter role, read from the leaf name (the last path component), so a
 # stacked `resblocks` tree (scan_layers=True: LayerNorm gains [L, W], biases [L, W]) decays
 # exactly what the unrolled tree decays. A rank test (`ndim >= 2`) cannot tell a stacked gain
@@ -30,11 +32,6 @@ NOT_DECAYED_NAMES = frozenset(
         "logit_bias",
     }
 )
-
-
-def path_str(path: tuple) -> str:
-    """A pytree key path as 'image/transformer/resblocks_0/attn/in_proj/kernel'."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 def is_decayed(path: str) -> bool:

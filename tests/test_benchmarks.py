@@ -12,6 +12,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -30,6 +32,7 @@ def _run(script: str, *args: str) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow
 def test_compare_open_clip_prints_both_frameworks_and_their_ratio():
     rows = _run(
         "compare_open_clip.py",
@@ -56,6 +59,7 @@ def test_compare_open_clip_prints_both_frameworks_and_their_ratio():
     )
 
 
+@pytest.mark.slow
 def test_train_step_reports_throughput_and_model_flops():
     (row,) = _run(
         "train_step.py", "--model", "tiny-vit", "--batch", "8", "--steps", "1", "--warmup", "1"
@@ -66,6 +70,7 @@ def test_train_step_reports_throughput_and_model_flops():
     assert 1e8 < row["flops_per_step"] < 1e11
 
 
+@pytest.mark.slow
 def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     # Two cases (the non-decode 16 px one and one resize case) keep this under a minute on a
     # busy 2-core machine; --threads 1 exercises the pinning path.

@@ -422,6 +422,7 @@ def test_save_and_load_converted(tmp_path, tiny_rn_state_dict):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tmp_path):
     model = make_small_model(128, TINY_RN, TINY_TEXT, quick_gelu=True, seed=5)
     torch.save(model.state_dict(), tmp_path / "tiny.pt")
@@ -554,6 +555,7 @@ def test_cli_errors_are_one_line(cli_files, capsys, case, status, expected):
     assert not (root / "pickle-marker").exists()
 
 
+@pytest.mark.slow
 def test_cli_torchscript_code_never_runs(tmp_path):
     """The reported attack, end to end: `--input evil.pt` (a TorchScript archive whose loading
     creates a file) fails in one line and the file is never created."""

@@ -7,7 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from test_data_helpers import (
+from data_samples import (
     FakeTokenizer,
     add_members,
     captions_of,

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from test_data_helpers import FakeTokenizer, data_config, make_samples, take
+from data_samples import FakeTokenizer, data_config, make_samples, take
 
 from clip_jax.data import ordering, shard_counts, tar_shards
 from clip_jax.data.make_shards import write_shards

@@ -8,15 +8,16 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
-from test_data_helpers import (
+from data_samples import (
     FakeTokenizer,
     captions_of,
     data_config,
+    jpeg_bytes,
     png_bytes,
     take,
     write_dataset,
 )
+from PIL import Image
 
 from clip_jax.data import config as config_lib
 from clip_jax.data import make_shards, shards
@@ -237,10 +238,8 @@ def test_image_folder(tmp_path):
 def test_demo_source():
     with pytest.raises(ValueError, match="demo split"):
         shards.demo_shards("validation")
-    try:
-        files = shards.demo_shards("heldout")
-    except ValueError as err:
-        pytest.skip(f"demo data not built yet: {err}")
+    # Package data: a missing demo split is a packaging error, so it fails here.
+    files = shards.demo_shards("heldout")
     assert all(f.endswith(".tar.gz") and os.path.isfile(f) for f in files)
     b = _eval_all({"source": "demo", "split": "heldout"}, batch_size=64)
     assert len(_valid(b, "caption")) > 0
@@ -343,7 +342,6 @@ def test_make_shards_roundtrip(tmp_path, fmt, capsys):
 def test_img2dataset_tfrecord_layout(tmp_path):
     """img2dataset's `--output_format tfrecord` writes `key`/`jpg`/`txt` (+ metadata features)."""
     import tensorflow as tf
-    from test_data_helpers import FakeTokenizer, jpeg_bytes
 
     from clip_jax.data.pipeline import build_eval_dataset
 

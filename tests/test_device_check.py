@@ -10,12 +10,15 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import device_check  # noqa: E402
 import profile_summary  # noqa: E402
 
 
+@pytest.mark.slow
 def test_dry_run_produces_every_part(tmp_path):
     out = tmp_path / "out"
     env = dict(

@@ -99,6 +99,7 @@ def inprocess(workdir):
     return metrics, details
 
 
+@pytest.mark.slow
 def test_trained_model_beats_chance(inprocess):
     metrics, details = inprocess
     chance = details["retrieval"]["chance"]
@@ -129,6 +130,7 @@ def test_trained_model_beats_chance(inprocess):
     assert metrics["zeroshot/top5"] >= 5 * zs["chance_top1"] + 0.08, metrics
 
 
+@pytest.mark.slow
 def test_cli_restores_on_two_devices_and_writes_json(workdir, inprocess):
     before = {p: p.stat().st_mtime_ns for p in Path(workdir).rglob("*")}
     proc = _run(
@@ -163,6 +165,7 @@ def test_cli_restores_on_two_devices_and_writes_json(workdir, inprocess):
     assert all(after[p] == t for p, t in before.items() if p != path)
 
 
+@pytest.mark.slow
 def test_cli_missing_step_is_a_one_line_error(workdir):
     proc = _run(["clip_jax.evaluate", "--workdir", workdir, "--step", "7"], devices=1)
     assert proc.returncode != 0
@@ -176,6 +179,7 @@ def test_cli_missing_step_is_a_one_line_error(workdir):
 
 
 # orbax's async reader reports the damaged read once more from a closed event loop.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_damaged_and_mismatched_checkpoints(workdir, tmp_path):
     with pytest.raises(EvalError, match="does not exist"):
@@ -206,6 +210,7 @@ def test_damaged_and_mismatched_checkpoints(workdir, tmp_path):
     assert not list(damaged.glob("eval_*.json")) and not list(mismatched.glob("eval_*.json"))
 
 
+@pytest.mark.slow
 def test_load_api_agrees_with_the_evaluator(workdir, inprocess):
     model = inference.load(workdir)
     assert model.step == STEPS

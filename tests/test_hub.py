@@ -231,6 +231,7 @@ def test_errors_are_one_line(hub_cache):
     )
 
 
+@pytest.mark.slow
 def test_convert_cli_reads_hub_and_lists_pretrained(hub_cache, tmp_path, capsys):
     convert.main(["--list-pretrained"])
     listing = capsys.readouterr().out

@@ -2,7 +2,6 @@
 its peer fail fast with a clear message; the restarted job resumes from the checkpoint."""
 
 import os
-import pathlib
 import re
 import signal
 import subprocess
@@ -11,13 +10,13 @@ import time
 
 import jax
 import numpy as np
-from test_scale import SMALL_FLAGS, small_config
-from test_train import losses, read_metrics
+import pytest
+from train_runs import REPO, SMALL_FLAGS, losses, read_metrics, small_config
 
 from clip_jax import checkpoint, train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local.sh"
+pytestmark = pytest.mark.slow  # every test launches processes
 
 
 def _args(workdir, **overrides):

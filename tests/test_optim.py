@@ -9,9 +9,9 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from test_train import get_config
+from train_runs import get_config
 
-from clip_jax import models, optim, train
+from clip_jax import models, optim, sharding, train
 from clip_jax import step as step_lib
 from clip_jax.models import transformer
 
@@ -43,7 +43,7 @@ def abstract_params(name: str, scan_layers: bool = False) -> dict:
 def decayed_paths(params) -> set[str]:
     mask = optim.weight_decay_mask(params)
     return {
-        optim.path_str(path)
+        sharding.path_str(path)
         for path, decayed in jax.tree_util.tree_leaves_with_path(mask)
         if decayed
     }
@@ -158,7 +158,7 @@ def test_scanned_and_unrolled_runs_end_with_the_same_parameters(small_clip):
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(unrolled), jax.tree.leaves(scanned)
     ):
-        name = optim.path_str(path)
+        name = sharding.path_str(path)
         if name.endswith("in_proj/bias"):
             # The key bias [W:2W] has a zero true gradient (softmax ignores a constant shift of
             # the logits): Adam scales its rounding noise, different in the two programs, to

@@ -9,7 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_train import REPO, get_config, read_metrics
+from train_runs import REPO, get_config, read_metrics
 
 from clip_jax import (
     accelerators,
@@ -244,6 +244,7 @@ def test_search_prefers_fastest_then_less_accumulation_then_small_fsdp():
     assert [t["fits"] for t in result["tried"]] == [False, True, True, False]
 
 
+@pytest.mark.slow
 def test_plan_cli_bad_topology_is_one_line(tmp_path):
     proc = subprocess.run(
         [

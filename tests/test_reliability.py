@@ -6,7 +6,6 @@ import glob
 import json
 import logging
 import os
-import pathlib
 import shutil
 import signal
 import subprocess
@@ -21,13 +20,10 @@ import pytest
 from absl import flags
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from test_scale import SMALL, SMALL_FLAGS
-from test_train import get_config, losses, read_metrics
+from train_runs import REPO, SMALL, SMALL_FLAGS, get_config, losses, read_metrics
 
 import clip_jax
 from clip_jax import checkpoint, checksum, cli, evaluate, metrics, model_store, train, workdir_lock
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _config(**overrides):
@@ -146,6 +142,7 @@ def test_flipped_byte_is_reported_and_training_resumes_from_the_intact_checkpoin
 
 
 # Orbax's array reads left behind by the failed restore must not report it again.
+@pytest.mark.slow
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_or_metadata_less_checkpoints_are_one_line_damage_errors(trained, tmp_path):
     """A truncated array file (an unreadable checkpoint, a 60-line TensorStore error before)
@@ -252,6 +249,7 @@ def test_metrics_rows_after_the_resume_step_are_dropped(tmp_path):
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
 
 
+@pytest.mark.slow
 def test_second_run_on_a_workdir_refuses_and_a_crashed_holder_leaves_no_stale_lock(tmp_path):
     """A real `clip_jax.train` holds the workdir; a second run stops with one line naming
     host, pid and start time and writes nothing; once the holder is killed (SIGKILL: no

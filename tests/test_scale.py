@@ -8,35 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from test_train import get_config, losses, read_metrics
+from train_runs import SMALL_MODEL, get_config, losses, read_metrics, small_config
 
 from clip_jax import checkpoint, model_store, models, sharding, step, train, train_setup
 from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
-
-# A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
-SMALL_MODEL = {
-    "embed_dim": 64,
-    "vision": {"width": 64, "heads": 2},
-    "text": {"width": 64, "heads": 2},
-}
-# The same as config keys (model.embed_dim, model.vision.width, ...) and command-line flags.
-SMALL = {
-    "model.embed_dim": SMALL_MODEL["embed_dim"],
-    **{f"model.{t}.{k}": v for t in ("vision", "text") for k, v in SMALL_MODEL[t].items()},
-}
-SMALL_FLAGS = [f"--config.{key}={value}" for key, value in SMALL.items()]
-
-
-def small_config(**overrides):
-    base = {
-        "batch_size": 16,
-        "total_steps": 5,
-        "data.source": "synthetic",
-        **SMALL,
-    }
-    base.update(overrides)
-    return get_config(**base)
 
 
 def test_fsdp_meshes_match_one_device_shrink_params_and_restore_across_meshes(tmp_path):

@@ -349,6 +349,7 @@ def test_bpe_decode_without_skipping_is_open_clips(open_clip, bpe):
         assert bpe.decode(row, skip_special_tokens=False) == ref
 
 
+@pytest.mark.slow
 def test_bpe_is_picklable_lazy_and_cheap():
     tok = tokenizers.ClipBPETokenizer(context_length=16)
     blob = pickle.dumps(tok)
@@ -595,6 +596,7 @@ def test_train_from_file_and_bpe_type(tmp_path):
         tokenizers.train_sentencepiece(_captions(10), 2, tmp_path / "x.model")
 
 
+@pytest.mark.slow
 def test_cli_train_and_encode(tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text("\n".join(_captions(300, seed=9)) + "\n")

@@ -1,9 +1,7 @@
 """Trainer: device-count invariance, exact resume, preemption, bad config, NaN policy, LiT."""
 
-import importlib.util
 import json
 import os
-import pathlib
 import signal
 import subprocess
 import sys
@@ -12,39 +10,9 @@ import time
 import jax
 import numpy as np
 import pytest
+from train_runs import REPO, get_config, losses, read_metrics
 
 from clip_jax import checkpoint, model_store, train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def get_config(variant="tiny", **overrides):
-    spec = importlib.util.spec_from_file_location("clip_config", REPO / "configs" / "clip.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(variant)
-    config.unlock()
-    config.log_every = 1
-    config.checkpoint_every = 0
-    config.optim.warmup_steps = 2
-    config.data.shuffle_buffer = 64
-    for key, value in overrides.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    config.lock()
-    return config
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def losses(workdir):
-    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
 
 
 @pytest.mark.parametrize("variant", ["tiny", "tiny_rn"])
@@ -141,6 +109,7 @@ def _run_cli(*args, env_extra=None, **kwargs):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override,message",
     [
@@ -161,6 +130,7 @@ def test_bad_config_is_a_one_line_error(tmp_path, override, message):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "w"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -233,13 +203,16 @@ def test_lit_freezes_the_image_tower_of_converted_weights(tmp_path):
     train.train(config, str(tmp_path / "lit"), devices=jax.devices()[:1])
     trained = model_store.load_model(str(tmp_path / "lit")).variables
     start = variables["params"]
-    for a, b in zip(jax.tree.leaves(trained["params"]["image"]), jax.tree.leaves(start["image"])):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    changed = [
-        not np.allclose(a, b)
-        for a, b in zip(jax.tree.leaves(trained["params"]["text"]), jax.tree.leaves(start["text"]))
-    ]
-    assert all(changed[:3]) and sum(changed) > len(changed) // 2
+    assert jax.tree.structure(trained["params"]) == jax.tree.structure(start)
+    # Exactly: every image parameter is bit-identical (frozen: no update, no weight decay) and
+    # every other parameter (each text leaf and logit_scale) moved.
+    after = jax.tree_util.tree_leaves_with_path(trained["params"])
+    for (path, a), b in zip(after, jax.tree.leaves(start)):
+        name = jax.tree_util.keystr(path)
+        if name.startswith("['image']"):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+        else:
+            assert not np.array_equal(np.asarray(a), np.asarray(b)), f"{name} did not change"
 
 
 def test_checkpoint_of_a_scanned_model_loads_for_inference(tmp_path):

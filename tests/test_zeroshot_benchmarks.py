@@ -392,6 +392,7 @@ def test_evaluate_benchmarks_table_json_and_paper_column(mocked, converted, tmp_
         )
 
 
+@pytest.mark.slow
 def test_cli_lists_unprepared_benchmarks_without_downloading(converted, tmp_path):
     """The real command line on an empty TFDS data_dir: every benchmark skipped, exit 0."""
     env = dict(

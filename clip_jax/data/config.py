@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from clip_jax.data.transforms import RESIZE_METHODS
+
 SOURCES = ("demo", "tfds", "tar", "tfrecord", "image_folder", "synthetic")
 # Keys that describe one source; a `sources` entry may set any of them (plus "weight").
 SOURCE_KEYS = (
@@ -27,7 +29,6 @@ SOURCE_KEYS = (
     "caption_field",
     "image_folder",
 )
-_RESIZE_METHODS = ("bicubic", "bilinear", "area", "lanczos3", "nearest")
 DECODE_MODES = ("auto", "window", "full")
 
 
@@ -211,9 +212,9 @@ def validate(config) -> None:
     _check_range("aug_ratio", config.aug_ratio, 0.0, float("inf"))
     if _get(config, "decode", "auto") not in DECODE_MODES:
         raise ValueError(f"data.decode={config.decode!r}; choose one of {DECODE_MODES}")
-    if config.resize_method not in _RESIZE_METHODS:
+    if config.resize_method not in RESIZE_METHODS:
         raise ValueError(
-            f"data.resize_method={config.resize_method!r}; choose one of {_RESIZE_METHODS}"
+            f"data.resize_method={config.resize_method!r}; choose one of {RESIZE_METHODS}"
         )
     for key in ("shuffle_buffer", "threadpool_size", "device_prefetch"):
         if int(config[key]) < 0:

@@ -137,7 +137,13 @@ def block_start(start: int, block: int) -> int:
 
 
 def block_shuffle(
-    raw: tf.data.Dataset, *, block: int, key: tf.Tensor, start: int = 0, on_block=None
+    raw: tf.data.Dataset,
+    *,
+    block: int,
+    key: tf.Tensor,
+    start: int = 0,
+    on_block=None,
+    stop: tf.Variable | None = None,
 ) -> tf.data.Dataset:
     """Shuffles a raw stream within blocks of `block` records and skips the first `start` outputs.
 
@@ -150,6 +156,8 @@ def block_shuffle(
     (a dict of `[n]` tensors, with `src_pos`) and returns it with the same `n` records in the
     same order: per-record work done vectorised, once per block (the pipeline's checks and
     input-watch counter).
+    `stop` (optional, a bool variable) ends the stream at the next block once it is True
+    (the input watch gave up).
     """
     if start < 0:
         raise ValueError(f"start position must be >= 0, got {start}")
@@ -159,8 +167,12 @@ def block_shuffle(
         out = dict(records, src_pos=base + tf.range(1, tf.cast(n, tf.int64) + 1))
         return out if on_block is None else on_block(out)
 
+    def until_stopped(blocks):
+        return blocks if stop is None else blocks.take_while(lambda _: tf.logical_not(stop))
+
     if block <= 1:  # raw order; numbered in small batches all the same
-        return raw.batch(64).enumerate().map(lambda b, r: tag(r, start + b * 64)).unbatch()
+        ds = raw.batch(64).enumerate().map(lambda b, r: tag(r, start + b * 64))
+        return until_stopped(ds).unbatch()
     first_block, within = divmod(start, block)
 
     def permute(block_index, records):
@@ -171,8 +183,8 @@ def block_shuffle(
     # prefetch(1): the next block is read while this one is consumed. Without it the stream
     # stalls for a whole block read at every block boundary (10,000 480x360 tar records: ~1.8 s
     # per ~10 s of decoding on 2 cores). Memory: up to two blocks of encoded records at a time.
-    ds = raw.batch(block).enumerate(start=first_block).map(permute).prefetch(1)
-    return ds.unbatch().skip(within)
+    ds = raw.batch(block).enumerate(start=first_block).map(permute)
+    return until_stopped(ds).prefetch(1).unbatch().skip(within)
 
 
 def mix(

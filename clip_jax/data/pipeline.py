@@ -44,10 +44,13 @@ class InputWatch:
     block) and notes reader failures that tf.data would only log; `check(delivered)` raises
     NoUsableData naming the shards when, since the last delivered batch, far more records were
     taken than can be in flight, or when a failure was noted. Call it while waiting for data.
+    Raising also sets `stopped`, which ends the watched streams at their next block: a caught
+    NoUsableData leaves no input thread spinning over undecodable records (one core, forever).
     """
 
     def __init__(self):
         self.counters: list[tf.Variable] = []
+        self.stopped = tf.Variable(False, trainable=False)
         self.description = ""
         self.slack = 0
         self._errors: list[str] = []
@@ -64,6 +67,7 @@ class InputWatch:
         """Raises NoUsableData if the pipeline cannot deliver; cheap, call it while waiting."""
         with self._lock:
             if self._errors:
+                self.stopped.assign(True)
                 raise NoUsableData(self._errors[0])
         if not self.counters:
             return
@@ -72,6 +76,7 @@ class InputWatch:
             self._mark = (samples_delivered, seen)  # a batch came since the last check
             return
         if seen - self._mark[1] > self.slack:
+            self.stopped.assign(True)
             raise NoUsableData(
                 f"no usable sample in {seen - self._mark[1]} records of {self.description}: "
                 "every image failed to decode or every caption is empty"
@@ -458,6 +463,7 @@ def build_train_dataset(
                 key=ordering.fold_in(key, _SALT_BLOCKS),
                 start=source_start,
                 on_block=on_block,
+                stop=watch.stopped if watch is not None else None,
             )
         )
     mixed = ordering.mix(

@@ -126,6 +126,16 @@ class CLIPConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_image_shape(images: Any, image_size: int) -> None:
+    """Raises ValueError unless `images` is `[B, image_size, image_size, 3]` (any image tower's
+    input; checked at trace time, so it costs nothing per step)."""
+    if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(
+            f"expected images of shape [B, {image_size}, {image_size}, 3], got "
+            f"{tuple(images.shape)}"
+        )
+
+
 def _check_keys(cls, d: dict, what: str, ignore: tuple[str, ...] = ()) -> None:
     known = {f.name for f in dataclasses.fields(cls)} - set(ignore)
     unknown = sorted(set(d) - known)

@@ -18,9 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.config import ModifiedResNetConfig
+from clip_jax.models.config import ModifiedResNetConfig, check_image_shape
 from clip_jax.models.transformer import Dtype, remat_policy
-from clip_jax.models.vit import _check_image_shape
 
 BN_EPS = 1e-5  # torch BatchNorm2d default
 BN_MOMENTUM = 0.9  # flax convention; equals torch momentum=0.1
@@ -186,7 +185,7 @@ class ModifiedResNet(nn.Module):
         `train=True` uses batch statistics and updates `batch_stats` (mark it mutable).
         """
         cfg = self.config
-        _check_image_shape(images, cfg.image_size)
+        check_image_shape(images, cfg.image_size)
         bn = lambda name: nn.BatchNorm(
             use_running_average=not train,
             momentum=BN_MOMENTUM,

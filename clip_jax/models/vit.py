@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.models.config import VisionTransformerConfig
+from clip_jax.models.config import VisionTransformerConfig, check_image_shape
 from clip_jax.models.transformer import Dtype, Transformer, layer_norm
 
 
@@ -32,7 +32,7 @@ class VisionTransformer(nn.Module):
         """[B, H, W, 3] float (normalised) -> [B, output_dim] in `dtype` (not normalised)."""
         del train  # no dropout or batch statistics in this tower
         cfg = self.config
-        _check_image_shape(images, cfg.image_size)
+        check_image_shape(images, cfg.image_size)
         width = cfg.width
         x = nn.Conv(
             width,
@@ -69,11 +69,3 @@ class VisionTransformer(nn.Module):
         pooled = layer_norm("ln_post", self.dtype)(x[:, 0])
         proj = self.param("proj", nn.initializers.normal(scale), (width, self.output_dim))
         return pooled @ proj.astype(self.dtype)
-
-
-def _check_image_shape(images: jax.Array, image_size: int) -> None:
-    if images.ndim != 4 or images.shape[1:] != (image_size, image_size, 3):
-        raise ValueError(
-            f"expected images of shape [B, {image_size}, {image_size}, 3], got "
-            f"{tuple(images.shape)}"
-        )

@@ -1,4 +1,5 @@
-"""Shared helpers for the data tests (no tests here): tiny images, shards, a fake tokenizer."""
+"""Shared helpers for the data tests (a helper module, not collected: no tests here): tiny images,
+shards, a fake tokenizer, a small data config."""
 
 from __future__ import annotations
 

@@ -1,0 +1,67 @@
+"""Shared helpers for the trainer tests (a helper module, not collected: no tests here): the
+tiny training config with overrides, a smaller model for multi-device runs, metrics readers."""
+
+import importlib.util
+import json
+import os
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# A smaller model than tiny-vit (width 64) keeps compiles short; 2 layers so scan has a loop.
+SMALL_MODEL = {
+    "embed_dim": 64,
+    "vision": {"width": 64, "heads": 2},
+    "text": {"width": 64, "heads": 2},
+}
+# The same as config keys (model.embed_dim, model.vision.width, ...) and command-line flags.
+SMALL = {
+    "model.embed_dim": SMALL_MODEL["embed_dim"],
+    **{f"model.{t}.{k}": v for t in ("vision", "text") for k, v in SMALL_MODEL[t].items()},
+}
+SMALL_FLAGS = [f"--config.{key}={value}" for key, value in SMALL.items()]
+
+
+def get_config(variant="tiny", **overrides):
+    """configs/clip.py:`variant` with test defaults (log every step, no periodic checkpoints,
+    2 warmup steps, shuffle buffer 64); `overrides` use dotted keys ("data.source")."""
+    spec = importlib.util.spec_from_file_location("clip_config", REPO / "configs" / "clip.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    config.unlock()
+    config.log_every = 1
+    config.checkpoint_every = 0
+    config.optim.warmup_steps = 2
+    config.data.shuffle_buffer = 64
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    config.lock()
+    return config
+
+
+def small_config(**overrides):
+    """The SMALL model on synthetic data, batch 16, 5 steps (plus `overrides`)."""
+    base = {
+        "batch_size": 16,
+        "total_steps": 5,
+        "data.source": "synthetic",
+        **SMALL,
+    }
+    base.update(overrides)
+    return get_config(**base)
+
+
+def read_metrics(workdir):
+    """The rows of `workdir`/metrics.jsonl as dicts."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    """{step: loss} from `workdir`/metrics.jsonl."""
+    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
