@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import losses, sharding
 from clip_jax.data.transforms import normalize_images
-from clip_jax.models import CLIP
+from clip_jax.models import CLIP, patch_dropout
 
 
 @flax.struct.dataclass
@@ -62,7 +62,8 @@ def make_grad_fn(
 ) -> GradFn:
     """`grad_fn(params, batch_stats, batch) -> (loss, metrics, grads, new_batch_stats)`.
 
-    batch: image uint8 [B, H, W, 3], text int32 [B, L], batch-sharded over the mesh.
+    batch: image uint8 [B, H, W, 3], text int32 [B, L], batch-sharded over the mesh, and for
+    a ViT with patch dropout `patch_noise` float32 [B, N] (see models/patch_dropout.py).
     `accumulation_steps` K > 1 computes the *same* gradients as K = 1 (the contrastive loss
     still sees all B x B pairs) with the activations of only B / K rows alive at a time
     (GradCache, Gao et al. 2021):
@@ -96,8 +97,9 @@ def make_grad_fn(
             return params
         return jax.lax.with_sharding_constraint(params, sharding.replicated(mesh))
 
-    def forward(params, batch_stats, images_u8, text):
-        """Model outputs and updated batch stats for one (micro-)batch."""
+    def forward(params, batch_stats, images_u8, text, noise=None):
+        """Model outputs and updated batch stats for one (micro-)batch. `noise`: patch dropout
+        noise [B, N] for these rows (None: no patch dropout)."""
         images = normalize_images(images_u8, model.dtype)
         variables = {"params": gather(params)}
         if has_batch_stats:
@@ -105,11 +107,15 @@ def make_grad_fn(
         if bn_train:
             out, updates = model.apply(variables, images, text, train=True, mutable=["batch_stats"])
             return out, updates["batch_stats"]
-        return model.apply(variables, images, text, train=False), batch_stats
+        # train=True only matters to a ViT with patch dropout (the noise is given then).
+        kwargs = {} if noise is None else {"patch_noise": noise, "train": train_image_tower}
+        return model.apply(variables, images, text, **kwargs), batch_stats
 
     def plain(params, batch_stats, batch):
         def loss_fn(params):
-            out, new_batch_stats = forward(params, batch_stats, batch["image"], batch["text"])
+            out, new_batch_stats = forward(
+                params, batch_stats, batch["image"], batch["text"], batch.get("patch_noise")
+            )
             value, metrics = losses.contrastive_loss(loss, out, mesh)
             return value, (metrics, new_batch_stats)
 
@@ -145,12 +151,15 @@ def make_grad_fn(
         x = x.reshape(steps, num_shards, c, *x.shape[2:]).swapaxes(0, 1)
         return constrain(x.reshape(steps * num_shards * c, *x.shape[3:]), P(axes))
 
-    def embed(params, batch_stats, images_u8, text):
-        out, new_batch_stats = forward(params, batch_stats, images_u8, text)
+    def embed(params, batch_stats, images_u8, text, noise):
+        out, new_batch_stats = forward(params, batch_stats, images_u8, text, noise)
         return (out["image_embeddings"], out["text_embeddings"]), new_batch_stats
 
     def accumulated(params, batch_stats, batch):
         images, texts = split(batch["image"]), split(batch["text"])
+        # Patch dropout: the full batch's noise, split like the images, so every sample gets
+        # the mask it would get in a plain step (None: no patch dropout).
+        noises = split(batch["patch_noise"]) if "patch_noise" in batch else None
 
         # Pass 1: embeddings of all micro-batches, no activations kept for a backward pass.
         frozen = jax.lax.stop_gradient(params)
@@ -160,7 +169,7 @@ def make_grad_fn(
             return stats, embeddings
 
         new_batch_stats, (image_emb, text_emb) = jax.lax.scan(
-            embed_step, batch_stats, (images, texts)
+            embed_step, batch_stats, (images, texts, noises)
         )
 
         # Full-batch loss; gradient w.r.t. the embeddings and the loss's own parameters.
@@ -185,14 +194,16 @@ def make_grad_fn(
             return jax.tree.map(jax.lax.with_sharding_constraint, tree, param_shardings)
 
         def backward_step(acc, xs):
-            images_m, text_m, g_image_m, g_text_m = xs
-            _, pullback = jax.vjp(lambda p: embed(p, batch_stats, images_m, text_m)[0], params)
+            images_m, text_m, noise_m, g_image_m, g_text_m = xs
+            _, pullback = jax.vjp(
+                lambda p: embed(p, batch_stats, images_m, text_m, noise_m)[0], params
+            )
             (grads_m,) = pullback((g_image_m, g_text_m))
             return pin(jax.tree.map(jnp.add, acc, grads_m)), None
 
         zeros = pin(jax.tree.map(jnp.zeros_like, params))
         grads, _ = jax.lax.scan(
-            backward_step, zeros, (images, texts, split(g_image), split(g_text))
+            backward_step, zeros, (images, texts, noises, split(g_image), split(g_text))
         )
         grads = dict(grads)
         for k, g in g_scalars.items():
@@ -235,6 +246,8 @@ def make_train_step(
     )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if model.patch_dropout and train_image_tower:
+            batch = dict(batch, patch_noise=_patch_noise(model, state, batch, mesh))
         loss_value, metrics, grads, new_batch_stats = grad_fn(
             state.params, state.batch_stats, batch
         )
@@ -274,3 +287,17 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _patch_noise(model: CLIP, state: TrainState, batch: dict, mesh: Mesh | None) -> jax.Array:
+    """Patch dropout noise float32 [B, N] for the whole global batch, from the state's RNG and
+    step (the same masks whatever the accumulation or mesh), batch-sharded like the images."""
+    noise = patch_dropout.step_noise(
+        state.rng,
+        state.step,
+        batch["image"].shape[0],
+        patch_dropout.grid_patches(model.config.vision),
+    )
+    if mesh is None:
+        return noise
+    return jax.lax.with_sharding_constraint(noise, sharding.batch_sharding(mesh))

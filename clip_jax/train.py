@@ -31,7 +31,7 @@ from clip_jax import data as data_lib
 from clip_jax import losses as losses_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
-from clip_jax.models import attention, transformer
+from clip_jax.models import attention, patch_dropout, transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/clip.py:tiny.", lock_config=True
@@ -129,6 +129,10 @@ def validate_config(config, mesh=None) -> None:
         config.model.scan_layers,
         "must be True or False",
     )
+    try:  # FLIP patch dropout: a rate in [0, 1), for ViT towers
+        patch_dropout.check_rate(config.model.patch_dropout)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     _model_overrides(config)
     check(
         config.distributed.heartbeat_timeout_s > 0,
@@ -155,9 +159,15 @@ def validate_config(config, mesh=None) -> None:
         )
     else:
         try:
-            models.get_model_config(config.model.name)
+            vision = models.get_model_config(config.model.name).vision
         except ValueError as e:
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
+        check(
+            vision.type == "vit" or not config.model.patch_dropout,
+            "model.patch_dropout",
+            config.model.patch_dropout,
+            f"needs a ViT image tower ({config.model.name} has a {vision.type})",
+        )
     try:
         data_lib.validate(config.data)
     except (ValueError, FileNotFoundError) as e:
@@ -343,6 +353,7 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
         attention_impl=config.model.attention_impl or None,
         remat=config.model.remat,
         scan_layers=config.model.scan_layers,
+        patch_dropout=config.model.patch_dropout,
     )
     tokenizer = tokenizers.get(tokenizer_name)
     if tokenizer.vocab_size > model_config.text.vocab_size:

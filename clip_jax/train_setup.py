@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding
 from clip_jax import step as step_lib
-from clip_jax.models import transformer
+from clip_jax.models import patch_dropout, transformer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -92,12 +92,22 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
         config.model.scan_layers,
         "must be True or False",
     )
+    try:  # FLIP patch dropout: a rate in [0, 1), for ViT towers
+        patch_dropout.check_rate(config.model.patch_dropout)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     model_overrides(config)
     if not config.init_from:
         try:
-            models.get_model_config(config.model.name)
+            vision = models.get_model_config(config.model.name).vision
         except ValueError as e:
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
+        check(
+            vision.type == "vit" or not config.model.patch_dropout,
+            "model.patch_dropout",
+            config.model.patch_dropout,
+            f"needs a ViT image tower ({config.model.name} has a {vision.type})",
+        )
     if mesh is not None:
         shards = sharding.num_batch_shards(mesh)
         check(
@@ -180,6 +190,7 @@ def build_model(config, model_config: models.CLIPConfig) -> models.CLIP:
         attention_impl=config.model.attention_impl or None,
         remat=config.model.remat,
         scan_layers=config.model.scan_layers,
+        patch_dropout=config.model.patch_dropout,
     )
 
 

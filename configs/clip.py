@@ -38,6 +38,10 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # compiles for deep models). Params are stored stacked (`resblocks` [layers, ...]);
     # init_from weights are stacked automatically. ResNet towers are never scanned.
     c.model.scan_layers = False
+    # FLIP patch dropout (ViT towers): fraction of image patch tokens dropped per sample at
+    # train time, uniformly at random (class token kept; 0: off). The image tower runs on the
+    # kept tokens only, so 0.5 roughly halves its cost. Never applied in evaluation/inference.
+    c.model.patch_dropout = 0.0
     # JSON object overriding fields of the named architecture, e.g. for small test models:
     # '{"embed_dim": 64, "vision": {"layers": 1, "width": 64}, "text": {"layers": 1}}'.
     c.model.overrides = ""
