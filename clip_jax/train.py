@@ -31,7 +31,7 @@ from clip_jax import data as data_lib
 from clip_jax import losses as losses_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
-from clip_jax.models import attention, patch_dropout, transformer
+from clip_jax.models import attention, patch_dropout, resize, transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file, e.g. configs/clip.py:tiny.", lock_config=True
@@ -347,6 +347,12 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
 
     # Model, tokenizer, optimizer.
     model_config, init_variables, tokenizer_name = _load_model(config)
+    try:  # model.image_size / model.context_length: positional embeddings follow
+        model_config, init_variables = resize.adapt_to_config(
+            config.model, model_config, init_variables
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = models.CLIP(
         model_config,
         dtype=jnp.dtype(config.dtype),

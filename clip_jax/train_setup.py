@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding
 from clip_jax import step as step_lib
-from clip_jax.models import patch_dropout, transformer
+from clip_jax.models import patch_dropout, resize, transformer
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -275,6 +275,12 @@ def build(config, mesh: Mesh, with_weights: bool = True) -> TrainSetup:
     regexes.
     """
     model_config, init_variables, tokenizer_name = load_model(config, with_weights)
+    try:  # model.image_size / model.context_length: positional embeddings follow
+        model_config, init_variables = resize.adapt_to_config(
+            config.model, model_config, init_variables
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = build_model(config, model_config)
     abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
     try:

@@ -42,6 +42,12 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # train time, uniformly at random (class token kept; 0: off). The image tower runs on the
     # kept tokens only, so 0.5 roughly halves its cost. Never applied in evaluation/inference.
     c.model.patch_dropout = 0.0
+    # Input sizes (0: the architecture's own, from model.name or the init_from weights). A
+    # different image_size resizes loaded image positional embeddings (bicubic over the patch
+    # grid, class token kept, as open_clip); a shorter context_length truncates the text
+    # positional embedding. For low-resolution stages (CLIPA) and resolution fine-tuning.
+    c.model.image_size = 0
+    c.model.context_length = 0
     # JSON object overriding fields of the named architecture, e.g. for small test models:
     # '{"embed_dim": 64, "vision": {"layers": 1, "width": 64}, "text": {"layers": 1}}'.
     c.model.overrides = ""
