@@ -94,7 +94,7 @@ def test_trainer_continues_converted_weights_at_another_size(tmp_path):
         np.testing.assert_allclose(got, want["params"][path[0]][path[1]], atol=1e-7)
     assert got.shape == (16, 64)
 
-    bad = small_config(init_from=str(tmp_path / "low"), **{"model.overrides": "",
-                                                          "model.context_length": 40})  # fmt: skip
+    longer = {"model.overrides": "", "model.context_length": 40}
+    bad = small_config(init_from=str(tmp_path / "low"), **longer)
     with pytest.raises(train.ConfigError, match="config.model: context_length 40 is longer"):
         train.train(bad, str(tmp_path / "bad"), devices=jax.devices()[:1])
