@@ -252,6 +252,7 @@ class TrainSetup:
         default config.batch_size), carrying the batch sharding unless `sharded=False`."""
         b = self.config.batch_size if batch_size is None else batch_size
         s, length = self.model_config.image_size, self.model_config.context_length
+        length = int(self.config.data.get("context_length", 0) or 0) or length  # short text
         kw = {"sharding": self.batch_sharding} if sharded else {}
         return {
             "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, **kw),
