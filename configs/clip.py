@@ -76,6 +76,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # tuple of axes), e.g. (("text/token_embedding/embedding", ("fsdp", None)),). Params no
     # rule matches are split along their largest dimension divisible by mesh.fsdp.
     c.sharding_rules = ()
+    # Stages run in sequence (clip_jax/stages.py): a tuple of dicts of dotted overrides, e.g.
+    # ({"total_steps": 9000, "model.image_size": 112}, {"total_steps": 1000}). Stage k trains
+    # in <workdir>/stage_<k>, stage k > 0 from stage k-1's final weights (fresh optimizer);
+    # each resumes on its own. Empty: one ordinary run in the workdir.
+    c.stages = ()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3  # peak learning rate
