@@ -72,3 +72,20 @@ def test_two_stage_low_resolution_then_full_size_run(tmp_path):
     assert meta1["model_config"]["vision"]["image_size"] == 64
     want = resize.resize_pos_embed(np.asarray(low["params"]["image"]["positional_embedding"]), 8)
     np.testing.assert_allclose(full["params"]["image"]["positional_embedding"], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["vit_b16_flip", "vit_b16_clipa"])
+def test_recipe_configs_are_valid_stage_schedules(tmp_path, variant):
+    from test_train import get_config
+
+    from clip_jax import train
+
+    (_, first), (_, last) = stages.stage_configs(get_config(variant), str(tmp_path))
+    train.validate_config(first)
+    assert last.model.image_size == 224 and last.model.context_length == 77
+    assert last.model.patch_dropout == 0.0  # the final phase sees every patch
+    if variant == "vit_b16_flip":
+        assert first.model.patch_dropout == 0.5
+    else:
+        assert first.model.image_size == 112 and first.data.context_length == 16
+        assert last.data.context_length == 32
