@@ -773,7 +773,8 @@ def main(argv) -> None:
 
     try:
         if _CONFIG.value.get("stages"):  # a schedule of stages (clip_jax/stages.py)
-            stages.run(_CONFIG.value, _WORKDIR.value)
+            # This module's `train` (run as __main__, re-importing it would redefine the flags).
+            stages.run(_CONFIG.value, _WORKDIR.value, train)
         else:
             train(_CONFIG.value, _WORKDIR.value)
     except (

@@ -89,3 +89,15 @@ def test_recipe_configs_are_valid_stage_schedules(tmp_path, variant):
     else:
         assert first.model.image_size == 112 and first.data.context_length == 16
         assert last.data.context_length == 32
+
+
+def test_cli_runs_stages_and_reports_a_bad_stage_in_one_line(tmp_path):
+    from test_train import _run_cli
+
+    proc = _run_cli(
+        "--workdir", str(tmp_path / "w"), "--config.stages=({'total_stepz': 1},)", timeout=120
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "clip_jax.train: error" in line]
+    assert len(errors) == 1 and "config.stages[0]: unknown config key 'total_stepz'" in errors[0]
+    assert "Traceback" not in proc.stderr
