@@ -26,10 +26,11 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import losses, sharding
 
-# forward(params, batch_stats, images uint8 [b, H, W, 3], text int32 [b, L])
+# forward(params, batch_stats, images uint8 [b, H, W, 3], text int32 [b, L],
+#         patch dropout noise float32 [b, N] or None)
 #   -> (model outputs {image_embeddings [b, D], text_embeddings [b, D], logit_scale, ...},
 #       new batch_stats)
-Forward = Callable[[Any, Any, jax.Array, jax.Array], tuple[dict, Any]]
+Forward = Callable[[Any, Any, jax.Array, jax.Array, Any], tuple[dict, Any]]
 # grad_fn(params, batch_stats, batch) -> (loss, metrics, grads, new batch_stats)
 GradFn = Callable[[Any, Any, dict], tuple[jax.Array, dict, Any, Any]]
 
@@ -83,8 +84,8 @@ def make_grad_fn(
     """
     steps = accumulation_steps
 
-    def embed(params, batch_stats, images_u8, text):
-        out, new_batch_stats = forward(params, batch_stats, images_u8, text)
+    def embed(params, batch_stats, images_u8, text, noise):
+        out, new_batch_stats = forward(params, batch_stats, images_u8, text, noise)
         return (out["image_embeddings"], out["text_embeddings"]), new_batch_stats
 
     def pin(tree):
@@ -95,6 +96,10 @@ def make_grad_fn(
     def grad_fn(params, batch_stats, batch):
         images = split_micro_batches(batch["image"], steps, mesh)
         texts = split_micro_batches(batch["text"], steps, mesh)
+        # Patch dropout: the full batch's noise, split like the images, so every sample gets
+        # the mask it would get in a plain step (None: no patch dropout).
+        noise = batch.get("patch_noise")
+        noises = None if noise is None else split_micro_batches(noise, steps, mesh)
 
         # Pass 1: embeddings of all micro-batches, no activations kept for a backward pass.
         frozen = jax.lax.stop_gradient(params)
@@ -104,7 +109,7 @@ def make_grad_fn(
             return stats, embeddings
 
         new_batch_stats, (image_emb, text_emb) = jax.lax.scan(
-            embed_step, batch_stats, (images, texts)
+            embed_step, batch_stats, (images, texts, noises)
         )
 
         # Full-batch loss; gradient w.r.t. the embeddings and the loss's own parameters.
@@ -124,15 +129,17 @@ def make_grad_fn(
 
         # Pass 2: recompute each micro-batch under vjp and back-propagate its gradient slice.
         def backward_step(acc, xs):
-            images_m, text_m, g_image_m, g_text_m = xs
-            _, pullback = jax.vjp(lambda p: embed(p, batch_stats, images_m, text_m)[0], params)
+            images_m, text_m, noise_m, g_image_m, g_text_m = xs
+            _, pullback = jax.vjp(
+                lambda p: embed(p, batch_stats, images_m, text_m, noise_m)[0], params
+            )
             (grads_m,) = pullback((g_image_m, g_text_m))
             return pin(jax.tree.map(jnp.add, acc, grads_m)), None
 
         zeros = pin(jax.tree.map(jnp.zeros_like, params))
         g_images = split_micro_batches(g_image, steps, mesh)
         g_texts = split_micro_batches(g_text, steps, mesh)
-        grads, _ = jax.lax.scan(backward_step, zeros, (images, texts, g_images, g_texts))
+        grads, _ = jax.lax.scan(backward_step, zeros, (images, texts, noises, g_images, g_texts))
         grads = dict(grads)
         for k, g in g_scalars.items():
             grads[k] = grads[k] + g.astype(grads[k].dtype)

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from clip_jax import grad_cache, losses, sharding
 from clip_jax.data.transforms import normalize_images
-from clip_jax.models import CLIP
+from clip_jax.models import CLIP, patch_dropout
 
 
 @flax.struct.dataclass
@@ -61,7 +61,8 @@ def make_grad_fn(
 ) -> GradFn:
     """`grad_fn(params, batch_stats, batch) -> (loss, metrics, grads, new_batch_stats)`.
 
-    batch: image uint8 [B, H, W, 3], text int32 [B, L], batch-sharded over the mesh.
+    batch: image uint8 [B, H, W, 3], text int32 [B, L], batch-sharded over the mesh, and for
+    a ViT with patch dropout `patch_noise` float32 [B, N] (see models/patch_dropout.py).
     `accumulation_steps` K > 1 computes the *same* gradients as K = 1 with the activations of
     only B / K rows alive at a time (`clip_jax.grad_cache`). `param_shardings` (optional) pins
     its gradient accumulator's sharding to the parameters' (FSDP).
@@ -78,7 +79,9 @@ def make_grad_fn(
 
     def grad_fn(params, batch_stats, batch):
         def loss_fn(params):
-            out, new_batch_stats = forward(params, batch_stats, batch["image"], batch["text"])
+            out, new_batch_stats = forward(
+                params, batch_stats, batch["image"], batch["text"], batch.get("patch_noise")
+            )
             value, metrics = losses.contrastive_loss(loss, out, mesh)
             return value, (metrics, new_batch_stats)
 
@@ -107,7 +110,7 @@ def _make_forward(model: CLIP, mesh: Mesh | None, train_image_tower: bool) -> gr
             return params
         return jax.lax.with_sharding_constraint(params, sharding.replicated(mesh))
 
-    def forward(params, batch_stats, images_u8, text):
+    def forward(params, batch_stats, images_u8, text, noise=None):
         images = normalize_images(images_u8, model.dtype)
         variables = {"params": gather(params)}
         if has_batch_stats:
@@ -115,7 +118,9 @@ def _make_forward(model: CLIP, mesh: Mesh | None, train_image_tower: bool) -> gr
         if bn_train:
             out, updates = model.apply(variables, images, text, train=True, mutable=["batch_stats"])
             return out, updates["batch_stats"]
-        return model.apply(variables, images, text, train=False), batch_stats
+        # train=True only matters to a ViT with patch dropout (the noise is given then).
+        kwargs = {} if noise is None else {"patch_noise": noise, "train": train_image_tower}
+        return model.apply(variables, images, text, **kwargs), batch_stats
 
     return forward
 
@@ -153,6 +158,8 @@ def make_train_step(
     )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if model.patch_dropout and train_image_tower:
+            batch = dict(batch, patch_noise=_patch_noise(model, state, batch, mesh))
         loss_value, metrics, grads, new_batch_stats = grad_fn(
             state.params, state.batch_stats, batch
         )
@@ -192,3 +199,17 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
+
+
+def _patch_noise(model: CLIP, state: TrainState, batch: dict, mesh: Mesh | None) -> jax.Array:
+    """Patch dropout noise float32 [B, N] for the whole global batch, from the state's RNG and
+    step (the same masks whatever the accumulation or mesh), batch-sharded like the images."""
+    noise = patch_dropout.step_noise(
+        state.rng,
+        state.step,
+        batch["image"].shape[0],
+        patch_dropout.grid_patches(model.config.vision),
+    )
+    if mesh is None:
+        return noise
+    return jax.lax.with_sharding_constraint(noise, sharding.batch_sharding(mesh))

@@ -619,10 +619,17 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or _WORKDIR.value is None:
         raise app.UsageError("--config and --workdir are required")
+    from clip_jax import stages  # a schedule of stages runs train() once per stage
+
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        if _CONFIG.value.get("stages"):  # a schedule of stages (clip_jax/stages.py)
+            # This module's `train` (run as __main__, re-importing it would redefine the flags).
+            stages.run(_CONFIG.value, _WORKDIR.value, train)
+        else:
+            train(_CONFIG.value, _WORKDIR.value)
     except (
         ConfigError,
+        stages.StageError,
         ckpt_lib.CheckpointError,
         FloatingPointError,
         data_lib.NoUsableData,

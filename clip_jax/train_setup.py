@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from clip_jax import losses as losses_lib
 from clip_jax import models, optim, sharding
 from clip_jax import step as step_lib
-from clip_jax.models import attention, transformer
+from clip_jax.models import attention, patch_dropout, resize, transformer
 from clip_jax.models import overrides as overrides_lib
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -95,11 +95,21 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
         config.model.scan_layers,
         "must be True or False",
     )
+    try:  # FLIP patch dropout: a rate in [0, 1), for ViT towers
+        patch_dropout.check_rate(config.model.patch_dropout)
+    except ValueError as e:
+        raise ConfigError(f"config.model.{e}") from None
     if not config.init_from:
         try:
-            models.get_model_config(config.model.name)
+            vision = models.get_model_config(config.model.name).vision
         except ValueError as e:
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
+        check(
+            vision.type == "vit" or not config.model.patch_dropout,
+            "model.patch_dropout",
+            config.model.patch_dropout,
+            f"needs a ViT image tower ({config.model.name} has a {vision.type})",
+        )
     model_overrides(config)
     if mesh is not None:
         shards = sharding.num_batch_shards(mesh)
@@ -167,6 +177,7 @@ def build_model(config, model_config: models.CLIPConfig) -> models.CLIP:
         attention_impl=config.model.attention_impl or None,
         remat=config.model.remat,
         scan_layers=config.model.scan_layers,
+        patch_dropout=config.model.patch_dropout,
     )
 
 
@@ -228,6 +239,7 @@ class TrainSetup:
         default config.batch_size), carrying the batch sharding unless `sharded=False`."""
         b = self.config.batch_size if batch_size is None else batch_size
         s, length = self.model_config.image_size, self.model_config.context_length
+        length = int(self.config.data.get("context_length", 0) or 0) or length  # short text
         kw = {"sharding": self.batch_sharding} if sharded else {}
         return {
             "image": jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, **kw),
@@ -257,6 +269,12 @@ def build(
     regexes.
     """
     model_config, init_variables, tokenizer_name = loaded or load_model(config, with_weights)
+    try:  # model.image_size / model.context_length: positional embeddings follow
+        model_config, init_variables = resize.adapt_to_config(
+            config.model, model_config, init_variables
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     model = build_model(config, model_config)
     abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
     try:

@@ -1,7 +1,9 @@
 """CLIP training configs: `--config configs/clip.py:<variant>`.
 
 Variants: tiny (default: tiny ViT on the shipped demo data, trains on a laptop CPU), tiny_rn,
-vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32 (locked image tower from converted weights).
+vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32 (locked image tower from converted weights),
+vit_b16_flip (FLIP: patch dropout, then a short unmasked phase) and vit_b16_clipa (CLIPA:
+112 px / 16-token stage, then a short 224 px stage), both as `stages`.
 Every key has a default and a comment; override any with `--config.<key>=<value>`.
 """
 
@@ -11,7 +13,18 @@ from clip_jax.data import config as data_config
 from clip_jax.evaluation import config as eval_config
 from clip_jax.models import overrides as model_overrides
 
-VARIANTS = ("tiny", "tiny_rn", "vit_b32", "vit_b16", "vit_l14", "rn50", "rn101", "lit_b32")
+VARIANTS = (
+    "tiny",
+    "tiny_rn",
+    "vit_b32",
+    "vit_b16",
+    "vit_l14",
+    "rn50",
+    "rn101",
+    "lit_b32",
+    "vit_b16_flip",
+    "vit_b16_clipa",
+)
 
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
@@ -39,6 +52,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # compiles for deep models). Params are stored stacked (`resblocks` [layers, ...]);
     # init_from weights are stacked automatically. ResNet towers are never scanned.
     c.model.scan_layers = False
+    # FLIP patch dropout (ViT towers): fraction of image patch tokens dropped per sample at
+    # train time, uniformly at random (class token kept; 0: off). The image tower runs on the
+    # kept tokens only, so 0.5 roughly halves its cost. Never applied in evaluation/inference.
+    c.model.patch_dropout = 0.0
+    # Input sizes (0: the architecture's own, from model.name or the init_from weights). A
+    # different image_size resizes loaded image positional embeddings (bicubic over the patch
+    # grid, class token kept, as open_clip); a shorter context_length truncates the text
+    # positional embedding. For low-resolution stages (CLIPA) and resolution fine-tuning.
+    c.model.image_size = 0
+    c.model.context_length = 0
     # Fields of the named architecture to replace, e.g. a small test model:
     # --config.model.embed_dim=64 --config.model.vision.width=64 --config.model.text.layers=1.
     # Unset (None): the architecture's value; must stay unset with init_from. Top level:
@@ -74,6 +97,11 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # tuple of axes), e.g. (("text/token_embedding/embedding", ("fsdp", None)),). Params no
     # rule matches are split along their largest dimension divisible by mesh.fsdp.
     c.sharding_rules = ()
+    # Stages run in sequence (clip_jax/stages.py): a tuple of dicts of dotted overrides, e.g.
+    # ({"total_steps": 9000, "model.image_size": 112}, {"total_steps": 1000}). Stage k trains
+    # in <workdir>/stage_<k>, stage k > 0 from stage k-1's final weights (fresh optimizer);
+    # each resumes on its own. Empty: one ordinary run in the workdir.
+    c.stages = ()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3  # peak learning rate
@@ -110,14 +138,16 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         pass
     elif variant == "tiny_rn":
         c.model.name = "tiny-rn"
-    elif variant in ("vit_b32", "vit_b16", "vit_l14", "rn50", "rn101"):
+    elif variant in ("vit_b32", "vit_b16", "vit_l14", "rn50", "rn101") or variant.startswith(
+        "vit_b16_"
+    ):
         c.model.name = {
             "vit_b32": "ViT-B-32",
             "vit_b16": "ViT-B-16",
             "vit_l14": "ViT-L-14",
             "rn50": "RN50",
             "rn101": "RN101",
-        }[variant]
+        }.get(variant, "ViT-B-16")
         # Paper-scale defaults; point data.* at real shards for real training.
         c.batch_size = 4096
         c.total_steps = 100_000
@@ -126,6 +156,34 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.dtype = "bfloat16"
         c.checkpoint_every = 1000
         c.log_every = 50
+        if variant == "vit_b16_flip":
+            # FLIP (Li et al. 2023): half the patch tokens dropped for most of the run (about
+            # 0.6x the step time of the same batch unmasked, benchmarks/RESULTS.md), then a short
+            # unmasked phase at a lower learning rate closes the train/test gap (all tokens
+            # at evaluation).
+            c.stages = (
+                {"total_steps": 95_000, "model.patch_dropout": 0.5},
+                {"total_steps": 5_000, "optim.lr": 5e-5, "optim.warmup_steps": 500},
+            )
+        elif variant == "vit_b16_clipa":
+            # CLIPA (Li et al. 2023, inverse scaling law): most steps at 112 px (49 patches,
+            # 1/4 of 224 px) with captions cut to a random 16-token block, then a short phase
+            # at 224 px with 32 tokens. The image positional embeddings are resized (bicubic)
+            # when stage 1 loads stage 0's weights; the text tower keeps its 77 positions.
+            c.stages = (
+                {
+                    "total_steps": 90_000,
+                    "model.image_size": 112,
+                    "data.context_length": 16,
+                    "data.text_shorten": "random_block",
+                },
+                {
+                    "total_steps": 10_000,
+                    "data.context_length": 32,
+                    "optim.lr": 1e-4,
+                    "optim.warmup_steps": 1000,
+                },
+            )
     else:  # lit_b32
         # Locked-image tuning: a converted image tower, frozen; the text tower trains.
         c.model.name = "ViT-B-32"

@@ -22,6 +22,7 @@ class FakeTokenizer:
     """
 
     vocab_size = 259
+    sot_id = 1
     eot_id = 2
     pad_id = 0
 

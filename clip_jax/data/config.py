@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from clip_jax.data import text_shorten
 from clip_jax.data.transforms import RESIZE_METHODS
 
 SOURCES = ("demo", "tfds", "tar", "tfrecord", "image_folder", "synthetic")
@@ -95,6 +96,12 @@ def get_default_config() -> ml_collections.ConfigDict:
     c.device_prefetch = 2
     # Tokenizer: "clip-bpe" (OpenAI BPE) or a path to a SentencePiece ".model" file.
     c.tokenizer = "clip-bpe"
+    # Short-text training (CLIPA): training captions get this many tokens (0: the model's
+    # context; evaluation always uses the model's). Longer captions are cut as text_shorten
+    # says, keeping start/end tokens: "truncate" (the first tokens), "random_subset" (random
+    # tokens in order) or "random_block" (a random run of consecutive tokens).
+    c.context_length = 0
+    c.text_shorten = "truncate"
     # tf.data private thread pool size (0 = TF's shared default pool).
     c.threadpool_size = 0
     # No caching options: raw records are cheap to re-read and caching decoded images would
@@ -224,6 +231,9 @@ def validate(config) -> None:
     for key in ("num_parallel_calls", "prefetch"):
         if int(config[key]) < -1 or (key == "num_parallel_calls" and int(config[key]) == 0):
             raise ValueError(f"data.{key}={config[key]!r} must be -1 (AUTOTUNE) or positive")
+    text_shorten.check(
+        str(_get(config, "text_shorten", "truncate")), _get(config, "context_length", 0)
+    )
     tok = config.tokenizer
     if not isinstance(tok, str):
         raise ValueError(

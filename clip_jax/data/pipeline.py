@@ -4,7 +4,8 @@ Train, per source: this process's shards in seeded groups read round-robin (`ord
 tar records cross from Python a block at a time, TFRecords are read natively) -> block shuffle
 + exact skip -> weighted mix (one source: nothing) -> parallel decode + stateless random resized
 crop, samples without image or caption and undecodable ones dropped -> batch (drop_remainder)
--> batched tokenisation -> prefetch. Every batch carries `position`, the
+-> batched tokenisation (-> short-text cut, `text_shorten`) -> prefetch. Every batch carries
+`position`, the
 resume point after it (see `ordering` for the layout and `ordering.num_skipped`).
 
 Resuming costs the same at any position: the position is mapped to (shard group, records to
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import config as config_lib
-from clip_jax.data import ordering, shard_counts, sources, transforms
+from clip_jax.data import ordering, shard_counts, sources, text_shorten, transforms
 from clip_jax.data import shards as shards_lib
 
 # Salts that separate the random streams derived from one seed.
@@ -394,7 +395,9 @@ def build_train_dataset(
 
     Yields dicts:
       image: uint8 [local_batch_size, image_size, image_size, 3] (not normalised)
-      text: int32 [local_batch_size, context_length] token ids (0 = pad)
+      text: int32 [local_batch_size, L] token ids (0 = pad); L = data.context_length when set
+        (shorter captions, cut as data.text_shorten says; see `text_shorten`), else
+        `context_length` (the model's)
       position: int64 [num_sources + 1], the resume point after this batch: per source the
         raw records consumed, then the mixed records consumed (incl. skipped bad samples).
     Rebuilding with `start_position=<a batch's position>` continues with exactly the batch the
@@ -406,6 +409,30 @@ def build_train_dataset(
     config_lib.validate(data_config)
     specs = config_lib.source_specs(data_config)
     start = ordering.normalize_start(start_position, len(specs))
+    length, shorten = _text_length(data_config, context_length)
+    if shorten is not None:  # random cuts need the whole caption: tokenise at full length
+        full = build_train_dataset(
+            _with_full_text(data_config),
+            image_size=image_size,
+            tokenizer=tokenizer,
+            context_length=context_length,
+            local_batch_size=local_batch_size,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            start_position=start_position,
+            watch=watch,
+            index_dir=index_dir,
+        )
+        return text_shorten.shorten_dataset(
+            full,
+            length=length,
+            mode=shorten,
+            seed=seed,
+            process_index=process_index,
+            has_sot=getattr(tokenizer, "sot_id", None) is not None,
+        )
+    context_length = length
     if specs[0].source == "synthetic":
         from clip_jax.data import synthetic
 
@@ -515,6 +542,34 @@ def build_train_dataset(
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.prefetch(int(data_config.prefetch))
     return _apply_options(ds, int(data_config.threadpool_size))
+
+
+def _text_length(data_config, context_length: int) -> tuple[int, str | None]:
+    """(training text length, the text_shorten mode when captions must be tokenised at the
+    model's `context_length` first and then cut, else None)."""
+    length = int(data_config.get("context_length", 0) or 0)
+    mode = str(data_config.get("text_shorten", "truncate"))
+    if not length or length == context_length:
+        return context_length, None
+    if length > context_length:
+        raise ValueError(
+            f"data.context_length={length} is longer than the model's text context {context_length}"
+        )
+    # Tokenising at `length` truncates exactly as text_shorten.shorten(mode="truncate") does,
+    # for real sources; synthetic rows are cut like captions.
+    if mode == "truncate" and config_lib.source_specs(data_config)[0].source != "synthetic":
+        return length, None
+    return length, mode
+
+
+def _with_full_text(data_config):
+    """The data config with data.context_length unset (the model's context)."""
+    if isinstance(data_config, dict):
+        return dict(data_config, context_length=0)
+    full = data_config.copy_and_resolve_references()
+    with full.unlocked():
+        full.context_length = 0
+    return full
 
 
 def _pad_batch(batch: dict, batch_size: int) -> dict:

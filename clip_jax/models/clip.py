@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from clip_jax.models.config import CLIPConfig
+from clip_jax.models.patch_dropout import check_rate
 from clip_jax.models.resnet import ModifiedResNet
 from clip_jax.models.text import TextTransformer
 from clip_jax.models.transformer import Dtype
@@ -36,9 +37,20 @@ class CLIP(nn.Module):
     # models/transformer.py): per-block rematerialisation and nn.scan over Transformer blocks.
     remat: str = "none"
     scan_layers: bool = False
+    # FLIP patch dropout for ViT towers (models/patch_dropout.py): fraction of image patch
+    # tokens dropped per sample in train mode; 0 = off. Also a training option.
+    patch_dropout: float = 0.0
 
     def setup(self):
         cfg = self.config
+        tower_kwargs = {}
+        if self.patch_dropout:
+            if cfg.vision.type != "vit":
+                raise ValueError(
+                    f"patch_dropout={self.patch_dropout} needs a ViT image tower, "
+                    f"not {cfg.vision.type!r}"
+                )
+            tower_kwargs["patch_dropout"] = check_rate(self.patch_dropout)
         tower = {"vit": VisionTransformer, "resnet": ModifiedResNet}[cfg.vision.type]
         self.image = tower(
             cfg.vision,
@@ -47,6 +59,7 @@ class CLIP(nn.Module):
             dtype=self.dtype,
             remat=self.remat,
             scan_layers=self.scan_layers,
+            **tower_kwargs,
         )
         self.text = TextTransformer(
             cfg.text,
@@ -64,22 +77,34 @@ class CLIP(nn.Module):
                 "logit_bias", nn.initializers.constant(cfg.init_logit_bias), ()
             )
 
-    def encode_image(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """[B, H, W, 3] normalised float -> [B, D] float32, unnormalised (as OpenAI)."""
-        return self.image(images, train=train).astype(jnp.float32)
+    def encode_image(
+        self, images: jax.Array, train: bool = False, patch_noise: jax.Array | None = None
+    ) -> jax.Array:
+        """[B, H, W, 3] normalised float -> [B, D] float32, unnormalised (as OpenAI).
+
+        `patch_noise` [B, N] float32 picks the kept patches under patch dropout (train=True
+        only; see VisionTransformer); None draws them from the "dropout" RNG stream."""
+        kwargs = {} if patch_noise is None else {"patch_noise": patch_noise}
+        return self.image(images, train=train, **kwargs).astype(jnp.float32)
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """[B, L] int32 -> [B, D] float32, unnormalised (as OpenAI)."""
         return self.text(tokens).astype(jnp.float32)
 
     def __call__(
-        self, images: jax.Array, tokens: jax.Array, train: bool = False
+        self,
+        images: jax.Array,
+        tokens: jax.Array,
+        train: bool = False,
+        patch_noise: jax.Array | None = None,
     ) -> dict[str, jax.Array]:
         """Both towers: returns L2-normalised `image_embeddings` [B, D], `text_embeddings` [B, D]
         (float32), the raw `logit_scale` parameter (a log; exp it and clip at 100 for logits)
-        and, for SigLIP-style models, `logit_bias`."""
+        and, for SigLIP-style models, `logit_bias`. `patch_noise`: see `encode_image`."""
         out = {
-            "image_embeddings": l2_normalize(self.encode_image(images, train=train)),
+            "image_embeddings": l2_normalize(
+                self.encode_image(images, train=train, patch_noise=patch_noise)
+            ),
             "text_embeddings": l2_normalize(self.encode_text(tokens)),
             "logit_scale": self.logit_scale.astype(jnp.float32),
         }

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.models import patch_dropout as patch_dropout_lib
 from clip_jax.models.config import VisionTransformerConfig, check_image_shape
 from clip_jax.models.transformer import Dtype, Transformer, layer_norm
 
@@ -26,11 +27,21 @@ class VisionTransformer(nn.Module):
     dtype: Dtype = jnp.float32
     remat: str = "none"  # per-block activation rematerialisation (transformer.py)
     scan_layers: bool = False  # nn.scan over the blocks (stacked `resblocks` params)
+    # FLIP patch dropout (models/patch_dropout.py): fraction of patch tokens dropped per sample
+    # when train=True. A training option, not part of the architecture.
+    patch_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        """[B, H, W, 3] float (normalised) -> [B, output_dim] in `dtype` (not normalised)."""
-        del train  # no dropout or batch statistics in this tower
+    def __call__(
+        self, images: jax.Array, train: bool = False, patch_noise: jax.Array | None = None
+    ) -> jax.Array:
+        """[B, H, W, 3] float (normalised) -> [B, output_dim] in `dtype` (not normalised).
+
+        With train=True and patch_dropout > 0 only `num_kept` random patch tokens (plus the class
+        token) enter the Transformer; which ones is decided by `patch_noise` [B, N] float32
+        (N = grid patches; each sample keeps its lowest-noise patches), or, when that is None,
+        by noise drawn from the "dropout" RNG stream. train=False always sees every token.
+        """
         cfg = self.config
         check_image_shape(images, cfg.image_size)
         width = cfg.width
@@ -53,6 +64,12 @@ class VisionTransformer(nn.Module):
             "positional_embedding", nn.initializers.normal(scale), (grid_h * grid_w + 1, width)
         )
         x = x + positional.astype(self.dtype)
+        if train and self.patch_dropout > 0:
+            if patch_noise is None:
+                patch_noise = patch_dropout_lib.sample_noise(
+                    self.make_rng("dropout"), batch, grid_h * grid_w
+                )
+            x = patch_dropout_lib.keep_patches(x, patch_noise, self.patch_dropout)
         x = layer_norm("ln_pre", self.dtype)(x)
         x = Transformer(
             cfg.layers,

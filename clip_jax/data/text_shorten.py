@@ -1,0 +1,110 @@
+"""Short-text training (CLIPA): captions cut to a shorter context than the model's.
+
+CLIPA (Li et al. 2023, "An Inverse Scaling Law for CLIP Training") trains most steps with
+short text (e.g. 8-32 tokens instead of 77) and low-resolution images, then continues briefly
+at full size. The text tower's cost is linear-to-quadratic in the context length, and its
+positional embedding needs no change: a [B, L'] batch uses the first L' positions.
+
+Ways to cut a caption to `length` tokens, keeping the start-of-text token (when the tokenizer
+has one) and the end-of-text token, so `length - 2` content tokens remain (`length - 1`
+without a start token):
+
+- "truncate": the first ones (what tokenizing at `length` gives; the default).
+- "random_subset": a random subset, in their original order (CLIPA's "random" masking,
+  open_clip's `random_mask_tokenize`).
+- "random_block": a random run of consecutive tokens (open_clip's `simple_mask_tokenize`).
+
+Captions that already fit are kept whole. The random choices are seeded by (seed, process,
+batch position), so a resumed run cuts its captions exactly as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+MODES = ("truncate", "random_subset", "random_block")
+_SALT = 5  # beside pipeline.py's per-purpose salts (1-4)
+
+
+def check(mode: str, length: int) -> None:
+    """Raises ValueError naming the data key for an unknown mode or an impossible length."""
+    if mode not in MODES:
+        raise ValueError(f"data.text_shorten={mode!r}; choose one of {MODES}")
+    if isinstance(length, bool) or not isinstance(length, int) or (0 < length < 3) or length < 0:
+        raise ValueError(
+            f"data.context_length={length!r} must be 0 (the model's context) or >= 3 "
+            f"(start, end and at least one content token)"
+        )
+
+
+def shorten(
+    tokens: np.ndarray,
+    length: int,
+    mode: str,
+    rng: np.random.Generator,
+    has_sot: bool = True,
+    pad_id: int = 0,
+) -> np.ndarray:
+    """int32 [B, L] token rows (`[sot] + ids + [eot]`, right-padded) -> int32 [B, length].
+
+    The end-of-text token is each row's last non-pad token (pad id 0 is also a real BPE token,
+    so non-pad tokens are not counted). `rng` draws the random modes' choices.
+    """
+    check(mode, length)
+    tokens = np.asarray(tokens)
+    batch, full = tokens.shape
+    head = 1 if has_sot else 0
+    keep = length - head - 1  # content tokens that fit
+    non_pad = tokens != pad_id
+    eot = full - 1 - np.argmax(non_pad[:, ::-1], axis=1)  # [B]
+    out = np.full((batch, length), pad_id, dtype=np.int32)
+    for i in range(batch):
+        e = int(eot[i])
+        content = tokens[i, head:e]
+        n = content.shape[0]
+        if n > keep:
+            if mode == "truncate":
+                content = content[:keep]
+            elif mode == "random_subset":
+                content = content[np.sort(rng.permutation(n)[:keep])]
+            else:  # random_block
+                start = int(rng.integers(0, n - keep + 1))
+                content = content[start : start + keep]
+        row = np.concatenate([tokens[i, :head], content, tokens[i, e : e + 1]])
+        out[i, : row.shape[0]] = row
+    return out
+
+
+def shorten_dataset(
+    ds: "tf.data.Dataset",
+    *,
+    length: int,
+    mode: str,
+    seed: int,
+    process_index: int,
+    has_sot: bool,
+) -> "tf.data.Dataset":
+    """Maps batches {"text": int32 [B, L], "position": int64 [...], ...} to text int32
+    [B, length]. The position's last entry (records consumed, unique per batch) seeds the
+    random choices with (seed, process_index)."""
+    import tensorflow as tf  # lazily: `check` serves config validation without TensorFlow
+
+    check(mode, length)
+
+    def body(tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(
+            [seed & 0xFFFFFFFF, process_index, _SALT, int(np.asarray(position).reshape(-1)[-1])]
+        )
+        return shorten(tokens, length, mode, rng, has_sot=has_sot)
+
+    def apply(batch):
+        text = tf.numpy_function(body, [batch["text"], batch["position"]], tf.int32, stateful=False)
+        text.set_shape([batch["text"].shape[0], length])
+        return dict(batch, text=text)
+
+    return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

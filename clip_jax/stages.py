@@ -1,0 +1,141 @@
+"""A training schedule of stages run in sequence, each continuing from the previous one.
+
+`config.stages` is a tuple of dicts of dotted config overrides, e.g. CLIPA's low-resolution,
+short-text pre-training followed by a short full-size phase:
+
+    c.stages = (
+        {"total_steps": 9000, "model.image_size": 112, "data.context_length": 16},
+        {"total_steps": 1000, "optim.lr": 1e-4},
+    )
+
+Stage k trains the base config with its own overrides (not those of earlier stages) in
+`<workdir>/stage_<k>`: a normal training workdir, so an interrupted stage resumes from its own
+checkpoints. Stage k > 0 starts from stage k-1's final weights (`init_from=<workdir>/
+stage_<k-1>`; fresh optimizer state and learning-rate schedule); the architecture then comes
+from those weights, and `model.image_size` / `model.context_length`, when a stage leaves them
+at 0, are the base architecture's (model.name with its overrides), so a later stage returns to
+full size without saying so. A stage that finished writes `<stage dir>/stage_complete.json`;
+rerunning the same command skips finished stages and resumes the first unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import jax
+from absl import logging
+
+from clip_jax.models import overrides as overrides_lib
+
+COMPLETE_FILE = "stage_complete.json"
+
+
+class StageError(ValueError):
+    """A stage entry cannot be applied to the config; the message names the stage and key."""
+
+
+def stage_dir(workdir: str, k: int) -> str:
+    return os.path.join(workdir, f"stage_{k}")
+
+
+def _entries(config) -> list[dict[str, Any]]:
+    entries = []
+    for i, entry in enumerate(tuple(config.stages)):
+        entry = entry.to_dict() if hasattr(entry, "to_dict") else entry
+        if not isinstance(entry, dict):
+            raise StageError(f"config.stages[{i}]={entry!r}: must be a dict of dotted overrides")
+        entries.append(dict(entry))
+    return entries
+
+
+def _set(config, dotted: str, value: Any, where: str) -> None:
+    *parents, leaf = dotted.split(".")
+    target = config
+    try:
+        for p in parents:
+            target = target[p]
+        if leaf not in target:
+            raise KeyError(leaf)
+        target[leaf] = value
+    except (KeyError, AttributeError):
+        raise StageError(f"{where}: unknown config key {dotted!r}") from None
+    except (TypeError, ValueError) as e:
+        raise StageError(f"{where}: {dotted}={value!r}: {e}") from None
+
+
+def _base_sizes(config) -> tuple[int, int]:
+    """(image_size, context_length) of the base architecture (model.name + overrides, then
+    model.image_size / model.context_length); (0, 0) when the base starts from init_from
+    weights, whose sizes only the loaded weights know."""
+    if config.init_from:
+        return 0, 0
+    from clip_jax import models, train_setup
+
+    arch = models.get_model_config(config.model.name, **train_setup.model_overrides(config))
+    return (
+        int(config.model.get("image_size", 0) or 0) or arch.image_size,
+        int(config.model.get("context_length", 0) or 0) or arch.context_length,
+    )
+
+
+def stage_configs(config, workdir: str) -> list[tuple[str, Any]]:
+    """[(stage workdir, stage config)] for `config.stages` (each config without `stages`)."""
+    entries = _entries(config)
+    if not entries:
+        raise StageError("config.stages is empty: nothing to run in stages")
+    image_size, context_length = _base_sizes(config)
+    out = []
+    for k, entry in enumerate(entries):
+        where = f"config.stages[{k}]"
+        stage = config.copy_and_resolve_references()
+        stage.unlock()
+        stage.stages = ()
+        if k > 0:
+            if "init_from" in entry:
+                raise StageError(
+                    f"{where}: sets init_from, but stage {k} starts from stage {k - 1}'s weights"
+                )
+            # The architecture now comes from the previous stage's weights: unset its fields.
+            for dotted in overrides_lib.set_fields(stage.model):
+                _set(stage, f"model.{dotted}", None, where)
+            stage.init_from = stage_dir(workdir, k - 1)
+            if not stage.model.get("image_size"):
+                stage.model.image_size = image_size
+            if not stage.model.get("context_length"):
+                stage.model.context_length = context_length
+        for key, value in entry.items():
+            _set(stage, key, value, where)
+        stage.lock()
+        out.append((stage_dir(workdir, k), stage))
+    return out
+
+
+def is_complete(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, COMPLETE_FILE))
+
+
+def run(config, workdir: str, train_fn: Callable[..., dict] | None = None, **kwargs) -> dict:
+    """Runs the stages in order, skipping finished ones; returns the last stage's history (with
+    `stage`). Stops after a stage that was preempted (history["preempted"]): rerun to resume.
+    `train_fn(config, workdir, **kwargs)` defaults to `clip_jax.train.train`."""
+    if train_fn is None:
+        from clip_jax import train
+
+        train_fn = train.train
+    history: dict = {}
+    stages = stage_configs(config, workdir)
+    for k, (directory, stage) in enumerate(stages):
+        if is_complete(directory):
+            logging.info("stage %d of %d already finished (%s)", k, len(stages), directory)
+            continue
+        logging.info("stage %d of %d in %s", k, len(stages), directory)
+        history = dict(train_fn(stage, directory, **kwargs), stage=k)
+        if history.get("preempted"):
+            logging.warning("stage %d was preempted; rerun the same command to resume", k)
+            return history
+        if jax.process_index() == 0:
+            with open(os.path.join(directory, COMPLETE_FILE), "w", encoding="utf-8") as f:
+                json.dump({"stage": k, "step": history.get("step")}, f)
+    return history
