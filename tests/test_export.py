@@ -188,7 +188,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
 def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
     """Train the tiny config 2 steps; export its checkpoint in both formats (one through the
     command line, --step); both reload with clip_jax's embeddings."""
-    from test_train import get_config
+    from train_runs import get_config
 
     from clip_jax import train
 

@@ -285,7 +285,7 @@ def test_convert_cli_reads_hub_and_lists_pretrained(hub_cache, tmp_path, capsys)
 
 def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
     import ml_collections
-    from test_train import get_config
+    from train_runs import get_config
 
     from clip_jax import evaluation, train, train_setup
     from clip_jax.evaluate import evaluate

@@ -10,7 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from test_train import get_config
+from train_runs import get_config
 
 from clip_jax import checkpoint, model_store, train, train_setup
 

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_scale import SMALL, _batch, _max_diff, small_config
+from train_runs import SMALL_MODEL, max_abs_diff, small_config, synthetic_batch
 
 from clip_jax import models, sharding, step, train
 from clip_jax.models import patch_dropout
@@ -13,7 +13,9 @@ from clip_jax.models.transformer import stack_layers, unstack_layers
 
 
 def _model(rate=0.5, **kwargs):
-    return models.CLIP(models.get_model_config("tiny-vit", **SMALL), patch_dropout=rate, **kwargs)
+    return models.CLIP(
+        models.get_model_config("tiny-vit", **SMALL_MODEL), patch_dropout=rate, **kwargs
+    )
 
 
 def test_kept_counts_follow_open_clip():
@@ -102,7 +104,7 @@ def test_accumulation_remat_scan_and_fsdp_see_the_same_masks():
     model = _model(0.5)
     params = jax.jit(model.init_variables)(jax.random.key(0))["params"]
     noise = patch_dropout.sample_noise(jax.random.key(5), 16, 64)
-    batch = dict(_batch(16), patch_noise=noise)
+    batch = dict(synthetic_batch(16), patch_noise=noise)
     ref_fn = jax.jit(step.make_grad_fn(model, None))
     ref_loss, _, ref_grads, _ = ref_fn(params, {}, batch)
     other = ref_fn(params, {}, dict(batch, patch_noise=1.0 - noise))
@@ -126,7 +128,7 @@ def test_accumulation_remat_scan_and_fsdp_see_the_same_masks():
         jax.device_put(batch, sharding.batch_sharding(mesh)),
     )
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    assert _max_diff(unstack_layers(grads), ref_grads) <= 1e-5
+    assert max_abs_diff(unstack_layers(grads), ref_grads) <= 1e-5
 
 
 def test_step_noise_is_per_step_and_reproducible():

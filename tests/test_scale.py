@@ -8,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from train_runs import SMALL_MODEL, get_config, losses, read_metrics, small_config
+from train_runs import (
+    SMALL_MODEL,
+    get_config,
+    losses,
+    max_abs_diff,
+    read_metrics,
+    small_config,
+    synthetic_batch,
+)
 
 from clip_jax import checkpoint, model_store, models, sharding, step, train, train_setup
-from clip_jax.data.synthetic import make_pool
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
 
@@ -95,21 +102,10 @@ def _small_model(**kwargs):
     return models.CLIP(models.get_model_config("tiny-vit", **SMALL_MODEL), **kwargs)
 
 
-def _batch(n=32, seed=0):
-    images, tokens = make_pool(n, 64, 32, 49408, seed)
-    return {"image": jnp.asarray(images), "text": jnp.asarray(tokens)}
-
-
-def _max_diff(a, b):
-    return max(
-        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
 def test_remat_and_scan_give_the_same_loss_and_gradients():
     plain = _small_model()
     params = jax.jit(plain.init_variables)(jax.random.key(0))["params"]
-    batch = _batch(8)
+    batch = synthetic_batch(8)
     ref_loss, _, ref_grads, _ = jax.jit(step.make_grad_fn(plain, None))(params, {}, batch)
     scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref_grads))
     for remat, scan in [
@@ -126,9 +122,9 @@ def test_remat_and_scan_give_the_same_loss_and_gradients():
             assert grads["image"]["transformer"]["resblocks"]["ln_1"]["scale"].shape == (2, 64)
             grads = unstack_layers(grads)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-        assert _max_diff(grads, ref_grads) <= 1e-4 * scale, (remat, scan)
+        assert max_abs_diff(grads, ref_grads) <= 1e-4 * scale, (remat, scan)
     assert unstack_layers(stack_layers(params)).keys() == params.keys()
-    assert _max_diff(unstack_layers(stack_layers(params)), params) == 0.0
+    assert max_abs_diff(unstack_layers(stack_layers(params)), params) == 0.0
 
 
 def test_accumulation_gives_full_batch_gradients_with_less_memory():
@@ -136,7 +132,7 @@ def test_accumulation_gives_full_batch_gradients_with_less_memory():
     memory; on a 2x4 mesh too (CLIP and SigLIP losses)."""
     model = _small_model()
     params = jax.jit(model.init_variables)(jax.random.key(0))["params"]
-    batch = _batch(32)
+    batch = synthetic_batch(32)
     compiled = {}
     for k in (1, 4):
         fn = jax.jit(step.make_grad_fn(model, None, accumulation_steps=k))
@@ -145,7 +141,7 @@ def test_accumulation_gives_full_batch_gradients_with_less_memory():
     loss, metrics, grads, _ = compiled[4](params, {}, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["i2t_accuracy"], ref_metrics["i2t_accuracy"])
-    assert _max_diff(grads, ref_grads) <= 1e-5
+    assert max_abs_diff(grads, ref_grads) <= 1e-5
     temp = {k: c.memory_analysis().temp_size_in_bytes for k, c in compiled.items()}
     print(f"accumulation temp bytes: K=1 {temp[1]}, K=4 {temp[4]}")
     assert temp[4] < 0.6 * temp[1], temp
@@ -164,7 +160,7 @@ def test_accumulation_gives_full_batch_gradients_with_less_memory():
     )
     loss, _, grads, _ = fn(sharded_params, {}, sharded_batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    assert _max_diff(grads, ref_grads) <= 1e-5
+    assert max_abs_diff(grads, ref_grads) <= 1e-5
     assert any(not g.sharding.is_fully_replicated for g in jax.tree.leaves(grads))
 
     siglip = models.CLIP(model.config.replace(init_logit_bias=-10.0))
@@ -176,7 +172,7 @@ def test_accumulation_gives_full_batch_gradients_with_less_memory():
         step.make_grad_fn(siglip, mesh, loss="siglip", accumulation_steps=2)
     )(sig_params, {}, sharded_batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    assert _max_diff(grads, ref_grads) <= 1e-5
+    assert max_abs_diff(grads, ref_grads) <= 1e-5
     assert float(jnp.abs(grads["logit_bias"])) > 0
 
 
@@ -222,7 +218,7 @@ def test_converted_weights_train_scanned_and_eval_metrics_are_logged(tmp_path):
     assert loaded.meta["scan_layers"] is True
     # lr 0: the stacked checkpoint holds exactly the converted weights.
     assert (
-        _max_diff(
+        max_abs_diff(
             unstack_layers(jax.device_get(trained["params"])), jax.device_get(variables["params"])
         )
         == 0.0

@@ -73,7 +73,7 @@ def test_two_stage_low_resolution_then_full_size_run(tmp_path):
 
 @pytest.mark.parametrize("variant", ["vit_b16_flip", "vit_b16_clipa"])
 def test_recipe_configs_are_valid_stage_schedules(tmp_path, variant):
-    from test_train import get_config
+    from train_runs import get_config
 
     from clip_jax import train
 
@@ -89,9 +89,9 @@ def test_recipe_configs_are_valid_stage_schedules(tmp_path, variant):
 
 
 def test_cli_runs_stages_and_reports_a_bad_stage_in_one_line(tmp_path):
-    from test_train import _run_cli
+    from train_runs import run_train_cli
 
-    proc = _run_cli(
+    proc = run_train_cli(
         "--workdir", str(tmp_path / "w"), "--config.stages=({'total_stepz': 1},)", timeout=120
     )
     assert proc.returncode != 0

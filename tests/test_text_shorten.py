@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from test_data_helpers import data_config, take
+from data_samples import data_config, take
 
 from clip_jax import tokenizers
 from clip_jax.data import config as config_lib

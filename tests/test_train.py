@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from train_runs import REPO, get_config, losses, read_metrics
+from train_runs import REPO, get_config, losses, read_metrics, run_train_cli
 
 from clip_jax import checkpoint, model_store, train
 
@@ -91,39 +91,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert list((straight / "tensorboard").iterdir())
 
 
-def _run_cli(*args, env_extra=None, **kwargs):
-    env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clip_jax.train",
-            "--config",
-            str(REPO / "configs" / "clip.py") + ":tiny",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        **kwargs,
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("--config.batch_sise=3", "batch_sise"),
-        ("--config.model.vision.wdth=3", 'Did you mean "width"'),
-        ("--config.batch_size=abc", "batch_size"),
-        ("--config.batch_size=12", "divisible by the 8"),
-        ("--config.data.source=tar", "data.shards is empty"),
-        ("--config.model.name=ViT-Z-1", "unknown model"),
-        ("--config.model.attention_impl=flash", "model.attention_impl='flash'"),
-    ],
-)
 def test_bad_config_is_a_one_line_error(tmp_path, override, message):
-    proc = _run_cli("--workdir", str(tmp_path / "w"), override, timeout=120)
+    proc = run_train_cli("--workdir", str(tmp_path / "w"), override, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "clip_jax.train: error" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]

@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,3 +67,42 @@ def read_metrics(workdir):
 def losses(workdir):
     """{step: loss} from `workdir`/metrics.jsonl."""
     return {m["step"]: m["loss"] for m in read_metrics(workdir)}
+
+
+def synthetic_batch(n=32, seed=0) -> dict:
+    """A batch for the SMALL model: image uint8 [n, 64, 64, 3] and text int32 [n, 32]."""
+    import jax.numpy as jnp
+
+    from clip_jax.data.synthetic import make_pool
+
+    images, tokens = make_pool(n, 64, 32, 49408, seed)
+    return {"image": jnp.asarray(images), "text": jnp.asarray(tokens)}
+
+
+def max_abs_diff(a, b) -> float:
+    """The largest absolute difference between the leaves of two pytrees."""
+    import jax
+    import jax.numpy as jnp
+
+    return max(
+        float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+def run_train_cli(*args, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m clip_jax.train --config configs/clip.py:tiny *args`, output captured."""
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clip_jax.train",
+            "--config",
+            str(REPO / "configs" / "clip.py") + ":tiny",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        **kwargs,
+    )
