@@ -80,7 +80,7 @@ TOKENIZER_NAME = "clip-bpe"  # OpenAI/open_clip CLIP models all use OpenAI's BPE
 
 def _import_torch(path: str | os.PathLike):
     try:
-        import torch  # pylint: disable=import-outside-toplevel
+        import torch
     except ImportError as e:
         raise ImportError(
             f"reading the PyTorch checkpoint {os.fspath(path)!r} needs torch, which "
@@ -174,8 +174,8 @@ def _torch_error_text(error: BaseException) -> str:
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     # The numpy reader needs no torch and reads bfloat16 too (as an ml_dtypes array).
     try:
-        from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
-        from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
     except ImportError as e:
         raise ImportError(
             f"reading {str(path)!r} needs the `safetensors` package: `pip install safetensors`"
@@ -594,7 +594,7 @@ def convert_file(
     must then be None. `quick_gelu=None` means QuickGELU for OpenAI TorchScript archives (their
     released weights need it), otherwise as in `convert_state_dict`.
     """
-    # pylint: disable=import-outside-toplevel  (hub imports convert; orbax only when saving)
+    # hub imports convert; orbax is imported only when saving.
     from clip_jax import hub, model_store
 
     if hub.is_reference(input_path):
@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> None:
         "--overwrite", action="store_true", help="replace an existing output directory"
     )
     args = parser.parse_args(argv)
-    from clip_jax import hub  # pylint: disable=import-outside-toplevel  (hub imports convert)
+    from clip_jax import hub  # hub imports convert
 
     if args.list_pretrained:
         print("\n".join(hub.list_pretrained()))

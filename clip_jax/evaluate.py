@@ -33,7 +33,7 @@ _BENCHMARKS = _TFDS_DATA_DIR = _PAPER_MODEL = None
 def define_flags() -> None:
     """Defines the command-line flags (only when run as a program, so that this module can be
     imported next to `clip_jax.train`, which defines a `--config` flag of its own)."""
-    global _CONFIG, _WORKDIR, _STEP, _INIT_FROM, _DTYPE  # pylint: disable=global-statement
+    global _CONFIG, _WORKDIR, _STEP, _INIT_FROM, _DTYPE
     _CONFIG = config_flags.DEFINE_config_file(
         "config",
         None,
@@ -63,7 +63,7 @@ def define_flags() -> None:
 
 def define_benchmark_flags() -> None:
     """The flags of the zero-shot benchmark suite (`--benchmarks`)."""
-    global _BENCHMARKS, _TFDS_DATA_DIR, _PAPER_MODEL  # pylint: disable=global-statement
+    global _BENCHMARKS, _TFDS_DATA_DIR, _PAPER_MODEL
     _BENCHMARKS = flags.DEFINE_string(
         "benchmarks",
         None,

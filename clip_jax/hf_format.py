@@ -282,7 +282,7 @@ def bpe_tokenizer_files(context_length: int) -> dict[str, str]:
     exactly as OpenAI's tokenizer builds its table (256 bytes, their `</w>` forms, the merges,
     then the two special tokens, ids 49406/49407).
     """
-    from clip_jax.tokenizers import bpe  # pylint: disable=import-outside-toplevel
+    from clip_jax.tokenizers import bpe
 
     with gzip.open(bpe.DEFAULT_BPE_PATH) as f:
         lines = f.read().decode("utf-8").split("\n")[1 : bpe.NUM_MERGES + 1]

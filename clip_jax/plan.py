@@ -42,7 +42,7 @@ GiB = 2**30
 
 def define_flags() -> None:
     """Command-line flags (only when run as a program: `clip_jax.train` defines `--config`)."""
-    global _CONFIG, _TOPOLOGY, _MFU, _SEARCH, _HBM_GIB, _EVAL, _JSON  # pylint: disable=global-statement
+    global _CONFIG, _TOPOLOGY, _MFU, _SEARCH, _HBM_GIB, _EVAL, _JSON
     from ml_collections import config_flags
 
     _CONFIG = config_flags.DEFINE_config_file(
@@ -125,7 +125,7 @@ class FlopCounter:
         self._mesh = sharding.create_mesh(1, 1, devices=jax.devices("cpu")[:1])
         self._loaded = loaded
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one counter per plan, few remat values
+    @functools.lru_cache(maxsize=None)  # one counter per plan, few remat values
     def step(self, remat: str) -> float:
         """FLOPs of the loop-free step with `remat`."""
         from clip_jax import metrics, train_setup
@@ -143,7 +143,7 @@ class FlopCounter:
             raise PlanError("XLA's cost analysis gave no FLOP count for the step")
         return flops
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019
+    @functools.lru_cache(maxsize=None)
     def forward(self) -> float:
         """FLOPs of one forward pass of both towers over the global batch."""
         from clip_jax import metrics, train_setup

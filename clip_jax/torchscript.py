@@ -40,7 +40,7 @@ class UnsafeArchiveError(ValueError):
 
 
 def _storage_dtypes() -> dict[str, np.dtype]:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel  (a jax dependency)
+    import ml_dtypes  # a jax dependency
 
     return {
         "DoubleStorage": np.dtype(np.float64),

@@ -46,7 +46,7 @@ def count_tfrecord_records(path: str) -> int:
         f = tf.io.gfile.GFile(path, "rb")
         size = tf.io.gfile.stat(path).length
     else:
-        f = open(path, "rb", buffering=1 << 16)  # noqa: SIM115 - closed below
+        f = open(path, "rb", buffering=1 << 16)  # closed below
         size = os.fstat(f.fileno()).st_size
     count, offset = 0, 0
     with f:

@@ -47,7 +47,7 @@ def open_shard(path: str) -> BinaryIO:
 
         raw = tf.io.gfile.GFile(path, "rb")
     else:
-        raw = open(path, "rb", buffering=1 << 20)  # noqa: SIM115 - closed by the caller
+        raw = open(path, "rb", buffering=1 << 20)  # closed by the caller
     head = raw.read(2)
     raw.seek(0)
     if head == _GZIP_MAGIC:

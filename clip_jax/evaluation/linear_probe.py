@@ -113,16 +113,16 @@ def sweep_l2(
     """Fits every strength in `l2_grid` on the train features and returns (best l2, {l2:
     validation accuracy}); among equally accurate strengths the largest (simplest) wins."""
     probe = LogisticRegression(max_iters=max_iters)
-    probe._set_scaler(x_train)  # pylint: disable=protected-access
+    probe._set_scaler(x_train)
     grid = sorted(float(v) for v in l2_grid)
     w, b = _fit(
         probe._scale(x_train),
-        jnp.asarray(y_train),  # pylint: disable=protected-access
+        jnp.asarray(y_train),
         jnp.asarray(grid, jnp.float32),
         num_classes,
         int(max_iters),
     )
-    xv = np.asarray(probe._scale(x_val))  # pylint: disable=protected-access
+    xv = np.asarray(probe._scale(x_val))
     logits = np.einsum("nd,sdc->snc", xv, np.asarray(w)) + np.asarray(b)[:, None, :]
     accs = (logits.argmax(axis=2) == np.asarray(y_val)[None, :]).mean(axis=1)
     scores = {l2: float(a) for l2, a in zip(grid, accs)}
