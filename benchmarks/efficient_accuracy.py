@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import types
 
 import jax
 import numpy as np
+from efficient_training import optimizer  # this folder is on sys.path when run as a script
 
-from clip_jax import evaluation, host_memory, models, optim, sharding, tokenizers
+from clip_jax import evaluation, host_memory, models, sharding, tokenizers
 from clip_jax import step as step_lib
 from clip_jax.data import config as data_config_lib
 from clip_jax.data import pipeline
@@ -45,17 +45,7 @@ class Run:
         self.rates = rates  # patch dropout of each step
         model = self.models[rates[0]]
         abstract = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
-        optim_config = types.SimpleNamespace(
-            lr=lr,
-            warmup_steps=max(1, total_steps // 10),
-            end_lr_factor=0.0,
-            weight_decay=0.2,
-            b1=0.9,
-            b2=0.98,
-            eps=1e-6,
-            grad_clip_norm=0.0,
-        )
-        tx, schedule = optim.create_optimizer(optim_config, total_steps, abstract)
+        tx, schedule = optimizer(abstract, total_steps, lr, max(1, total_steps // 10))
         self.state = jax.jit(lambda: step_lib.init_train_state(model, tx, seed))()
         size, length = model_config.image_size, model_config.context_length
         batch_shape = {

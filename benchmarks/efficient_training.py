@@ -37,10 +37,11 @@ CONFIGS = {
 }
 
 
-def _optimizer(abstract_params):
+def optimizer(abstract_params, total_steps: int = 1000, lr: float = 1e-4, warmup: int = 10):
+    """The trainer's AdamW + warmup-cosine schedule with configs/clip.py's other defaults."""
     optim_config = types.SimpleNamespace(
-        lr=1e-4,
-        warmup_steps=10,
+        lr=lr,
+        warmup_steps=warmup,
         end_lr_factor=0.0,
         weight_decay=0.2,
         b1=0.9,
@@ -48,7 +49,7 @@ def _optimizer(abstract_params):
         eps=1e-6,
         grad_clip_norm=0.0,
     )
-    return optim.create_optimizer(optim_config, 1000, abstract_params)
+    return optim.create_optimizer(optim_config, total_steps, abstract_params)
 
 
 def build(model_name: str, batch: int, names: list[str], seed: int = 0) -> dict:
@@ -67,7 +68,7 @@ def build(model_name: str, batch: int, names: list[str], seed: int = 0) -> dict:
         size = config.image_size
         if size not in states:
             abstract = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
-            tx, schedule = _optimizer(abstract)
+            tx, schedule = optimizer(abstract)
             state = jax.jit(lambda: step_lib.init_train_state(model, tx, seed))()
             states[size] = (tx, schedule, state)
         tx, schedule, state = states[size]

@@ -71,6 +71,20 @@ def test_train_step_reports_throughput_and_model_flops():
 
 
 @pytest.mark.slow
+def test_efficient_training_prints_a_row_per_config_and_a_summary():
+    rows = _run(
+        "efficient_training.py",
+        *("--model", "tiny-vit", "--batch", "4", "--rounds", "1", "--steps", "1"),
+        *("--configs", "base,patch_dropout_0.75"),
+    )
+    timed = [r for r in rows if "step_s_median" in r]
+    assert [r["config"] for r in timed] == ["base", "patch_dropout_0.75"]
+    assert timed[0]["time_ratio"] == 1.0 and timed[1]["patch_dropout"] == 0.75
+    assert timed[1]["flops_ratio"] < 0.9  # a quarter of the patches: fewer FLOPs (XLA's count)
+    assert set(rows[-1]["ratios"]) == {"base", "patch_dropout_0.75"}
+
+
+@pytest.mark.slow
 def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     # Two cases (the non-decode 16 px one and one resize case) keep this under a minute on a
     # busy 2-core machine; --threads 1 exercises the pinning path.
