@@ -91,6 +91,19 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert list((straight / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.batch_sise=3", "batch_sise"),
+        ("--config.model.vision.wdth=3", 'Did you mean "width"'),
+        ("--config.batch_size=abc", "batch_size"),
+        ("--config.batch_size=12", "divisible by the 8"),
+        ("--config.data.source=tar", "data.shards is empty"),
+        ("--config.model.name=ViT-Z-1", "unknown model"),
+        ("--config.model.attention_impl=flash", "model.attention_impl='flash'"),
+    ],
+)
 def test_bad_config_is_a_one_line_error(tmp_path, override, message):
     proc = run_train_cli("--workdir", str(tmp_path / "w"), override, timeout=120)
     assert proc.returncode != 0
