@@ -5,8 +5,7 @@ tar records cross from Python a block at a time, TFRecords are read natively) ->
 + exact skip -> weighted mix (one source: nothing) -> parallel decode + stateless random resized
 crop, samples without image or caption and undecodable ones dropped -> batch (drop_remainder)
 -> batched tokenisation (-> short-text cut, `text_shorten`) -> prefetch. Every batch carries
-`position`, the
-resume point after it (see `ordering` for the layout and `ordering.num_skipped`).
+`position`, the resume point after it (see `ordering` for the layout and `ordering.num_skipped`).
 
 Resuming costs the same at any position: the position is mapped to (shard group, records to
 skip in each of its shards) from per-shard record counts (`shard_counts`), and only the shards
