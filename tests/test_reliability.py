@@ -20,7 +20,7 @@ import pytest
 from absl import flags
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from train_runs import REPO, SMALL, SMALL_FLAGS, get_config, losses, read_metrics
+from train_runs import REPO, SMALL, SMALL_FLAGS, get_config, losses, read_metrics, train_argv
 
 import clip_jax
 from clip_jax import checkpoint, checksum, cli, evaluate, metrics, model_store, train, workdir_lock
@@ -257,19 +257,14 @@ def test_second_run_on_a_workdir_refuses_and_a_crashed_holder_leaves_no_stale_lo
     workdir = tmp_path / "w"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clip_jax.train",
-            "--config",
-            str(REPO / "configs/clip.py:tiny"),
+        train_argv(
             "--workdir",
             str(workdir),
             "--config.batch_size=8",
             "--config.total_steps=100000",
             "--config.data.source=synthetic",
             *SMALL_FLAGS,
-        ],
+        ),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,

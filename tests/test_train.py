@@ -4,13 +4,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
-from train_runs import REPO, get_config, losses, read_metrics, run_train_cli
+from train_runs import get_config, losses, read_metrics, run_train_cli, train_argv
 
 from clip_jax import checkpoint, model_store, train
 
@@ -117,19 +116,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     workdir = tmp_path / "w"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "clip_jax.train",
-            "--config",
-            str(REPO / "configs/clip.py:tiny"),
+        train_argv(
             "--workdir",
             str(workdir),
             "--config.batch_size=8",
             "--config.total_steps=100000",
             "--config.log_every=1",
             "--config.data.source=synthetic",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -89,18 +89,23 @@ def max_abs_diff(a, b) -> float:
     )
 
 
+def train_argv(*args) -> list[str]:
+    """The command line `python -m clip_jax.train --config configs/clip.py:tiny *args`."""
+    return [
+        sys.executable,
+        "-m",
+        "clip_jax.train",
+        "--config",
+        f"{REPO}/configs/clip.py:tiny",
+        *args,
+    ]
+
+
 def run_train_cli(*args, env_extra=None, **kwargs) -> subprocess.CompletedProcess:
-    """`python -m clip_jax.train --config configs/clip.py:tiny *args`, output captured."""
+    """`train_argv(*args)` run to the end, output captured."""
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "clip_jax.train",
-            "--config",
-            str(REPO / "configs" / "clip.py") + ":tiny",
-            *args,
-        ],
+        train_argv(*args),
         capture_output=True,
         text=True,
         env=env,

@@ -301,6 +301,25 @@ def _shard_reader(spec, counter: shard_counts.ShardCounter, watch: InputWatch | 
     return read_tar
 
 
+def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_count: int):
+    """`sources.tfds_records` for `spec`: shuffled files and endless for training, one ordered
+    pass for evaluation."""
+    return sources.tfds_records(
+        name=spec.tfds_name,
+        split=spec.split,
+        data_dir=spec.tfds_data_dir,
+        image_key=spec.image_key,
+        text_key=spec.text_key,
+        label_key=spec.label_key,
+        label_template=spec.label_template,
+        shuffle_files=train,
+        seed=(seed * 1_000_003 + process_index) % (2**31) if train else 0,
+        process_index=process_index,
+        process_count=process_count,
+        repeat=train,
+    )
+
+
 def _train_raw_source(
     spec,
     *,
@@ -319,19 +338,8 @@ def _train_raw_source(
 ):
     """Raw records of one source for this process, from raw record `block_start(start)` on."""
     if spec.source == "tfds":
-        raw = sources.tfds_records(
-            name=spec.tfds_name,
-            split=spec.split,
-            data_dir=spec.tfds_data_dir,
-            image_key=spec.image_key,
-            text_key=spec.text_key,
-            label_key=spec.label_key,
-            label_template=spec.label_template,
-            shuffle_files=True,
-            seed=(seed * 1_000_003 + process_index) % (2**31),
-            process_index=process_index,
-            process_count=process_count,
-            repeat=True,
+        raw = _tfds_records(
+            spec, train=True, seed=seed, process_index=process_index, process_count=process_count
         )
         # TFDS has no per-shard counts here: skip by reading (no decoding happens).
         return raw.skip(ordering.block_start(start, block))
@@ -588,19 +596,8 @@ def _pad_batch(batch: dict, batch_size: int) -> dict:
 
 def _eval_raw_source(spec, *, process_index, process_count, cycle_length, num_parallel_calls):
     if spec.source == "tfds":
-        return sources.tfds_records(
-            name=spec.tfds_name,
-            split=spec.split,
-            data_dir=spec.tfds_data_dir,
-            image_key=spec.image_key,
-            text_key=spec.text_key,
-            label_key=spec.label_key,
-            label_template=spec.label_template,
-            shuffle_files=False,
-            seed=0,
-            process_index=process_index,
-            process_count=process_count,
-            repeat=False,
+        return _tfds_records(
+            spec, train=False, seed=0, process_index=process_index, process_count=process_count
         )
     if spec.source == "image_folder":
         raw, _ = sources.image_folder_records(spec.image_folder)
