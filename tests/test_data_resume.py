@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from data_samples import FakeTokenizer, data_config, make_samples, take
 
-from clip_jax.data import ordering, shard_counts, tar_shards
+from clip_jax.data import ordering, pipeline, shard_counts, tar_shards
 from clip_jax.data.make_shards import write_shards
 from clip_jax.data.pipeline import build_train_dataset
 
@@ -111,7 +111,10 @@ def test_resume_opens_only_the_shards_in_flight(tmp_path, monkeypatch):
     # group 12. Shards of groups 0-11 must not be opened, with the count cache in place.
     out = os.path.join(str(tmp_path), "many")
     files = write_shards(make_samples(360, prefix="m"), out, fmt="tar", shard_size=6)
-    # decode="full": "auto" peeks at the first shard of the list to choose a decoder.
+    # The pipeline peeks at 8 JPEG headers of the list's first shard to choose its decoder and
+    # resize (a constant cost at any position); that peek is stubbed out so that `opened` holds
+    # the reader's opens only.
+    monkeypatch.setattr(pipeline, "_peek_jpeg_shapes", lambda spec, files, n=8: [])
     cfg = data_config(
         source="tar",
         shards=os.path.join(out, "*.tar"),

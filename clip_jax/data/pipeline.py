@@ -229,8 +229,11 @@ def _tokenize_batch(
     return tokens
 
 
-def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
-    """Shorter sides of up to `n` JPEGs at the start of the first shard (others are skipped)."""
+def _peek_jpeg_shapes(spec, files: list[str] | None, n: int = 8) -> list[tuple[int, int]]:
+    """`(height, width)` of up to `n` JPEGs at the start of the first shard (other formats and
+    damaged JPEGs are skipped); [] for sources without shards (TFDS, folders)."""
+    if spec.source not in ("tar", "tfrecord", "demo") or not files:
+        return []
     if spec.source == "tfrecord":
         images = []
         try:
@@ -250,26 +253,38 @@ def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
             images.extend(members[e] for e in tar_shards.IMAGE_EXTENSIONS if e in members)
             if len(images) >= n:
                 break
-    sides = []
+    shapes = []
     for image in images[:n]:
         if image[:2] == b"\xff\xd8":
             try:
                 h, w, _ = tf.image.extract_jpeg_shape(image).numpy()
             except tf.errors.OpError:
                 continue  # a damaged JPEG: the pipeline drops and counts it later
-            sides.append(int(min(h, w)))
-    return sides
+            shapes.append((int(h), int(w)))
+    return shapes
 
 
-def use_windowed_decode(data_config, spec, files: list[str] | None, image_size: int) -> bool:
+def small_images(peeked: list[list[tuple[int, int]]]) -> bool:
+    """Whether every source's peeked images (`_peek_jpeg_shapes`, one list per source) are all
+    small enough for the one-op resize (`transforms._resize_uint8`'s `small_images`); False
+    when a source could not be peeked. A larger image later still gets the same pixels."""
+    limit = transforms._ONE_OP_MAX_PIXELS
+    return all(shapes and all(h * w <= limit for h, w in shapes) for shapes in peeked)
+
+
+def use_windowed_decode(
+    data_config, spec, files: list[str] | None, image_size: int, peeked=None
+) -> bool:
     """`data.decode`: "window"/"full", or for "auto" whether the source's JPEGs are >= 2x the
-    target (peeked from the first shard; demo, TFDS and folders decode in full)."""
+    target (peeked from the first shard, or `peeked` from `_peek_jpeg_shapes`; demo, TFDS and
+    folders decode in full)."""
     mode = str(data_config.get("decode", "auto")) if hasattr(data_config, "get") else "auto"
     if mode != "auto":
         return mode == "window"
     if spec.source not in ("tar", "tfrecord") or not files:
         return False
-    sides = _peek_short_sides(spec, files)
+    shapes = _peek_jpeg_shapes(spec, files) if peeked is None else peeked
+    sides = [min(h, w) for h, w in shapes]
     window = bool(sides) and float(np.median(sides)) >= 2 * image_size
     logging.info(
         "data.decode=auto: median shorter side %s px of %d peeked JPEGs -> %s decoding",
@@ -525,10 +540,14 @@ def build_train_dataset(
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
     method = data_config.resize_method
 
+    peeked = [_peek_jpeg_shapes(spec, files) for spec, files in zip(specs, shard_lists)]
     if len(specs) == 1:
-        window = use_windowed_decode(data_config, specs[0], shard_lists[0], image_size)
+        window = use_windowed_decode(
+            data_config, specs[0], shard_lists[0], image_size, peeked=peeked[0]
+        )
     else:  # "auto" keeps full decoding for mixtures
         window = str(data_config.get("decode", "auto")) == "window"
+    small = small_images(peeked)
 
     def transform(rec):
         # Records without an image or caption arrive with an empty image (`_block_checks`) and
@@ -547,6 +566,7 @@ def build_train_dataset(
                 scale=scale,
                 ratio=ratio,
                 method=method,
+                small_images=small,
             )
         return {"image": image, "text": rec["text"], "position": rec["position"]}
 
