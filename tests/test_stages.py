@@ -12,7 +12,7 @@ from clip_jax import model_store, stages
 from clip_jax.models import overrides, resize
 
 TWO_STAGES = (
-    {"total_steps": 2, "model.image_size": 32, "data.context_length": 8},
+    {"total_steps": 2, "model.vision.image_size": 32, "data.context_length": 8},
     {"total_steps": 1, "optim.lr": 1e-4},
 )
 
@@ -21,16 +21,18 @@ def test_stage_configs_chain_init_from_and_restore_full_size(tmp_path):
     config = small_config(stages=TWO_STAGES)
     (dir0, c0), (dir1, c1) = stages.stage_configs(config, str(tmp_path))
     assert dir0 == str(tmp_path / "stage_0") and dir1 == str(tmp_path / "stage_1")
-    assert c0.stages == () and c0.total_steps == 2 and c0.model.image_size == 32
+    assert c0.stages == () and c0.total_steps == 2 and c0.model.vision.image_size == 32
     assert c0.data.context_length == 8 and c0.init_from == "" and c0.model.embed_dim == 64
     # Stage 1: base config + its own overrides, from stage 0's weights, back at full size.
-    # No model field is set in stage 1: the architecture comes from stage 0's weights.
-    assert c1.init_from == dir0 and not overrides.set_fields(c1.model)
-    assert (c1.model.image_size, c1.model.context_length) == (64, 32)  # tiny-vit's
+    # Only the input sizes are set in stage 1 (tiny-vit's): the architecture comes from stage
+    # 0's weights, whose positional embeddings are resized to them.
+    assert c1.init_from == dir0
+    assert overrides.set_fields(c1.model) == {"vision.image_size": 64, "text.context_length": 32}
     assert c1.data.context_length == 0 and c1.optim.lr == 1e-4 and c1.total_steps == 1
     for bad, message in (
         (({"total_stepz": 1},), r"config.stages\[0\]: unknown config key 'total_stepz'"),
         (({"model.nope": 1},), "unknown config key 'model.nope'"),
+        (({"model.image_size": 1},), r"'model.image_size' \(now model.vision.image_size\)"),
         (({}, {"init_from": "x"}), r"config.stages\[1\]: sets init_from"),
         (({"total_steps": "many"},), "total_steps='many'"),
     ):
@@ -79,12 +81,12 @@ def test_recipe_configs_are_valid_stage_schedules(tmp_path, variant):
 
     (_, first), (_, last) = stages.stage_configs(get_config(variant), str(tmp_path))
     train.validate_config(first)
-    assert last.model.image_size == 224 and last.model.context_length == 77
+    assert last.model.vision.image_size == 224 and last.model.text.context_length == 77
     assert last.model.patch_dropout == 0.0  # the final phase sees every patch
     if variant == "vit_b16_flip":
         assert first.model.patch_dropout == 0.5
     else:
-        assert first.model.image_size == 112 and first.data.context_length == 16
+        assert first.model.vision.image_size == 112 and first.data.context_length == 16
         assert last.data.context_length == 32
 
 
