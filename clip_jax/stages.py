@@ -116,16 +116,69 @@ def is_complete(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, COMPLETE_FILE))
 
 
-def run(config, workdir: str, train_fn: Callable[..., dict] | None = None, **kwargs) -> dict:
+def check(stages: list[tuple[str, Any]], validate_fn: Callable[[Any], None]) -> None:
+    """Runs `validate_fn` (`clip_jax.train.validate_config`) on every unfinished stage of
+    `stage_configs(...)` before the first one trains, so that a bad later stage (e.g. CLIPA's
+    data.context_length) stops the schedule at once, not after stage 0. A stage whose starting
+    weights do not exist yet is checked as a stand-in: stage 0's architecture at the stage's
+    input sizes (or, when stage 0 starts from init_from weights, those weights at them); its
+    text context may not exceed the previous stage's. Raises StageError naming the stage."""
+    from clip_jax import train_setup
+
+    first = stages[0][1]
+    architecture = {  # stage 0's architecture fields other than the input sizes
+        k: v
+        for k, v in overrides_lib.set_fields(first.model).items()
+        if k not in overrides_lib.INPUT_SIZES
+    }
+    previous_context = None
+    for k, (directory, stage) in enumerate(stages):
+        where = f"config.stages[{k}]"
+        stand_in = stage
+        if k > 0 and not is_complete(stages[k - 1][0]):
+            stand_in = stage.copy_and_resolve_references()
+            stand_in.unlock()
+            stand_in.init_from = first.init_from
+            for dotted, value in architecture.items():
+                _set(stand_in, f"model.{dotted}", value, where)
+        try:
+            if k > 0:  # only the input sizes may be set over the previous stage's weights
+                train_setup.model_overrides(stage)
+            if not first.init_from:  # the architecture is known without reading weights
+                context = train_setup.load_model(stand_in, with_weights=False)[0].context_length
+                if previous_context is not None and context > previous_context:
+                    raise train_setup.ConfigError(
+                        f"config.model.text.context_length={context} is longer than stage "
+                        f"{k - 1}'s {previous_context}; a context can only be shortened"
+                    )
+                previous_context = context
+            if not is_complete(directory):
+                validate_fn(stand_in)
+        except train_setup.ConfigError as e:
+            raise StageError(f"{where}: {e}") from None
+
+
+def run(
+    config,
+    workdir: str,
+    train_fn: Callable[..., dict] | None = None,
+    validate_fn: Callable[[Any], None] | None = None,
+    **kwargs,
+) -> dict:
     """Runs the stages in order, skipping finished ones; returns the last stage's history (with
     `stage`). Stops after a stage that was preempted (history["preempted"]): rerun to resume.
-    `train_fn(config, workdir, **kwargs)` defaults to `clip_jax.train.train`."""
+    `train_fn(config, workdir, **kwargs)` defaults to `clip_jax.train.train`; `validate_fn`
+    (see `check`) to `clip_jax.train.validate_config` when train_fn is the default, else no
+    check before the first stage."""
     if train_fn is None:
         from clip_jax import train
 
         train_fn = train.train
+        validate_fn = validate_fn or train.validate_config
     history: dict = {}
     stages = stage_configs(config, workdir)
+    if validate_fn is not None:
+        check(stages, validate_fn)
     for k, (directory, stage) in enumerate(stages):
         if is_complete(directory):
             logging.info("stage %d of %d already finished (%s)", k, len(stages), directory)

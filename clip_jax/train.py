@@ -629,7 +629,7 @@ def main(argv) -> None:
     try:
         if _CONFIG.value.get("stages"):  # a schedule of stages (clip_jax/stages.py)
             # This module's `train` (run as __main__, re-importing it would redefine the flags).
-            stages.run(_CONFIG.value, _WORKDIR.value, train)
+            stages.run(_CONFIG.value, _WORKDIR.value, train, validate_config)
         else:
             train(_CONFIG.value, _WORKDIR.value)
     except (
