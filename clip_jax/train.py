@@ -32,6 +32,7 @@ from clip_jax import cli, host_memory, sharding, tokenizers, train_setup, workdi
 from clip_jax import data as data_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
+from clip_jax.models import overrides as overrides_lib
 from clip_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -109,9 +110,13 @@ def validate_config(config, mesh=None) -> None:
         from clip_jax import model_store
 
         try:
-            model_store.locate(config.init_from)
+            kind, _, _ = model_store.locate(config.init_from)
         except ckpt_lib.CheckpointError as e:
             raise ConfigError(f"config.init_from: {e}") from None
+        if kind != "hub" and mesh is None:
+            # The weights' description (model.json / checkpoint metadata, no arrays): options
+            # that do not fit their architecture fail here, before anything is read or built.
+            train_setup.load_model(config, with_weights=False)
     try:
         data_lib.validate(config.data)
     except (ValueError, FileNotFoundError) as e:
@@ -624,7 +629,7 @@ def main(argv) -> None:
     try:
         if _CONFIG.value.get("stages"):  # a schedule of stages (clip_jax/stages.py)
             # This module's `train` (run as __main__, re-importing it would redefine the flags).
-            stages.run(_CONFIG.value, _WORKDIR.value, train)
+            stages.run(_CONFIG.value, _WORKDIR.value, train, validate_config)
         else:
             train(_CONFIG.value, _WORKDIR.value)
     except (
@@ -679,4 +684,7 @@ def _main_exiting_hard_on_error(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(_main_exiting_hard_on_error, flags_parser=cli.flags_parser("clip_jax.train"))
+    app.run(
+        _main_exiting_hard_on_error,
+        flags_parser=cli.flags_parser("clip_jax.train", renamed=overrides_lib.RENAMED),
+    )

@@ -322,3 +322,30 @@ def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
         {k: v for k, v in m.items() if not k.endswith("seconds")} for m in (metrics, reference)
     ]
     assert timeless[0] == timeless[1] and "zeroshot/top1" in metrics
+
+
+def test_patch_dropout_on_hub_resnet_weights_is_a_config_error(hub_cache, tmp_path):
+    """A Hub reference's architecture is known once its files are read: patch dropout on its
+    ResNet tower is a ConfigError (the CLI's one-line error) before the model is built or the
+    workdir created."""
+    from train_runs import get_config
+
+    from clip_jax import train
+
+    model = _open_clip_model(RN_CFG, quick_gelu=True)
+    add_hub_repo(
+        hub_cache, "test-org/tiny-rn", open_clip_repo_files(model, _model_cfg(RN_CFG, True))
+    )
+    config = get_config(
+        batch_size=8,
+        total_steps=1,
+        init_from="hf-hub:test-org/tiny-rn",
+        **{"data.source": "synthetic", "model.patch_dropout": 0.5},
+    )
+    with pytest.raises(train.ConfigError) as error:
+        train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+    assert str(error.value) == (
+        "config.model.patch_dropout=0.5: needs a ViT image tower; the init_from weights "
+        "(hf-hub:test-org/tiny-rn) have a resnet tower"
+    )
+    assert not (tmp_path / "w").exists()
