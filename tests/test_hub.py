@@ -170,6 +170,18 @@ def test_pretrained_name_uses_table_repo_and_quick_gelu(hub_cache):
     _check_parity(config, variables, lambda i, t: torch_encode(model, i, t), 32)
 
 
+def test_pretrained_table_agrees_with_open_clip():
+    """Each well-known name is open_clip's: same Hub repo, same QuickGELU, OpenAI mean/std."""
+    from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD
+
+    for name, entry in hub.PRETRAINED.items():
+        cfg = open_clip.get_pretrained_cfg(*name.split("/"))
+        assert cfg.get("hf_hub", "").rstrip("/") == entry.repo_id, name
+        assert bool(cfg.get("quick_gelu", False)) == entry.quick_gelu, name
+        assert tuple(cfg.get("mean", OPENAI_MEAN)) == OPENAI_MEAN, name
+        assert tuple(cfg.get("std", OPENAI_STD)) == OPENAI_STD, name
+
+
 def test_revisions(hub_cache):
     main = _open_clip_model(VIT_CFG, quick_gelu=False, logit_scale=1.0)
     tagged = _open_clip_model(VIT_CFG, quick_gelu=False, logit_scale=2.0)
