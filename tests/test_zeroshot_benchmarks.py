@@ -451,3 +451,4 @@ def test_cli_lists_unprepared_benchmarks_without_downloading(converted, tmp_path
     )
     assert lines[4].endswith(f"tfds build sun397/standard-part1-120k --data_dir {tmp_path}/tfds")
     assert lines[5] == f"wrote {tmp_path}/out/benchmarks_converted.json"
+    assert not os.listdir(tmp_path / "tfds")  # nothing downloaded or prepared there
