@@ -148,7 +148,7 @@ def evaluate(
 def _load(workdir: str, step: int | None, init_from: str | None, sharding):
     """The model to evaluate: checkpoint `step` of `workdir`, or the converted / Hub weights
     `init_from`, as a `clip_jax.model_store.LoadedModel`; EvalError (one line) when bad."""
-    from clip_jax import model_store
+    from clip_jax import hub, model_store
     from clip_jax.checkpoint import CheckpointError
 
     if init_from and step is not None:
@@ -158,6 +158,8 @@ def _load(workdir: str, step: int | None, init_from: str | None, sharding):
             kind = model_store.locate(init_from)[0]
         except CheckpointError:
             kind = None
+        if kind is None and hub.name_hint(init_from):
+            raise EvalError(f"--init_from {init_from} does not exist{hub.name_hint(init_from)}")
         if kind not in ("converted", "hub"):
             raise EvalError(
                 f"--init_from {init_from} is not a converted checkpoint (expected "
