@@ -587,14 +587,14 @@ def plan(
         report["verdict"] = "fits"
     else:
         what, prog = ("the train step", t) if not t["fits"] else ("the evaluation embedder", e)
-        need = (
-            f"needs {_gib(prog['total'])} per chip"
-            if "total" in prog
-            else "the compiler ran out of memory"
-        )
+        if "total" in prog:
+            need = f"needs {_gib(prog['total'])} per chip (of {_gib(capacity)})"
+        else:  # the compiler's own message says how much it needed
+            oom = prog.get("oom") or next(p["oom"] for p in prog["programs"].values() if "oom" in p)
+            oom = oom.removeprefix("RESOURCE_EXHAUSTED: ").rstrip(".")
+            need = f"does not compile in {_gib(capacity)}: {oom}"
         report["verdict"] = (
-            f"does not fit: {what} {need} (of {_gib(capacity)}); levers: "
-            f"{'; '.join(_levers(config, topo))}"
+            f"does not fit: {what} {need}; levers: {'; '.join(_levers(config, topo))}"
         )
     return report
 
