@@ -11,7 +11,7 @@ on this CPU), compiles the evaluation embedder too, and reports per chip: HBM (a
 temporaries, total) against the chip's capacity, FLOPs per step, the step time at the chip's
 peak bf16 rate and at an assumed utilisation (`--mfu`), and the input rate each host must feed.
 `--search` tries fsdp sizes, remat policies and accumulation steps and reports the fastest
-configuration that fits.
+configuration that fits. A config with `stages` is planned stage by stage (`planned_configs`).
 
 FLOPs: XLA's cost analysis counts a loop body once, whatever its trip count, so the compiled
 step's count is wrong with `accumulation_steps > 1` (a `lax.scan` over micro-batches) or
