@@ -293,10 +293,12 @@ def _benchmarks_main() -> None:
 
 
 def main(argv) -> None:
+    from clip_jax import platforms
     from clip_jax.host_memory import tune_for_xla_cpu
     from clip_jax.metrics import quiet_library_logs
 
     quiet_library_logs()
+    platforms.avoid_absent_tpu()  # libtpu without a TPU: stay on the CPU, no TPU runtime start
     tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -28,7 +28,15 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
-from clip_jax import cli, host_memory, sharding, tokenizers, train_setup, workdir_lock
+from clip_jax import (
+    cli,
+    host_memory,
+    platforms,
+    sharding,
+    tokenizers,
+    train_setup,
+    workdir_lock,
+)
 from clip_jax import data as data_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
@@ -191,7 +199,10 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     validate_config(config)
 
     # Mesh: every device of every process; batch split over (data, fsdp).
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    try:
+        mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
     validate_config(config, mesh)
 
     # Model, optimizer, shardings and the jitted step (no parameter values yet).
@@ -619,6 +630,7 @@ def _checkpoint_meta(config, setup: train_setup.TrainSetup, data: _Input) -> dic
 
 def main(argv) -> None:
     metrics_lib.quiet_library_logs()
+    platforms.avoid_absent_tpu()  # libtpu without a TPU: stay on the CPU, no TPU runtime start
     host_memory.tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
