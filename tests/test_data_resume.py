@@ -198,3 +198,32 @@ def test_tar_stream_reads_in_the_interleave_order(tmp_path):
         a = [r["key"] for r in ours.take(60).as_numpy_iterator()]
         b = [r["key"] for r in theirs.take(60).as_numpy_iterator()]
         assert a == b and len(a) == 60, position
+
+
+def test_tar_resume_seeks_to_recorded_sample_offsets(tmp_path, monkeypatch):
+    # Every 2nd sample's byte offset is noted while the first run reads the shards through (and
+    # cached in index_dir); resumed runs seek to the nearest one instead of walking headers,
+    # with exactly the uninterrupted run's batches.
+    monkeypatch.setattr(tar_shards, "SEEK_EVERY", 2)
+    hints = []
+    real_hint = shard_counts.ShardCounter.seek_hint
+
+    def seek_hint(self, path, start):
+        hint = real_hint(self, path, start)
+        hints.append(hint)
+        return hint
+
+    monkeypatch.setattr(shard_counts.ShardCounter, "seek_hint", seek_hint)
+    paths = _write_uneven(tmp_path, [7, 0, 13, 4, 9, 1, 0, 5], "tar")
+    cfg = data_config(source="tar", shards=" ".join(paths), shard_cycle_length=3, shuffle_buffer=5)
+    index_dir = str(tmp_path / "index")
+    full = take(_train(cfg, index_dir=index_dir), 24)
+    with open(os.path.join(index_dir, "shard_counts.jsonl"), encoding="utf-8") as f:
+        assert any('"offsets"' in line for line in f)
+    hints.clear()
+    for k in (5, 9, 13, 20):
+        resumed = take(_train(cfg, start=full[k - 1]["position"], index_dir=index_dir), 3)
+        for a, b in zip(resumed, full[k : k + 3]):
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{k} {name}")
+    assert any(h is not None and h[0] > 0 for h in hints)
