@@ -110,37 +110,25 @@ def planned_configs(config) -> list[tuple[str, Any]]:
     ""), or for a schedule of stages (`config.stages`, `clip_jax.stages`) each stage's config
     as the stage runs it ("stage 0 of 2", ...).
 
-    Stage k > 0 starts from stage k-1's weights, which do not exist yet when planning; they
-    have the base architecture (model.name with its overrides, or the base's init_from), at
-    stage k-1's input sizes unless stage k sets its own, so that is what stage k is planned
-    with (same parameter shapes, and the same positional-embedding resize).
+    Stage k > 0 starts from stage k-1's weights, which do not exist yet when planning: it is
+    planned as `stages.stand_in` builds it (stage 0's architecture at stage k's input sizes:
+    the same parameter shapes and positional-embedding resize).
     """
     from clip_jax import stages as stages_lib
     from clip_jax import train_setup
-    from clip_jax.models import overrides as overrides_lib
-    from clip_jax.models import resize
 
     if not config.get("stages"):
         return [("", config)]
-    base_fields = {f"model.{k}": v for k, v in overrides_lib.set_fields(config.model).items()}
     staged = stages_lib.stage_configs(config, "plan")
     out: list[tuple[str, Any]] = []
-    sizes = (0, 0)
     for k, (_, stage) in enumerate(staged):
         if k > 0:
             train_setup.model_overrides(stage)  # a stage entry setting an architecture field
-            changes = {"init_from": config.init_from, **base_fields}
-            if not stage.model.get("image_size"):
-                changes["model.image_size"] = sizes[0]
-            if not stage.model.get("context_length"):
-                changes["model.context_length"] = sizes[1]
-            stage = with_changes(stage, **changes)
-        model_config, _, _ = train_setup.load_model(stage, with_weights=False)
+            stage = stages_lib.stand_in(staged, k)
         try:
-            model_config, _ = resize.adapt_to_config(stage.model, model_config, None)
-        except ValueError as e:
+            train_setup.load_model(stage, with_weights=False)
+        except train_setup.ConfigError as e:
             raise train_setup.ConfigError(f"config.stages[{k}]: {e}") from None
-        sizes = (model_config.image_size, model_config.context_length)
         out.append((f"stage {k} of {len(staged)}", stage))
     return out
 

@@ -116,6 +116,22 @@ def is_complete(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, COMPLETE_FILE))
 
 
+def stand_in(stages: list[tuple[str, Any]], k: int):
+    """Stage `k`'s config (k > 0) as it can be built before stage k-1's weights exist: stage 0's
+    architecture (its fields other than the input sizes, or its init_from weights) at stage
+    k's own input sizes. It has the parameter shapes, inputs and positional-embedding resize
+    stage k will train with; used to check and to plan later stages up front."""
+    first = stages[0][1]
+    where = f"config.stages[{k}]"
+    config = stages[k][1].copy_and_resolve_references()
+    config.unlock()
+    config.init_from = first.init_from
+    for dotted, value in overrides_lib.set_fields(first.model).items():
+        if dotted not in overrides_lib.INPUT_SIZES:
+            _set(config, f"model.{dotted}", value, where)
+    return config
+
+
 def check(stages: list[tuple[str, Any]], validate_fn: Callable[[Any], None]) -> None:
     """Runs `validate_fn` (`clip_jax.train.validate_config`) on every unfinished stage of
     `stage_configs(...)` before the first one trains, so that a bad later stage (e.g. CLIPA's
@@ -126,26 +142,17 @@ def check(stages: list[tuple[str, Any]], validate_fn: Callable[[Any], None]) -> 
     from clip_jax import train_setup
 
     first = stages[0][1]
-    architecture = {  # stage 0's architecture fields other than the input sizes
-        k: v
-        for k, v in overrides_lib.set_fields(first.model).items()
-        if k not in overrides_lib.INPUT_SIZES
-    }
     previous_context = None
     for k, (directory, stage) in enumerate(stages):
         where = f"config.stages[{k}]"
-        stand_in = stage
+        built = stage
         if k > 0 and not is_complete(stages[k - 1][0]):
-            stand_in = stage.copy_and_resolve_references()
-            stand_in.unlock()
-            stand_in.init_from = first.init_from
-            for dotted, value in architecture.items():
-                _set(stand_in, f"model.{dotted}", value, where)
+            built = stand_in(stages, k)
         try:
             if k > 0:  # only the input sizes may be set over the previous stage's weights
                 train_setup.model_overrides(stage)
             if not first.init_from:  # the architecture is known without reading weights
-                context = train_setup.load_model(stand_in, with_weights=False)[0].context_length
+                context = train_setup.load_model(built, with_weights=False)[0].context_length
                 if previous_context is not None and context > previous_context:
                     raise train_setup.ConfigError(
                         f"config.model.text.context_length={context} is longer than stage "
@@ -153,7 +160,7 @@ def check(stages: list[tuple[str, Any]], validate_fn: Callable[[Any], None]) -> 
                     )
                 previous_context = context
             if not is_complete(directory):
-                validate_fn(stand_in)
+                validate_fn(built)
         except train_setup.ConfigError as e:
             raise StageError(f"{where}: {e}") from None
 

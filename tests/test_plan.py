@@ -257,7 +257,7 @@ def test_staged_config_plans_each_stage_as_it_runs():
     stage_configs unsets come back) at its own sizes, i.e. the shapes the full-size phase
     trains, with its own entries (patch dropout) applied."""
     stages = (
-        {"total_steps": 5, "model.image_size": 32, "data.context_length": 16},
+        {"total_steps": 5, "model.vision.image_size": 32, "data.context_length": 16},
         {"total_steps": 5, "model.patch_dropout": 0.5},
     )
     config = small_config(stages=stages)
