@@ -622,6 +622,7 @@ def search(
     remats: tuple[str, ...] = REMAT_POLICIES,
     compile_fits: Callable | None = None,
     counter: FlopCounter | None = None,
+    with_eval: bool = True,
 ) -> dict[str, Any]:
     """The fastest (fsdp, remat, accumulation) for `config` on `topo_name` that fits.
 
@@ -699,7 +700,9 @@ def search(
         if compile_fits is not None:
             return {"best": best, "tried": tried}
         return {
-            "best": plan(best, topo_name, mfu=mfu, hbm_gib=hbm_gib, counter=counter),
+            "best": plan(
+                best, topo_name, mfu=mfu, hbm_gib=hbm_gib, with_eval=with_eval, counter=counter
+            ),
             "tried": tried,
         }
     return {"best": None, "tried": tried}
@@ -756,7 +759,13 @@ def main(argv) -> None:
             if label:
                 logging.info("planning %s", label)
             if _SEARCH.value:
-                result = search(config, _TOPOLOGY.value, mfu=_MFU.value, hbm_gib=_HBM_GIB.value)
+                result = search(
+                    config,
+                    _TOPOLOGY.value,
+                    mfu=_MFU.value,
+                    hbm_gib=_HBM_GIB.value,
+                    with_eval=_EVAL.value,
+                )
                 text = format_search(result)
             else:
                 result = plan(
