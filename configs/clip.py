@@ -191,4 +191,7 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
         c.total_steps = 20_000
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 1000
+        c.dtype = "bfloat16"  # as the other paper-scale variants (float32 needed ~8 GiB more)
+        c.checkpoint_every = 1000
+        c.log_every = 50
     return c
