@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from clip_jax.data import config as config_lib
-from clip_jax.data import ordering, shard_counts, sources, text_shorten, transforms
+from clip_jax.data import exit_guard, ordering, shard_counts, sources, text_shorten, transforms
 from clip_jax.data import shards as shards_lib
 
 # Salts that separate the random streams derived from one seed.
@@ -141,7 +141,9 @@ class DamagedJpegLog:
         return tf.cond(
             tf.reduce_any(flags),
             lambda: tf.py_function(
-                self._log, [tf.boolean_mask(tf.reshape(keys, [-1]), flags)], tf.bool
+                exit_guard.guarded(self._log),
+                [tf.boolean_mask(tf.reshape(keys, [-1]), flags)],
+                tf.bool,
             ),
             lambda: tf.constant(True),
         )
@@ -216,7 +218,7 @@ def _tokenize_fn(tokenizer, context_length: int):
             )
         return tokens
 
-    return tokenize
+    return exit_guard.guarded(tokenize)
 
 
 def _tokenize_batch(
@@ -307,7 +309,10 @@ def _shard_reader(spec, counter: shard_counts.ShardCounter, watch: InputWatch | 
 
         def read_tfrecord(path, start):
             count = tf.numpy_function(
-                lambda p: np.int64(counter.count(p.decode())), [path], tf.int64, stateful=False
+                exit_guard.guarded(lambda p: np.int64(counter.count(p.decode()))),
+                [path],
+                tf.int64,
+                stateful=False,
             )
             return sources.tfrecord_shard_dataset(path, start, count)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import tensorflow as tf
 
-from clip_jax.data import tar_shards
+from clip_jax.data import exit_guard, tar_shards
 
 # One raw record. Missing members are empty strings / label -1, so that every sample reaches
 # the (counted) filter instead of breaking the reader.
@@ -71,7 +71,9 @@ def tar_shard_dataset(
             counter.record(path, n, offsets)
 
     return tf.data.Dataset.from_generator(
-        blocks, args=(path, caption_field, start), output_signature=_RAW_BLOCK_SIGNATURE
+        lambda *args: exit_guard.guarded_iter(blocks(*args)),
+        args=(path, caption_field, start),
+        output_signature=_RAW_BLOCK_SIGNATURE,
     ).unbatch()
 
 
@@ -205,7 +207,7 @@ def read_groups(
             g += 1
 
     descriptors = tf.data.Dataset.from_generator(
-        groups,
+        lambda: exit_guard.guarded_iter(groups()),
         output_signature={
             "path": tf.TensorSpec([width], tf.string),
             "start": tf.TensorSpec([width], tf.int64),
@@ -286,7 +288,8 @@ def tar_stream(
             g += 1
 
     return tf.data.Dataset.from_generator(
-        lambda: tar_shards.to_blocks(stream(), block_size), output_signature=_RAW_BLOCK_SIGNATURE
+        lambda: exit_guard.guarded_iter(tar_shards.to_blocks(stream(), block_size)),
+        output_signature=_RAW_BLOCK_SIGNATURE,
     ).unbatch()
 
 

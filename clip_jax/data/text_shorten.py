@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clip_jax.data import exit_guard
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -103,7 +105,9 @@ def shorten_dataset(
         return shorten(tokens, length, mode, rng, has_sot=has_sot)
 
     def apply(batch):
-        text = tf.numpy_function(body, [batch["text"], batch["position"]], tf.int32, stateful=False)
+        text = tf.numpy_function(
+            exit_guard.guarded(body), [batch["text"], batch["position"]], tf.int32, stateful=False
+        )
         text.set_shape([batch["text"].shape[0], length])
         return dict(batch, text=text)
 

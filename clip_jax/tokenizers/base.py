@@ -82,8 +82,12 @@ class Tokenizer(abc.ABC):
     of `bytes` (accepted here and decoded as UTF-8)::
 
         tok = clip_jax.tokenizers.get("clip-bpe")
+        encode = exit_guard.guarded(lambda t: tok(t, context_length=77))
         ds = ds.map(lambda img, txt: (img, tf.numpy_function(
-            lambda t: tok(t, context_length=77), [txt], tf.int32, stateful=False)))
+            encode, [txt], tf.int32, stateful=False)))
+
+    (`clip_jax.data.exit_guard.guarded`: without it, a process that exits while such a map is
+    busy can hang in the iterator's destructor.)
 
     Instances are cheap to construct (vocabularies load on first use and are shared within a
     process) and picklable, so worker processes may receive them or build their own.
