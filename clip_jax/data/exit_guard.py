@@ -23,6 +23,8 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
+import tensorflow as tf
+
 T = TypeVar("T")
 
 # Seconds the exit hook waits for running callbacks, and how long none must have run before
@@ -57,6 +59,9 @@ def _leave() -> None:
         _last_activity = time.monotonic()
 
 
+# Not converted by AutoGraph when called while tf.data traces a function (the wrapper would
+# run as converted Python, which is slower).
+@tf.autograph.experimental.do_not_convert
 def guarded(fn: Callable[..., T]) -> Callable[..., T]:
     """`fn`, failing at once after the exit hook ran and counted while it runs."""
 

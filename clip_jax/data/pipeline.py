@@ -205,6 +205,10 @@ def decode_dropping_errors(ds: tf.data.Dataset, fn, num_parallel_calls: int) -> 
     )
 
 
+# Factories of Python callbacks are called while tf.data traces a map function; AutoGraph would
+# convert the callbacks they return (the nested defs), and converted Python runs slower: the
+# batched tokeniser 20.4 vs 16.0 us of CPU per text.
+@tf.autograph.experimental.do_not_convert
 def _tokenize_fn(tokenizer, context_length: int):
     """`tf.numpy_function` body: `[B]` utf-8 strings -> `int32 [B, context_length]`."""
 
