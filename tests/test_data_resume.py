@@ -185,7 +185,7 @@ def test_tar_stream_reads_in_the_interleave_order(tmp_path):
         g, slots, starts = plan.resume_point(position, lambda i: [7, 0, 13, 4, 9, 1, 0, 5][i])
         ours = sources.tar_stream(
             paths, plan, start_group=g, first_slots=slots, first_starts=starts
-        )
+        ).unbatch()
         theirs = sources.read_groups(
             paths,
             plan,

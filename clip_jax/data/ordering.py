@@ -144,6 +144,7 @@ def block_shuffle(
     start: int = 0,
     on_block=None,
     stop: tf.Variable | None = None,
+    blocked: bool = False,
 ) -> tf.data.Dataset:
     """Shuffles a raw stream within blocks of `block` records and skips the first `start` outputs.
 
@@ -157,7 +158,8 @@ def block_shuffle(
     same order: per-record work done vectorised, once per block (the pipeline's checks and
     input-watch counter).
     `stop` (optional, a bool variable) ends the stream at the next block once it is True
-    (the input watch gave up).
+    (the input watch gave up). `blocked`: `raw` yields records in blocks (dicts of `[n]`
+    tensors, any n), regrouped without unbatching them.
     """
     if start < 0:
         raise ValueError(f"start position must be >= 0, got {start}")
@@ -171,7 +173,8 @@ def block_shuffle(
         return blocks if stop is None else blocks.take_while(lambda _: tf.logical_not(stop))
 
     if block <= 1:  # raw order; numbered in small batches all the same
-        ds = raw.batch(64).enumerate().map(lambda b, r: tag(r, start + b * 64))
+        ds = (raw.rebatch(64) if blocked else raw.batch(64)).enumerate()
+        ds = ds.map(lambda b, r: tag(r, start + b * 64))
         return until_stopped(ds).unbatch()
     first_block, within = divmod(start, block)
 
@@ -183,7 +186,9 @@ def block_shuffle(
     # prefetch(1): the next block is read while this one is consumed. Without it the stream
     # stalls for a whole block read at every block boundary (10,000 480x360 tar records: ~1.8 s
     # per ~10 s of decoding on 2 cores). Memory: up to two blocks of encoded records at a time.
-    ds = raw.batch(block).enumerate(start=first_block).map(permute)
+    # rebatch: 0.5 us per record where unbatch + batch took 2.9 (200k records, same run).
+    ds = raw.rebatch(block) if blocked else raw.batch(block)
+    ds = ds.enumerate(start=first_block).map(permute)
     return until_stopped(ds).prefetch(1).unbatch().skip(within)
 
 
