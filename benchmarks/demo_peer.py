@@ -4,9 +4,10 @@
         [--override key=value ...]
 
 A test-only reference (open_clip_torch is not a clip_jax dependency). Reads the recipe of
-`configs/clip.py:tiny` (plus `--override`s): architecture, batch size, steps, AdamW settings,
-warmup + cosine schedule and the random-resized-crop augmentation, and trains an
-`open_clip.model.CLIP` of the same shape on the shipped demo `train` split:
+`configs/clip.py:demo` (the default run; `--variant`, plus `--override`s): architecture, batch
+size, steps, AdamW settings, warmup + cosine schedule and the random-resized-crop augmentation,
+and trains an `open_clip.model.CLIP` of the same shape (ViT or ModifiedResNet) on the shipped
+demo `train` split:
 
 - images: the demo JPEGs decoded once into memory, `RandomResizedCrop` (torchvision, bicubic,
   antialiased) with `data.aug_scale` / `data.aug_ratio` per sample and epoch, OpenAI mean/std;
@@ -67,14 +68,14 @@ from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_config(overrides: list[str]):
-    """configs/clip.py:tiny with `key=value` overrides (values parsed as Python literals)."""
+def load_config(variant: str, overrides: list[str]):
+    """configs/clip.py:`variant` with `key=value` overrides (values parsed as Python literals)."""
     import ast
 
     spec = importlib.util.spec_from_file_location("clip_config", REPO / "configs" / "clip.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = module.get_config(variant)
     for item in overrides:
         key, _, text = item.partition("=")
         try:
@@ -90,21 +91,31 @@ def load_config(overrides: list[str]):
 
 
 def open_clip_model(cfg: models.CLIPConfig, seed: int) -> torch.nn.Module:
-    """An `open_clip.model.CLIP` with the architecture of `cfg` (a ViT CLIPConfig)."""
+    """An `open_clip.model.CLIP` with the architecture of `cfg` (ViT or ModifiedResNet)."""
     v, t = cfg.vision, cfg.text
-    if v.type != "vit":
-        raise ValueError(f"the peer builds ViT models only, not {v.type!r}")
-    torch.manual_seed(seed)
-    return open_clip.model.CLIP(
-        cfg.embed_dim,
-        dict(
+    if v.type == "vit":
+        vision = dict(
             image_size=v.image_size,
             patch_size=v.patch_size,
             width=v.width,
             layers=v.layers,
             head_width=v.width // v.heads,
             mlp_ratio=v.mlp_ratio,
-        ),
+        )
+        activation = v.activation
+    else:
+        # open_clip gives a ModifiedResNet `width * 32 // head_width` attention-pool heads.
+        vision = dict(
+            image_size=v.image_size,
+            layers=tuple(v.layers),
+            width=v.width,
+            head_width=v.width * 32 // v.heads,
+        )
+        activation = t.activation
+    torch.manual_seed(seed)
+    return open_clip.model.CLIP(
+        cfg.embed_dim,
+        vision,
         dict(
             context_length=t.context_length,
             vocab_size=t.vocab_size,
@@ -113,7 +124,7 @@ def open_clip_model(cfg: models.CLIPConfig, seed: int) -> torch.nn.Module:
             layers=t.layers,
             mlp_ratio=t.mlp_ratio,
         ),
-        quick_gelu=v.activation == "quick_gelu",
+        quick_gelu=activation == "quick_gelu",
         output_dict=True,
     )
 
@@ -264,6 +275,7 @@ def evaluate(config, model_config, variables, mesh, step, name: str, extra: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="demo", help="configs/clip.py variant")
     parser.add_argument("--override", action="append", default=[], help="config key=value")
     parser.add_argument("--steps", type=int, default=0, help="peer steps (0: equal wall-clock)")
     parser.add_argument("--calibration-steps", type=int, default=8)
@@ -272,7 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    config = load_config(args.override)
+    config = load_config(args.variant, args.override)
     mesh = sharding.create_mesh()
     setup = train_setup.build(config, mesh)
     model_config = setup.model_config
@@ -300,7 +312,7 @@ def main() -> None:
     peer.model.eval()
     state_dict = {k: v.detach().numpy() for k, v in peer.model.state_dict().items()}
     converted_config, variables = convert.convert_state_dict(
-        state_dict, model_config, quick_gelu=model_config.vision.activation == "quick_gelu"
+        state_dict, model_config, quick_gelu=model_config.text.activation == "quick_gelu"
     )
     peer_line = evaluate(
         config,

@@ -4,11 +4,13 @@
         --candidate base: --candidate lr2e-3:optim.lr=0.002 \
         --candidate aug:data.aug_scale=(0.6,1.0) ...
 
-Each candidate is `name:key=value,key=value` (dotted `configs/clip.py:tiny` keys, values as on
-the command line). Every candidate trains with the real trainer (`python -m clip_jax.train`,
-one subprocess at a time, the same seed) for `--steps` steps with a warmup of 10% of them, and
-is evaluated every `--eval-every` steps with the retrieval evaluator ALONE on the demo
-`heldout` split: the zero-shot `classify` split is a test set and is never looked at here.
+Each candidate is `name:key=value,key=value` (dotted keys of `configs/clip.py:<--variant>`,
+default tiny, values as on the command line). Every candidate trains with the real trainer
+(`python -m clip_jax.train`, one subprocess at a time, the same seed) for `--steps` steps with a
+warmup of 10% of them, and is evaluated every `--eval-every` steps with the retrieval evaluator
+ALONE on the demo `heldout` split: the zero-shot `classify` split is a test set and is never
+looked at here.
+
 Accuracy at a given step count does not depend on the machine's load; step time does, so
 compare `seconds` only between candidates run in the same window.
 
@@ -37,7 +39,7 @@ _module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_module)
 
 
-def get_config(variant="tiny"):
+def get_config(variant="demo"):
     c = _module.get_config(variant)
     for name in list(c.eval.evaluators.keys()):
         if name != "retrieval":
@@ -78,7 +80,7 @@ def run(name: str, flags: list[str], args, config_path: str) -> dict:
         "-m",
         "clip_jax.train",
         "--config",
-        f"{config_path}:tiny",
+        f"{config_path}:{args.variant}",
         "--workdir",
         workdir,
         f"--config.total_steps={steps}",
@@ -114,6 +116,7 @@ def run(name: str, flags: list[str], args, config_path: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="tiny", help="configs/clip.py variant to start from")
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--workdir", default="", help="runs go here (default: a temp folder)")

@@ -1,9 +1,11 @@
 """CLIP training configs: `--config configs/clip.py:<variant>`.
 
-Variants: tiny (default: tiny ViT on the shipped demo data, trains on a laptop CPU), tiny_rn,
-vit_b32, vit_b16, vit_l14, rn50, rn101, lit_b32 (locked image tower from converted weights),
-vit_b16_flip (FLIP: patch dropout, then a short unmasked phase) and vit_b16_clipa (CLIPA:
-112 px / 16-token stage, then a short 224 px stage), both as `stages`.
+Variants: demo (default: the recipe chosen for the shipped demo data, a tiny ResNet CLIP that
+trains in under 10 minutes on 2 CPU cores with held-out evaluations along the way), tiny (tiny
+ViT on the demo data, the smallest config: smoke runs and tests), tiny_rn, vit_b32, vit_b16,
+vit_l14, rn50, rn101, lit_b32 (locked image tower from converted weights), vit_b16_flip (FLIP:
+patch dropout, then a short unmasked phase) and vit_b16_clipa (CLIPA: 112 px / 16-token stage,
+then a short 224 px stage), both as `stages`.
 Every key has a default and a comment; override any with `--config.<key>=<value>`.
 """
 
@@ -14,6 +16,7 @@ from clip_jax.evaluation import config as eval_config
 from clip_jax.models import overrides as model_overrides
 
 VARIANTS = (
+    "demo",
     "tiny",
     "tiny_rn",
     "vit_b32",
@@ -27,8 +30,8 @@ VARIANTS = (
 )
 
 
-def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
-    variant = variant or "tiny"
+def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
+    variant = variant or "demo"
     if variant not in VARIANTS:
         # Checked first, so the message lists exactly the variants built below.
         raise ValueError(f"unknown config variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -134,7 +137,21 @@ def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
     # data by default; see clip_jax/evaluation/config.py); results go to metrics.jsonl.
     c.eval = eval_config.get_default_config()
 
-    if variant == "tiny":
+    if variant == "demo":
+        # Chosen by held-out retrieval on the demo `heldout` split only (the zero-shot
+        # `classify` split is a test set), among runs of the same training time: see
+        # benchmarks/demo_recipe.py and the README's "Train in one command". Against tiny-vit at
+        # batch 256 for 500 steps, held-out image->text R@10 went 28.6% -> 31.6% (batch 128,
+        # 1000 steps: same samples, twice the updates) -> 38.9% (tiny-rn: a ResNet's inductive
+        # bias on 5.8k pairs, and 0.87x the step time). RECIPE_PLACEHOLDER
+        c.model.name = "tiny-rn"
+        c.batch_size = 128
+        c.total_steps = 1000
+        c.optim.warmup_steps = 100
+        # Zero-shot, retrieval and linear probe every 200 steps (metrics.jsonl, TensorBoard);
+        # the last one is also logged against chance and the majority class.
+        c.eval_every = 200
+    elif variant == "tiny":
         pass
     elif variant == "tiny_rn":
         c.model.name = "tiny-rn"
