@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
         except hub.HubError as e:
             parser.fail(2, f"--input: {e}")
     elif not os.path.isfile(args.input):
-        parser.fail(2, f"--input {args.input!r}: no such file")
+        parser.fail(2, f"--input {args.input!r}: no such file{hub.name_hint(args.input)}")
     output = Path(args.output)
     if output.exists() and not args.overwrite and (not output.is_dir() or any(output.iterdir())):
         parser.fail(

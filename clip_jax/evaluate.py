@@ -161,7 +161,7 @@ def evaluate_with_details(
 def _load(workdir: str, step: int | None, init_from: str | None, sharding):
     """The model to evaluate: checkpoint `step` of `workdir`, or the converted / Hub weights
     `init_from`, as a `clip_jax.model_store.LoadedModel`; EvalError (one line) when bad."""
-    from clip_jax import model_store
+    from clip_jax import hub, model_store
     from clip_jax.checkpoint import CheckpointError
 
     if init_from and step is not None:
@@ -171,6 +171,8 @@ def _load(workdir: str, step: int | None, init_from: str | None, sharding):
             kind = model_store.locate(init_from)[0]
         except CheckpointError:
             kind = None
+        if kind is None and hub.name_hint(init_from):
+            raise EvalError(f"--init_from {init_from} does not exist{hub.name_hint(init_from)}")
         if kind not in ("converted", "hub"):
             raise EvalError(
                 f"--init_from {init_from} is not a converted checkpoint (expected "
@@ -304,10 +306,12 @@ def _benchmarks_main() -> None:
 
 
 def main(argv) -> None:
+    from clip_jax import platforms
     from clip_jax.host_memory import tune_for_xla_cpu
     from clip_jax.metrics import quiet_library_logs
 
     quiet_library_logs()
+    platforms.avoid_absent_tpu()  # libtpu without a TPU: stay on the CPU, no TPU runtime start
     tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -138,7 +138,8 @@ def export(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("exported %s (step %s) to %s", source, restored.step, output)
+    step_text = "" if restored.step is None else f" (step {restored.step})"
+    logger.info("exported %s%s to %s (%s format)", source, step_text, output, fmt)
     return output
 
 
@@ -169,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         "--step", type=int, default=None, help="checkpoint step of a workdir (default: the latest)"
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    logger.setLevel(logging.INFO)
+    logging.basicConfig(level=logging.WARNING)  # the "wrote ..." line below says what was done
     if os.path.exists(args.output):
         parser.fail(2, f"--output {args.output!r} already exists; export writes a new directory")
     from clip_jax import model_store

@@ -24,11 +24,9 @@ before the first JAX computation or `jax.devices()` call; `python -m clip_jax.tr
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import logging
 import os
 import platform
-import re
 
 # mallopt(3) parameter numbers from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -36,25 +34,23 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 TUNE_VARIABLE = "CLIP_JAX_TUNE_MALLOC"
-_ACCELERATOR_DISTRIBUTIONS = re.compile(
-    r"^(jax[-_]cuda|jax[-_]rocm|libtpu|jax[-_]tpu)", re.IGNORECASE
-)
 
 
 def _accelerator_plugin_installed() -> bool:
-    """True when a JAX GPU/TPU plugin is installed, so JAX would not run on the host CPU."""
-    return any(
-        _ACCELERATOR_DISTRIBUTIONS.match(dist.metadata["Name"] or "")
-        for dist in importlib.metadata.distributions()
-    )
+    """True when JAX would use an accelerator plugin: a GPU plugin is installed, or libtpu is
+    and a TPU is attached (libtpu alone, as the `test` extra installs it, leaves JAX on the
+    CPU: `clip_jax.platforms`)."""
+    from clip_jax import platforms
+
+    return platforms.accelerator_runtime_present()
 
 
 def runs_on_cpu() -> bool:
     """Whether JAX will compute on the host CPU, decided without starting a JAX backend:
-    `JAX_PLATFORMS` when set, otherwise the absence of accelerator plugins."""
-    platforms = os.environ.get("JAX_PLATFORMS", "").strip().lower()
-    if platforms:
-        return platforms.split(",")[0] == "cpu"
+    `JAX_PLATFORMS` when set, otherwise the absence of a usable accelerator plugin."""
+    requested = os.environ.get("JAX_PLATFORMS", "").strip().lower()
+    if requested:
+        return requested.split(",")[0] == "cpu"
     return not _accelerator_plugin_installed()
 
 

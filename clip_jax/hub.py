@@ -79,6 +79,15 @@ def is_reference(source: Any) -> bool:
     return isinstance(source, str) and source.startswith((HF_HUB_PREFIX, PRETRAINED_PREFIX))
 
 
+def name_hint(path: str) -> str:
+    """A hint for messages about a path that does not exist: when `path` is a bare well-known
+    name such as "ViT-B-32/openai", " (pretrained weights are named pretrained:NAME)"; else "".
+    """
+    if path in PRETRAINED:
+        return f" (pretrained weights are named pretrained:{path})"
+    return ""
+
+
 def list_pretrained() -> list[str]:
     """'pretrained:ARCH/TAG -> hf-hub:REPO' lines, sorted by name."""
     return [
@@ -139,8 +148,18 @@ def _cache_location(repo_id: str) -> str:
     )
 
 
-def _download(reference: str, repo_id: str, filename: str, revision: str | None) -> Path | None:
-    """The file's local path, or None when the repo (or, offline, the cache) lacks it."""
+def _download(
+    reference: str, repo_id: str, filename: str, revision: str | None, unreachable: list[str]
+) -> Path | None:
+    """The file's local path, or None when the repo (or, offline, the cache) lacks it.
+
+    Online, huggingface_hub answers "not in the cache" also when the Hub cannot be reached (no
+    network, a proxy, an outage); the reason is then appended to `unreachable` and None is
+    returned, so that a layout already in the cache is still found and the final error can say
+    that the Hub was unreachable rather than that the repo lacks the file. Once it was
+    unreachable, only the cache is looked at: huggingface_hub retries an unreachable Hub for
+    ~23 s per missing file (5 retries, 1-8 s apart).
+    """
     try:
         from huggingface_hub import errors, hf_hub_download
     except ImportError as e:
@@ -148,8 +167,16 @@ def _download(reference: str, repo_id: str, filename: str, revision: str | None)
             f"{reference} needs the `huggingface_hub` package: `pip install huggingface_hub`"
         ) from e
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision))
-    except errors.EntryNotFoundError:  # remote: no such file; offline: not in the cache
+        return Path(
+            hf_hub_download(
+                repo_id, filename, revision=revision, local_files_only=bool(unreachable)
+            )
+        )
+    except errors.LocalEntryNotFoundError as e:  # not in the cache (offline or unreachable)
+        if not _offline():
+            unreachable.append(convert.one_line(e.__cause__ or e, 200))
+        return None
+    except errors.EntryNotFoundError:  # the repo has no such file
         return None
     except errors.RevisionNotFoundError as e:
         raise HubError(f"{reference}: the repo has no revision {revision!r}") from e
@@ -173,8 +200,8 @@ def _offline() -> bool:
 def fetch(reference: str) -> HubFiles:
     """Downloads (or finds in the cache) the config and weights of a Hub reference.
 
-    Raises HubError with one line naming the repo (and, offline, the cache path) when the repo,
-    revision or files are missing.
+    Raises HubError with one line naming the repo (and, offline or when the Hub cannot be
+    reached, the cache path) when the repo, revision or files are missing.
     """
     repo_id, revision, _ = parse(reference)
     location = _cache_location(repo_id)
@@ -192,24 +219,36 @@ def fetch(reference: str) -> HubFiles:
                 f"{reference}: revision {rev} of {repo_id} is not in the Hugging Face "
                 f"cache {location} and HF_HUB_OFFLINE=1 forbids downloading it"
             )
+    unreachable: list[str] = []  # why the Hub could not be asked (online only)
+
+    def where() -> str:
+        if _offline():
+            return f" in the cache {location} (HF_HUB_OFFLINE=1; revision {revision or 'main'})"
+        if unreachable:
+            return (
+                f" in the cache {location}, and the Hugging Face Hub cannot be reached "
+                f"({unreachable[0]}; HF_HUB_OFFLINE=1 uses the cache only)"
+            )
+        return " in the repo"
+
     for layout, config_name, weight_names in (
         ("open_clip", open_clip_format.CONFIG_FILE, open_clip_format.WEIGHT_FILES),
         ("transformers", hf_format.CONFIG_FILE, hf_format.WEIGHT_FILES),
     ):
-        config_path = _download(reference, repo_id, config_name, revision)
+        config_path = _download(reference, repo_id, config_name, revision, unreachable)
         if config_path is None:
             continue
         for weights_name in weight_names:
-            weights_path = _download(reference, repo_id, weights_name, revision)
+            weights_path = _download(reference, repo_id, weights_name, revision, unreachable)
             if weights_path is not None:
                 break
         else:
-            where = f" in the cache {location}" if _offline() else ""
             raise HubError(
-                f"{reference}: {config_name} is there but none of {', '.join(weight_names)}{where}"
+                f"{reference}: {config_name} is there but none of "
+                f"{', '.join(weight_names)}{where()}"
             )
         preprocessor = (
-            _download(reference, repo_id, hf_format.PREPROCESSOR_FILE, revision)
+            _download(reference, repo_id, hf_format.PREPROCESSOR_FILE, revision, unreachable)
             if layout == "transformers"
             else None
         )
@@ -222,14 +261,9 @@ def fetch(reference: str) -> HubFiles:
             weights_path,
             preprocessor,
         )
-    where = (
-        f"in the cache {location} (HF_HUB_OFFLINE=1; revision {revision or 'main'})"
-        if _offline()
-        else "in the repo"
-    )
     raise HubError(
         f"{reference}: neither {open_clip_format.CONFIG_FILE} (open_clip) nor "
-        f"{hf_format.CONFIG_FILE} (transformers CLIPModel) {where}"
+        f"{hf_format.CONFIG_FILE} (transformers CLIPModel) of {repo_id}{where()}"
     )
 
 

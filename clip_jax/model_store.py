@@ -114,6 +114,7 @@ def locate(path: str | os.PathLike, step: int | None = None) -> tuple[str, str, 
         return "workdir", path, step
     if not os.path.isdir(path):
         hint = "" if match or "@" not in path else " (a workdir step is written WORKDIR@STEP)"
+        hint = hint or hub.name_hint(path)
         raise CheckpointError(f"{path} does not exist{hint}")
     raise CheckpointError(
         f"{path} is neither a training workdir (no checkpoints/ in it) nor a converted "

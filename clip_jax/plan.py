@@ -11,7 +11,7 @@ on this CPU), compiles the evaluation embedder too, and reports per chip: HBM (a
 temporaries, total) against the chip's capacity, FLOPs per step, the step time at the chip's
 peak bf16 rate and at an assumed utilisation (`--mfu`), and the input rate each host must feed.
 `--search` tries fsdp sizes, remat policies and accumulation steps and reports the fastest
-configuration that fits.
+configuration that fits. A config with `stages` is planned stage by stage (`planned_configs`).
 
 FLOPs: XLA's cost analysis counts a loop body once, whatever its trip count, so the compiled
 step's count is wrong with `accumulation_steps > 1` (a `lax.scan` over micro-batches) or
@@ -33,6 +33,8 @@ import time
 from typing import Any, Callable
 
 from absl import app, flags, logging
+
+from clip_jax import cli
 
 _CONFIG = _TOPOLOGY = _MFU = _SEARCH = _HBM_GIB = _EVAL = _JSON = None
 
@@ -101,6 +103,50 @@ def with_changes(config, **changes):
         target[leaf] = value
     out.lock()
     return out
+
+
+def planned_configs(config) -> list[tuple[str, Any]]:
+    """[(label, config)] of the train steps a run of `config` compiles: `config` itself (label
+    ""), or for a schedule of stages (`config.stages`, `clip_jax.stages`) each stage's config
+    as the stage runs it ("stage 0 of 2", ...).
+
+    Stage k > 0 starts from stage k-1's weights, which do not exist yet when planning: it is
+    planned as `stages.stand_in` builds it (stage 0's architecture at stage k's input sizes:
+    the same parameter shapes and positional-embedding resize).
+    """
+    from clip_jax import stages as stages_lib
+    from clip_jax import train_setup
+
+    if not config.get("stages"):
+        return [("", config)]
+    staged = stages_lib.stage_configs(config, "plan")
+    out: list[tuple[str, Any]] = []
+    for k, (_, stage) in enumerate(staged):
+        if k > 0:
+            train_setup.model_overrides(stage)  # a stage entry setting an architecture field
+            stage = stages_lib.stand_in(staged, k)
+        try:
+            train_setup.load_model(stage, with_weights=False)
+        except train_setup.ConfigError as e:
+            raise train_setup.ConfigError(f"config.stages[{k}]: {e}") from None
+        out.append((f"stage {k} of {len(staged)}", stage))
+    return out
+
+
+def _check_init_from(config) -> None:
+    """Plans need the architecture of `init_from`'s weights (not the weights themselves): a
+    one-line error naming the way out when it cannot be read here."""
+    if not config.init_from:
+        return
+    from clip_jax import train_setup
+
+    try:
+        train_setup.load_model(config, with_weights=False)
+    except train_setup.ConfigError as e:
+        raise PlanError(
+            f"{e} (plan reads only the architecture of these weights; --config.init_from= "
+            f"plans model.name={config.model.name!r} from scratch instead)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,11 +225,6 @@ class FlopCounter:
 # Compilation and memory
 
 
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
 def compile_memory(lowered, compiler_options: dict | None = None) -> dict[str, Any]:
     """Compiles `lowered`; per-chip bytes from XLA's memory analysis, or the compiler's
     out-of-memory message.
@@ -204,7 +245,7 @@ def compile_memory(lowered, compiler_options: dict | None = None) -> dict[str, A
             raise
         return {
             "fits": False,
-            "oom": _first_line(e),
+            "oom": cli.one_line(e, limit=400),
             "compile_s": round(time.perf_counter() - t0, 1),
         }
     m = compiled.memory_analysis()
@@ -343,7 +384,12 @@ def plan_step(config, topo, *, capacity: int, with_eval: bool = True) -> dict[st
 def _plan_eval(config, setup, embedder, resident: int, capacity: int, options) -> dict[str, Any]:
     """The embedder's two programs (images, texts) as `clip_jax.evaluation` runs them during
     training: the train state and prefetched batches stay resident meanwhile, and the
-    embedder reads the state's own (FSDP-sharded) parameters, gathering them in the program."""
+    embedder reads the state's own (FSDP-sharded) parameters, gathering them in the program.
+
+    A program's arguments besides its batch are those resident parameters, and only the ones
+    its tower reads (jit drops unused arguments: the image program of ViT-L/14 takes the image
+    tower's 1.1 GiB, not all 1.6 GiB of parameters), so each adds its program size minus
+    those arguments."""
     import jax
     import jax.numpy as jnp
 
@@ -353,7 +399,6 @@ def _plan_eval(config, setup, embedder, resident: int, capacity: int, options) -
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-    shared = device_bytes(variables)  # program arguments that are part of the resident state
     b = embedder.round_batch_size(int(config.eval.batch_size), mesh)
     s, length = setup.model_config.image_size, setup.model_config.context_length
     images = jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8, sharding=setup.batch_sharding)
@@ -363,9 +408,11 @@ def _plan_eval(config, setup, embedder, resident: int, capacity: int, options) -
         "image": compile_memory(image_fn.lower(variables, images), options),
         "text": compile_memory(text_fn.lower(variables, tokens), options),
     }
+    inputs = {"image": device_bytes(images), "text": device_bytes(tokens)}
     out: dict[str, Any] = {"batch_size": b, "programs": progs, "resident": resident}
     if all(p["fits"] for p in progs.values()):
-        out["total"] = resident + max(p["program"] for p in progs.values()) - shared
+        extra = max(p["program"] - (p["arguments"] - inputs[k]) for k, p in progs.items())
+        out["total"] = resident + extra
         out["fits"] = out["total"] <= capacity
     else:
         out["fits"] = False
@@ -513,6 +560,7 @@ def plan(
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu={mfu} must be in (0, 1]")
     topo = topology.get(topo_name)
+    _check_init_from(config)
     capacity = _capacity(topo.accelerator, hbm_gib)
     counter = counter or FlopCounter(config)
     result = plan_step(config, topo, capacity=capacity, with_eval=with_eval)
@@ -533,14 +581,14 @@ def plan(
         report["verdict"] = "fits"
     else:
         what, prog = ("the train step", t) if not t["fits"] else ("the evaluation embedder", e)
-        need = (
-            f"needs {_gib(prog['total'])} per chip"
-            if "total" in prog
-            else "the compiler ran out of memory"
-        )
+        if "total" in prog:
+            need = f"needs {_gib(prog['total'])} per chip (of {_gib(capacity)})"
+        else:  # the compiler's own message says how much it needed
+            oom = prog.get("oom") or next(p["oom"] for p in prog["programs"].values() if "oom" in p)
+            oom = oom.removeprefix("RESOURCE_EXHAUSTED: ").rstrip(".")
+            need = f"does not compile in {_gib(capacity)}: {oom}"
         report["verdict"] = (
-            f"does not fit: {what} {need} (of {_gib(capacity)}); levers: "
-            f"{'; '.join(_levers(config, topo))}"
+            f"does not fit: {what} {need}; levers: {'; '.join(_levers(config, topo))}"
         )
     return report
 
@@ -562,6 +610,7 @@ def search(
     remats: tuple[str, ...] = REMAT_POLICIES,
     compile_fits: Callable | None = None,
     counter: FlopCounter | None = None,
+    with_eval: bool = True,
 ) -> dict[str, Any]:
     """The fastest (fsdp, remat, accumulation) for `config` on `topo_name` that fits.
 
@@ -576,6 +625,7 @@ def search(
     from clip_jax import topology
 
     topo = topology.get(topo_name)
+    _check_init_from(config)
     capacity = _capacity(topo.accelerator, hbm_gib)
     counter = counter or FlopCounter(config)
     n, b = topo.num_chips, config.batch_size
@@ -638,7 +688,9 @@ def search(
         if compile_fits is not None:
             return {"best": best, "tried": tried}
         return {
-            "best": plan(best, topo_name, mfu=mfu, hbm_gib=hbm_gib, counter=counter),
+            "best": plan(
+                best, topo_name, mfu=mfu, hbm_gib=hbm_gib, with_eval=with_eval, counter=counter
+            ),
             "tried": tried,
         }
     return {"best": None, "tried": tried}
@@ -688,38 +740,44 @@ def main(argv) -> None:
     from clip_jax import metrics, train_setup
 
     metrics.quiet_library_logs()
+    results, texts = [], []
     try:
-        if _SEARCH.value:
-            result = search(_CONFIG.value, _TOPOLOGY.value, mfu=_MFU.value, hbm_gib=_HBM_GIB.value)
-            text = format_search(result)
-        else:
-            result = plan(
-                _CONFIG.value,
-                _TOPOLOGY.value,
-                mfu=_MFU.value,
-                hbm_gib=_HBM_GIB.value,
-                with_eval=_EVAL.value,
-            )
-            text = format_report(result)
+        configs = planned_configs(_CONFIG.value)  # one per stage of a schedule of stages
+        for label, config in configs:
+            if label:
+                logging.info("planning %s", label)
+            if _SEARCH.value:
+                result = search(
+                    config,
+                    _TOPOLOGY.value,
+                    mfu=_MFU.value,
+                    hbm_gib=_HBM_GIB.value,
+                    with_eval=_EVAL.value,
+                )
+                text = format_search(result)
+            else:
+                result = plan(
+                    config,
+                    _TOPOLOGY.value,
+                    mfu=_MFU.value,
+                    hbm_gib=_HBM_GIB.value,
+                    with_eval=_EVAL.value,
+                )
+                text = format_report(result)
+            results.append(result)
+            texts.append(f"{label}:\n{text}" if label else text)
     except (PlanError, train_setup.ConfigError, RuntimeError, ValueError) as e:
-        sys.exit(f"clip_jax.plan: error: {_first_line(e)}")
-    payload = json.dumps(result, default=_json_default)
-    print(text)
+        sys.exit(f"clip_jax.plan: error: {cli.one_line(e, limit=400)}")
+    if len(results) == 1:
+        payload = json.dumps(results[0], default=_json_default)
+    else:
+        stages = [dict(r, stage=k) for k, r in enumerate(results)]
+        payload = json.dumps({"stages": stages}, default=_json_default)
+    print("\n\n".join(texts))
     print(payload)
     if _JSON.value:
         with open(_JSON.value, "w", encoding="utf-8") as f:
             f.write(payload + "\n")
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors for bad config overrides."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(f"clip_jax.plan: error: {e}\nTry --help.")
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        message = " ".join(str(e).replace("\\n", " ").split()).strip("'\"")
-        sys.exit(f"clip_jax.plan: error: bad config override: {message}")
 
 
 if __name__ == "__main__":
@@ -727,5 +785,8 @@ if __name__ == "__main__":
     # no metadata-server queries), and TensorFlow quiet.
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Executables compiled for compile-only devices cannot be loaded back from JAX's persistent
+    # cache (jax 0.10: "PjRtCompiler must be constructed with a Client"): do not write them.
+    os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=cli.flags_parser("clip_jax.plan"))

@@ -39,6 +39,9 @@ def create_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | N
     n = len(devices)
     if data == -1 and fsdp == -1:
         raise ValueError("at most one of mesh.data and mesh.fsdp may be -1")
+    for name, size, other in (("fsdp", fsdp, data), ("data", data, fsdp)):
+        if other == -1 and (size <= 0 or n % size):
+            raise ValueError(f"mesh.{name}={size} does not divide the {n} available devices")
     if data == -1:
         data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
     elif fsdp == -1:

@@ -17,7 +17,7 @@ import math
 import os
 import re
 
-from clip_jax import accelerators
+from clip_jax import accelerators, platforms
 
 _NAME = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
 _GPU_NAME = re.compile(r"^(h100|h200):(?:(\d+)x)?(\d+)$")
@@ -170,10 +170,10 @@ def get(name: str) -> Topology:
     if acc.topology_prefix is None:
         return _get_gpu(name, acc, dims)
     import jax
-    from jax._src import hardware_utils, xla_bridge  # what jax's own TPU set-up consults
+    from jax._src import xla_bridge  # what jax's own TPU set-up consults
     from jax.experimental import topologies
 
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+    if platforms.tpu_chips_attached() == 0:
         # No TPU attached: libtpu would query the GCE metadata server for the (absent) TPU's
         # description, then log three multi-line errors about unknown worker hostnames and
         # accelerator type. These values only describe the local host, not the compile target

@@ -28,10 +28,19 @@ from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from clip_jax import checkpoint as ckpt_lib
-from clip_jax import cli, host_memory, sharding, tokenizers, train_setup, workdir_lock
+from clip_jax import (
+    cli,
+    host_memory,
+    platforms,
+    sharding,
+    tokenizers,
+    train_setup,
+    workdir_lock,
+)
 from clip_jax import data as data_lib
 from clip_jax import metrics as metrics_lib
 from clip_jax import step as step_lib
+from clip_jax.models import overrides as overrides_lib
 from clip_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -109,9 +118,13 @@ def validate_config(config, mesh=None) -> None:
         from clip_jax import model_store
 
         try:
-            model_store.locate(config.init_from)
+            kind, _, _ = model_store.locate(config.init_from)
         except ckpt_lib.CheckpointError as e:
             raise ConfigError(f"config.init_from: {e}") from None
+        if kind != "hub" and mesh is None:
+            # The weights' description (model.json / checkpoint metadata, no arrays): options
+            # that do not fit their architecture fail here, before anything is read or built.
+            train_setup.load_model(config, with_weights=False)
     try:
         data_lib.validate(config.data)
     except (ValueError, FileNotFoundError) as e:
@@ -186,7 +199,10 @@ def train(config, workdir: str, devices: list | None = None) -> dict[str, Any]:
     validate_config(config)
 
     # Mesh: every device of every process; batch split over (data, fsdp).
-    mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    try:
+        mesh = sharding.create_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
     validate_config(config, mesh)
 
     # Model, optimizer, shardings and the jitted step (no parameter values yet).
@@ -621,6 +637,7 @@ def _checkpoint_meta(config, setup: train_setup.TrainSetup, data: _Input) -> dic
 
 def main(argv) -> None:
     metrics_lib.quiet_library_logs()
+    platforms.avoid_absent_tpu()  # libtpu without a TPU: stay on the CPU, no TPU runtime start
     host_memory.tune_for_xla_cpu()  # before the first JAX computation starts XLA's threads
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -631,7 +648,7 @@ def main(argv) -> None:
     try:
         if _CONFIG.value.get("stages"):  # a schedule of stages (clip_jax/stages.py)
             # This module's `train` (run as __main__, re-importing it would redefine the flags).
-            stages.run(_CONFIG.value, _WORKDIR.value, train)
+            stages.run(_CONFIG.value, _WORKDIR.value, train, validate_config)
         else:
             train(_CONFIG.value, _WORKDIR.value)
     except (
@@ -686,4 +703,7 @@ def _main_exiting_hard_on_error(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(_main_exiting_hard_on_error, flags_parser=cli.flags_parser("clip_jax.train"))
+    app.run(
+        _main_exiting_hard_on_error,
+        flags_parser=cli.flags_parser("clip_jax.train", renamed=overrides_lib.RENAMED),
+    )

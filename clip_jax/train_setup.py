@@ -34,20 +34,58 @@ class ConfigError(ValueError):
 
 def model_overrides(config) -> dict:
     """The architecture fields set in `config.model` (`--config.model.vision.width=64`, see
-    `clip_jax.models.overrides`) as `models.get_model_config` overrides; {} when none is."""
+    `clip_jax.models.overrides`) as `models.get_model_config` overrides; {} when none is.
+
+    With `init_from` the architecture comes from the weights: only the input sizes
+    `model.vision.image_size` and `model.text.context_length` may be set (`load_model` adapts
+    the weights' positional embeddings to them) and {} is returned."""
     changes = overrides_lib.set_fields(config.model)
     if not changes:
         return {}
     if config.init_from:
-        key, value = next(iter(changes.items()))
-        raise ConfigError(
-            f"config.model.{key}={value!r}: architecture fields must stay unset with init_from "
-            f"(the architecture comes from the converted weights)"
-        )
+        others = {k: v for k, v in changes.items() if k not in overrides_lib.INPUT_SIZES}
+        if others:
+            key, value = next(iter(others.items()))
+            raise ConfigError(
+                f"config.model.{key}={value!r}: architecture fields must stay unset with "
+                f"init_from (the architecture comes from the weights; only model.vision."
+                f"image_size and model.text.context_length may be set, to resize them)"
+            )
+        return {}
     try:
         return overrides_lib.resolve(config.model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_model(config, model_config: models.CLIPConfig) -> None:
+    """Raises ConfigError when the run's options do not fit the model it trains
+    (`model_config`: from model.name and its fields, or from the init_from weights): patch
+    dropout needs a ViT image tower, and training captions (`data.context_length`) cannot be
+    longer than the text tower's context."""
+    if config.init_from:
+        has = f"the init_from weights ({config.init_from}) have"
+        own = "the init_from weights' own"
+    else:
+        has = f"config.model.name={config.model.name!r} has"
+        own = f"that of config.model.name={config.model.name!r}"
+    rate = config.model.patch_dropout
+    require(
+        model_config.vision.type == "vit" or not rate,
+        "model.patch_dropout",
+        rate,
+        f"needs a ViT image tower; {has} a {model_config.vision.type} tower",
+    )
+    length = int(config.data.get("context_length", 0) or 0)
+    context = model_config.context_length
+    if length > context:
+        _, set_context = overrides_lib.input_sizes(config.model)
+        unset = "" if set_context is not None else f" (unset: {own})"
+        raise ConfigError(
+            f"config.data.context_length={length} is longer than the model's text context "
+            f"config.model.text.context_length={context}{unset}; training captions can only be "
+            f"shortened"
+        )
 
 
 def require(ok: bool, key: str, value: Any, why: str) -> None:
@@ -95,22 +133,26 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
         config.model.scan_layers,
         "must be True or False",
     )
-    try:  # FLIP patch dropout: a rate in [0, 1), for ViT towers
+    try:  # FLIP patch dropout: a rate in [0, 1); a ViT tower is checked by check_model
         patch_dropout.check_rate(config.model.patch_dropout)
     except ValueError as e:
         raise ConfigError(f"config.model.{e}") from None
     if not config.init_from:
         try:
-            vision = models.get_model_config(config.model.name).vision
+            models.get_model_config(config.model.name)
         except ValueError as e:
             raise ConfigError(f"config.model.name={config.model.name!r}: {e}") from None
+    for key, value in zip(overrides_lib.INPUT_SIZES, overrides_lib.input_sizes(config.model)):
         check(
-            vision.type == "vit" or not config.model.patch_dropout,
-            "model.patch_dropout",
-            config.model.patch_dropout,
-            f"needs a ViT image tower ({config.model.name} has a {vision.type})",
+            value is None or value >= 1,
+            f"model.{key}",
+            value,
+            "must be a positive int (unset: the architecture's own)",
         )
-    model_overrides(config)
+    if not config.init_from:  # the architecture is known without reading anything
+        load_model(config, with_weights=False)
+    else:
+        model_overrides(config)
     if mesh is not None:
         shards = sharding.num_batch_shards(mesh)
         check(
@@ -136,15 +178,19 @@ def validate_step_config(config, mesh: Mesh | None = None, num_processes: int = 
 
 
 def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, dict | None, str]:
-    """Model architecture (+ the variables of `init_from` when it is set and `with_weights`)
-    and tokenizer name.
+    """The architecture the run trains (+ the variables of `init_from` when it is set and
+    `with_weights`) and tokenizer name. Raises ConfigError (`check_model`) when the run's
+    options do not fit that architecture.
 
     `init_from` is any model source of `clip_jax.model_store`: a converted directory, a
     training workdir (its latest checkpoint, or `WORKDIR@STEP`) or a Hub reference; its
-    config and tokenizer replace `model.name` and `data.tokenizer`. With `loss="siglip"` a
-    from-scratch model gets SigLIP's initial temperature log(10) and a logit bias initialised
-    at -10; weights without a bias get a fresh one (-10). `with_weights=False` reads only the
-    model description (no arrays), for callers that need shapes alone.
+    config and tokenizer replace `model.name` and `data.tokenizer`, at the input sizes
+    `model.vision.image_size` / `model.text.context_length` when they are set (the image
+    positional embeddings resized, the text ones truncated; `clip_jax.models.resize`). With
+    `loss="siglip"` a from-scratch model gets SigLIP's initial temperature log(10) and a logit
+    bias initialised at -10; weights without a bias get a fresh one (-10).
+    `with_weights=False` reads only the model description (no arrays), for callers that need
+    shapes alone.
     """
     siglip = config.loss == "siglip"
     if not config.init_from:
@@ -154,19 +200,48 @@ def load_model(config, with_weights: bool = True) -> tuple[models.CLIPConfig, di
                 init_logit_scale=losses_lib.SIGLIP_INIT_LOGIT_SCALE,
                 init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS,
             )
+        check_model(config, model_config)
         return model_config, None, config.data.tokenizer
     from clip_jax import model_store
     from clip_jax.checkpoint import CheckpointError
 
+    model_overrides(config)  # only the input sizes may be set
     try:
         read = model_store.load_model if with_weights else model_store.describe
         loaded = read(config.init_from)
     except CheckpointError as e:
         raise ConfigError(f"config.init_from: {e}") from None
-    model_config = loaded.config
+    model_config = _at_input_sizes(config, loaded.config)
+    check_model(config, model_config)
+    variables = loaded.variables
+    if variables is not None:
+        try:
+            variables = resize.adapt_variables(variables, model_config)
+        except ValueError as e:
+            raise ConfigError(f"config.init_from: {e}") from None
     if siglip and model_config.init_logit_bias is None:
         model_config = model_config.replace(init_logit_bias=losses_lib.SIGLIP_INIT_LOGIT_BIAS)
-    return model_config, loaded.variables, loaded.tokenizer
+    return model_config, variables, loaded.tokenizer
+
+
+def _at_input_sizes(config, loaded: models.CLIPConfig) -> models.CLIPConfig:
+    """The init_from architecture `loaded` at the input sizes set in config.model (unset: the
+    weights' own). A longer text context than the weights have is refused: there is nothing to
+    learn the extra positions from."""
+    image_size, context_length = overrides_lib.input_sizes(config.model)
+    if context_length is not None and context_length > loaded.context_length:
+        raise ConfigError(
+            f"config.model.text.context_length={context_length}: longer than the "
+            f"{loaded.context_length} text positions of the init_from weights "
+            f"({config.init_from}); a context can only be shortened"
+        )
+    try:
+        return resize.with_input_sizes(loaded, image_size=image_size, context_length=context_length)
+    except ValueError as e:
+        raise ConfigError(
+            f"config.model.vision.image_size={image_size!r}: {e} (the {loaded.vision.type} tower "
+            f"of the init_from weights)"
+        ) from None
 
 
 def build_model(config, model_config: models.CLIPConfig) -> models.CLIP:
@@ -269,12 +344,6 @@ def build(
     regexes.
     """
     model_config, init_variables, tokenizer_name = loaded or load_model(config, with_weights)
-    try:  # model.image_size / model.context_length: positional embeddings follow
-        model_config, init_variables = resize.adapt_to_config(
-            config.model, model_config, init_variables
-        )
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
     model = build_model(config, model_config)
     abstract_params = jax.eval_shape(model.init_variables, jax.random.key(0))["params"]
     try:

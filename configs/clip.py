@@ -59,19 +59,17 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # train time, uniformly at random (class token kept; 0: off). The image tower runs on the
     # kept tokens only, so 0.5 roughly halves its cost. Never applied in evaluation/inference.
     c.model.patch_dropout = 0.0
-    # Input sizes (0: the architecture's own, from model.name or the init_from weights). A
-    # different image_size resizes loaded image positional embeddings (bicubic over the patch
-    # grid, class token kept, as open_clip); a shorter context_length truncates the text
-    # positional embedding. For low-resolution stages (CLIPA) and resolution fine-tuning.
-    c.model.image_size = 0
-    c.model.context_length = 0
     # Fields of the named architecture to replace, e.g. a small test model:
     # --config.model.embed_dim=64 --config.model.vision.width=64 --config.model.text.layers=1.
-    # Unset (None): the architecture's value; must stay unset with init_from. Top level:
-    # embed_dim, init_logit_scale, init_logit_bias. vision.*: image_size, width, heads, layers
-    # (ViT: an int, plus patch_size, mlp_ratio, activation; ModifiedResNet: 4 stage depths,
-    # '(3, 4, 6, 3)'). text.*: context_length, vocab_size, width, layers, heads, mlp_ratio,
-    # activation, pad_id. See clip_jax/models/config.py.
+    # Unset (None): the architecture's value. Top level: embed_dim, init_logit_scale,
+    # init_logit_bias. vision.*: image_size, width, heads, layers (ViT: an int, plus
+    # patch_size, mlp_ratio, activation; ModifiedResNet: 4 stage depths, '(3, 4, 6, 3)').
+    # text.*: context_length, vocab_size, width, layers, heads, mlp_ratio, activation, pad_id.
+    # See clip_jax/models/config.py. With init_from the architecture is the weights' and only
+    # the input sizes may be set: vision.image_size resizes the loaded image positional
+    # embeddings (bicubic over the patch grid, class token kept, as open_clip) and a shorter
+    # text.context_length truncates the text ones; for low-resolution stages (CLIPA) and
+    # resolution fine-tuning.
     model_overrides.add_fields(c.model)
 
     c.batch_size = 256  # global batch over all devices and processes
@@ -101,8 +99,8 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     # rule matches are split along their largest dimension divisible by mesh.fsdp.
     c.sharding_rules = ()
     # Stages run in sequence (clip_jax/stages.py): a tuple of dicts of dotted overrides, e.g.
-    # ({"total_steps": 9000, "model.image_size": 112}, {"total_steps": 1000}). Stage k trains
-    # in <workdir>/stage_<k>, stage k > 0 from stage k-1's final weights (fresh optimizer);
+    # ({"total_steps": 9000, "model.vision.image_size": 112}, {"total_steps": 1000}). Stage k
+    # trains in <workdir>/stage_<k>, stage k > 0 from stage k-1's final weights (fresh optimizer);
     # each resumes on its own. Empty: one ordinary run in the workdir.
     c.stages = ()
 
@@ -190,7 +188,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
             c.stages = (
                 {
                     "total_steps": 90_000,
-                    "model.image_size": 112,
+                    "model.vision.image_size": 112,
                     "data.context_length": 16,
                     "data.text_shorten": "random_block",
                 },
@@ -210,4 +208,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
         c.total_steps = 20_000
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 1000
+        c.dtype = "bfloat16"  # as the other paper-scale variants (float32 needed ~8 GiB more)
+        c.checkpoint_every = 1000
+        c.log_every = 50
     return c

@@ -227,3 +227,19 @@ def test_windowed_decode_gives_the_same_batches_below_2x(tmp_path):
     files = pipeline._shard_files(spec)
     assert not pipeline.use_windowed_decode({"decode": "auto"}, spec, files, SIZE)
     assert pipeline.use_windowed_decode({"decode": "auto"}, spec, files, 8)
+
+
+def test_small_images_hint_comes_from_the_peeked_shapes(tmp_path):
+    # 16-32 px JPEGs: every peeked image fits the one-op resize, so the pipeline skips the
+    # per-image size test (a speed hint only: same pixels either way, see test_transforms).
+    from clip_jax.data import pipeline, transforms
+
+    pattern, _ = write_dataset(tmp_path, n=20, shard_size=20, fmt="tfrecord")
+    spec = pipeline.config_lib.source_specs(data_config(source="tfrecord", shards=pattern))[0]
+    shapes = pipeline._peek_jpeg_shapes(spec, pipeline._shard_files(spec))
+    assert len(shapes) == 8 and all(16 <= min(s) and max(s) <= 32 for s in shapes)
+    assert pipeline.small_images([shapes])
+    assert pipeline.small_images([shapes, [(9, 9)]])
+    assert not pipeline.small_images([shapes, []])  # a source that could not be peeked
+    big = int(transforms._ONE_OP_MAX_PIXELS**0.5) + 1
+    assert not pipeline.small_images([shapes + [(big, big)]])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from data_samples import FakeTokenizer, data_config, make_samples, take
 
-from clip_jax.data import ordering, shard_counts, tar_shards
+from clip_jax.data import ordering, pipeline, shard_counts, tar_shards
 from clip_jax.data.make_shards import write_shards
 from clip_jax.data.pipeline import build_train_dataset
 
@@ -111,7 +111,10 @@ def test_resume_opens_only_the_shards_in_flight(tmp_path, monkeypatch):
     # group 12. Shards of groups 0-11 must not be opened, with the count cache in place.
     out = os.path.join(str(tmp_path), "many")
     files = write_shards(make_samples(360, prefix="m"), out, fmt="tar", shard_size=6)
-    # decode="full": "auto" peeks at the first shard of the list to choose a decoder.
+    # The pipeline peeks at 8 JPEG headers of the list's first shard to choose its decoder and
+    # resize (a constant cost at any position); that peek is stubbed out so that `opened` holds
+    # the reader's opens only.
+    monkeypatch.setattr(pipeline, "_peek_jpeg_shapes", lambda spec, files, n=8: [])
     cfg = data_config(
         source="tar",
         shards=os.path.join(out, "*.tar"),
@@ -195,3 +198,32 @@ def test_tar_stream_reads_in_the_interleave_order(tmp_path):
         a = [r["key"] for r in ours.take(60).as_numpy_iterator()]
         b = [r["key"] for r in theirs.take(60).as_numpy_iterator()]
         assert a == b and len(a) == 60, position
+
+
+def test_tar_resume_seeks_to_recorded_sample_offsets(tmp_path, monkeypatch):
+    # Every 2nd sample's byte offset is noted while the first run reads the shards through (and
+    # cached in index_dir); resumed runs seek to the nearest one instead of walking headers,
+    # with exactly the uninterrupted run's batches.
+    monkeypatch.setattr(tar_shards, "SEEK_EVERY", 2)
+    hints = []
+    real_hint = shard_counts.ShardCounter.seek_hint
+
+    def seek_hint(self, path, start):
+        hint = real_hint(self, path, start)
+        hints.append(hint)
+        return hint
+
+    monkeypatch.setattr(shard_counts.ShardCounter, "seek_hint", seek_hint)
+    paths = _write_uneven(tmp_path, [7, 0, 13, 4, 9, 1, 0, 5], "tar")
+    cfg = data_config(source="tar", shards=" ".join(paths), shard_cycle_length=3, shuffle_buffer=5)
+    index_dir = str(tmp_path / "index")
+    full = take(_train(cfg, index_dir=index_dir), 24)
+    with open(os.path.join(index_dir, "shard_counts.jsonl"), encoding="utf-8") as f:
+        assert any('"offsets"' in line for line in f)
+    hints.clear()
+    for k in (5, 9, 13, 20):
+        resumed = take(_train(cfg, start=full[k - 1]["position"], index_dir=index_dir), 3)
+        for a, b in zip(resumed, full[k : k + 3]):
+            for name in a:
+                np.testing.assert_array_equal(a[name], b[name], err_msg=f"{k} {name}")
+    assert any(h is not None and h[0] > 0 for h in hints)

@@ -186,14 +186,16 @@ def test_refusals_are_one_line(tmp_path, capsys):
 
 
 def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
-    """Train the tiny config 2 steps; export its checkpoint in both formats (one through the
-    command line, --step); both reload with clip_jax's embeddings."""
+    """Train the tiny config 2 steps (checkpoints 1 and 2); export the latest in both formats
+    (one through the command line) and step 1 with --step; the latest reloads with clip_jax's
+    embeddings in open_clip and transformers."""
+    from safetensors.numpy import load_file
     from train_runs import get_config
 
     from clip_jax import train
 
     config = get_config(
-        batch_size=8, total_steps=2, checkpoint_every=2, **{"data.source": "synthetic"}
+        batch_size=8, total_steps=2, checkpoint_every=1, **{"data.source": "synthetic"}
     )
     workdir = tmp_path / "run"
     train.train(config, str(workdir), devices=jax.devices()[:1])
@@ -201,20 +203,29 @@ def test_trained_workdir_exports_and_reloads(tmp_path, capsys):
     assert loaded.step == 2
     variables, model_config = loaded.variables, loaded.config
 
+    export.main(["--from", str(workdir), "--format", "open_clip", "--output", str(tmp_path / "oc")])
+    assert f"wrote {tmp_path / 'oc'}" in capsys.readouterr().out
+    export.export(workdir, "hf", tmp_path / "hf")
+    # Default: the latest checkpoint, exactly; --step 1: the other one (step 2 changed weights).
     export.main(
         [
             "--from",
             str(workdir),
             "--step",
-            "2",
+            "1",
             "--format",
             "open_clip",
             "--output",
-            str(tmp_path / "oc"),
+            str(tmp_path / "s1"),
         ]
     )
-    assert f"wrote {tmp_path / 'oc'}" in capsys.readouterr().out
-    export.export(workdir, "hf", tmp_path / "hf")
+    latest = convert.to_state_dict(variables)
+    exported = load_file(str(tmp_path / "oc" / "open_clip_model.safetensors"))
+    step1 = load_file(str(tmp_path / "s1" / "open_clip_model.safetensors"))
+    assert set(exported) == set(step1) == set(latest)
+    for key, value in latest.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    assert any(not np.array_equal(step1[k], latest[k]) for k in latest)
 
     images = random_images(2, model_config.image_size, seed=3)
     tokens = open_clip.tokenize(TEXTS, context_length=model_config.context_length).numpy()

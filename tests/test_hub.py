@@ -25,7 +25,7 @@ import jax  # noqa: E402
 from hf_peer import add_hub_repo, hf_encode, hf_repo_files, make_hf_clip, open_clip_repo_files  # noqa: E402
 from open_clip_peer import jax_encode, make_small_model, random_images, random_tokens, torch_encode  # noqa: E402
 
-from clip_jax import convert, hub, model_store  # noqa: E402
+from clip_jax import convert, export, hub, model_store  # noqa: E402
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +111,15 @@ def test_transformers_layout_matches_transformers(hub_cache, tmp_path, hidden_ac
     assert (config.embed_dim, config.image_size, config.context_length) == (48, 32, 16)
     _check_parity(config, variables, lambda i, t: hf_encode(model, i, t), 32)
     assert float(variables["params"]["logit_scale"]) == pytest.approx(3.1)
+    # Exported back to transformers (straight from the Hub reference): the same tensors.
+    from safetensors.numpy import load_file
+
+    out = export.export("hf-hub:test-org/hf-clip", "hf", tmp_path / "exported")
+    saved = load_file(str(out / "model.safetensors"))
+    reference = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert set(saved) == set(reference)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(saved[key], value, err_msg=key)
 
 
 def test_open_clip_layout_is_preferred_and_clip_jax_load_embeds(hub_cache, tmp_path):
@@ -161,6 +170,18 @@ def test_pretrained_name_uses_table_repo_and_quick_gelu(hub_cache):
     _check_parity(config, variables, lambda i, t: torch_encode(model, i, t), 32)
 
 
+def test_pretrained_table_agrees_with_open_clip():
+    """Each well-known name is open_clip's: same Hub repo, same QuickGELU, OpenAI mean/std."""
+    from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD
+
+    for name, entry in hub.PRETRAINED.items():
+        cfg = open_clip.get_pretrained_cfg(*name.split("/"))
+        assert cfg.get("hf_hub", "").rstrip("/") == entry.repo_id, name
+        assert bool(cfg.get("quick_gelu", False)) == entry.quick_gelu, name
+        assert tuple(cfg.get("mean", OPENAI_MEAN)) == OPENAI_MEAN, name
+        assert tuple(cfg.get("std", OPENAI_STD)) == OPENAI_STD, name
+
+
 def test_revisions(hub_cache):
     main = _open_clip_model(VIT_CFG, quick_gelu=False, logit_scale=1.0)
     tagged = _open_clip_model(VIT_CFG, quick_gelu=False, logit_scale=2.0)
@@ -189,7 +210,7 @@ def test_revisions(hub_cache):
         hub.load("hf-hub:test-org/versions@v2")
 
 
-def test_errors_are_one_line(hub_cache):
+def test_errors_are_one_line(hub_cache, tmp_path):
     def error(reference: str) -> str:
         with pytest.raises(hub.HubError) as info:
             hub.load(reference)
@@ -229,6 +250,69 @@ def test_errors_are_one_line(hub_cache):
     assert "none of model.safetensors, pytorch_model.bin in the cache" in error(
         "hf-hub:test-org/no-weights"
     )
+    # transformers layout: the mean/std of preprocessor_config.json are checked too.
+    hf_files = hf_repo_files(make_hf_clip(), tmp_path / "saved")
+    hf_files["preprocessor_config.json"] = json.dumps(
+        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    )
+    add_hub_repo(hub_cache, "test-org/hf-inception-norm", hf_files)
+    assert "normalises images with mean [0.5, 0.5, 0.5]" in error(
+        "hf-hub:test-org/hf-inception-norm"
+    )
+
+
+def test_bare_pretrained_name_gets_a_hint(tmp_path, monkeypatch, capsys):
+    """`ViT-B-32/openai` without `pretrained:` is a relative path that does not exist; the
+    one-line errors of the library, convert and evaluate say how to name the weights."""
+    from clip_jax.checkpoint import CheckpointError
+    from clip_jax.evaluate import EvalError, _load
+
+    monkeypatch.chdir(tmp_path)
+    hint = "(pretrained weights are named pretrained:ViT-B-32/openai)"
+    with pytest.raises(CheckpointError) as info:
+        model_store.locate("ViT-B-32/openai")
+    assert str(info.value) == f"ViT-B-32/openai does not exist {hint}"
+    with pytest.raises(SystemExit):
+        convert.main(["--input", "ViT-B-32/openai", "--output", str(tmp_path / "out")])
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith(f"--input 'ViT-B-32/openai': no such file {hint}"), line
+    with pytest.raises(EvalError) as info:
+        _load(str(tmp_path / "eval"), None, "ViT-B-32/openai", None)
+    assert str(info.value) == f"--init_from ViT-B-32/openai does not exist {hint}"
+    with pytest.raises(CheckpointError) as info:  # other missing paths: no hint
+        model_store.locate("ViT-B-32/openai-x")
+    assert str(info.value) == "ViT-B-32/openai-x does not exist"
+
+
+def test_unreachable_hub_is_one_line_error(hub_cache, tmp_path, monkeypatch):
+    """Online but without a connection, huggingface_hub reports files as missing from the
+    cache: the error must say the Hub is unreachable (not that the repo lacks the files), and a
+    repo already in the cache still loads."""
+    import functools
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http
+
+    # huggingface_hub retries a refused connection 5 times over ~23 s; once is enough here.
+    monkeypatch.setattr(_http, "http_backoff", functools.partial(_http.http_backoff, max_retries=0))
+    dead = "http://127.0.0.1:9"  # the discard port: connection refused at once
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    with pytest.raises(hub.HubError) as info:
+        hub.fetch("hf-hub:nobody/absent-model")
+    message = str(info.value)
+    assert "\n" not in message and "nobody/absent-model" in message, message
+    assert "the Hugging Face Hub cannot be reached" in message and str(hub_cache) in message
+    assert "in the repo" not in message, message
+    # A transformers-layout repo in the cache: open_clip_config.json cannot be asked for, but
+    # config.json and the weights are found in the cache.
+    add_hub_repo(hub_cache, "test-org/cached", hf_repo_files(make_hf_clip(), tmp_path / "saved"))
+    files = hub.fetch("hf-hub:test-org/cached")
+    assert files.layout == "transformers" and files.weights_path.name == "model.safetensors"
 
 
 @pytest.mark.slow
@@ -322,3 +406,55 @@ def test_train_and_evaluate_accept_hub_references(hub_cache, tmp_path):
         {k: v for k, v in m.items() if not k.endswith("seconds")} for m in (metrics, reference)
     ]
     assert timeless[0] == timeless[1] and "zeroshot/top1" in metrics
+
+
+def test_patch_dropout_on_hub_resnet_weights_is_a_config_error(hub_cache, tmp_path):
+    """A Hub reference's architecture is known once its files are read: patch dropout on its
+    ResNet tower is a ConfigError (the CLI's one-line error) before the model is built or the
+    workdir created."""
+    from train_runs import get_config
+
+    from clip_jax import train
+
+    model = _open_clip_model(RN_CFG, quick_gelu=True)
+    add_hub_repo(
+        hub_cache, "test-org/tiny-rn", open_clip_repo_files(model, _model_cfg(RN_CFG, True))
+    )
+    config = get_config(
+        batch_size=8,
+        total_steps=1,
+        init_from="hf-hub:test-org/tiny-rn",
+        **{"data.source": "synthetic", "model.patch_dropout": 0.5},
+    )
+    with pytest.raises(train.ConfigError) as error:
+        train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+    assert str(error.value) == (
+        "config.model.patch_dropout=0.5: needs a ViT image tower; the init_from weights "
+        "(hf-hub:test-org/tiny-rn) have a resnet tower"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_importing_clip_jax_downloads_nothing():
+    """Every module that takes Hub references imports without huggingface_hub (or torch,
+    transformers) and without opening a connection: downloads happen only when a reference is
+    loaded."""
+    code = (
+        "import socket, sys\n"
+        "def refuse(*args, **kwargs):\n"
+        "    raise AssertionError('a connection was opened at import time')\n"
+        "socket.socket.connect = socket.socket.connect_ex = refuse\n"
+        "import clip_jax, clip_jax.convert, clip_jax.evaluate, clip_jax.evaluation\n"
+        "import clip_jax.export, clip_jax.hub, clip_jax.inference, clip_jax.model_store\n"
+        "import clip_jax.train, clip_jax.train_setup\n"
+        "clip_jax.load, clip_jax.evaluation.benchmark\n"
+        "heavy = ('huggingface_hub', 'transformers', 'torch', 'open_clip')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

@@ -5,9 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from train_runs import SMALL_MODEL, max_abs_diff, small_config, synthetic_batch
+from train_runs import (
+    SMALL_MODEL,
+    cli_error,
+    max_abs_diff,
+    run_train_cli,
+    small_config,
+    synthetic_batch,
+)
 
-from clip_jax import models, sharding, step, train
+from clip_jax import checkpoint, model_store, models, sharding, step, train
 from clip_jax.models import patch_dropout
 from clip_jax.models.transformer import stack_layers, unstack_layers
 
@@ -153,8 +160,37 @@ def test_trainer_drops_patches_and_rejects_bad_rates(tmp_path, monkeypatch):
     assert traced and all(t == ((8, 65, 64), (8, 64), 0.75) for t in traced), traced
     for rate, model_name, message in (
         (1.0, "tiny-vit", r"model.patch_dropout=1.0 must be in \[0, 1\)"),
-        (0.5, "tiny-rn", "needs a ViT image tower"),
+        (-0.5, "tiny-vit", r"model.patch_dropout=-0.5 must be in \[0, 1\)"),
+        (0.5, "tiny-rn", "needs a ViT image tower; config.model.name='tiny-rn' has a resnet"),
     ):
         bad = small_config(**{"model.patch_dropout": rate, "model.name": model_name})
         with pytest.raises(train.ConfigError, match=message):
             train.validate_config(bad)
+
+
+@pytest.mark.parametrize("kind", ["converted", "workdir"])
+def test_patch_dropout_on_loaded_resnet_weights_is_a_one_line_error(tmp_path, kind):
+    """With init_from the image tower is the weights': their description (model.json, a
+    checkpoint's metadata) says ResNet, and the run stops there, before reading any array (the
+    stand-in arrays here fit no model) or creating its workdir. Hub references: test_hub.py."""
+    rn = models.get_model_config("tiny-rn")
+    stand_in = {"params": {"x": np.zeros(2, np.float32)}}
+    source = tmp_path / "rn"
+    if kind == "converted":
+        model_store.save_converted(source, rn, stand_in)
+    else:
+        checkpointer = checkpoint.Checkpointer(str(source))
+        checkpointer.save(1, jax.tree.map(jnp.asarray, stand_in), {"model_config": rn.to_dict()})
+        checkpointer.close()
+    proc = run_train_cli(
+        "--workdir",
+        str(tmp_path / "w"),
+        f"--config.init_from={source}",
+        "--config.model.patch_dropout=0.5",
+        timeout=120,
+    )
+    assert cli_error(proc) == (
+        f"clip_jax.train: error: config.model.patch_dropout=0.5: needs a ViT image tower; the "
+        f"init_from weights ({source}) have a resnet tower"
+    )
+    assert not (tmp_path / "w").exists()

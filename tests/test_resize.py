@@ -69,20 +69,21 @@ def test_adapt_variables_and_errors():
 
 
 def test_trainer_continues_converted_weights_at_another_size(tmp_path):
-    """Weights of a 32 px / context 32 model train at 64 px / context 16: the first step's
-    learning rate is 0 (warmup), so the saved parameters are the adapted ones exactly."""
+    """Weights of a 32 px / context 32 model train at 64 px / context 16, set with the nested
+    architecture keys: the first step's learning rate is 0 (warmup), so the saved parameters
+    are the adapted ones exactly."""
     base = models.get_model_config("tiny-vit", **SMALL_MODEL)
     low = resize.with_input_sizes(base, image_size=32)
     variables = jax.tree.map(
         np.asarray, jax.jit(models.CLIP(low).init_variables)(jax.random.key(1))
     )
     model_store.save_converted(tmp_path / "low", low, variables)
-    # The architecture comes from the converted weights: no model fields are set.
+    # The architecture comes from the converted weights; only the input sizes are set.
     on_synthetic = {"data.source": "synthetic", "batch_size": 8, "total_steps": 1}
     config = get_config(
         init_from=str(tmp_path / "low"),
         **on_synthetic,
-        **{"model.image_size": 64, "model.context_length": 16},
+        **{"model.vision.image_size": 64, "model.text.context_length": 16},
     )
     train.train(config, str(tmp_path / "w"), devices=jax.devices()[:1])
     loaded = model_store.load_model(str(tmp_path / "w"))
@@ -94,9 +95,58 @@ def test_trainer_continues_converted_weights_at_another_size(tmp_path):
         got = np.asarray(trained["params"][path[0]][path[1]])
         np.testing.assert_allclose(got, want["params"][path[0]][path[1]], atol=1e-7)
     assert got.shape == (16, 64)
+    assert trained["params"]["image"]["positional_embedding"].shape == (1 + 8 * 8, 64)
+    # Not a copy of the 32 px grid: the class token is kept, the grid interpolated.
+    low_pos = variables["params"]["image"]["positional_embedding"]
+    np.testing.assert_array_equal(trained["params"]["image"]["positional_embedding"][0], low_pos[0])
 
-    bad = get_config(
-        init_from=str(tmp_path / "low"), **on_synthetic, **{"model.context_length": 40}
+
+def test_input_sizes_with_init_from_are_checked_from_the_description(tmp_path):
+    """What the init_from weights cannot take is a ConfigError naming the key, found from their
+    model.json alone (the stand-in arrays fit no model: nothing else is read)."""
+    model_store.save_converted(
+        tmp_path / "vit",
+        models.get_model_config("tiny-vit"),  # 64 px, patch 8, context 32
+        {"params": {"x": np.zeros(2, np.float32)}},
     )
-    with pytest.raises(train.ConfigError, match="config.model: context_length 40 is longer"):
-        train.train(bad, str(tmp_path / "bad"), devices=jax.devices()[:1])
+    source = str(tmp_path / "vit")
+    for overrides, message in (
+        (
+            {"model.text.context_length": 40},
+            "config.model.text.context_length=40: longer than "
+            f"the 32 text positions of the init_from weights ({source}); a context can only be "
+            "shortened",
+        ),
+        (
+            {"data.context_length": 40},
+            "config.data.context_length=40 is longer than the model's "
+            "text context config.model.text.context_length=32 (unset: the init_from weights' own)",
+        ),
+        (
+            {"data.context_length": 20, "model.text.context_length": 16},
+            "config.data.context_length=20 is longer than the model's text context "
+            "config.model.text.context_length=16; ",
+        ),
+        (
+            {"model.vision.image_size": 60},
+            "config.model.vision.image_size=60: image_size 60 is "
+            "not divisible by patch_size 8 (the vit tower of the init_from weights)",
+        ),
+        ({"model.vision.image_size": 0}, "config.model.vision.image_size=0: must be a positive"),
+        (
+            {"model.vision.width": 32},
+            "config.model.vision.width=32: architecture fields must stay unset with init_from",
+        ),
+    ):
+        bad = get_config(init_from=source, **{"data.source": "synthetic", **overrides})
+        with pytest.raises(train.ConfigError) as error:
+            train.validate_config(bad)
+        assert str(error.value).startswith(message), str(error.value)
+    # Sizes it can take pass: a smaller grid and a shorter context.
+    train.validate_config(
+        get_config(
+            init_from=source,
+            **{"data.source": "synthetic", "model.vision.image_size": 32},
+            **{"model.text.context_length": 16, "data.context_length": 8},
+        )
+    )

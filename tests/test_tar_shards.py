@@ -6,8 +6,10 @@ import io
 import tarfile
 
 import pytest
+from data_samples import make_samples
 
 from clip_jax.data import tar_shards
+from clip_jax.data.make_shards import write_shards
 
 
 def _reference(path):
@@ -92,3 +94,32 @@ def test_damage_keeps_what_came_before(tmp_path):
         f.write(bytes(corrupt))
     got = list(tar_shards.iter_samples(damaged))
     assert 0 < len(got) <= len(full) and tar_shards.count_records(damaged) == len(got)
+
+
+def test_sample_offsets_make_a_seek_equal_to_a_walk(tmp_path, monkeypatch):
+    # A read from the start notes every 4th sample's byte offset; starting from one of them
+    # gives the same samples as walking the headers, and walks only the members after it.
+    monkeypatch.setattr(tar_shards, "SEEK_EVERY", 4)
+    (path,) = write_shards(make_samples(22, prefix="o"), str(tmp_path / "o"), fmt="tar")
+    offsets = []
+    assert tar_shards.count_records(path, offsets) == 22
+    assert len(offsets) == 6 and offsets[0] == 0 and offsets == sorted(set(offsets))
+    walked = []
+    real = tar_shards._iter_members
+
+    def counting(f, want_data):
+        for member in real(f, want_data):
+            walked.append(member)
+            yield member
+
+    monkeypatch.setattr(tar_shards, "_iter_members", counting)
+    walk = list(tar_shards.iter_records(path, start=17))
+    walked_without = len(walked)
+    walked.clear()
+    seek = list(tar_shards.iter_records(path, start=17, seek_hint=(16, offsets[4])))
+    assert seek == walk and len(walk) == 5
+    assert len(walked) < walked_without / 3
+    # A read that starts inside the shard notes no offsets (it does not see them all).
+    later = []
+    list(tar_shards.iter_samples(path, start=3, offsets=later))
+    assert later == []

@@ -101,14 +101,36 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         ("--config.data.source=tar", "data.shards is empty"),
         ("--config.model.name=ViT-Z-1", "unknown model"),
         ("--config.model.attention_impl=flash", "model.attention_impl='flash'"),
+        (
+            "--config.data.context_length=40",
+            "config.data.context_length=40 is longer than the model's text context "
+            "config.model.text.context_length=32 (unset: that of config.model.name='tiny-vit')",
+        ),
+        (
+            "--config.data.context_length=20 --config.model.text.context_length=16",
+            "config.data.context_length=20 is longer than the model's text context "
+            "config.model.text.context_length=16; training captions can only be shortened",
+        ),
+        ("--config.model.patch_dropout=1.0", "config.model.patch_dropout=1.0 must be in [0, 1)"),
+        (
+            "--config.model.patch_dropout=0.5 --config.model.name=tiny-rn",
+            "config.model.patch_dropout=0.5: needs a ViT image tower; "
+            "config.model.name='tiny-rn' has a resnet tower",
+        ),
+        (
+            "--config.model.image_size=112",
+            "unknown key config.model.image_size; it is now config.model.vision.image_size",
+        ),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, override, message):
-    proc = run_train_cli("--workdir", str(tmp_path / "w"), override, timeout=120)
+    """`override`: one or more flags, separated by spaces."""
+    proc = run_train_cli("--workdir", str(tmp_path / "w"), *override.split(" "), timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "clip_jax.train: error" in line]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()  # found before the run built or wrote anything
 
 
 @pytest.mark.slow

@@ -87,7 +87,7 @@ def test_decode_formats():
 def test_resize_is_tf_image_resize():
     """`_resize_uint8` filters both axes as rows (faster); it must give tf.image.resize's
     pixels exactly, down and up, for every method (small images take one op: both sides of
-    `_ONE_OP_MAX_PIXELS` are covered)."""
+    `_ONE_OP_MAX_PIXELS` are covered; `small_images=True` forces one op at any size)."""
     rng = np.random.default_rng(1)
     assert 12 * 20 <= transforms._ONE_OP_MAX_PIXELS < 101 * 100
     for h, w in ((12, 20), (101, 100), (37, 300), (256, 256), (480, 360)):
@@ -97,10 +97,11 @@ def test_resize_is_tf_image_resize():
                 ref = tf.image.resize(img, [oh, ow], method=method, antialias=True)
                 if ref.dtype != tf.uint8:
                     ref = tf.cast(tf.clip_by_value(tf.round(ref), 0.0, 255.0), tf.uint8)
-                out = transforms._resize_uint8(img, oh, ow, method)
-                np.testing.assert_array_equal(
-                    out.numpy(), ref.numpy(), err_msg=f"{h}x{w}->{oh}x{ow} {method}"
-                )
+                for small in (False, True):
+                    out = transforms._resize_uint8(img, oh, ow, method, small_images=small)
+                    np.testing.assert_array_equal(
+                        out.numpy(), ref.numpy(), err_msg=f"{h}x{w}->{oh}x{ow} {method} {small}"
+                    )
 
 
 def test_scale_translate_matches_op():

@@ -316,6 +316,30 @@ def test_paper_model_detection():
     assert paper_model_for(MICRO, "/x/openai/micro.pt") is None
 
 
+def test_paper_numbers_for_openai_pretrained_names():
+    """Weights named `pretrained:ARCH/openai` are recorded as `hf-hub:timm/...openai@COMMIT`
+    (model.json "source", `LoadedModel.origin`); with the config such a repo carries (open_clip's
+    own `ARCH-quickgelu` model config, read as its open_clip_config.json is) the paper column
+    is detected for each of the paper's models, and not for LAION weights of the same shape."""
+    import importlib.util
+
+    from clip_jax import hub, open_clip_format
+
+    package = importlib.util.find_spec("open_clip")
+    if package is None:
+        pytest.skip("open_clip is not installed (test extra)")
+    configs = Path(package.submodule_search_locations[0]) / "model_configs"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name in PAPER_MODELS:
+        model_cfg = json.loads((configs / f"{name}-quickgelu.json").read_text())
+        config = open_clip_format.config_from_open_clip(model_cfg)
+        repo_id = hub.PRETRAINED[f"{name}/openai"].repo_id
+        assert paper_model_for(config, f"hf-hub:{repo_id}@{commit}") == name
+        if name == "ViT-B-32":
+            laion = hub.PRETRAINED["ViT-B-32/laion2b_s34b_b79k"].repo_id
+            assert paper_model_for(config, f"hf-hub:{laion}@{commit}") is None
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> str:
     """The micro model as converted weights whose recorded source mentions openai."""
@@ -427,3 +451,4 @@ def test_cli_lists_unprepared_benchmarks_without_downloading(converted, tmp_path
     )
     assert lines[4].endswith(f"tfds build sun397/standard-part1-120k --data_dir {tmp_path}/tfds")
     assert lines[5] == f"wrote {tmp_path}/out/benchmarks_converted.json"
+    assert not os.listdir(tmp_path / "tfds")  # nothing downloaded or prepared there

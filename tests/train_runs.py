@@ -111,3 +111,12 @@ def run_train_cli(*args, env_extra=None, **kwargs) -> subprocess.CompletedProces
         env=env,
         **kwargs,
     )
+
+
+def cli_error(proc: subprocess.CompletedProcess) -> str:
+    """The one `clip_jax.train: error: ...` line of a failed run (asserting there is exactly
+    one, a non-zero exit status and no traceback)."""
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "clip_jax.train: error" in line]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    return errors[0]

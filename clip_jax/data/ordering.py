@@ -193,6 +193,7 @@ def mix(
     *,
     key: tf.Tensor,
     start: Sequence[int] | None = None,
+    augment_key: tf.Tensor | None = None,
 ) -> tf.data.Dataset:
     """Mixes endless per-source streams (from `block_shuffle`) and attaches `position`.
 
@@ -202,9 +203,10 @@ def mix(
     `start` is a previous `position` vector (per-source counts + mixed count); the sources must
     already have been skipped to their counts.
 
-    Returns elements with `position` int64 [num_sources + 1] and `index` (int64, 0-based mixed
-    element index, used to seed per-sample augmentation); a single source is returned as it is
-    (read both with `position_and_index`).
+    Returns elements with `position` int64 [num_sources + 1] and `crop_key` int64 [2], the
+    per-sample augmentation key `augment_keys(augment_key, i)` for the 0-based mixed element
+    index i (omitted when `augment_key` is None). A single source is returned as it is: its
+    caller attaches the same fields per block (`number_single_source`).
     """
     num = len(sources)
     start = list(start) if start is not None else [0] * (num + 1)
@@ -214,8 +216,8 @@ def mix(
             f"({num} source counts + mixed count)"
         )
     if num == 1:
-        # One source: both counts are the source's own position, derived where the element is
-        # next mapped (`position_and_index`) instead of in a stage of its own.
+        # One source: both counts are the source's own position, attached per shuffled block
+        # (`number_single_source`) instead of in a per-element stage of its own.
         return sources[0]
     else:
         w = np.asarray(weights, np.float64)
@@ -240,11 +242,10 @@ def mix(
             tf.one_hot(src, num, dtype=tf.int64) * taken[:, None], axis=0
         )
         index = c * CHOICE_CHUNK + lanes
-        return cum[-1], {
-            "source": src,
-            "index": index,
-            "position": tf.concat([cum, (index + 1)[:, None]], axis=1),
-        }
+        fields = {"source": src, "position": tf.concat([cum, (index + 1)[:, None]], axis=1)}
+        if augment_key is not None:
+            fields["crop_key"] = augment_keys(augment_key, index)
+        return cum[-1], fields
 
     choices = (
         tf.data.Dataset.range(first_chunk, tf.int64.max)
@@ -258,18 +259,33 @@ def mix(
 
     def attach(rec, choice):
         out = {k: v for k, v in rec.items() if k != "src_pos"}
-        out["index"], out["position"] = choice["index"], choice["position"]
+        out.update((k, v) for k, v in choice.items() if k != "source")
         return out
 
     return tf.data.Dataset.zip(mixed, choices).map(attach)
 
 
-def position_and_index(rec: dict) -> tuple[tf.Tensor, tf.Tensor]:
-    """`(position int64 [num_sources + 1], index int64)` of an element of `mix`'s output."""
-    if "position" in rec:
-        return rec["position"], rec["index"]
-    pos = rec["src_pos"]  # a single source: mixed count == source count
-    return tf.stack([pos, pos]), pos - 1
+def augment_keys(key: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """Per-sample stateless RNG keys `int64 [n, 2]` for element indices `index` `int64 [n]`.
+
+    Row i equals `fold_in(key, index[i])` (TF's fold_in pairs one draw from `key` with the
+    data), computed for a whole block or choice chunk at once: per element, the fold_in ops
+    cost tf.data op overhead on every sample.
+    """
+    head = tf.random.stateless_uniform([], seed=key, dtype=tf.int64, minval=None, maxval=None)
+    return tf.stack([tf.fill(tf.shape(index), head), index], axis=1)
+
+
+def number_single_source(records: dict, augment_key: tf.Tensor | None = None) -> dict:
+    """What `mix` attaches, for a pipeline of one source, on a block from `block_shuffle`:
+    `position` int64 [n, 2] (the source's count, which is also the mixed count) and, with
+    `augment_key`, `crop_key` int64 [n, 2] for the 0-based element index `src_pos - 1`."""
+    pos = records["src_pos"]
+    out = {k: v for k, v in records.items() if k != "src_pos"}
+    out["position"] = tf.stack([pos, pos], axis=1)
+    if augment_key is not None:
+        out["crop_key"] = augment_keys(augment_key, pos - 1)
+    return out
 
 
 def normalize_start(start_position, num_sources: int) -> list[int] | None:

@@ -147,13 +147,20 @@ class DamagedJpegLog:
         )
 
 
-def _block_checks(watch_counter: tf.Variable | None, damaged_jpegs: DamagedJpegLog):
-    """`block_shuffle`'s per-block function for training: the per-record checks, vectorised.
+def _block_checks(
+    watch_counter: tf.Variable | None,
+    damaged_jpegs: DamagedJpegLog,
+    augment_key: tf.Tensor | None = None,
+):
+    """`block_shuffle`'s per-block function for training: the per-record work, vectorised.
 
     Records without an image or caption get an empty image, which the decode map then fails and
     drops (they still count in positions, see `ordering.num_skipped`); truncated JPEGs are
     logged by key; the input watch's record counter advances. Per element these checks cost
     ~60 us of tf.data op overhead (16 px JPEGs: 235 vs 174 us per sample with and without).
+    Only what later stages use goes on (the key is dropped). With `augment_key` (a pipeline of
+    one source), each record also gets its `position` and `crop_key` here, as `ordering.mix`
+    attaches them to a mixture's elements.
     """
 
     def check(records: dict) -> dict:
@@ -165,7 +172,10 @@ def _block_checks(watch_counter: tf.Variable | None, damaged_jpegs: DamagedJpegL
             deps.append(watch_counter.assign(records["src_pos"][-1]))
         with tf.control_dependencies(deps):
             image = tf.where(usable, records["image"], "")
-        return dict(records, image=image)
+        out = {"image": image, "text": records["text"], "src_pos": records["src_pos"]}
+        if augment_key is None:
+            return out
+        return ordering.number_single_source(out, augment_key)
 
     return check
 
@@ -219,8 +229,11 @@ def _tokenize_batch(
     return tokens
 
 
-def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
-    """Shorter sides of up to `n` JPEGs at the start of the first shard (others are skipped)."""
+def _peek_jpeg_shapes(spec, files: list[str] | None, n: int = 8) -> list[tuple[int, int]]:
+    """`(height, width)` of up to `n` JPEGs at the start of the first shard (other formats and
+    damaged JPEGs are skipped); [] for sources without shards (TFDS, folders)."""
+    if spec.source not in ("tar", "tfrecord", "demo") or not files:
+        return []
     if spec.source == "tfrecord":
         images = []
         try:
@@ -240,26 +253,38 @@ def _peek_short_sides(spec, files: list[str], n: int = 8) -> list[int]:
             images.extend(members[e] for e in tar_shards.IMAGE_EXTENSIONS if e in members)
             if len(images) >= n:
                 break
-    sides = []
+    shapes = []
     for image in images[:n]:
         if image[:2] == b"\xff\xd8":
             try:
                 h, w, _ = tf.image.extract_jpeg_shape(image).numpy()
             except tf.errors.OpError:
                 continue  # a damaged JPEG: the pipeline drops and counts it later
-            sides.append(int(min(h, w)))
-    return sides
+            shapes.append((int(h), int(w)))
+    return shapes
 
 
-def use_windowed_decode(data_config, spec, files: list[str] | None, image_size: int) -> bool:
+def small_images(peeked: list[list[tuple[int, int]]]) -> bool:
+    """Whether every source's peeked images (`_peek_jpeg_shapes`, one list per source) are all
+    small enough for the one-op resize (`transforms._resize_uint8`'s `small_images`); False
+    when a source could not be peeked. A larger image later still gets the same pixels."""
+    limit = transforms._ONE_OP_MAX_PIXELS
+    return all(shapes and all(h * w <= limit for h, w in shapes) for shapes in peeked)
+
+
+def use_windowed_decode(
+    data_config, spec, files: list[str] | None, image_size: int, peeked=None
+) -> bool:
     """`data.decode`: "window"/"full", or for "auto" whether the source's JPEGs are >= 2x the
-    target (peeked from the first shard; demo, TFDS and folders decode in full)."""
+    target (peeked from the first shard, or `peeked` from `_peek_jpeg_shapes`; demo, TFDS and
+    folders decode in full)."""
     mode = str(data_config.get("decode", "auto")) if hasattr(data_config, "get") else "auto"
     if mode != "auto":
         return mode == "window"
     if spec.source not in ("tar", "tfrecord") or not files:
         return False
-    sides = _peek_short_sides(spec, files)
+    shapes = _peek_jpeg_shapes(spec, files) if peeked is None else peeked
+    sides = [min(h, w) for h, w in shapes]
     window = bool(sides) and float(np.median(sides)) >= 2 * image_size
     logging.info(
         "data.decode=auto: median shorter side %s px of %d peeked JPEGs -> %s decoding",
@@ -470,6 +495,7 @@ def build_train_dataset(
         _shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None for spec in specs
     ]
     damaged_jpegs = DamagedJpegLog()
+    aug_key = ordering.seed_key(seed, process_index, _SALT_AUGMENT)
     streams = []
     for j, spec in enumerate(specs):
         key = ordering.seed_key(seed, process_index, j)
@@ -489,7 +515,11 @@ def build_train_dataset(
             watch=watch,
             files=shard_lists[j],
         )
-        on_block = _block_checks(watch.counters[j] if watch is not None else None, damaged_jpegs)
+        on_block = _block_checks(
+            watch.counters[j] if watch is not None else None,
+            damaged_jpegs,
+            augment_key=aug_key if len(specs) == 1 else None,
+        )
         streams.append(
             ordering.block_shuffle(
                 raw,
@@ -505,22 +535,25 @@ def build_train_dataset(
         [s.weight for s in specs],
         key=ordering.seed_key(seed, process_index, _SALT_MIX),
         start=start,
+        augment_key=aug_key,
     )
-    aug_key = ordering.seed_key(seed, process_index, _SALT_AUGMENT)
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
     method = data_config.resize_method
 
+    peeked = [_peek_jpeg_shapes(spec, files) for spec, files in zip(specs, shard_lists)]
     if len(specs) == 1:
-        window = use_windowed_decode(data_config, specs[0], shard_lists[0], image_size)
+        window = use_windowed_decode(
+            data_config, specs[0], shard_lists[0], image_size, peeked=peeked[0]
+        )
     else:  # "auto" keeps full decoding for mixtures
         window = str(data_config.get("decode", "auto")) == "window"
+    small = small_images(peeked)
 
     def transform(rec):
         # Records without an image or caption arrive with an empty image (`_block_checks`) and
         # are dropped here with undecodable images, by failing the map (no filter stage, no
         # per-element check); they still count in `position`.
-        position, index = ordering.position_and_index(rec)
-        crop_key = ordering.fold_in(aug_key, index)
+        crop_key = rec["crop_key"]
         if window:  # same crop windows as the two-step path, decoding only them
             image = transforms.decode_random_resized_crop(
                 rec["image"], crop_key, image_size, scale=scale, ratio=ratio, method=method
@@ -533,8 +566,9 @@ def build_train_dataset(
                 scale=scale,
                 ratio=ratio,
                 method=method,
+                small_images=small,
             )
-        return {"image": image, "text": rec["text"], "position": position}
+        return {"image": image, "text": rec["text"], "position": rec["position"]}
 
     ds = decode_dropping_errors(mixed, transform, npc)
     ds = ds.batch(local_batch_size, drop_remainder=True)

@@ -8,6 +8,9 @@ beside a remote tar shard (`successes`), or a header scan of the shard: tar head
 over (`tar_shards.count_records`), TFRecord length prefixes with data seeked over.
 
 Cache entries are keyed by path, size and modification time, so a rewritten shard is recounted.
+A tar shard counted by a header scan or read through from its start also leaves the byte offsets
+of every `tar_shards.SEEK_EVERY`-th sample, so that a resume inside it seeks to the nearest one
+(`ShardCounter.seek_hint`) instead of walking the headers before its position.
 """
 
 from __future__ import annotations
@@ -100,9 +103,9 @@ class ShardCounter:
     """Record counts of shards of one format, cached in memory and in `index_dir` (optional).
 
     The cache is an append-only JSON-lines file (`{"key": "path|size|mtime", "count": n}` per
-    line, the last line for a key wins): each new count costs one small append, several
-    processes may share it, and a torn last line is ignored. Thread-safe: the input pipeline
-    asks from tf.data worker threads.
+    line, plus `"offsets"` for tar shards; the last line for a key wins): each new count costs
+    one small append, several processes may share it, and a torn last line is ignored.
+    Thread-safe: the input pipeline asks from tf.data worker threads.
     """
 
     def __init__(self, fmt: str, index_dir: str = ""):
@@ -112,6 +115,7 @@ class ShardCounter:
         self.index_dir = index_dir
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._offsets: dict[str, list[int]] = {}  # tar: byte offsets of samples 0, K, 2K, ...
         self._seen: dict[str, int] = {}  # path -> count, for the shards of this run
         if index_dir:
             self._load()
@@ -127,26 +131,52 @@ class ShardCounter:
             for line in f:
                 try:
                     entry = json.loads(line)
-                    self._counts[str(entry["key"])] = int(entry["count"])
+                    key = str(entry["key"])
+                    self._counts[key] = int(entry["count"])
+                    offsets = [int(o) for o in entry.get("offsets") or []]
+                    if offsets:
+                        self._offsets[key] = offsets
+                    else:
+                        self._offsets.pop(key, None)
                 except (ValueError, KeyError, TypeError):
                     continue  # a line torn by a crash mid-append: that shard is recounted
 
-    def _store(self, key: str, n: int) -> None:
-        """Caches `n` for `key` (lock held)."""
-        if self._counts.get(key) == n:
+    def _store(self, key: str, n: int, offsets: list[int] | None = None) -> None:
+        """Caches `n` (and the sample `offsets`, when given) for `key` (lock held)."""
+        if self._counts.get(key) == n and (not offsets or self._offsets.get(key) == offsets):
             return
         self._counts[key] = n
+        entry = {"key": key, "count": n}
+        if offsets:
+            self._offsets[key] = entry["offsets"] = list(offsets)
+        elif key in self._offsets:
+            entry["offsets"] = self._offsets[key]  # same count: the offsets still hold
         if self.index_dir:
             os.makedirs(self.index_dir, exist_ok=True)
             with open(self._cache_path(), "a", encoding="utf-8") as f:
-                f.write(json.dumps({"key": key, "count": n}) + "\n")
+                f.write(json.dumps(entry) + "\n")
 
-    def record(self, path: str, n: int) -> None:
-        """Notes that reading `path` from its first record yielded `n` records."""
+    def record(self, path: str, n: int, offsets: list[int] | None = None) -> None:
+        """Notes that reading `path` from its first record yielded `n` records (and, for a tar
+        shard, the sample `offsets` that read collected, see `tar_shards.iter_samples`)."""
         key = _stat_key(path)
         with self._lock:
             self._seen[path] = n
-            self._store(key, n)
+            self._store(key, n, offsets)
+
+    def seek_hint(self, path: str, start: int) -> tuple[int, int] | None:
+        """`(sample index, byte offset)` of the known sample offset nearest before record
+        `start` of tar shard `path`, or None (no offsets known, or `start` in the first
+        `SEEK_EVERY` samples)."""
+        if start < tar_shards.SEEK_EVERY:
+            return None
+        key = _stat_key(path)
+        with self._lock:
+            offsets = self._offsets.get(key)
+        if not offsets:
+            return None
+        i = min(start // tar_shards.SEEK_EVERY, len(offsets) - 1)
+        return (i * tar_shards.SEEK_EVERY, offsets[i]) if i > 0 else None
 
     def all_known_empty(self, num_files: int) -> bool:
         """True when `num_files` distinct shards (all of a source's) were counted or read
@@ -161,15 +191,14 @@ class ShardCounter:
             if key in self._counts:
                 self._seen[path] = self._counts[key]
                 return self._counts[key]
-        if self.fmt == "tar":
-            n = _img2dataset_count(path)
-            if n is None:
-                n = tar_shards.count_records(path)
-        else:
-            n = _img2dataset_count(path)
-            if n is None:
+        offsets: list[int] = []
+        n = _img2dataset_count(path)
+        if n is None:
+            if self.fmt == "tar":
+                n = tar_shards.count_records(path, offsets)
+            else:
                 n = count_tfrecord_records(path)
         with self._lock:
             self._seen[path] = n
-            self._store(key, n)
+            self._store(key, n, offsets)
         return n

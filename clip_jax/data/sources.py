@@ -53,17 +53,22 @@ def tar_shard_dataset(
 
     def blocks(path, caption_field, start):
         path = path.decode("utf-8") if isinstance(path, bytes) else str(path)
+        start = int(start)
+        hint = counter.seek_hint(path, start) if counter is not None else None
+        offsets: list[int] = []
         n = 0
         try:
-            for block in tar_shards.iter_tar_blocks(path, caption_field, start):
+            for block in tar_shards.iter_tar_blocks(
+                path, caption_field, start, seek_hint=hint, offsets=offsets
+            ):
                 n += len(block["key"])
                 yield block
         except Exception as err:  # reported, then raised: tf.data may only log it
             if on_error is not None:
                 on_error(f"cannot read tar shard {path}: {type(err).__name__}: {err}")
             raise
-        if counter is not None and int(start) == 0:
-            counter.record(path, n)
+        if counter is not None and start == 0:
+            counter.record(path, n, offsets)
 
     return tf.data.Dataset.from_generator(
         blocks, args=(path, caption_field, start), output_signature=_RAW_BLOCK_SIGNATURE
@@ -242,10 +247,15 @@ def tar_stream(
     files = [str(f) for f in files]
     num_distinct = len(set(files))
 
+    def reader(path: str, start: int, offsets: list[int]):
+        hint = counter.seek_hint(path, start) if counter is not None else None
+        return tar_shards.iter_records(path, caption_field, start, hint, offsets)
+
     def group_records(slots, starts):
+        offsets = [[] for _ in slots]  # filled by shards read from their start
         readers = [
-            (files[i], int(st), tar_shards.iter_records(files[i], caption_field, int(st)))
-            for i, st in zip(slots, starts)
+            (files[i], int(st), reader(files[i], int(st), offsets[k]))
+            for k, (i, st) in enumerate(zip(slots, starts))
         ]
         counts = [0] * len(readers)
         active = list(range(len(readers)))
@@ -261,7 +271,7 @@ def tar_stream(
                     raise
                 if record is None:
                     if counter is not None and start == 0:
-                        counter.record(path, counts[i])
+                        counter.record(path, counts[i], offsets[i])
                     continue
                 counts[i] += 1
                 still.append(i)

@@ -11,6 +11,11 @@ image_size, patch_size, width, layers, heads, mlp_ratio, activation; ModifiedRes
 image_size, layers as 4 stage depths `'(3, 4, 6, 3)'`, width, heads); a field the named
 tower lacks is an error naming it. `resolve(config.model)` gives the set fields as
 `get_model_config` overrides.
+
+Two fields are input sizes rather than architecture: `vision.image_size` and
+`text.context_length` (`INPUT_SIZES`). They may also be set when the architecture comes from
+loaded weights (`init_from`): the weights' positional embeddings then follow them (resized
+image grid, truncated text context; `clip_jax/models/resize.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ from clip_jax.models import registry
 TOWERS = ("vision", "text")
 # Fields the config cannot set: the tower type follows model.name; the towers are blocks.
 _NOT_SETTABLE = ("type", "vision", "text")
+# Input sizes: settable with init_from weights too (their positional embeddings are adapted).
+INPUT_SIZES = ("vision.image_size", "text.context_length")
+# Config keys that were replaced by an architecture field: named in unknown-key errors.
+RENAMED = {
+    "model.image_size": "model.vision.image_size",
+    "model.context_length": "model.text.context_length",
+}
 
 
 def _placeholder_type(hint: Any) -> type:
@@ -90,6 +102,18 @@ def set_fields(model_block) -> dict[str, Any]:
         block = model_block.get(tower) or {}
         out.update({f"{tower}.{k}": v for k, v in block.items() if v is not None})
     return out
+
+
+def input_sizes(model_block) -> tuple[int | None, int | None]:
+    """(vision.image_size, text.context_length) set in `model_block`; None where unset."""
+    changes = set_fields(model_block)
+    return tuple(changes.get(key) for key in INPUT_SIZES)
+
+
+def renamed_hint(key: str) -> str:
+    """ " (now KEY)" when `key` (dotted, with or without "config.") was replaced; else ""."""
+    new = RENAMED.get(key.removeprefix("config."))
+    return f" (now {new})" if new else ""
 
 
 def resolve(model_block) -> dict[str, Any]:

@@ -73,18 +73,20 @@ def truncate_text_pos_embed(pos_embed: Any, context_length: int) -> Any:
 
 
 def with_input_sizes(
-    config: CLIPConfig, image_size: int = 0, context_length: int = 0
+    config: CLIPConfig, image_size: int | None = None, context_length: int | None = None
 ) -> CLIPConfig:
-    """`config` with another image size and/or text context (0 keeps the config's own);
+    """`config` with another image size and/or text context (None keeps the config's own);
     raises ValueError for a size the image tower cannot take (e.g. not a multiple of the patch
-    size)."""
+    size) or one that is not a positive int."""
     for name, value in (("image_size", image_size), ("context_length", context_length)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name}={value!r} must be a non-negative int (0: the model's own)")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive int")
     vision, text = config.vision, config.text
-    if image_size and image_size != vision.image_size:
+    if image_size is not None and image_size != vision.image_size:
         vision = dataclasses.replace(vision, image_size=image_size)
-    if context_length and context_length != text.context_length:
+    if context_length is not None and context_length != text.context_length:
         text = dataclasses.replace(text, context_length=context_length)
     return dataclasses.replace(config, vision=vision, text=text)
 
@@ -132,20 +134,3 @@ def adapt_variables(variables: dict, config: CLIPConfig) -> dict:
             positional_embedding=truncate_text_pos_embed(text_pos, config.context_length),
         )
     return dict(variables, params=params)
-
-
-def adapt_to_config(
-    model_options: Any, model_config: CLIPConfig, variables: dict | None
-) -> tuple[CLIPConfig, dict | None]:
-    """The trainer's hook: `model_options.image_size` / `.context_length` (0: the loaded
-    architecture's own) applied to the architecture and, when weights were loaded, to their
-    positional embeddings. Raises ValueError naming the option."""
-    image_size = int(model_options.get("image_size", 0) or 0)
-    context_length = int(model_options.get("context_length", 0) or 0)
-    try:
-        model_config = with_input_sizes(model_config, image_size, context_length)
-        if variables is not None:
-            variables = adapt_variables(variables, model_config)
-    except ValueError as e:
-        raise ValueError(f"config.model: {e}") from None
-    return model_config, variables
