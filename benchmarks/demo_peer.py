@@ -11,7 +11,8 @@ demo `train` split:
 
 - images: the demo JPEGs decoded once into memory, `RandomResizedCrop` (torchvision, bicubic,
   antialiased) with `data.aug_scale` / `data.aug_ratio` per sample and epoch, OpenAI mean/std;
-- captions: `open_clip.tokenize` with the model's context length;
+- captions: `open_clip.tokenize` with the model's context length, cut to `data.context_length`
+  tokens as `data.text_shorten` says (`clip_jax.data.text_shorten.shorten`) when that is set;
 - optimizer: AdamW (`optim.b1/b2/eps`), weight decay on weight matrices only (not on gains,
   biases, embeddings or the temperature: clip_jax's rule), linear warmup then cosine decay to
   `optim.end_lr_factor`; `open_clip.loss.ClipLoss`; the temperature clamped at 100 as
@@ -62,6 +63,7 @@ from clip_jax import (  # noqa: E402
     tokenizers,
     train_setup,
 )
+from clip_jax.data import text_shorten  # noqa: E402
 from clip_jax.data.shards import demo_shards  # noqa: E402
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
 
@@ -178,6 +180,9 @@ class Peer:
         self.mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
         self.generator = torch.Generator().manual_seed(config.seed)
+        # Short-text training (data.context_length / data.text_shorten), as clip_jax's pipeline.
+        self.text_length = int(config.data.get("context_length", 0) or 0)
+        self.text_rng = np.random.default_rng(config.seed)
         self.order = torch.empty(0, dtype=torch.long)
         self.steps_done = 0
 
@@ -198,7 +203,13 @@ class Peer:
         idx, self.order = self.order[:b], self.order[b:]
         crops = torch.stack([self.crop(self.images[i]) for i in idx.tolist()])
         x = (crops.float() / 255.0 - self.mean) / self.std
-        return x, self.tokens[idx]
+        text = self.tokens[idx]
+        if self.text_length:
+            mode = str(self.config.data.text_shorten)
+            text = torch.from_numpy(
+                text_shorten.shorten(text.numpy(), self.text_length, mode, self.text_rng)
+            ).long()
+        return x, text
 
     def step(self, total: int) -> float:
         """One optimizer step with the schedule's learning rate for a `total`-step run."""
