@@ -12,7 +12,8 @@ demo `train` split:
 - images: the demo JPEGs decoded once into memory, `RandomResizedCrop` (torchvision, bicubic,
   antialiased) with `data.aug_scale` / `data.aug_ratio` per sample and epoch, OpenAI mean/std;
 - captions: `open_clip.tokenize` with the model's context length, cut to `data.context_length`
-  tokens as `data.text_shorten` says (`clip_jax.data.text_shorten.shorten`) when that is set;
+  tokens as `data.text_shorten` says (`clip_jax.data.text_shorten.shorten`) when that is set
+  (then padded back to the context: open_clip's text tower takes only full-length input);
 - optimizer: AdamW (`optim.b1/b2/eps`), weight decay on weight matrices only (not on gains,
   biases, embeddings or the temperature: clip_jax's rule), linear warmup then cosine decay to
   `optim.end_lr_factor`; `open_clip.loss.ClipLoss`; the temperature clamped at 100 as
@@ -206,9 +207,12 @@ class Peer:
         text = self.tokens[idx]
         if self.text_length:
             mode = str(self.config.data.text_shorten)
-            text = torch.from_numpy(
-                text_shorten.shorten(text.numpy(), self.text_length, mode, self.text_rng)
-            ).long()
+            short = text_shorten.shorten(text.numpy(), self.text_length, mode, self.text_rng)
+            # open_clip adds all its positional embeddings, so the cut captions are padded back
+            # to the model's context: the same features (causal mask, end-of-text token
+            # pooling), but the peer's text tower computes all positions.
+            text = torch.zeros_like(text)
+            text[:, : short.shape[1]] = torch.from_numpy(short).long()
         return x, text
 
     def step(self, total: int) -> float:
@@ -234,8 +238,9 @@ def calibrate(config, setup, peer: Peer, steps: int) -> dict:
     step = setup.jit_step().lower(setup.sharded_abstract_state(), setup.abstract_batch()).compile()
     x, text = peer.batch()
     images = (x * peer.std + peer.mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+    jax_text = text[:, : peer.text_length] if peer.text_length else text  # clip_jax's length
     batch = jax.device_put(
-        {"image": images.permute(0, 2, 3, 1).numpy(), "text": text.numpy().astype(np.int32)},
+        {"image": images.permute(0, 2, 3, 1).numpy(), "text": jax_text.numpy().astype(np.int32)},
         setup.batch_sharding,
     )
     probe = open_clip_model(setup.model_config, config.seed + 1)  # timing only, then discarded
