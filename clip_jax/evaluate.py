@@ -108,6 +108,19 @@ def evaluate(
     dtype: str | None = None,
 ) -> tuple[dict[str, float], str]:
     """Restores, evaluates and writes the JSON; returns (metrics, path of the JSON)."""
+    metrics, _, path = evaluate_with_details(config, workdir, step, init_from, dtype)
+    return metrics, path
+
+
+def evaluate_with_details(
+    config,
+    workdir: str,
+    step: int | None = None,
+    init_from: str | None = None,
+    dtype: str | None = None,
+) -> tuple[dict[str, float], dict[str, Any], str]:
+    """`evaluate`, also returning `evaluate_all`'s details (chance levels, per-class accuracy):
+    (metrics, details, path of the JSON)."""
     from clip_jax import evaluation, models, sharding, tokenizers
 
     eval_config = eval_config_of(config)
@@ -142,7 +155,7 @@ def evaluate(
             json.dump(record, f, indent=2, default=_json_default)
             f.write("\n")
         os.replace(tmp, path)  # never leaves a half-written results file
-    return metrics, path
+    return metrics, details, path
 
 
 def _load(workdir: str, step: int | None, init_from: str | None, sharding):
@@ -311,14 +324,16 @@ def main(argv) -> None:
         return
     from clip_jax.checkpoint import CheckpointError
     from clip_jax.cli import one_line
+    from clip_jax.evaluation.summary import summarize
 
     try:
-        metrics, path = evaluate(
+        metrics, details, path = evaluate_with_details(
             _CONFIG.value, _WORKDIR.value, _STEP.value, _INIT_FROM.value, _DTYPE.value
         )
     except (EvalError, CheckpointError, ValueError, FileNotFoundError) as e:
         sys.exit(f"clip_jax.evaluate: error: {one_line(e)}")
     print(format_table(metrics))
+    print("\n".join(summarize(metrics, details)))
     print(f"wrote {path}")
 
 

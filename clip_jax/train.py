@@ -258,7 +258,7 @@ def _train_locked(config, workdir: str, setup: train_setup.TrainSetup, tokenizer
             last = step == config.total_steps
             eval_metrics = {}
             if config.eval_every and (step % config.eval_every == 0 or last):
-                eval_metrics = _evaluate(config, setup, state, tokenizer, step)
+                eval_metrics = _evaluate(config, setup, state, tokenizer, step, final=last)
             log_step = step % config.log_every == 0 or last
             if log_step:
                 history = dict(log.write(step, eval_metrics, data), step=step)
@@ -588,17 +588,24 @@ def _summarize(window: list[dict]) -> dict[str, float]:
 # Evaluation, checkpoint metadata, cross-process agreement
 
 
-def _evaluate(config, setup: train_setup.TrainSetup, state, tokenizer, step: int) -> dict:
+def _evaluate(
+    config, setup: train_setup.TrainSetup, state, tokenizer, step: int, final: bool = False
+) -> dict:
     """Runs the configured evaluators (`config.eval`) on the current weights; every process
-    takes part (the embedder is sharded over the mesh), only process 0 writes."""
+    takes part (the embedder is sharded over the mesh), only process 0 writes. After the
+    `final` evaluation the results are logged against chance and the majority class."""
     from clip_jax import evaluation  # imported lazily: only runs that evaluate need it
 
     variables = {"params": state.params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
-    return evaluation.run_evaluators(
+    metrics, details = evaluation.evaluate_all(
         config.eval, setup.model, variables, tokenizer, setup.mesh, step
     )
+    if final and jax.process_index() == 0:
+        for line in evaluation.summarize(metrics, details):
+            logging.info("final evaluation (step %d): %s", step, line)
+    return metrics
 
 
 def _any_process(flag: bool) -> bool:

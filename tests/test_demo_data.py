@@ -6,6 +6,7 @@ Reads the committed shards with tarfile + PIL only (no TensorFlow), about 2 s in
 from __future__ import annotations
 
 import collections
+import dataclasses
 import importlib.resources
 import io
 import re
@@ -152,7 +153,22 @@ def test_train_duplicates_are_capped(demo):
     counts = collections.Counter(
         build_demo.normalize_caption(c) for c in _captions(demo["train"]).values()
     )
-    assert max(counts.values()) <= 2
+    assert max(counts.values()) <= 8
+    # Numbered series are kept (up to 8), but most captions still name one image.
+    assert sum(n == 1 for n in counts.values()) > 0.7 * len(counts)
+
+
+def test_train_has_clip_art_and_emoji_and_the_test_splits_only_clip_art(demo):
+    def is_emoji(key: str) -> bool:
+        return int(key) >= build_demo.EMOJI_KEY_BASE
+
+    train_emoji = [key for key in demo["train"] if is_emoji(key)]
+    assert 1500 <= len(train_emoji) <= 2500
+    assert len(demo["train"]) - len(train_emoji) >= 3500
+    for split in ("heldout", "classify"):
+        assert not any(is_emoji(key) for key in demo[split]), split
+    caption = demo["train"]["100000"]["txt"].decode()
+    assert caption == "Grinning face. Emoji, face smiling.", caption
 
 
 def test_labels_in_range_and_every_class_has_20_examples(demo, classnames):
@@ -185,6 +201,7 @@ def test_counts_match_provenance(demo, classnames, provenance):
     per_class = collections.Counter(int(p["cls"]) for p in demo["classify"].values())
     assert {int(label): int(n) for label, _, n in classes} == dict(per_class)
     assert "public domain" in provenance.lower() and "openclipart-png" in provenance
+    assert "SIL Open Font License" in provenance and "fonts-noto-color-emoji" in provenance
     assert "python tools/build_demo.py" in provenance
 
 
@@ -194,7 +211,10 @@ def test_sources_tsv_maps_every_key(demo):
     listed = {}
     for row in rows[1:]:
         key, split, label, source, _author = row.split("\t")
-        assert source.startswith("openclipart/png/") and source.endswith(".png"), row
+        if int(key) < build_demo.EMOJI_KEY_BASE:
+            assert source.startswith("openclipart/png/") and source.endswith(".png"), row
+        else:
+            assert re.fullmatch(r"noto-color-emoji/[0-9A-F]{4,5}(_[0-9A-F]{4,5})*", source), row
         listed[key] = (split, label)
     expected = {
         key: (split, parts["cls"].decode() if "cls" in parts else "")
@@ -306,5 +326,56 @@ def test_write_shard_is_deterministic_and_readable(tmp_path):
 
 
 def test_missing_packages_give_a_clear_error(tmp_path):
-    with pytest.raises(RuntimeError, match="openclipart-png, openclipart-svg.*apt-get install"):
-        build_demo.check_sources(tmp_path)
+    with pytest.raises(
+        RuntimeError,
+        match="openclipart-png, openclipart-svg.*fonts-noto-color-emoji, unicode-data.*apt-get",
+    ):
+        build_demo.check_sources(tmp_path, tmp_path / "font.ttf", tmp_path / "emoji-test.txt")
+
+
+def test_emoji_list_keeps_default_skin_tone_and_names_with_subgroups(tmp_path):
+    (tmp_path / "emoji-test.txt").write_text(
+        "# group: Smileys & Emotion\n"
+        "# subgroup: face-smiling\n"
+        "1F600 ; fully-qualified # 😀 E1.0 grinning face\n"
+        "# group: People & Body\n"
+        "# subgroup: person-role\n"
+        "1F469 200D 1F373 ; fully-qualified # 👩‍🍳 E4.0 woman cook\n"
+        "1F469 1F3FD 200D 1F373 ; fully-qualified # 👩🏽‍🍳 E4.0 woman cook: medium skin tone\n"
+        "263A ; unqualified # ☺ E0.6 smiling face\n"
+        "# group: Component\n"
+        "# subgroup: hair-style\n"
+        "1F9B0 ; component # 🦰 E11.0 red hair\n",
+        encoding="utf-8",
+    )
+    counts = collections.Counter()
+    emoji = build_demo.read_emoji_test(tmp_path / "emoji-test.txt", counts)
+    assert [(e.key, e.sequence, e.caption) for e in emoji] == [
+        ("100000", "\U0001f600", "Grinning face. Emoji, face smiling."),
+        ("100001", "\U0001f469\u200d\U0001f373", "Woman cook. Emoji, person role."),
+    ]
+    assert emoji[1].source == "noto-color-emoji/1F469_200D_1F373"
+    assert counts["emoji skipped: skin-tone variant"] == 1
+
+
+def test_splits_keep_emoji_in_train_and_hold_out_single_image_captions():
+    items = [
+        _clipart(f"Thing {name}", rel=f"r/{i}")
+        for i, name in enumerate(["alpha", "beta", "gamma", "delta", "eps", "zeta"])
+    ]
+    items = [dataclasses.replace(it, index=i) for i, it in enumerate(items)]
+    # A numbered series: three drawings whose captions normalise alike ("Star 1." / "Star 2.").
+    items += [dataclasses.replace(_clipart(f"Star {i}", rel="s"), index=10 + i) for i in range(3)]
+    emoji = [build_demo.Emoji(build_demo.EMOJI_KEY_BASE, "\U0001f600", "thing alpha", "x")]
+    counts = collections.Counter()
+    splits = build_demo.make_splits(
+        items, 0, counts, heldout_size=2, max_per_caption=2, train_only=emoji
+    )
+    norm = build_demo.normalize_caption
+    train = {norm(splits.captions[it.key]) for it in splits.train}
+    heldout = [norm(splits.captions[it.key]) for it in splits.heldout]
+    assert len(heldout) == len(set(heldout)) == 2 and not set(heldout) & train
+    assert "star" not in heldout  # a series is never held out: it has no single right image
+    assert [it.key for it in splits.train].count("100000") == 1
+    assert counts["dropped: duplicate caption"] == 1  # the third star (max_per_caption=2)
+    assert len(splits.train) + len(splits.heldout) == 6 + 2 + 1

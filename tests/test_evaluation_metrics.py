@@ -217,3 +217,22 @@ def test_default_eval_config_validates_and_rejects_bad_types():
     c.evaluators.extra = eval_config.retrieval_block(source="image_folder", image_folder="/x")
     with pytest.raises(ValueError, match="retrieval needs captions"):
         eval_config.validate(c)
+
+
+def test_summary_puts_each_evaluator_next_to_chance_and_majority():
+    from clip_jax.evaluation.summary import summarize
+
+    result = retrieval_metrics(np.eye(4), np.eye(4)[[0, 1, 3, 2]], np.arange(4), ks=(1, 2))
+    metrics = {f"retrieval/{k}": v for k, v in result.metrics.items()}
+    metrics.update({"zeroshot/top1": 0.38, "zeroshot/top5": 0.7, "probe/top1": 0.1})
+    details = {
+        "zeroshot": {"type": "zeroshot", "chance_top1": 1 / 18, "majority_baseline_top1": 0.0935},
+        "retrieval": dict(result.details, type="retrieval"),
+        "probe": {"type": "linear_probe", "chance_top1": 0.5, "majority_baseline_top1": 0.6},
+    }
+    assert summarize(metrics, details) == [
+        "zeroshot: top-1 38.0% vs chance 5.6% and majority class 9.3% (6.8x chance); top-5 70.0%",
+        "retrieval: image->text R@1/2 50.0/50.0% vs chance 25.0/50.0%; "
+        "text->image R@1/2 50.0/50.0% vs chance 25.0/50.0%",
+        "probe: top-1 10.0% vs chance 50.0% and majority class 60.0% (0.2x chance)",
+    ]

@@ -335,7 +335,7 @@ def test_unknown_config_variant_is_one_line(tmp_path):
         flags.FLAGS.unparse_flags()
     first, *rest = str(exit_info.value.code).splitlines()
     assert first.startswith("clip_jax.train: error: flag --config=") and first.endswith(
-        "clip.py:huge: unknown config variant 'huge'; choose one of tiny, tiny_rn, vit_b32, "
+        "clip.py:huge: unknown config variant 'huge'; choose one of demo, tiny, tiny_rn, vit_b32, "
         "vit_b16, vit_l14, rn50, rn101, lit_b32, vit_b16_flip, vit_b16_clipa"
     )
     assert rest == ["Try --help."]

@@ -1,17 +1,22 @@
-"""Builds the demo dataset shipped in ``clip_jax/data/demo`` from Debian's openclipart packages.
+"""Builds the demo dataset shipped in ``clip_jax/data/demo`` from Debian packages.
 
     python tools/build_demo.py [--output clip_jax/data/demo] [--size 64] [--seed 0]
 
-Source: the public-domain clip art of Debian's ``openclipart-png`` (bitmaps) and
-``openclipart-svg`` (the same drawings as SVG, whose RDF metadata gives each image a title,
-keywords and sometimes a description). Huge PNGs that PIL treats as decompression bombs are
-rendered from their SVG with ``rsvg-convert`` (package ``librsvg2-bin``) instead.
+Sources:
+
+- the public-domain clip art of Debian's ``openclipart-png`` (bitmaps) and ``openclipart-svg``
+  (the same drawings as SVG, whose RDF metadata gives each image a title, keywords and sometimes
+  a description). Huge PNGs that PIL treats as decompression bombs are rendered from their SVG
+  with ``rsvg-convert`` (package ``librsvg2-bin``) instead;
+- the Noto Color Emoji font (``fonts-noto-color-emoji``) rendered with PIL, captioned with the
+  emoji's CLDR short name and subgroup from ``unicode-data``'s ``emoji-test.txt`` (train only:
+  held-out and classify stay clip art, the task the demo's numbers have always measured).
 
 Output (the WebDataset layout the input pipeline reads, see ``clip_jax.data.shards``):
 
 - ``train-0000{0..7}.tar.gz``: image/caption pairs, members ``{key}.jpg`` + ``{key}.txt``;
 - ``heldout-00000.tar.gz``: a retrieval set split from train BY CAPTION (no normalised held-out
-  caption occurs in train; every held-out caption is unique);
+  caption occurs in train; every held-out caption is unique and names one image);
 - ``classify-00000.tar.gz`` + ``classnames.txt``: a labelled set, members also ``{key}.cls``,
   images whose title/keywords/folders name exactly one of :data:`CLASSES`; excluded from train;
 - ``sources.tsv``: key -> split, label, source file and author, for provenance;
@@ -44,6 +49,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import typing
 import unicodedata
 import warnings
 import xml.etree.ElementTree as ET
@@ -53,12 +59,28 @@ from typing import Iterable, Optional, Sequence
 import ftfy
 import ftfy.fixes
 import PIL
-from PIL import Image, ImageChops
+from PIL import Image, ImageChops, ImageDraw, ImageFont, features
 
 SOURCE_ROOT = Path("/usr/share/openclipart")
-REQUIRED_PACKAGES = ("openclipart-png", "openclipart-svg", "librsvg2-bin")
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
+REQUIRED_PACKAGES = (
+    "openclipart-png",
+    "openclipart-svg",
+    "librsvg2-bin",
+    "fonts-noto-color-emoji",
+    "unicode-data",
+)
+# Emoji keys start here, above every clip-art index (6,900 source PNGs in release 0.18).
+EMOJI_KEY_BASE = 100_000
+# The only size at which the bitmap font NotoColorEmoji.ttf has glyphs (136x128 px bitmaps).
+EMOJI_FONT_SIZE = 109
+# Skin-tone modifiers: the five tones of one emoji are the same drawing recoloured; only the
+# default (yellow) one is kept.
+_SKIN_TONES = frozenset(range(0x1F3FB, 0x1F400))
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "clip_jax" / "data" / "demo"
 _WHITE = (255, 255, 255, 255)
+_FAINT = 225  # a scaled drawing whose darkest channel value is this light is invisible
 
 # XML namespaces of the RDF metadata block that Inkscape-era SVGs carry.
 _NS = {
@@ -235,6 +257,44 @@ class ClipArt:
     @property
     def key(self) -> str:
         return f"{self.index:06d}"
+
+    @property
+    def source(self) -> str:
+        return f"openclipart/png/{self.rel}.png"
+
+    @property
+    def author(self) -> str:
+        return clean_text(self.creator)
+
+
+@dataclasses.dataclass(frozen=True)
+class Emoji:
+    """One emoji of ``emoji-test.txt`` (fully qualified, default skin tone)."""
+
+    index: int  # EMOJI_KEY_BASE + position in emoji-test.txt's fully-qualified list
+    sequence: str  # the code points, e.g. "\U0001F469\u200d\U0001F373"
+    name: str  # CLDR short name, e.g. "woman cook", "flag: Germany"
+    subgroup: str  # e.g. "person-role", "country-flag"
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:06d}"
+
+    @property
+    def source(self) -> str:
+        return "noto-color-emoji/" + "_".join(f"{ord(c):04X}" for c in self.sequence)
+
+    @property
+    def author(self) -> str:
+        return "Google (Noto Emoji)"
+
+    @property
+    def caption(self) -> str:
+        """``"Woman cook. Emoji, person role."``: the name, then the subgroup as keywords."""
+        return f"{_sentence(self.name)} Emoji, {self.subgroup.replace('-', ' ')}."
+
+
+Item = typing.Union[ClipArt, Emoji]
 
 
 # --------------------------------------------------------------------------------------------
@@ -428,7 +488,9 @@ def labels_of(item: ClipArt) -> list[str]:
 # Sources.
 
 
-def check_sources(root: Path = SOURCE_ROOT) -> None:
+def check_sources(
+    root: Path = SOURCE_ROOT, emoji_font: Path = EMOJI_FONT, emoji_test: Path = EMOJI_TEST
+) -> None:
     """Raises a RuntimeError naming the Debian packages to install when a source is missing."""
     missing = []
     if not (root / "png").is_dir():
@@ -437,11 +499,22 @@ def check_sources(root: Path = SOURCE_ROOT) -> None:
         missing.append("openclipart-svg")
     if shutil.which("rsvg-convert") is None:
         missing.append("librsvg2-bin")
+    if not emoji_font.is_file():
+        missing.append("fonts-noto-color-emoji")
+    if not emoji_test.is_file():
+        missing.append("unicode-data")
     if missing:
         raise RuntimeError(
             f"the demo dataset is built from Debian packages that are not installed: "
-            f"{', '.join(missing)} (looked for {root}/png, {root}/svg and rsvg-convert). "
+            f"{', '.join(missing)} (looked for {root}/png, {root}/svg, rsvg-convert, "
+            f"{emoji_font} and {emoji_test}). "
             f"Install them with: apt-get update && apt-get install -y {' '.join(REQUIRED_PACKAGES)}"
+        )
+    if not features.check("raqm"):
+        # Without libraqm PIL draws a ZWJ sequence or a flag as its separate code points.
+        raise RuntimeError(
+            "PIL was built without libraqm (PIL.features.check('raqm') is False): emoji "
+            "sequences cannot be shaped; install libraqm0 (Debian) and reinstall Pillow"
         )
 
 
@@ -516,6 +589,34 @@ def scan_clipart(root: Path, counts: collections.Counter) -> list[ClipArt]:
     return items
 
 
+def read_emoji_test(path: Path, counts: collections.Counter) -> list[Emoji]:
+    """The fully-qualified emoji of ``emoji-test.txt`` (lines ``1F600 ; fully-qualified # 😀 E1.0
+    grinning face`` under ``# subgroup: face-smiling``), in file order; skin-tone variants and
+    the "Component" group (bare skin tones and hair styles) left out."""
+    emoji: list[Emoji] = []
+    group = subgroup = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# group:"):
+            group = line.split(":", 1)[1].strip()
+        elif line.startswith("# subgroup:"):
+            subgroup = line.split(":", 1)[1].strip()
+        elif line and not line.startswith("#"):
+            fields, _, comment = line.partition("#")
+            points, _, status = fields.partition(";")
+            if status.strip() != "fully-qualified" or group == "Component":
+                continue
+            codes = [int(c, 16) for c in points.split()]
+            if _SKIN_TONES.intersection(codes):
+                counts["emoji skipped: skin-tone variant"] += 1
+                continue
+            # The comment is "<emoji> E<version> <name>".
+            name = comment.strip().split(" ", 2)[2]
+            sequence = "".join(chr(c) for c in codes)
+            emoji.append(Emoji(EMOJI_KEY_BASE + len(emoji), sequence, name, subgroup))
+    counts["emoji listed (fully qualified, default skin tone)"] = len(emoji)
+    return emoji
+
+
 # --------------------------------------------------------------------------------------------
 # Images.
 
@@ -530,7 +631,8 @@ def fit_on_white(image: Image.Image, size: int) -> Image.Image:
     scaled so its longer side is ``size`` minus a 1/32 margin on each side (aspect kept) and
     centred on a white square: padding, no cropping into the drawing.
 
-    Raises BlankImageError when nothing shows on white.
+    Raises BlankImageError when nothing shows on white, or when no pixel of the scaled drawing
+    is darker than 225 in any channel (a CAD drawing of 1 px lines came out at 236).
     """
     rgba = image.convert("RGBA")  # P+transparency, LA, L, RGB all become RGBA with real alpha
     rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
@@ -546,6 +648,8 @@ def fit_on_white(image: Image.Image, size: int) -> Image.Image:
     new_size = (max(1, round(w * scale)), max(1, round(h * scale)))
     rgb = rgb.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     canvas = Image.new("RGB", (size, size), _WHITE[:3])
+    if min(low for low, _ in rgb.getextrema()) >= _FAINT:
+        raise BlankImageError("only hairlines that fade to near-white at this size")
     canvas.paste(rgb, ((size - new_size[0]) // 2, (size - new_size[1]) // 2))
     return canvas
 
@@ -562,6 +666,33 @@ def render_svg(svg_path: Path, box: int) -> Image.Image:
     image = Image.open(io.BytesIO(result.stdout))
     image.load()
     return image
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality, optimize=True)
+    return buffer.getvalue()
+
+
+def render_emoji(
+    font: ImageFont.FreeTypeFont, sequence: str, size: int, quality: int
+) -> tuple[Optional[bytes], str]:
+    """``(jpeg bytes or None, how)`` for one emoji drawn with the colour bitmap ``font``: "emoji",
+    "not one glyph" (the font has no glyph for the sequence and PIL would draw its parts side by
+    side) or "blank" (white on transparent, invisible on white)."""
+    # One Noto glyph advances 136 px at size 109; a sequence without a glyph of its own is drawn
+    # as two or more of them.
+    width = font.getlength(sequence)
+    if width > 1.5 * font.getlength("\U0001f600"):
+        return None, "not one glyph"
+    canvas = Image.new("RGBA", (int(width) + 2 * EMOJI_FONT_SIZE, 3 * EMOJI_FONT_SIZE), (0,) * 4)
+    ImageDraw.Draw(canvas).text(
+        (EMOJI_FONT_SIZE, EMOJI_FONT_SIZE), sequence, font=font, embedded_color=True
+    )
+    try:
+        return _jpeg(fit_on_white(canvas, size), quality), "emoji"
+    except BlankImageError:
+        return None, "blank"
 
 
 def encode_image(job: tuple[Path, str, int, int]) -> tuple[Optional[bytes], str]:
@@ -586,9 +717,7 @@ def encode_image(job: tuple[Path, str, int, int]) -> tuple[Optional[bytes], str]
         return None, "blank"
     except (OSError, RuntimeError, ValueError, SyntaxError) as err:
         return None, f"error: {type(err).__name__}: {err}"
-    buffer = io.BytesIO()
-    square.save(buffer, "JPEG", quality=quality, optimize=True)
-    return buffer.getvalue(), how
+    return _jpeg(square, quality), how
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,7 +728,7 @@ def encode_image(job: tuple[Path, str, int, int]) -> tuple[Optional[bytes], str]
 class Splits:
     """Items per split; ``labels`` maps class-set keys to label indices."""
 
-    train: list[ClipArt]
+    train: list[Item]
     heldout: list[ClipArt]
     classify: list[ClipArt]
     classnames: list[str]
@@ -612,23 +741,29 @@ def make_splits(
     seed: int,
     counts: collections.Counter,
     heldout_size: int = 800,
-    max_per_caption: int = 2,
+    max_per_caption: int = 8,
     min_per_class: int = 20,
     max_per_class: int = 40,
+    max_per_class_group: int = 2,
+    train_only: Sequence[Emoji] = (),
 ) -> Splits:
     """Captions, de-duplication and the train / heldout / classify split.
 
     Images are grouped by normalised caption and every group goes to exactly one split, so no
     held-out or classify caption occurs in train. A group keeps at most ``max_per_caption``
-    images (identical captions are false negatives for a contrastive loss). Classify takes, per
-    class with at least ``min_per_class`` unambiguous images, about half of them, between
-    ``min_per_class`` and ``max_per_class``, so some of every class stays in train. Heldout takes
-    one image from each of ``heldout_size`` random remaining groups. Train is the rest, shuffled.
+    images: numbered series ("Jigsaw blue" x 16) are different drawings worth training on, but
+    the 1,376 generated stars captioned "Star." would be a sixth of the data. Classify takes,
+    per class with at least ``min_per_class`` unambiguous images in caption groups of at most
+    ``max_per_class_group``, about half of them, between ``min_per_class`` and
+    ``max_per_class``, so some of every class stays in train. Heldout takes
+    ``heldout_size`` random clip-art captions that name a single image (no image is thrown
+    away and retrieval has one right answer). Train is the rest plus ``train_only`` (the emoji;
+    a group holding one of them goes to train), shuffled.
     """
     rng = random.Random(seed)
     series = collection_titles(items)
     captions: dict[str, str] = {}
-    groups: dict[str, list[ClipArt]] = collections.defaultdict(list)
+    groups: dict[str, list[Item]] = collections.defaultdict(list)
     for item in items:
         caption = make_caption(item, series)
         if not caption:
@@ -636,6 +771,12 @@ def make_splits(
             continue
         captions[item.key] = caption
         groups[normalize_caption(caption)].append(item)
+    for extra in train_only:
+        captions[extra.key] = extra.caption
+        groups[normalize_caption(extra.caption)].append(extra)
+    train_groups = {
+        norm for norm, members in groups.items() if any(isinstance(m, Emoji) for m in members)
+    }
     for norm in sorted(groups):
         members = groups[norm]
         rng.shuffle(members)
@@ -643,9 +784,13 @@ def make_splits(
         groups[norm] = sorted(members[:max_per_caption], key=lambda it: it.index)
     group_keys = sorted(groups)
 
-    # Classification candidates: groups whose every kept image has the same single label.
+    # Classification candidates: groups of at most `max_per_class_group` images whose every
+    # image has the same single label. Larger groups are numbered series ("Jigsaw blue" x 8,
+    # "Clock." x 8): one of them would fill a class with near-copies of one drawing.
     candidates: dict[str, list[str]] = collections.defaultdict(list)
     for norm in group_keys:
+        if norm in train_groups or len(groups[norm]) > max_per_class_group:
+            continue
         label_sets = {tuple(labels_of(it)) for it in groups[norm]}
         if len(label_sets) == 1:
             (labels,) = label_sets
@@ -678,18 +823,17 @@ def make_splits(
         classify.extend(chosen)
 
     remaining = [g for g in group_keys if g not in classify_groups]
-    rng.shuffle(remaining)
-    if len(remaining) < 2 * heldout_size:
+    singles = [g for g in remaining if g not in train_groups and len(groups[g]) == 1]
+    rng.shuffle(singles)
+    if len(singles) < 2 * heldout_size:
         raise ValueError(
-            f"only {len(remaining)} caption groups left for heldout+train; heldout_size="
-            f"{heldout_size} would leave too little to train on"
+            f"only {len(singles)} single-image clip-art captions left for heldout+train; "
+            f"heldout_size={heldout_size} would leave too little to train on"
         )
-    heldout = []
-    for norm in remaining[:heldout_size]:
-        members = groups[norm]
-        heldout.append(members[0])
-        counts["dropped: same caption as a held-out image"] += len(members) - 1
-    train = [it for norm in remaining[heldout_size:] for it in groups[norm]]
+    heldout_groups = set(singles[:heldout_size])
+    heldout = [groups[norm][0] for norm in sorted(heldout_groups)]
+    train = [it for norm in remaining if norm not in heldout_groups for it in groups[norm]]
+    train.sort(key=lambda it: it.index)
     rng.shuffle(train)
     heldout.sort(key=lambda it: it.index)
     classify.sort(key=lambda it: it.index)
@@ -712,7 +856,7 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shard(
     path: Path,
-    items: Sequence[ClipArt],
+    items: Sequence[Item],
     images: dict[str, bytes],
     captions: dict[str, str],
     labels: Optional[dict[str, int]] = None,
@@ -730,7 +874,7 @@ def write_shard(
                 _add_member(tar, f"{item.key}.cls", str(labels[item.key]).encode("ascii"))
 
 
-def _chunks(items: Sequence[ClipArt], n: int) -> list[Sequence[ClipArt]]:
+def _chunks(items: Sequence[Item], n: int) -> list[Sequence[Item]]:
     bounds = [round(i * len(items) / n) for i in range(n + 1)]
     return [items[bounds[i] : bounds[i + 1]] for i in range(n)]
 
@@ -742,6 +886,7 @@ def write_provenance(
     seed: int,
     size: int,
     quality: int,
+    max_per_caption: int,
     versions: dict[str, str],
     splits: Splits,
     shard_counts: dict[str, int],
@@ -750,28 +895,35 @@ def write_provenance(
     total_bytes: int,
 ) -> None:
     """PROVENANCE.md. The "Counts" and "Classes" tables are parsed by tests/test_demo_data.py."""
+    train_emoji = sum(isinstance(it, Emoji) for it in splits.train)
     lines = [
         "# Demo dataset: provenance",
         "",
         "Small image-caption dataset shipped with clip_jax for demos, smoke tests and tutorials.",
         "",
-        "## Source and licence",
+        "## Sources and licences",
         "",
-        "Public-domain clip art of the Open Clip Art Library (openclipart.org), release 0.18, as",
-        "packaged by Debian:",
+        "1. Clip art: the Open Clip Art Library (openclipart.org), release 0.18. Licence:",
+        "   **public domain** (Creative Commons Public Domain Dedication; see",
+        "   `/usr/share/doc/openclipart-png/copyright`). Authors are listed per image in",
+        "   `sources.tsv` (attribution is not required, but kept for provenance).",
+        "2. Emoji: glyphs of the Noto Color Emoji font (https://github.com/googlefonts/noto-emoji,",
+        "   Copyright 2013-2017 Google Inc.), licensed under the **SIL Open Font License 1.1**",
+        "   (the font; the emoji artwork is also published under the Apache License 2.0); see",
+        "   `/usr/share/doc/fonts-noto-color-emoji/copyright`. Captions are the CLDR short names",
+        "   and subgroups of the Unicode emoji data file `emoji-test.txt`",
+        "   (Copyright Unicode, Inc., Unicode License; `/usr/share/doc/unicode-data/copyright`).",
+        "   Emoji are in the train split only.",
+        "",
+        "Debian packages used:",
         "",
     ]
     lines += [f"- `{pkg}` {ver}" for pkg, ver in versions.items()]
     lines += [
         "",
-        f"Encoded with Pillow {PIL.__version__} (JPEG bytes depend on its libjpeg); captions",
-        f"repaired with ftfy {ftfy.__version__}; Python {sys.version.split()[0]}.",
-    ]
-    lines += [
-        "",
-        "Licence: **public domain** (Creative Commons Public Domain Dedication; see",
-        "`/usr/share/doc/openclipart-png/copyright`). The authors are listed per image in",
-        "`sources.tsv` (attribution is not required, but kept for provenance).",
+        f"Encoded with Pillow {PIL.__version__} (JPEG bytes depend on its libjpeg, emoji on its",
+        f"FreeType and libraqm); captions repaired with ftfy {ftfy.__version__}; Python",
+        f"{sys.version.split()[0]}.",
         "",
         "## How it was built",
         "",
@@ -782,29 +934,37 @@ def write_provenance(
         f"Builder: `tools/build_demo.py`, seed {seed}. Rebuilding with the same seed and",
         "package versions gives byte-identical shards.",
         "",
-        "- Images: the package's PNGs (symlinked duplicates counted once); PNGs above PIL's",
-        "  decompression-bomb limit are rendered from their SVG with `rsvg-convert`; drawings",
-        "  whose SVG links an image file that is not in the package are skipped (their PNG shows",
-        '  a "Linked Image Not Found" placeholder). Alpha is flattened onto white, the image',
-        "  cropped to the drawing's bounding box, scaled so its longer side fills the square less",
-        f"  a 1/32 margin (aspect kept) and padded with white to {size}x{size} (padding, not",
+        "- Clip-art images: the package's PNGs (symlinked duplicates counted once); PNGs above",
+        "  PIL's decompression-bomb limit are rendered from their SVG with `rsvg-convert`;",
+        "  drawings whose SVG links an image file that is not in the package are skipped (their",
+        '  PNG shows a "Linked Image Not Found" placeholder). Alpha is flattened onto white, the',
+        "  image cropped to the drawing's bounding box, scaled so its longer side fills the square",
+        f"  less a 1/32 margin (aspect kept) and padded with white to {size}x{size} (padding, not",
         f"  center-cropping); JPEG quality {quality}.",
-        "- Captions: from each SVG's RDF metadata: `<title>. <description>. <keywords>.`",
+        "- Clip-art captions: from each SVG's RDF metadata: `<title>. <description>. <keywords>.`",
         "  HTML entities and mojibake repaired, whitespace collapsed; collection/theme titles",
         '  ("Part of the Flat Icon Collection ...", "gramastar", "Lemon SVG theme", ...),',
         "  licence/URL descriptions, tool tags and author names among the keywords dropped; the",
         f"  description cut to its first sentence ({MAX_DESCRIPTION_WORDS} words at most), at most",
         f"  {MAX_KEYWORDS} keywords not already in the text. Images whose title and description",
         "  are both uninformative are dropped.",
+        "- Emoji: every fully-qualified emoji of `emoji-test.txt` in its default skin tone",
+        "  (skin-tone variants and the Component group left out), ZWJ sequences and flags",
+        f"  included, drawn with PIL (libraqm shaping) at the font's bitmap size {EMOJI_FONT_SIZE}",
+        "  on transparency and flattened, cropped and padded exactly like the clip art. Caption:",
+        '  `<CLDR name>. Emoji, <subgroup>.`, e.g. "Woman cook. Emoji, person role.".',
         "- De-duplication and splits: captions are compared after normalisation (lower case,",
-        "  letters only, digits dropped). Each caption group keeps at most 2 images and goes to",
-        "  exactly one split, so no held-out or classify caption occurs in train. `heldout`",
-        "  holds one image per caption (unique captions for retrieval). `classify` holds",
-        "  images whose title or keywords name exactly one class of",
-        "  `classnames.txt`; classes need at least 20 such images and contribute about half of",
-        "  them (20 to 40) so the rest stays in train.",
-        "- Keys are the index of the source PNG in the sorted file list (`000000`...);",
-        "  `sources.tsv` maps every key to its split, label, source file and author.",
+        f"  letters only, digits dropped). Each caption group keeps at most {max_per_caption}",
+        "  images and goes to exactly one split, so no held-out or classify caption occurs in",
+        "  train.",
+        "  `heldout` holds clip-art images whose caption names that image alone (unique captions",
+        "  for retrieval). `classify` holds clip-art images whose title or keywords name exactly",
+        "  one class of `classnames.txt`, from caption groups of at most 2 images (no numbered",
+        "  series); classes need at least 20 such images and contribute about half of them",
+        "  (20 to 40) so the rest stays in train.",
+        "- Keys: clip art, the index of the source PNG in the sorted file list (`000000`...);",
+        f"  emoji, {EMOJI_KEY_BASE} + the position in `emoji-test.txt`'s kept list. `sources.tsv`",
+        "  maps every key to its split, label, source file (or emoji code points) and author.",
         "",
         "## Counts",
         "",
@@ -814,6 +974,7 @@ def write_provenance(
         f"| heldout | {shard_counts['heldout']} | {len(splits.heldout)} |",
         f"| classify | {shard_counts['classify']} | {len(splits.classify)} |",
         "",
+        f"Train: {len(splits.train) - train_emoji} clip-art images and {train_emoji} emoji.",
         f"Total size of this folder: {total_bytes} bytes ({total_bytes / 2**20:.2f} MiB).",
         "",
         "## Classes",
@@ -836,6 +997,7 @@ def build(
     quality: int,
     train_shards: int,
     heldout_size: int,
+    max_per_caption: int,
     workers: int,
     command: str,
 ) -> dict[str, int]:
@@ -851,7 +1013,9 @@ def build(
     with multiprocessing.Pool(workers) as pool:
         for item, (data, how) in zip(items, pool.imap(encode_image, jobs, chunksize=16)):
             if how == "blank":
-                counts["skipped: nothing shows on white (empty or white-only drawing)"] += 1
+                counts[
+                    "skipped: nothing shows on white (empty, white-only or hairline drawing)"
+                ] += 1
             elif data is None:
                 logging.warning("skipping %s: %s", item.rel, how)
                 counts["skipped: image cannot be decoded"] += 1
@@ -860,7 +1024,24 @@ def build(
                 if how == "svg":
                     counts["images rendered from SVG (PNG too large for PIL)"] += 1
     items = [it for it in items if it.key in images]
-    splits = make_splits(items, seed, counts, heldout_size=heldout_size)
+    emoji = read_emoji_test(EMOJI_TEST, counts)
+    font = ImageFont.truetype(str(EMOJI_FONT), EMOJI_FONT_SIZE, layout_engine=ImageFont.Layout.RAQM)
+    rendered = []
+    for em in emoji:
+        data, how = render_emoji(font, em.sequence, size, quality)
+        if data is None:
+            counts[f"emoji skipped: {how}"] += 1
+        else:
+            images[em.key] = data
+            rendered.append(em)
+    splits = make_splits(
+        items,
+        seed,
+        counts,
+        heldout_size=heldout_size,
+        max_per_caption=max_per_caption,
+        train_only=rendered,
+    )
     selected = sorted(splits.train + splits.heldout + splits.classify, key=lambda it: it.index)
 
     output.mkdir(parents=True, exist_ok=True)
@@ -879,13 +1060,9 @@ def build(
     }
     rows = ["key\tsplit\tlabel\tsource\tauthor"]
     for item in selected:
-        if item.key in split_of:
-            label = splits.labels.get(item.key, "")
-            author = clean_text(item.creator).replace("\t", " ")
-            rows.append(
-                f"{item.key}\t{split_of[item.key]}\t{label}\t"
-                f"openclipart/png/{item.rel}.png\t{author}"
-            )
+        label = splits.labels.get(item.key, "")
+        author = item.author.replace("\t", " ")
+        rows.append(f"{item.key}\t{split_of[item.key]}\t{label}\t{item.source}\t{author}")
     (output / "sources.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
 
     class_counts = collections.Counter(
@@ -901,6 +1078,7 @@ def build(
             seed=seed,
             size=size,
             quality=quality,
+            max_per_caption=max_per_caption,
             versions=package_versions(),
             splits=splits,
             shard_counts={"train": train_shards, "heldout": 1, "classify": 1},
@@ -933,11 +1111,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-shards", type=int, default=8, help="number of train shards")
     parser.add_argument("--heldout-size", type=int, default=800, help="held-out pairs")
     parser.add_argument(
+        "--max-per-caption", type=int, default=8, help="images kept per (normalised) caption"
+    )
+    parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="image encoding processes"
     )
     args = parser.parse_args(argv)
     if args.size < 8 or not 1 <= args.quality <= 100 or args.train_shards < 1:
         parser.error("need --size >= 8, 1 <= --quality <= 100 and --train-shards >= 1")
+    if args.max_per_caption < 1:
+        parser.error("need --max-per-caption >= 1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     command = "python tools/build_demo.py " + " ".join(sys.argv[1:] if argv is None else list(argv))
     try:
@@ -948,6 +1131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.quality,
             args.train_shards,
             args.heldout_size,
+            args.max_per_caption,
             args.workers,
             command.strip(),
         )

@@ -31,6 +31,7 @@ _LAZY = {
     "EVALUATORS": "clip_jax.evaluation.runner",
     "evaluate_all": "clip_jax.evaluation.runner",
     "run_evaluators": "clip_jax.evaluation.runner",
+    "summarize": "clip_jax.evaluation.summary",
     "TEMPLATE_SETS": "clip_jax.evaluation.templates",
     "get_templates": "clip_jax.evaluation.templates",
     "class_embeddings": "clip_jax.evaluation.zeroshot",
@@ -47,6 +48,7 @@ _SUBMODULES = (
     "result",
     "retrieval",
     "runner",
+    "summary",
     "templates",
     "zeroshot",
 )

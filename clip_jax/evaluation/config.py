@@ -93,7 +93,7 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Named evaluators; results are logged as "<name>/<metric>", e.g. "zeroshot/top1".
     # Add more (e.g. c.evaluators.imagenet = zeroshot_block(source="tfds", ...)) or delete any.
     c.evaluators = ml_collections.ConfigDict()
-    # Zero-shot on the demo's labelled clip art (19 classes, 457 images).
+    # Zero-shot on the demo's labelled clip art (18 classes, 428 images).
     c.evaluators.zeroshot = zeroshot_block(source="demo", split="classify")
     # Retrieval on the demo's held-out image-caption pairs (800 images, one caption each).
     c.evaluators.retrieval = retrieval_block(source="demo", split="heldout")
