@@ -120,10 +120,12 @@ def _iter_members(
     long_name: str | None = None
     seekable = f.seekable() and not isinstance(f, gzip.GzipFile)
     start: int | None = None
+    pos = f.tell()  # tracked, not asked: tell() per member was ~4% of reading a 16 px record
     while True:
         if start is None:
-            start = f.tell()
+            start = pos
         header = f.read(_BLOCK)
+        pos += _BLOCK
         if not header or header.count(0) == _BLOCK:
             return  # end of archive (two zero blocks, or a plain end of file)
         if len(header) < _BLOCK:
@@ -136,6 +138,7 @@ def _iter_members(
         if typeflag in (b"L", b"x", b"g"):
             # GNU long name / pax header: their data describes the next member.
             data = f.read(padded)
+            pos += padded
             if len(data) < padded:
                 raise ShardDamage("the file ends inside an extended header")
             if typeflag == b"L":
@@ -145,6 +148,7 @@ def _iter_members(
             continue
         if typeflag not in (b"0", b"\x00", b"7"):  # not a regular file: skip its data
             _skip(f, padded, seekable)
+            pos += padded
             long_name, start = None, None
             continue
         if long_name is not None:
@@ -156,6 +160,7 @@ def _iter_members(
                 if prefix:
                     name = prefix + "/" + name
         member_start, start = start, None
+        pos += padded
         if want_data(name):
             data = f.read(size)  # exactly the member: slicing off the padding would copy it
             if len(data) < size:
@@ -308,7 +313,9 @@ def iter_records(
     """`(key, image, text, label)` per record of one shard from record `start` on (image and
     text b"" when missing, label -1); `seek_hint`, `offsets`: see `iter_samples`."""
     for key, members in iter_samples(path, start=start, seek_hint=seek_hint, offsets=offsets):
-        image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), b"")
+        image = members.get("jpg")  # the common case, without the search below
+        if image is None:
+            image = next((members[ext] for ext in IMAGE_EXTENSIONS if ext in members), b"")
         yield (
             key.encode("utf-8"),
             image,
