@@ -189,6 +189,44 @@ def test_tfds_train_resume_and_eval(tfds_dir):
     assert sorted(seen) == sorted((f"v {i}".encode(), i % 3) for i in range(10))
 
 
+def test_tfds_nested_image_feature(tmp_path):
+    """An image feature inside a nested dict (`image/encoded`, the layout of TFRecords read as
+    a TFDS dataset) is kept encoded and decoded by the pipeline."""
+    features = tfds.features.FeaturesDict(
+        {
+            "image": {"encoded": tfds.features.Image(shape=(None, None, 3))},
+            "text": tfds.features.Text(),
+        }
+    )
+    examples = [
+        (i, {"image": {"encoded": ex["image"]}, "text": ex["caption"]})
+        for i, ex in _examples(8, "n")
+    ]
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="nested_captions",
+        version="1.0.0",
+        features=features,
+        data_dir=str(tmp_path),
+        split_datasets={"train": examples},
+    )
+    cfg = data_config(
+        source="tfds",
+        tfds_name="nested_captions",
+        tfds_data_dir=str(tmp_path),
+        image_key="image/encoded",
+        text_key="text",
+    )
+    batch = take(
+        build_train_dataset(
+            cfg, image_size=SIZE, tokenizer=TOK, context_length=CTX, local_batch_size=8, seed=1
+        ),
+        1,
+    )[0]
+    assert batch["image"].shape == (8, SIZE, SIZE, 3)
+    assert set(captions_of([batch])) <= {f"n {i}" for i in range(8)}  # epochs mix in a block
+    assert batch["image"].std() > 0  # decoded pixels, not an empty image
+
+
 def test_tfds_image_label_captions(tfds_dir):
     b = _eval_all(
         {

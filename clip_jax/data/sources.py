@@ -367,8 +367,9 @@ def tfds_records(
     image_feature = _nested_get(features, image_key)
     if isinstance(image_feature, tfds.features.Image):
         # Keep the encoded bytes: decoding happens later (and only for records not skipped).
-        decoders = {image_key: tfds.decode.SkipDecoding()}
-        for part in reversed(image_key.split("/")[:-1]):
+        *parents, leaf = image_key.split("/")
+        decoders = {leaf: tfds.decode.SkipDecoding()}
+        for part in reversed(parents):
             decoders = {part: decoders}
     read_config = tfds.ReadConfig(
         shuffle_seed=seed if shuffle_files else None,
