@@ -11,7 +11,8 @@ Prints JSON lines (one run, one process):
   machine load hits them alike. Each round builds the pipeline afresh, warms it up (first
   block, a few batches, then batches that come back prefetched) and drops it after timing, so
   only the timed pipeline is alive and the process CPU of a round is its own.
-  Pipelines: `clip_jax_tar`, `clip_jax_tfrecord` (`build_train_dataset`, default data config),
+  Pipelines: `clip_jax_tar`, `clip_jax_tfrecord`, `clip_jax_tfds` (the same TFRecords as a
+  prepared TFDS dataset) (`build_train_dataset`, default data config),
   `clip_jax_mix` (a weighted mixture of the two, equal weights),
   `reference` (plain tf.data on the TFRecords: files interleaved (cycle 16) -> shuffle(10k) ->
   parse -> decode_jpeg -> random crop (area 0.9-1.0, aspect 3/4-4/3) + antialiased bicubic
@@ -243,8 +244,51 @@ def ensure_dataset(root: str, case: Case) -> dict:
         out[f"{fmt}_mb"] = round(sum(os.path.getsize(f) for f in files) / 2**20, 1)
         out[f"{fmt}_shards"] = len(files)
     out["mean_jpeg_kb"] = _mean_jpeg_kb(os.path.join(base, "tar", "00000.tar"))
-    out["generate_s"] = round(out["generate_s"], 1)
+    start = time.perf_counter()
+    out["tfds"] = ensure_tfds_view(os.path.join(base, "tfrecord"))
+    out["generate_s"] = round(out["generate_s"] + time.perf_counter() - start, 1)
     return out
+
+
+def ensure_tfds_view(tfrecord_dir: str) -> str:
+    """The case's TFRecords as a prepared TFDS dataset (for source "tfds"), without copying:
+    symlinks named as TFDS names shards, plus its metadata (features `image/encoded` and
+    `text`, the keys our TFRecords already use; split sizes counted once). Returns the version
+    folder, read with `tfds.builder_from_directory`."""
+    import tensorflow_datasets as tfds
+    from etils import epath
+    from tensorflow_datasets.core import naming
+
+    folder = os.path.join(os.path.dirname(tfrecord_dir), "tfds", "bench", "1.0.0")
+    if os.path.exists(os.path.join(folder, "dataset_info.json")):
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    files = sorted(f for f in os.listdir(tfrecord_dir) if f.endswith(".tfrecord"))
+    for i, name in enumerate(files):
+        os.symlink(
+            os.path.join(tfrecord_dir, name),
+            os.path.join(folder, f"bench-train.tfrecord-{i:05d}-of-{len(files):05d}"),
+        )
+    template = naming.ShardedFileTemplate(
+        data_dir=epath.Path(folder),
+        template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        dataset_name="bench",
+        filetype_suffix="tfrecord",
+    )
+    features = tfds.features.FeaturesDict(
+        {
+            "image": {"encoded": tfds.features.Image(shape=(None, None, 3))},
+            "text": tfds.features.Text(),
+        }
+    )
+    tfds.folder_dataset.write_metadata(
+        data_dir=folder,
+        features=features,
+        split_infos=tfds.folder_dataset.compute_split_info(filename_template=template),
+        filename_template=template,
+    )
+    return folder
 
 
 def _mean_jpeg_kb(tar_path: str) -> float:
@@ -344,7 +388,11 @@ def clip_jax_dataset(
     from clip_jax.data.pipeline import build_train_dataset
 
     cfg = config_lib.get_default_config()
-    if source == "mix":  # `pattern`: {source: shards}, mixed with equal weights
+    if source == "tfds":  # `pattern`: a prepared dataset folder (`ensure_tfds_view`)
+        cfg.source = "tfds"
+        cfg.tfds_data_dir = pattern
+        cfg.image_key, cfg.text_key = "image/encoded", "text"
+    elif source == "mix":  # `pattern`: {source: shards}, mixed with equal weights
         cfg.sources = tuple({"source": s, "shards": p, "weight": 1.0} for s, p in pattern.items())
     else:
         cfg.source = source
@@ -473,6 +521,11 @@ def run_case(
             "clip_jax_tfrecord",
             "tfrecord",
             lambda: clip_jax_dataset(data["tfrecord"], "tfrecord", tokenizer=tokenizer, **common),
+        ),
+        Timed(  # the same TFRecords read as a TFDS dataset
+            "clip_jax_tfds",
+            "tfds",
+            lambda: clip_jax_dataset(data["tfds"], "tfds", tokenizer=tokenizer, **common),
         ),
         Timed(  # a weighted mixture: the same records as tar and as TFRecord, half each
             "clip_jax_mix",

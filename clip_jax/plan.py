@@ -746,24 +746,15 @@ def main(argv) -> None:
         for label, config in configs:
             if label:
                 logging.info("planning %s", label)
-            if _SEARCH.value:
-                result = search(
-                    config,
-                    _TOPOLOGY.value,
-                    mfu=_MFU.value,
-                    hbm_gib=_HBM_GIB.value,
-                    with_eval=_EVAL.value,
-                )
-                text = format_search(result)
-            else:
-                result = plan(
-                    config,
-                    _TOPOLOGY.value,
-                    mfu=_MFU.value,
-                    hbm_gib=_HBM_GIB.value,
-                    with_eval=_EVAL.value,
-                )
-                text = format_report(result)
+            run, report = (search, format_search) if _SEARCH.value else (plan, format_report)
+            result = run(
+                config,
+                _TOPOLOGY.value,
+                mfu=_MFU.value,
+                hbm_gib=_HBM_GIB.value,
+                with_eval=_EVAL.value,
+            )
+            text = report(result)
             results.append(result)
             texts.append(f"{label}:\n{text}" if label else text)
     except (PlanError, train_setup.ConfigError, RuntimeError, ValueError) as e:

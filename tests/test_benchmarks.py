@@ -90,11 +90,11 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     # busy 2-core machine; --threads 1 exercises the pinning path.
     rows = _run("input_pipeline.py", "--quick", "--cases", "16px,256px,resume", "--threads", "1")
     kinds = [row["kind"] for row in rows]
-    assert kinds == ["setup"] + ["throughput"] * 10 + ["resume"] * 10, kinds
+    assert kinds == ["setup"] + ["throughput"] * 12 + ["resume"] * 10, kinds
     setup = rows[0]
     assert setup["cores"] == 1 and setup["threads"] == 1
     assert set(setup["datasets"]) == {"16px", "256px"}
-    throughput = rows[1:11]
+    throughput = rows[1:13]
     assert {(r["case"], r["pipeline"]) for r in throughput} == {
         (case, pipe)
         for case in ("16px", "256px")
@@ -103,6 +103,7 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
             "reference_notok",
             "clip_jax_tar",
             "clip_jax_tfrecord",
+            "clip_jax_tfds",
             "clip_jax_mix",
         )
     }
@@ -117,7 +118,7 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
         assert row["cpu_ms_per_sample"] > 0 and row["cpu_ratio_to_reference"] > 0
         if row["pipeline"] == "reference":
             assert row["ratio_to_reference"] == 1.0
-    resume = rows[11:]
+    resume = rows[13:]
     assert [(r["source"], r["start_position"], r["count_cache"]) for r in resume] == [
         (s, p, c)
         for s in ("tar", "tfrecord")

@@ -23,8 +23,6 @@ import threading
 import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import tensorflow as tf
-
 T = TypeVar("T")
 
 # Seconds the exit hook waits for running callbacks, and how long none must have run before
@@ -59,11 +57,15 @@ def _leave() -> None:
         _last_activity = time.monotonic()
 
 
-# Not converted by AutoGraph when called while tf.data traces a function (the wrapper would
-# run as converted Python, which is slower).
-@tf.autograph.experimental.do_not_convert
 def guarded(fn: Callable[..., T]) -> Callable[..., T]:
-    """`fn`, failing at once after the exit hook ran and counted while it runs."""
+    """`fn`, failing at once after the exit hook ran and counted while it runs.
+
+    Call it outside functions that tf.data traces (or from one marked
+    `tf.autograph.experimental.do_not_convert`): called inside, AutoGraph converts the wrapper,
+    and the converted wrapper converts `fn` at every call (a batched tokeniser: 20.4 instead of
+    16.0 us per text). This module does not import TensorFlow (`clip_jax.data.config` uses it
+    through `text_shorten` without TensorFlow).
+    """
 
     @functools.wraps(fn)
     def call(*args, **kwargs):

@@ -102,6 +102,7 @@ class DamagedJpegLog:
         self.count = 0
         self._seen: set[bytes] = set()
         self._lock = threading.Lock()
+        self._guarded_log = exit_guard.guarded(self._log)  # built outside traced code
 
     def _log(self, keys) -> bool:
         for key in keys.numpy().tolist():
@@ -143,7 +144,7 @@ class DamagedJpegLog:
         return tf.cond(
             tf.reduce_any(flags),
             lambda: tf.py_function(
-                exit_guard.guarded(self._log),
+                self._guarded_log,
                 [tf.boolean_mask(tf.reshape(keys, [-1]), flags)],
                 tf.bool,
             ),
@@ -315,10 +316,12 @@ def _shard_reader(
     """`reader(path, start) -> records` for the source's shard format (TFRecords: serialized,
     unparsed, with `parse=False`)."""
     if spec.source == "tfrecord":
+        # Built here: read_tfrecord runs while tf.data traces (see exit_guard.guarded).
+        count_records = exit_guard.guarded(lambda p: np.int64(counter.count(p.decode())))
 
         def read_tfrecord(path, start):
             count = tf.numpy_function(
-                exit_guard.guarded(lambda p: np.int64(counter.count(p.decode()))),
+                count_records,
                 [path],
                 tf.int64,
                 stateful=False,

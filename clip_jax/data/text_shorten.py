@@ -104,9 +104,11 @@ def shorten_dataset(
         )
         return shorten(tokens, length, mode, rng, has_sot=has_sot)
 
+    guarded_body = exit_guard.guarded(body)  # here, not in the traced `apply` (see exit_guard)
+
     def apply(batch):
         text = tf.numpy_function(
-            exit_guard.guarded(body), [batch["text"], batch["position"]], tf.int32, stateful=False
+            guarded_body, [batch["text"], batch["position"]], tf.int32, stateful=False
         )
         text.set_shape([batch["text"].shape[0], length])
         return dict(batch, text=text)
