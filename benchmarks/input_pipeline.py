@@ -39,6 +39,7 @@ keeps generation fast; every record is still read and decoded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import io
@@ -282,12 +283,14 @@ def ensure_tfds_view(tfrecord_dir: str) -> str:
             "text": tfds.features.Text(),
         }
     )
-    tfds.folder_dataset.write_metadata(
-        data_dir=folder,
-        features=features,
-        split_infos=tfds.folder_dataset.compute_split_info(filename_template=template),
-        filename_template=template,
-    )
+    # TFDS prints its progress; stdout carries only this benchmark's JSON lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        tfds.folder_dataset.write_metadata(
+            data_dir=folder,
+            features=features,
+            split_infos=tfds.folder_dataset.compute_split_info(filename_template=template),
+            filename_template=template,
+        )
     return folder
 
 
