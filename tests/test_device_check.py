@@ -75,7 +75,7 @@ def test_dry_run_produces_every_part(tmp_path):
         import tensorflow  # noqa: F401
 
         throughput = [r for r in pipeline if r.get("kind") == "throughput"]
-        assert {r["threads"] for r in throughput} == {1} and len(throughput) == 5  # 5 pipelines
+        assert {r["threads"] for r in throughput} == {1} and len(throughput) == 6  # 6 pipelines
     except ImportError:
         assert pipeline[0]["status"] == "skipped"
 
