@@ -310,22 +310,34 @@ def _shard_files(spec: config_lib.SourceSpec) -> list[str]:
     return shards_lib.resolve_files(spec.shards, what=f"{spec.source} shards")
 
 
+def _tfrecord_count_fn(counter: shard_counts.ShardCounter, watch: InputWatch | None):
+    """`count(path bytes) -> int64` records of a TFRecord file (what its reader can read; a
+    damaged file counts its whole records), for `tf.numpy_function` in a shard reader. A file
+    that cannot be read is reported to `watch` before the error is raised: past the decode
+    stage's `ignore_errors` tf.data would only retry the failed read, forever."""
+
+    def count(path: bytes) -> np.int64:
+        try:
+            return np.int64(counter.count(path.decode()))
+        except Exception as err:  # reported, then raised (see above)
+            if watch is not None:
+                watch.note_error(f"cannot read TFRecord file {path.decode()}: {err}")
+            raise
+
+    # Built outside the traced reader: the guard must wrap the callable tf.data calls.
+    return exit_guard.guarded(count)
+
+
 def _shard_reader(
     spec, counter: shard_counts.ShardCounter, watch: InputWatch | None, parse: bool = True
 ):
     """`reader(path, start) -> records` for the source's shard format (TFRecords: serialized,
     unparsed, with `parse=False`)."""
     if spec.source == "tfrecord":
-        # Built here: read_tfrecord runs while tf.data traces (see exit_guard.guarded).
-        count_records = exit_guard.guarded(lambda p: np.int64(counter.count(p.decode())))
+        count_records = _tfrecord_count_fn(counter, watch)
 
         def read_tfrecord(path, start):
-            count = tf.numpy_function(
-                count_records,
-                [path],
-                tf.int64,
-                stateful=False,
-            )
+            count = tf.numpy_function(count_records, [path], tf.int64, stateful=False)
             return sources.tfrecord_shard_dataset(path, start, count, parse=parse)
 
         return read_tfrecord
@@ -362,6 +374,19 @@ def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_c
     )
 
 
+def _tfds_shards(spec):
+    """`sources.tfds_shards` for `spec`: (TfdsShards or None, why not)."""
+    return sources.tfds_shards(
+        name=spec.tfds_name,
+        split=spec.split,
+        data_dir=spec.tfds_data_dir,
+        image_key=spec.image_key,
+        text_key=spec.text_key,
+        label_key=spec.label_key,
+        label_template=spec.label_template,
+    )
+
+
 def _train_raw_source(
     spec,
     *,
@@ -380,17 +405,39 @@ def _train_raw_source(
 ):
     """Raw records of one source for this process, from raw record `block_start(start)` on:
     `(dataset, blocked)`, blocked when the dataset yields them in blocks (dicts of `[n]`)."""
+    tfds_split = None
     if spec.source == "tfds":
-        raw = _tfds_records(
-            spec, train=True, seed=seed, process_index=process_index, process_count=process_count
-        )
-        # TFDS has no per-shard counts here: skip by reading (no decoding happens).
-        return raw.skip(ordering.block_start(start, block)), False
+        tfds_split, why = _tfds_shards(spec)
+        if tfds_split is not None and len(tfds_split.files) < process_count:
+            tfds_split, why = None, f"{len(tfds_split.files)} files for {process_count} processes"
+        if tfds_split is None:
+            logging.info(
+                "TFDS %s: read through TFDS (%s); a resume skips records by reading them",
+                spec.tfds_name or spec.tfds_data_dir,
+                why,
+            )
+            raw = _tfds_records(
+                spec,
+                train=True,
+                seed=seed,
+                process_index=process_index,
+                process_count=process_count,
+            )
+            return raw.skip(ordering.block_start(start, block)), False
+        files = list(tfds_split.files)
     if spec.source == "image_folder":
         raise ValueError("source 'image_folder' is for evaluation only (it has no captions)")
     files = shards_lib.split_for_process(files, process_index, process_count)
-    fmt = "tfrecord" if spec.source == "tfrecord" else "tar"
+    fmt = "tfrecord" if spec.source in ("tfrecord", "tfds") else "tar"
     counter = shard_counts.ShardCounter(fmt, index_dir)
+    if tfds_split is not None:
+        # Exact counts from the dataset's metadata: no file is read to find a resume point.
+        known = dict(zip(tfds_split.files, tfds_split.counts))
+        if not any(known[f] for f in files):
+            raise NoUsableData(f"every TFDS file of this process is empty: {spec.tfds_name}")
+        count = known.__getitem__
+    else:
+        count = counter.count
     plan = ordering.ShardPlan(
         len(files),
         seed=[seed, process_index, key, _SALT_SHARDS],
@@ -399,7 +446,7 @@ def _train_raw_source(
     )
     raw_start = ordering.block_start(start, block)
     try:
-        group, slots, starts = plan.resume_point(raw_start, lambda i: counter.count(files[i]))
+        group, slots, starts = plan.resume_point(raw_start, lambda i: count(files[i]))
     except ValueError as err:
         raise NoUsableData(f"{err}: {spec.shards or spec.source}") from None
     on_error = watch.note_error if watch else None
@@ -417,18 +464,23 @@ def _train_raw_source(
         return blocks, True
     # TFRecords cross the interleave serialized and are parsed 256 at a time (one vectorised
     # parse instead of a per-record map stage inside each shard's reader).
+    if tfds_split is not None:
+        reader = tfds_split.reader(_tfrecord_count_fn(counter, watch))
+        parse = tfds_split.parse
+    else:
+        reader, parse = _shard_reader(spec, counter, watch, parse=False), sources.parse_tfrecord
     records = sources.read_groups(
         files,
         plan,
-        _shard_reader(spec, counter, watch, parse=False),
+        reader,
         start_group=group,
         first_slots=slots,
         first_starts=starts,
         num_parallel_calls=num_parallel_calls,
-        counter=counter,
+        counter=counter if tfds_split is None else None,
         on_error=on_error,
     )
-    return records.batch(_PARSE_BLOCK).map(sources.parse_tfrecord), True
+    return records.batch(_PARSE_BLOCK).map(parse), True
 
 
 def build_train_dataset(
