@@ -20,7 +20,8 @@ Prints JSON lines (one run, one process):
   `reference_notok` (the same without tokenising). tar has no plain tf.data reader, so both
   clip_jax rows are compared with the same TFRecord reference.
 - `resume`: time from `build_train_dataset(..., start_position=[p, p])` to its first batch, for
-  p = 0, 100k, 400k on 500k 16 px records (tar, then TFRecord), and the ratio to p = 0.
+  p = 0, 100k, 400k on 500k 16 px records (tar, TFRecord, then the TFRecords as TFDS), and the
+  ratio to p = 0.
 
 Cases (`--cases`, comma-separated): 16px (16x16 JPEGs -> 16 px, batch 256: almost no pixel work,
 so this measures reading, shuffling, per-sample overhead and tokenising), 256px (256x256 ->
@@ -633,7 +634,7 @@ def run_resume(
     header scan of the shards before the position is included: a fresh machine) and with the
     cache a training run leaves in its workdir (`index_dir`; the usual restart).
     """
-    for source in ("tar", "tfrecord"):
+    for source in ("tar", "tfrecord", "tfds"):
         index_dir = tempfile.mkdtemp(prefix="clip_jax_bench_index_")
         base_s = None
         for p in positions:

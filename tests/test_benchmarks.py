@@ -90,7 +90,7 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     # busy 2-core machine; --threads 1 exercises the pinning path.
     rows = _run("input_pipeline.py", "--quick", "--cases", "16px,256px,resume", "--threads", "1")
     kinds = [row["kind"] for row in rows]
-    assert kinds == ["setup"] + ["throughput"] * 12 + ["resume"] * 10, kinds
+    assert kinds == ["setup"] + ["throughput"] * 12 + ["resume"] * 15, kinds
     setup = rows[0]
     assert setup["cores"] == 1 and setup["threads"] == 1
     assert set(setup["datasets"]) == {"16px", "256px"}
@@ -121,7 +121,7 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
     resume = rows[13:]
     assert [(r["source"], r["start_position"], r["count_cache"]) for r in resume] == [
         (s, p, c)
-        for s in ("tar", "tfrecord")
+        for s in ("tar", "tfrecord", "tfds")
         for p in (0, 512, 1536)
         for c in ("cold", "warm")
         if p or c == "cold"
@@ -131,4 +131,4 @@ def test_input_pipeline_quick_prints_throughput_and_resume_rows():
         assert row["first_batch_position"] == row["start_position"] + row["batch_size"]
         assert row["first_batch_s"] > 0 and row["ratio_to_p0"] > 0
         assert isinstance(row["within_goal"], bool)
-    assert [r["ratio_to_p0"] for r in resume if r["start_position"] == 0] == [1.0, 1.0]
+    assert [r["ratio_to_p0"] for r in resume if r["start_position"] == 0] == [1.0] * 3
