@@ -107,6 +107,9 @@ def test_same_records_and_keys_as_tfds_reader(tfds_view, split):
     fast = _fast_records(shards)
     assert len(fast) == sum(shards.counts)
     assert sorted(fast) == sorted(_tfds_records(tfds_view, split=split))
+    # The decoder is chosen from the first images, as for TFRecord shards.
+    first = [image for _, _, _, image in fast[:3]]
+    assert shards.first_images(3) == first
     first_file = os.path.basename(shards.files[0])
     assert fast[0][0] == f"{first_file}__{shards.skips[0]}".encode()  # TFDS's tfds_id
 

@@ -238,12 +238,16 @@ def _tokenize_batch(
     return tokens
 
 
-def _peek_jpeg_shapes(spec, files: list[str] | None, n: int = 8) -> list[tuple[int, int]]:
+def _peek_jpeg_shapes(
+    spec, files: list[str] | None, n: int = 8, tfds_split=None
+) -> list[tuple[int, int]]:
     """`(height, width)` of up to `n` JPEGs at the start of the first shard (other formats and
-    damaged JPEGs are skipped); [] for sources without shards (TFDS, folders)."""
-    if spec.source not in ("tar", "tfrecord", "demo") or not files:
+    damaged JPEGs are skipped); [] for sources without shards (folders, TFDS read by TFDS)."""
+    if spec.source not in ("tar", "tfrecord", "demo", "tfds") or not files:
         return []
-    if spec.source == "tfrecord":
+    if spec.source == "tfds":
+        images = [] if tfds_split is None else tfds_split.first_images(n)
+    elif spec.source == "tfrecord":
         images = []
         try:
             for record in tf.data.TFRecordDataset(files[0]).take(n):
@@ -285,12 +289,12 @@ def use_windowed_decode(
     data_config, spec, files: list[str] | None, image_size: int, peeked=None
 ) -> bool:
     """`data.decode`: "window"/"full", or for "auto" whether the source's JPEGs are >= 2x the
-    target (peeked from the first shard, or `peeked` from `_peek_jpeg_shapes`; demo, TFDS and
-    folders decode in full)."""
+    target (peeked from the first shard, or `peeked` from `_peek_jpeg_shapes`; demo, folders
+    and TFDS read by TFDS decode in full)."""
     mode = str(data_config.get("decode", "auto")) if hasattr(data_config, "get") else "auto"
     if mode != "auto":
         return mode == "window"
-    if spec.source not in ("tar", "tfrecord") or not files:
+    if spec.source not in ("tar", "tfrecord", "tfds") or not files:
         return False
     shapes = _peek_jpeg_shapes(spec, files) if peeked is None else peeked
     sides = [min(h, w) for h, w in shapes]
@@ -374,9 +378,10 @@ def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_c
     )
 
 
-def _tfds_shards(spec):
-    """`sources.tfds_shards` for `spec`: (TfdsShards or None, why not)."""
-    return sources.tfds_shards(
+def _tfds_shards(spec, process_count: int):
+    """`sources.tfds_shards` for `spec` where this process can use it (at least one file per
+    process), else None after logging why TFDS's own reader is used."""
+    shards, why = sources.tfds_shards(
         name=spec.tfds_name,
         split=spec.split,
         data_dir=spec.tfds_data_dir,
@@ -385,6 +390,15 @@ def _tfds_shards(spec):
         label_key=spec.label_key,
         label_template=spec.label_template,
     )
+    if shards is not None and len(shards.files) < process_count:
+        shards, why = None, f"{len(shards.files)} files for {process_count} processes"
+    if shards is None:
+        logging.info(
+            "TFDS %s: read through TFDS (%s); a resume skips records by reading them",
+            spec.tfds_name or spec.tfds_data_dir,
+            why,
+        )
+    return shards
 
 
 def _train_raw_source(
@@ -402,29 +416,16 @@ def _train_raw_source(
     index_dir,
     watch,
     files,
+    tfds_split=None,
 ):
     """Raw records of one source for this process, from raw record `block_start(start)` on:
-    `(dataset, blocked)`, blocked when the dataset yields them in blocks (dicts of `[n]`)."""
-    tfds_split = None
-    if spec.source == "tfds":
-        tfds_split, why = _tfds_shards(spec)
-        if tfds_split is not None and len(tfds_split.files) < process_count:
-            tfds_split, why = None, f"{len(tfds_split.files)} files for {process_count} processes"
-        if tfds_split is None:
-            logging.info(
-                "TFDS %s: read through TFDS (%s); a resume skips records by reading them",
-                spec.tfds_name or spec.tfds_data_dir,
-                why,
-            )
-            raw = _tfds_records(
-                spec,
-                train=True,
-                seed=seed,
-                process_index=process_index,
-                process_count=process_count,
-            )
-            return raw.skip(ordering.block_start(start, block)), False
-        files = list(tfds_split.files)
+    `(dataset, blocked)`, blocked when the dataset yields them in blocks (dicts of `[n]`).
+    `files`: the source's shards (TFDS: `tfds_split.files`, when `_tfds_shards` gave one)."""
+    if spec.source == "tfds" and tfds_split is None:
+        raw = _tfds_records(
+            spec, train=True, seed=seed, process_index=process_index, process_count=process_count
+        )
+        return raw.skip(ordering.block_start(start, block)), False
     if spec.source == "image_folder":
         raise ValueError("source 'image_folder' is for evaluation only (it has no captions)")
     files = shards_lib.split_for_process(files, process_index, process_count)
@@ -565,8 +566,14 @@ def build_train_dataset(
         # to a block per source ahead, the decode stage's buffers, the batch being filled and
         # the batches prefetched by tf.data and onto the devices.
         watch.slack = 2 * max(block, 1) * len(specs) + 8 * local_batch_size + 4096
+    tfds_splits = [
+        _tfds_shards(spec, process_count) if spec.source == "tfds" else None for spec in specs
+    ]
     shard_lists = [
-        _shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None for spec in specs
+        list(t.files)
+        if t is not None
+        else (_shard_files(spec) if spec.source in ("tar", "tfrecord", "demo") else None)
+        for spec, t in zip(specs, tfds_splits)
     ]
     damaged_jpegs = DamagedJpegLog()
     aug_key = ordering.seed_key(seed, process_index, _SALT_AUGMENT)
@@ -588,6 +595,7 @@ def build_train_dataset(
             index_dir=index_dir,
             watch=watch,
             files=shard_lists[j],
+            tfds_split=tfds_splits[j],
         )
         on_block = _block_checks(
             watch.counters[j] if watch is not None else None,
@@ -615,7 +623,10 @@ def build_train_dataset(
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
     method = data_config.resize_method
 
-    peeked = [_peek_jpeg_shapes(spec, files) for spec, files in zip(specs, shard_lists)]
+    peeked = [
+        _peek_jpeg_shapes(spec, files, tfds_split=t)
+        for spec, files, t in zip(specs, shard_lists, tfds_splits)
+    ]
     if len(specs) == 1:
         window = use_windowed_decode(
             data_config, specs[0], shard_lists[0], image_size, peeked=peeked[0]
