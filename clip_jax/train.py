@@ -468,6 +468,9 @@ class _Input:
             raise data_lib.NoUsableData(
                 "the input pipeline ended; training data is endless, so no shard could be read"
             ) from None
+        # A shard that failed to read mid-run ends the run (resumable from its checkpoint)
+        # instead of training on batches that are not the planned ones.
+        self._watch.raise_noted_error()
         self._progress.add_data_wait(time.perf_counter() - t0)
         self.position = batch.pop("position")
         self.samples_delivered += self._local_batch

@@ -16,9 +16,10 @@ import time
 
 import numpy as np
 import pytest
-from data_samples import FakeTokenizer, data_config
+from data_samples import FakeTokenizer, data_config, make_samples
 
 from clip_jax.data import device, shards
+from clip_jax.data.make_shards import write_shards
 from clip_jax.data.pipeline import InputWatch, NoUsableData, build_train_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -45,15 +46,18 @@ def _bad_samples_tar(path, n=20):
     )
 
 
-def _consume(cfg, timeout_s=60):
+def _consume(cfg, timeout_s=60, after_build=None, max_batches=1):
     """Pulls batches the way the trainer does; returns the error that ended the wait, after
     checking that the input thread ends (a pipeline left spinning over undecodable records
-    kept a core busy for the rest of the test process)."""
+    kept a core busy for the rest of the test process). `after_build()` runs between building
+    the pipeline and reading from it; up to `max_batches` may come before the error."""
     before = set(threading.enumerate())
     watch = InputWatch()
     ds = build_train_dataset(
         cfg, image_size=8, tokenizer=TOK, context_length=8, local_batch_size=4, seed=0, watch=watch
     )
+    if after_build is not None:
+        after_build()
     deadline = time.time() + timeout_s
 
     def poll():
@@ -71,9 +75,18 @@ def _consume(cfg, timeout_s=60):
     )
     with pytest.raises(NoUsableData) as err:
         try:
-            next(batches)
+            for _ in range(max_batches):
+                next(batches)
+                watch.raise_noted_error()  # as the trainer does after every batch
         except StopIteration:
             watch.check(0)
+    if max_batches > 1:
+        # Batches came: the input thread may wait on its full queue, as it does in a trainer
+        # until the process exits. What matters is that the pipeline stopped working.
+        cpu = time.process_time()
+        time.sleep(3)
+        assert time.process_time() - cpu < 0.5, "the input pipeline still works after the error"
+        return str(err.value)
     for thread in set(threading.enumerate()) - before:
         if thread.name == "clip_jax-input":
             thread.join(timeout=30)
@@ -91,6 +104,17 @@ def test_shards_without_records_fail_fast(tmp_path, kind):
             f.write(np.random.default_rng(0).bytes(100_000))
     message = _consume(data_config(source="tar", shards=path))
     assert "no record in any of the 1 shard(s)" in message and path in message
+
+
+def test_tfrecord_shard_gone_during_the_run_fails_fast(tmp_path):
+    # Past the decode stage's ignore_errors, tf.data retried the failed open forever.
+    files = write_shards(make_samples(8), str(tmp_path / "rec"), fmt="tfrecord", shard_size=4)
+    message = _consume(
+        data_config(source="tfrecord", shards=" ".join(files), shuffle_buffer=8),
+        after_build=lambda: os.remove(files[1]),
+        max_batches=10,
+    )
+    assert message.startswith(f"cannot read TFRecord file {files[1]}"), message
 
 
 def test_only_undecodable_samples_fail_fast(tmp_path):

@@ -114,7 +114,7 @@ def test_resume_opens_only_the_shards_in_flight(tmp_path, monkeypatch):
     # The pipeline peeks at 8 JPEG headers of the list's first shard to choose its decoder and
     # resize (a constant cost at any position); that peek is stubbed out so that `opened` holds
     # the reader's opens only.
-    monkeypatch.setattr(pipeline, "_peek_jpeg_shapes", lambda spec, files, n=8: [])
+    monkeypatch.setattr(pipeline, "_peek_jpeg_shapes", lambda spec, files, n=8, tfds_split=None: [])
     cfg = data_config(
         source="tar",
         shards=os.path.join(out, "*.tar"),

@@ -65,12 +65,18 @@ class InputWatch:
                 logging.error("input pipeline: %s", message)
             self._errors.append(message)
 
-    def check(self, samples_delivered: int) -> None:
-        """Raises NoUsableData if the pipeline cannot deliver; cheap, call it while waiting."""
+    def raise_noted_error(self) -> None:
+        """Raises NoUsableData with the first noted reader failure, if any (a shard that could
+        not be read: the batches that still come are not the planned ones); cheap, call it
+        after every batch."""
         with self._lock:
             if self._errors:
                 self.stopped.assign(True)
                 raise NoUsableData(self._errors[0])
+
+    def check(self, samples_delivered: int) -> None:
+        """Raises NoUsableData if the pipeline cannot deliver; cheap, call it while waiting."""
+        self.raise_noted_error()
         if not self.counters:
             return
         seen = sum(int(c.numpy()) for c in self.counters)
@@ -316,17 +322,22 @@ def _shard_files(spec: config_lib.SourceSpec) -> list[str]:
 
 def _tfrecord_count_fn(counter: shard_counts.ShardCounter, watch: InputWatch | None):
     """`count(path bytes) -> int64` records of a TFRecord file (what its reader can read; a
-    damaged file counts its whole records), for `tf.numpy_function` in a shard reader. A file
-    that cannot be read is reported to `watch` before the error is raised: past the decode
-    stage's `ignore_errors` tf.data would only retry the failed read, forever."""
+    damaged file counts its whole records), for `tf.numpy_function` in a shard reader.
+
+    A file that cannot be read (gone since the start, unreadable) is reported to `watch`,
+    which stops the run with that message, and read as empty: raised inside tf.data, the error
+    would only be retried by the decode stage's `ignore_errors`, a core busy forever."""
 
     def count(path: bytes) -> np.int64:
         try:
             return np.int64(counter.count(path.decode()))
-        except Exception as err:  # reported, then raised (see above)
+        except (OSError, tf.errors.OpError) as err:
+            message = f"cannot read TFRecord file {path.decode()}: {err}"
             if watch is not None:
-                watch.note_error(f"cannot read TFRecord file {path.decode()}: {err}")
-            raise
+                watch.note_error(message)
+            else:
+                logging.error("input pipeline: %s (read as empty)", message)
+            return np.int64(0)
 
     # Built outside the traced reader: the guard must wrap the callable tf.data calls.
     return exit_guard.guarded(count)
