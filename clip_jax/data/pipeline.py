@@ -370,10 +370,9 @@ def _shard_reader(
     return read_tar
 
 
-def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_count: int):
-    """`sources.tfds_records` for `spec`: shuffled files and endless for training, one ordered
-    pass for evaluation."""
-    return sources.tfds_records(
+def _tfds_dataset_args(spec) -> dict:
+    """What names a TFDS split and the features read, for `sources.tfds_*`."""
+    return dict(
         name=spec.tfds_name,
         split=spec.split,
         data_dir=spec.tfds_data_dir,
@@ -381,6 +380,14 @@ def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_c
         text_key=spec.text_key,
         label_key=spec.label_key,
         label_template=spec.label_template,
+    )
+
+
+def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_count: int):
+    """`sources.tfds_records` for `spec`: shuffled files and endless for training, one ordered
+    pass for evaluation."""
+    return sources.tfds_records(
+        **_tfds_dataset_args(spec),
         shuffle_files=train,
         seed=(seed * 1_000_003 + process_index) % (2**31) if train else 0,
         process_index=process_index,
@@ -392,15 +399,7 @@ def _tfds_records(spec, *, train: bool, seed: int, process_index: int, process_c
 def _tfds_shards(spec, process_count: int):
     """`sources.tfds_shards` for `spec` where this process can use it (at least one file per
     process), else None after logging why TFDS's own reader is used."""
-    shards, why = sources.tfds_shards(
-        name=spec.tfds_name,
-        split=spec.split,
-        data_dir=spec.tfds_data_dir,
-        image_key=spec.image_key,
-        text_key=spec.text_key,
-        label_key=spec.label_key,
-        label_template=spec.label_template,
-    )
+    shards, why = sources.tfds_shards(**_tfds_dataset_args(spec))
     if shards is not None and len(shards.files) < process_count:
         shards, why = None, f"{len(shards.files)} files for {process_count} processes"
     if shards is None:
