@@ -580,7 +580,11 @@ def tfds_shards(
     shards = TfdsShards(
         files=tuple(files),
         skips=tuple(int(fi.skip) for fi in instructions),
-        counts=tuple(int(fi.take) for fi in instructions),
+        # `take` -1 (older TFDS): to the end of the file.
+        counts=tuple(
+            int(fi.take) if fi.take >= 0 else int(fi.examples_in_shard) - int(fi.skip)
+            for fi in instructions
+        ),
         features=features,
         image_key=image_key,
         text_key=text_key,
