@@ -116,7 +116,7 @@ def open_clip_model(cfg: models.CLIPConfig, seed: int) -> torch.nn.Module:
         )
         activation = t.activation
     torch.manual_seed(seed)
-    return open_clip.model.CLIP(
+    model = open_clip.model.CLIP(
         cfg.embed_dim,
         vision,
         dict(
@@ -130,6 +130,12 @@ def open_clip_model(cfg: models.CLIPConfig, seed: int) -> torch.nn.Module:
         quick_gelu=activation == "quick_gelu",
         output_dict=True,
     )
+    if v.type != "vit":
+        # channels_last: torch's CPU convolutions (oneDNN) on this ResNet's few channels are
+        # ~1.5x faster in NHWC (image tower forward+backward, batch 128, 1 thread: 0.49 s vs
+        # 0.73 s NCHW, timed alternately in one process); the batches follow (`Peer.batch`).
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def read_demo(split: str) -> tuple[np.ndarray, list[str]]:
@@ -154,6 +160,7 @@ class Peer:
     def __init__(self, config, model_config: models.CLIPConfig, images, tokens):
         self.config = config
         self.model = open_clip_model(model_config, config.seed)
+        self.model_is_resnet = model_config.vision.type != "vit"
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
@@ -204,6 +211,8 @@ class Peer:
         idx, self.order = self.order[:b], self.order[b:]
         crops = torch.stack([self.crop(self.images[i]) for i in idx.tolist()])
         x = (crops.float() / 255.0 - self.mean) / self.std
+        if self.model_is_resnet:
+            x = x.contiguous(memory_format=torch.channels_last)
         text = self.tokens[idx]
         if self.text_length:
             mode = str(self.config.data.text_shorten)
@@ -326,7 +335,7 @@ def main() -> None:
         losses.append(peer.step(steps))
     train_seconds = time.perf_counter() - start
     peer.model.eval()
-    state_dict = {k: v.detach().numpy() for k, v in peer.model.state_dict().items()}
+    state_dict = {k: v.detach().contiguous().numpy() for k, v in peer.model.state_dict().items()}
     converted_config, variables = convert.convert_state_dict(
         state_dict, model_config, quick_gelu=model_config.text.activation == "quick_gelu"
     )
