@@ -488,7 +488,7 @@ def _train_raw_source(
         first_slots=slots,
         first_starts=starts,
         num_parallel_calls=num_parallel_calls,
-        counter=counter if tfds_split is None else None,
+        counter=counter,
         on_error=on_error,
     )
     return records.batch(_PARSE_BLOCK).map(parse), True
