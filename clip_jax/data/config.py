@@ -80,6 +80,9 @@ def get_default_config() -> ml_collections.ConfigDict:
     # Train augmentation: random resized crop area fraction and aspect-ratio (w/h) ranges.
     c.aug_scale = (0.9, 1.0)
     c.aug_ratio = (3 / 4, 4 / 3)
+    # Train augmentation: probability of a horizontal flip (0: never; CLIP trains without;
+    # captions naming left or right are not changed).
+    c.aug_flip = 0.0
     # tf.image.resize method for train and eval transforms (antialiased). "bicubic" matches
     # OpenAI CLIP preprocessing; "bilinear" is ~1.3x faster on CPU.
     c.resize_method = "bicubic"
@@ -102,6 +105,11 @@ def get_default_config() -> ml_collections.ConfigDict:
     # tokens in order) or "random_block" (a random run of consecutive tokens).
     c.context_length = 0
     c.text_shorten = "truncate"
+    # Caption augmentation: each sentence of a training caption is dropped with this
+    # probability, at least one kept ("Cardinal. A red bird. bird, animal." may train as
+    # "A red bird."), before tokenisation; see `text_shorten.drop_sentences`. 0: off; 1: one
+    # sentence drawn at random.
+    c.sentence_dropout = 0.0
     # tf.data private thread pool size (0 = TF's shared default pool).
     c.threadpool_size = 0
     # No caching options: raw records are cheap to re-read and caching decoded images would
@@ -217,6 +225,10 @@ def validate(config) -> None:
         raise ValueError("data.sources: 'image_folder' is an eval-only source and cannot be mixed")
     _check_range("aug_scale", config.aug_scale, 0.0, 1.0)
     _check_range("aug_ratio", config.aug_ratio, 0.0, float("inf"))
+    for key in ("aug_flip", "sentence_dropout"):
+        value = _get(config, key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"data.{key}={value!r} must be a probability in [0, 1]")
     if _get(config, "decode", "auto") not in DECODE_MODES:
         raise ValueError(f"data.decode={config.decode!r}; choose one of {DECODE_MODES}")
     if config.resize_method not in RESIZE_METHODS:

@@ -631,6 +631,8 @@ def build_train_dataset(
         augment_key=aug_key,
     )
     scale, ratio = tuple(data_config.aug_scale), tuple(data_config.aug_ratio)
+    flip = float(data_config.get("aug_flip", 0.0))
+    sentence_dropout = float(data_config.get("sentence_dropout", 0.0))
     method = data_config.resize_method
 
     peeked = [
@@ -664,16 +666,27 @@ def build_train_dataset(
                 method=method,
                 small_images=small,
             )
+        if flip > 0:
+            image = transforms.random_flip(image, crop_key, flip)
         return {"image": image, "text": rec["text"], "position": rec["position"]}
 
     ds = decode_dropping_errors(mixed, transform, npc)
     ds = ds.batch(local_batch_size, drop_remainder=True)
 
     def finish(batch):
+        texts, position = batch["text"], batch["position"][-1]
+        if sentence_dropout > 0:
+            texts = text_shorten.drop_sentences_in_batch(
+                texts,
+                position,
+                probability=sentence_dropout,
+                seed=seed,
+                process_index=process_index,
+            )
         return {
             "image": batch["image"],
-            "text": _tokenize_batch(batch["text"], tokenizer, context_length, local_batch_size),
-            "position": batch["position"][-1],
+            "text": _tokenize_batch(texts, tokenizer, context_length, local_batch_size),
+            "position": position,
         }
 
     ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

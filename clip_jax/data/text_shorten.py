@@ -16,11 +16,18 @@ without a start token):
 
 Captions that already fit are kept whole. The random choices are seeded by (seed, process,
 batch position), so a resumed run cuts its captions exactly as the uninterrupted one.
+
+Sentence dropout (`data.sentence_dropout`, `drop_sentences`) works on the caption strings
+before tokenisation: each sentence is dropped with a probability, at least one kept. On
+captions made of a title, a description and keywords it teaches the text tower that each part
+alone names the image, as a zero-shot prompt ("a drawing of a bird.") does.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+import re
 
 import numpy as np
 
@@ -31,6 +38,9 @@ if TYPE_CHECKING:
 
 MODES = ("truncate", "random_subset", "random_block")
 _SALT = 5  # beside pipeline.py's per-purpose salts (1-4)
+_SALT_SENTENCES = 6
+# A sentence ends at ".", "!" or "?" followed by white space ("3.5 cm" stays whole).
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def check(mode: str, length: int) -> None:
@@ -114,3 +124,47 @@ def shorten_dataset(
         return dict(batch, text=text)
 
     return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def drop_sentences(texts: list[str], probability: float, rng: np.random.Generator) -> list[str]:
+    """Drops each sentence of each caption with `probability`, keeping at least one (drawn at
+    random when all were dropped); the kept ones stay in order, joined by a space. Captions
+    of one sentence are unchanged."""
+    out = []
+    for text in texts:
+        sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+        if len(sentences) < 2 or probability <= 0:
+            out.append(text)
+            continue
+        keep = rng.random(len(sentences)) >= probability
+        if not keep.any():
+            keep[rng.integers(len(sentences))] = True
+        out.append(" ".join(s for s, k in zip(sentences, keep) if k))
+    return out
+
+
+def drop_sentences_in_batch(
+    texts: "tf.Tensor",
+    position: "tf.Tensor",
+    *,
+    probability: float,
+    seed: int,
+    process_index: int,
+) -> "tf.Tensor":
+    """`drop_sentences` on a batch of utf-8 strings `[B]`; `position` (the batch's resume
+    point, unique per batch) seeds it with (seed, process_index), so a resumed run drops the
+    same sentences."""
+    import tensorflow as tf
+
+    def body(strings: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        rng = np.random.default_rng(
+            [seed & 0xFFFFFFFF, process_index, _SALT_SENTENCES, int(np.asarray(pos).reshape(-1)[-1])]
+        )
+        decoded = [s.decode("utf-8", errors="replace") for s in strings.tolist()]
+        kept = drop_sentences(decoded, probability, rng)
+        return np.asarray([s.encode("utf-8") for s in kept], dtype=object)
+
+    guarded_body = exit_guard.guarded(body)
+    out = tf.numpy_function(guarded_body, [texts, position], tf.string, stateful=False)
+    out.set_shape(texts.shape)
+    return out

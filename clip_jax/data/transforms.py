@@ -182,6 +182,16 @@ def random_resized_crop(
     return out
 
 
+def random_flip(image, key, probability: float):
+    """Flips `image` (`uint8 [H, W, 3]`) left-right with `probability`, drawn from `key` (the
+    sample's crop key, `int64 [2]`, folded so the draw is independent of the crop)."""
+    import tensorflow as tf
+
+    flip_key = tf.random.experimental.stateless_fold_in(tf.cast(key, tf.int64), 1)
+    draw = tf.random.stateless_uniform([], seed=flip_key)
+    return tf.cond(draw < probability, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
 def _center_crop_geometry(h, w, size: int):
     """Eval geometry for an `h` x `w` image (int32 scalars): the whole image is resized to
     `(new_h, new_w)` (shorter side `size`) and `[top:top+size, left:left+size]` is kept."""
