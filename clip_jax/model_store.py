@@ -240,8 +240,8 @@ def _restore_workdir(
     workdir: str, step: int | None, sharding: jax.sharding.Sharding
 ) -> tuple[int, dict[str, Any], dict[str, Any]]:
     """(step, variables, meta) of a checkpoint: the whole train state is restored (its
-    checksums cover every array) and params/batch_stats kept, unrolled when the run scanned
-    its layers."""
+    checksums cover every array) and params (their moving average when the run kept one)
+    and batch_stats kept, unrolled when the run scanned its layers."""
     checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
     try:
         steps = checkpointer.all_steps()
@@ -262,7 +262,8 @@ def _restore_workdir(
             ) from None
     finally:
         checkpointer.close()
-    variables = {"params": state["params"]}
+    # A run with config.ema_decay saved a moving average of its params: those are its weights.
+    variables = {"params": state.get("ema_params") or state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]
     if meta.get("scan_layers"):

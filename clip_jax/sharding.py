@@ -165,7 +165,8 @@ def state_shardings(mesh: Mesh, abstract_state, rules: Sequence[Rule] = ()):
 
     `params` follow `param_specs`; optimizer-state leaves that mirror a parameter (Adam's mu
     and nu: a key path ending in that parameter's path, same shape) get the parameter's
-    sharding; `batch_stats` follow the default rule; everything else (step, rng, counts) is
+    sharding; a moving average of the params (`ema_params`) is laid out as they are;
+    `batch_stats` follow the default rule; everything else (step, rng, counts) is
     replicated. With mesh.fsdp == 1 and no rules everything is replicated (pure data
     parallelism).
     """
@@ -192,11 +193,14 @@ def state_shardings(mesh: Mesh, abstract_state, rules: Sequence[Rule] = ()):
     def stats_spec(leaf):
         return NamedSharding(mesh, default_param_spec(tuple(leaf.shape), fsdp))
 
+    param_shardings = jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+    ema = getattr(abstract_state, "ema_params", None)
     return abstract_state.replace(
         step=replicated(mesh),
-        params=jax.tree.map(
-            lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P)
-        ),
+        params=param_shardings,
+        ema_params=None if ema is None else param_shardings,
         batch_stats=jax.tree.map(stats_spec, abstract_state.batch_stats),
         opt_state=jax.tree_util.tree_map_with_path(opt_spec, abstract_state.opt_state),
         rng=replicated(mesh),

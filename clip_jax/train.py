@@ -105,6 +105,12 @@ def validate_config(config, mesh=None) -> None:
         config.distributed.heartbeat_timeout_s,
         "must be positive",
     )
+    check(
+        0 <= config.get("ema_decay", 0.0) < 1,
+        "ema_decay",
+        config.get("ema_decay", 0.0),
+        "must be in [0, 1) (0: no moving average)",
+    )
     check(config.eval_every >= 0, "eval_every", config.eval_every, "must be >= 0 (0: never)")
     if config.eval_every:
         from clip_jax.evaluation import config as eval_config
@@ -367,7 +373,9 @@ def _with_converted_weights(state, variables: dict, state_shardings) -> step_lib
         batch_stats = place(
             variables["batch_stats"], state.batch_stats, state_shardings.batch_stats, "batch_stats"
         )
-    return state.replace(params=params, batch_stats=batch_stats)
+    # A moving average starts at the weights the run starts from.
+    ema_params = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+    return state.replace(params=params, batch_stats=batch_stats, ema_params=ema_params)
 
 
 def _compile_step(setup: train_setup.TrainSetup):
@@ -599,7 +607,9 @@ def _evaluate(
     `final` evaluation the results are logged against chance and the majority class."""
     from clip_jax import evaluation  # imported lazily: only runs that evaluate need it
 
-    variables = {"params": state.params}
+    # With config.ema_decay the moving average is what gets evaluated (and exported).
+    params = state.params if state.ema_params is None else state.ema_params
+    variables = {"params": params}
     if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
     metrics, details = evaluation.evaluate_all(

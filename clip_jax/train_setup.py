@@ -293,6 +293,7 @@ class TrainSetup:
             loss=self.config.loss,
             accumulation_steps=self.config.accumulation_steps,
             param_shardings=self.state_shardings.params if mesh is not None else None,
+            ema_decay=float(self.config.get("ema_decay", 0.0)),
         )
 
     def jit_step(self):
@@ -355,7 +356,13 @@ def build(
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    init_fn = functools.partial(step_lib.init_train_state, model, tx, config.seed)
+    init_fn = functools.partial(
+        step_lib.init_train_state,
+        model,
+        tx,
+        config.seed,
+        ema=float(config.get("ema_decay", 0.0)) > 0,
+    )
     abstract_state = jax.eval_shape(init_fn)
     try:
         state_shardings = sharding.state_shardings(

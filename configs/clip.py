@@ -85,6 +85,10 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.init_from = ""
     c.freeze = ""  # regex over param paths to freeze, e.g. "image/.*" (LiT)
     c.nan_policy = "stop"  # on a non-finite loss/grad: "stop" the run or "skip" the step
+    # Exponential moving average of the weights (0: off), e.g. 0.999: kept in the train state
+    # (one more copy of the params), evaluated during training and exported/loaded as the
+    # run's weights. Early steps average faster: min(ema_decay, (1 + step) / (10 + step)).
+    c.ema_decay = 0.0
     # Contrastive loss: "clip" (softmax cross-entropy over the global batch) or "siglip"
     # (pairwise sigmoid; sets the model's logit_scale init to log(10) and adds a logit_bias
     # initialised at -10; computed with a ring of ppermutes, no global x global logits).

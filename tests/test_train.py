@@ -261,3 +261,52 @@ def test_model_flops_ignore_accumulation_scan_and_remat():
     )
     assert train._flops_per_step(plain) == pytest.approx(expected, rel=1e-9)
     assert train._flops_per_step(looped) == pytest.approx(expected, rel=1e-9)
+
+
+def test_ema_weights_are_averaged_resumed_and_exported(tmp_path, monkeypatch):
+    """config.ema_decay: the jitted step moves the average by the documented rule (FSDP mesh,
+    the average sharded as the params), and a run interrupted after 2 of 4 steps ends with
+    the same average as the straight run; loading the workdir gives the average, not the
+    last params."""
+    from clip_jax import sharding, step, train_setup
+    from train_runs import small_config, synthetic_batch
+
+    config = small_config(batch_size=8, total_steps=4, ema_decay=0.5, **{"mesh.fsdp": 2})
+    mesh = sharding.create_mesh(1, 2, devices=jax.devices()[:2])
+    setup = train_setup.build(config, mesh)
+    state = setup.jit_init()()
+    start = jax.device_get(state.params)
+    assert setup.state_shardings.ema_params == setup.state_shardings.params
+    state, _ = setup.jit_step()(state, synthetic_batch(8))
+    after = jax.device_get(state.params)
+    # After the first update the old average weighs min(0.5, 1 / 10) = 0.1.
+    for e, p0, p1 in zip(*(jax.tree.leaves(t) for t in (state.ema_params, start, after))):
+        np.testing.assert_allclose(np.asarray(e), 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-6)
+    assert float(step.ema_decay_at(0.5, np.int32(890))) == 0.5
+
+    straight = tmp_path / "straight"
+    train.train(config, str(straight), devices=jax.devices()[:2])
+    resumed = tmp_path / "resumed"
+    monkeypatch.setattr(train, "_Preemption", _PreemptAtStep(2))
+    assert train.train(config, str(resumed), devices=jax.devices()[:2]).get("preempted")
+    monkeypatch.undo()
+    train.train(config, str(resumed), devices=jax.devices()[:2])
+    loaded_a = model_store.load_model(str(straight)).variables["params"]
+    loaded_b = model_store.load_model(str(resumed)).variables["params"]
+    for x, y in zip(jax.tree.leaves(loaded_a), jax.tree.leaves(loaded_b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+    checkpointer = checkpoint.Checkpointer(str(straight), read_only=True)
+    saved = checkpointer.saved_state_tree(4)
+    raw, _ = checkpointer.restore(
+        4,
+        jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(saved)),
+    )
+    checkpointer.close()
+    for x, ema, last in zip(
+        *(jax.tree.leaves(t) for t in (loaded_a, raw["ema_params"], raw["params"]))
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(ema))
+    assert any(
+        not np.allclose(np.asarray(e), np.asarray(p))
+        for e, p in zip(jax.tree.leaves(raw["ema_params"]), jax.tree.leaves(raw["params"]))
+    )
