@@ -106,3 +106,58 @@ def test_pipeline_cuts_captions_reproducibly_and_validates():
         config_lib.validate(data_config(context_length=2))
     with pytest.raises(ValueError, match="longer than the model's text context 32"):
         batches(context_length=40)
+
+
+def test_sentence_dropout_keeps_at_least_one_sentence_in_order():
+    rng = np.random.default_rng(0)
+    caption = "Cardinal. A red bird on a 3.5 cm branch! bird, animal, nature?"
+    sentences = ["Cardinal.", "A red bird on a 3.5 cm branch!", "bird, animal, nature?"]
+    outs = text_shorten.drop_sentences([caption] * 3000, 0.5, rng)
+    kinds = set()
+    for out in outs:
+        kept = [s for s in sentences if s in out]
+        assert kept and out == " ".join(kept)  # whole sentences, original order
+        kinds.add(out)
+    assert len(kinds) == 7  # every non-empty subset occurs
+    assert abs(sum(out == caption for out in outs) / 3000 - 1 / 8) < 0.03
+    assert text_shorten.drop_sentences(["One sentence only."], 0.9, rng) == ["One sentence only."]
+    assert text_shorten.drop_sentences([caption], 0.0, rng) == [caption]
+    single = text_shorten.drop_sentences([caption] * 50, 1.0, rng)
+    assert all(out in sentences for out in single)
+
+
+def test_pipeline_drops_sentences_reproducibly_and_flips_images():
+    def batches(start=None, **overrides):
+        ds = build_train_dataset(
+            data_config(source="demo", **overrides),
+            image_size=16,
+            tokenizer=BPE,
+            context_length=32,
+            local_batch_size=16,
+            seed=3,
+            start_position=start,
+        )
+        return take(ds, 2)
+
+    plain = batches()
+    dropped = batches(sentence_dropout=0.7, aug_flip=0.5)
+    again = batches(sentence_dropout=0.7, aug_flip=0.5)
+    resumed = batches(start=dropped[0]["position"], sentence_dropout=0.7, aug_flip=0.5)
+    for a, b in zip(dropped, again):
+        np.testing.assert_array_equal(a["text"], b["text"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(resumed[0]["text"], dropped[1]["text"])
+    np.testing.assert_array_equal(resumed[0]["image"], dropped[1]["image"])
+    shorter = [
+        len(_content(d)[0]) < len(_content(p)[0])
+        for d, p in zip(dropped[0]["text"], plain[0]["text"])
+    ]
+    assert any(shorter)  # some captions lost sentences (same samples in the same order)
+    mirrored = [
+        np.array_equal(d, p[:, ::-1]) and not np.array_equal(d, p)
+        for d, p in zip(dropped[0]["image"], plain[0]["image"])
+    ]
+    assert any(mirrored)
+    for key, value in (("sentence_dropout", 1.5), ("aug_flip", -0.1)):
+        with pytest.raises(ValueError, match=f"data.{key}=.* must be a probability"):
+            config_lib.validate(data_config(**{key: value}))

@@ -268,8 +268,9 @@ def test_ema_weights_are_averaged_resumed_and_exported(tmp_path, monkeypatch):
     the average sharded as the params), and a run interrupted after 2 of 4 steps ends with
     the same average as the straight run; loading the workdir gives the average, not the
     last params."""
-    from clip_jax import sharding, step, train_setup
     from train_runs import small_config, synthetic_batch
+
+    from clip_jax import sharding, step, train_setup
 
     config = small_config(batch_size=8, total_steps=4, ema_decay=0.5, **{"mesh.fsdp": 2})
     mesh = sharding.create_mesh(1, 2, devices=jax.devices()[:2])

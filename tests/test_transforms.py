@@ -371,3 +371,21 @@ def test_in_tf_data_graph():
         np.testing.assert_array_equal(
             evals, transforms.decode_resize_center_crop(items[i], 96).numpy()
         )
+
+
+def test_random_flip_is_stateless_and_follows_its_probability():
+    img = tf.constant(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
+    mirrored = img.numpy()[:, ::-1]
+    flips = []
+    for i in range(400):
+        key = tf.constant([7, i], tf.int64)
+        out = transforms.random_flip(img, key, 0.3).numpy()
+        np.testing.assert_array_equal(out, transforms.random_flip(img, key, 0.3).numpy())
+        flipped = np.array_equal(out, mirrored)
+        assert flipped or np.array_equal(out, img.numpy())
+        flips.append(flipped)
+    assert 0.22 < np.mean(flips) < 0.38  # 0.3 +- 3.5 standard deviations
+    never = transforms.random_flip(img, tf.constant([7, 0], tf.int64), 0.0).numpy()
+    np.testing.assert_array_equal(never, img.numpy())
+    always = transforms.random_flip(img, tf.constant([7, 0], tf.int64), 1.0).numpy()
+    np.testing.assert_array_equal(always, mirrored)

@@ -25,9 +25,8 @@ alone names the image, as a zero-shot prompt ("a drawing of a bird.") does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -157,9 +156,8 @@ def drop_sentences_in_batch(
     import tensorflow as tf
 
     def body(strings: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng(
-            [seed & 0xFFFFFFFF, process_index, _SALT_SENTENCES, int(np.asarray(pos).reshape(-1)[-1])]
-        )
+        batch_key = int(np.asarray(pos).reshape(-1)[-1])
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, process_index, _SALT_SENTENCES, batch_key])
         decoded = [s.decode("utf-8", errors="replace") for s in strings.tolist()]
         kept = drop_sentences(decoded, probability, rng)
         return np.asarray([s.encode("utf-8") for s in kept], dtype=object)
