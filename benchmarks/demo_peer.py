@@ -10,10 +10,15 @@ and trains an `open_clip.model.CLIP` of the same shape (ViT or ModifiedResNet) o
 demo `train` split:
 
 - images: the demo JPEGs decoded once into memory, `RandomResizedCrop` (torchvision, bicubic,
-  antialiased) with `data.aug_scale` / `data.aug_ratio` per sample and epoch, OpenAI mean/std;
-- captions: `open_clip.tokenize` with the model's context length, cut to `data.context_length`
-  tokens as `data.text_shorten` says (`clip_jax.data.text_shorten.shorten`) when that is set
-  (then padded back to the context: open_clip's text tower takes only full-length input);
+  antialiased) with `data.aug_scale` / `data.aug_ratio` per sample and epoch, then a
+  horizontal flip with probability `data.aug_flip`, OpenAI mean/std;
+- captions: sentences dropped as `data.sentence_dropout` says
+  (`clip_jax.data.text_shorten.drop_sentences`), `open_clip.tokenize` with the model's context
+  length, cut to `data.context_length` tokens as `data.text_shorten` says
+  (`clip_jax.data.text_shorten.shorten`) when that is set (then padded back to the context:
+  open_clip's text tower takes only full-length input);
+- `ema_decay`: a moving average of the weights updated after every step by clip_jax's rule
+  (`clip_jax.step.ema_decay_at`), and evaluated instead of the last weights, as clip_jax does;
 - optimizer: AdamW (`optim.b1/b2/eps`), weight decay on weight matrices only (not on gains,
   biases, embeddings or the temperature: clip_jax's rule), linear warmup then cosine decay to
   `optim.end_lr_factor`; `open_clip.loss.ClipLoss`; the temperature clamped at 100 as
@@ -67,6 +72,7 @@ from clip_jax import (  # noqa: E402
     tokenizers,
     train_setup,
 )
+from clip_jax import step as step_lib  # noqa: E402
 from clip_jax.data import text_shorten  # noqa: E402
 from clip_jax.data.shards import demo_shards  # noqa: E402
 from clip_jax.data.transforms import OPENAI_MEAN, OPENAI_STD  # noqa: E402
@@ -160,9 +166,15 @@ def read_demo(split: str) -> tuple[np.ndarray, list[str]]:
 class Peer:
     """The torch model, optimizer, schedule and an endless shuffled, augmented batch stream."""
 
-    def __init__(self, config, model_config: models.CLIPConfig, images, tokens):
+    def __init__(self, config, model_config: models.CLIPConfig, images, captions: list[str]):
         self.config = config
         self.model = open_clip_model(model_config, config.seed)
+        self.ema_decay = float(config.get("ema_decay", 0.0))
+        self.ema = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.ema_decay > 0
+            else None
+        )
         self.model_is_resnet = model_config.vision.type != "vit"
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
@@ -179,7 +191,11 @@ class Peer:
         )
         self.loss = open_clip.loss.ClipLoss()
         self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # [N, 3, H, W]
-        self.tokens = tokens
+        self.captions = captions
+        self.context_length = model_config.text.context_length
+        self.sentence_dropout = float(config.data.get("sentence_dropout", 0.0))
+        self.tokens = open_clip.tokenize(captions, context_length=self.context_length)
+        self.flip = float(config.data.get("aug_flip", 0.0))
         size = model_config.vision.image_size
         self.crop = transforms.RandomResizedCrop(
             size,
@@ -213,10 +229,19 @@ class Peer:
             self.order = torch.cat([self.order, perm])
         idx, self.order = self.order[:b], self.order[b:]
         crops = torch.stack([self.crop(self.images[i]) for i in idx.tolist()])
+        if self.flip > 0:
+            flipped = torch.rand(b, generator=self.generator) < self.flip
+            crops[flipped] = crops[flipped].flip(-1)
         x = (crops.float() / 255.0 - self.mean) / self.std
         if self.model_is_resnet:
             x = x.contiguous(memory_format=torch.channels_last)
-        text = self.tokens[idx]
+        if self.sentence_dropout > 0:
+            kept = text_shorten.drop_sentences(
+                [self.captions[i] for i in idx.tolist()], self.sentence_dropout, self.text_rng
+            )
+            text = open_clip.tokenize(kept, context_length=self.context_length)
+        else:
+            text = self.tokens[idx]
         if self.text_length:
             mode = str(self.config.data.text_shorten)
             short = text_shorten.shorten(text.numpy(), self.text_length, mode, self.text_rng)
@@ -240,6 +265,13 @@ class Peer:
         self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
+            if self.ema is not None:
+                decay = float(step_lib.ema_decay_at(self.ema_decay, np.int32(self.steps_done)))
+                for name, value in self.model.state_dict().items():
+                    if value.is_floating_point() and "running_" not in name:
+                        self.ema[name].lerp_(value, 1.0 - decay)
+                    else:  # BatchNorm statistics and counters: the current ones, as clip_jax
+                        self.ema[name].copy_(value)
         self.steps_done += 1
         return float(loss)
 
@@ -319,8 +351,7 @@ def main() -> None:
     setup = train_setup.build(config, mesh)
     model_config = setup.model_config
     images, captions = read_demo("train")
-    tokens = open_clip.tokenize(captions, context_length=model_config.text.context_length)
-    peer = Peer(config, model_config, images, tokens)
+    peer = Peer(config, model_config, images, captions)
 
     if args.steps:
         steps, calibration = args.steps, {}
@@ -340,7 +371,8 @@ def main() -> None:
         losses.append(peer.step(steps))
     train_seconds = time.perf_counter() - start
     peer.model.eval()
-    state_dict = {k: v.detach().contiguous().numpy() for k, v in peer.model.state_dict().items()}
+    weights = peer.ema if peer.ema is not None else peer.model.state_dict()
+    state_dict = {k: v.detach().contiguous().numpy() for k, v in weights.items()}
     converted_config, variables = convert.convert_state_dict(
         state_dict, model_config, quick_gelu=model_config.text.activation == "quick_gelu"
     )
