@@ -8,14 +8,17 @@ Each candidate is `name:key=value,key=value` (dotted keys of `configs/clip.py:<-
 default tiny, values as on the command line). Every candidate trains with the real trainer
 (`python -m clip_jax.train`, one subprocess at a time, the same seed) for `--steps` steps with a
 warmup of 10% of them, and is evaluated every `--eval-every` steps with the retrieval evaluator
-ALONE on the demo `heldout` split: the zero-shot `classify` split is a test set and is never
+ALONE on the demo `heldout` split, then its final weights are scored on the zero-shot proxy
+that `benchmarks/demo_templates.py` builds from the same `heldout` split (images whose caption
+names exactly one category word): the zero-shot `classify` split is a test set and is never
 looked at here.
 
 Accuracy at a given step count does not depend on the machine's load; step time does, so
 compare `seconds` only between candidates run in the same window.
 
 Prints one JSON line per candidate: overrides, the retrieval curve (image->text and
-text->image R@1/5/10 and their mean at each evaluation), train seconds and the final loss.
+text->image R@1/5/10 and their mean at each evaluation), train seconds, the final loss and
+`heldout_zeroshot`: the proxy's [top-1, mean-per-class] % per template set.
 """
 
 from __future__ import annotations
@@ -104,6 +107,18 @@ def run(name: str, flags: list[str], args, config_path: str) -> dict:
             r["mean_recall"] = round(100 * row["retrieval/mean_recall"], 2)
             curve.append({"step": row["step"], **r})
     losses = [row["loss"] for row in rows if "loss" in row]
+    proxy = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "demo_templates.py"), workdir],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proxy.returncode != 0:
+        heldout_zeroshot = {"error": proxy.stderr.strip().splitlines()[-1:]}
+    else:
+        scores = json.loads(proxy.stdout.strip().splitlines()[-1])
+        heldout_zeroshot = {k: v for k, v in scores.items() if isinstance(v, list)}
     return {
         "name": name,
         "flags": flags,
@@ -111,6 +126,7 @@ def run(name: str, flags: list[str], args, config_path: str) -> dict:
         "seconds": round(seconds, 1),
         "final_loss": round(losses[-1], 4) if losses else None,
         "curve": curve,
+        "heldout_zeroshot": heldout_zeroshot,
     }
 
 
