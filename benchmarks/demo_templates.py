@@ -6,8 +6,9 @@ The zero-shot `classify` split is a test set, so templates cannot be chosen on i
 a proxy from the demo `heldout` split the way `classify` was built (tools/build_demo.py): an
 image whose caption (title or keywords) names exactly one of `CLASSES` gets that class; classes
 with at least 5 such images are kept (456 images, 17 classes; "computer" is 48% of them, so
-compare mean-per-class accuracy too). Each template set of `clip_jax.evaluation.templates`
-plus two caption-style sets (`EXTRA_SETS`) is scored with every given workdir's latest model.
+mean-per-class accuracy is the criterion). Each template set of
+`clip_jax.evaluation.templates` plus one more caption-style set (`EXTRA_SETS`) is scored with
+every given workdir's latest model.
 
 Prints one JSON line per workdir: {set: [top-1 %, mean-per-class %]}, chance and majority.
 """
@@ -34,9 +35,9 @@ CLASSES = (
     "music", "tool", "toy", "weather", "sports", "holiday", "office", "beverage", "fruit",
     "bird", "clothing", "vehicle", "insect", "decoration", "mammal",
 )  # fmt: skip
-# The training captions' own style: "<Title>. <keywords>."
+# Beside the library's sets (its `short` set is the training captions' own style, "<Title>.
+# <keywords>."): the same with clip-art words.
 EXTRA_SETS = {
-    "caption": ("{}.", "a {}.", "the {}."),
     "caption_kw": ("{}.", "a {}.", "{} icon.", "{} clip art.", "{} symbol."),
 }
 MIN_IMAGES = 5

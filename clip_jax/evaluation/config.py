@@ -39,7 +39,8 @@ def zeroshot_block(**data: Any) -> ml_collections.ConfigDict:
     # a classnames.txt, or a tuple of names.
     c.classnames = ""
     # Prompt templates: a set name (imagenet80 = OpenAI's 80 ImageNet prompts, openai7, generic,
-    # photo, name) or a tuple of strings each holding one "{}".
+    # short, photo, name; clip_jax/evaluation/templates.py) or a tuple of strings each holding
+    # one "{}".
     c.templates = "generic"
     # Source labels the class names stand for when they are a subset of the source's labels
     # (ImageNet-A/-R: 200 of the 1,000 ImageNet labels); () means labels 0..C-1. See

@@ -3,7 +3,10 @@
 Sets:
   imagenet80: the 80 ImageNet prompts of OpenAI's CLIP paper (prompt ensembling, Sec. 3.1.4).
   openai7: the 7-prompt subset OpenAI found to work about as well as all 80 on ImageNet.
-  generic: a short set for drawings and photos alike (the default for the demo clip art).
+  generic: a short set for drawings and photos alike (the evaluators' default).
+  short: the class name as a caption fragment ("{}.", "a {}.", "the {}."), the style of
+    captions made of titles and keyword lists; the demo's set (chosen on its held-out proxy,
+    see configs/clip.py:demo).
   photo: the single prompt "a photo of a {}." (CLIP's baseline prompt).
   name: the bare class name.
 """
@@ -114,10 +117,13 @@ GENERIC = (
     "{}.",
 )
 
+SHORT = ("{}.", "a {}.", "the {}.")
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": IMAGENET80,
     "openai7": OPENAI7,
     "generic": GENERIC,
+    "short": SHORT,
     "photo": ("a photo of a {}.",),
     "name": ("{}",),
 }
