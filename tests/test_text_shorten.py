@@ -17,6 +17,20 @@ CAPTIONS = [
 ]
 
 
+def batches(start=None, **overrides):
+    """The first 2 training batches of 16 demo samples at 16 px (seed 3), data overrides."""
+    ds = build_train_dataset(
+        data_config(source="demo", **overrides),
+        image_size=16,
+        tokenizer=BPE,
+        context_length=32,
+        local_batch_size=16,
+        seed=3,
+        start_position=start,
+    )
+    return take(ds, 2)
+
+
 def _content(row, has_sot=True):
     """Content ids of a row (between start and end tokens), and its end token."""
     last = int(np.flatnonzero(row)[-1])
@@ -69,19 +83,6 @@ def test_random_choices_are_uniform_and_work_without_a_start_token():
 
 
 def test_pipeline_cuts_captions_reproducibly_and_validates():
-    def batches(start=None, **overrides):
-        cfg = data_config(source="demo", **overrides)
-        ds = build_train_dataset(
-            cfg,
-            image_size=16,
-            tokenizer=BPE,
-            context_length=32,
-            local_batch_size=16,
-            seed=3,
-            start_position=start,
-        )
-        return take(ds, 2)
-
     full = batches()
     truncated = batches(context_length=6)
     block = batches(context_length=6, text_shorten="random_block")
@@ -127,18 +128,6 @@ def test_sentence_dropout_keeps_at_least_one_sentence_in_order():
 
 
 def test_pipeline_drops_sentences_reproducibly_and_flips_images():
-    def batches(start=None, **overrides):
-        ds = build_train_dataset(
-            data_config(source="demo", **overrides),
-            image_size=16,
-            tokenizer=BPE,
-            context_length=32,
-            local_batch_size=16,
-            seed=3,
-            start_position=start,
-        )
-        return take(ds, 2)
-
     plain = batches()
     dropped = batches(sentence_dropout=0.7, aug_flip=0.5)
     again = batches(sentence_dropout=0.7, aug_flip=0.5)
