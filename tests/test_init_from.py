@@ -46,9 +46,14 @@ def first_run(tmp_path_factory) -> str:
     return workdir
 
 
-def test_second_run_starts_from_the_latest_weights_with_a_fresh_optimizer(first_run, tmp_path):
-    # lr 0: the one step of the second run leaves its parameters where they started.
-    config = _config(total_steps=1, init_from=first_run, **{"optim.lr": 0.0})
+@pytest.mark.parametrize("ema_decay", [0.0, 0.5])
+def test_second_run_starts_from_the_latest_weights_with_a_fresh_optimizer(
+    first_run, tmp_path, ema_decay
+):
+    # lr 0: the one step of the second run leaves its parameters where they started. With
+    # ema_decay the loaded weights are the moving average: it starts at the loaded weights
+    # too (from random ones it would be 0.1 x random + 0.9 x loaded after the step).
+    config = _config(total_steps=1, init_from=first_run, ema_decay=ema_decay, **{"optim.lr": 0.0})
     second = str(tmp_path / "second")
     train.train(config, second, devices=jax.devices()[:1])
     started = model_store.load_model(second)
