@@ -42,6 +42,13 @@ _SALT_SENTENCES = 6
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
+def _batch_rng(seed: int, process_index: int, salt: int, position: np.ndarray):
+    """The random choices of one batch: seeded by (seed, process, purpose, the position's last
+    entry: records consumed, unique per batch), so a resumed run repeats them."""
+    records = int(np.asarray(position).reshape(-1)[-1])
+    return np.random.default_rng([seed & 0xFFFFFFFF, process_index, salt, records])
+
+
 def check(mode: str, length: int) -> None:
     """Raises ValueError naming the data key for an unknown mode or an impossible length."""
     if mode not in MODES:
@@ -108,9 +115,7 @@ def shorten_dataset(
     check(mode, length)
 
     def body(tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
-        rng = np.random.default_rng(
-            [seed & 0xFFFFFFFF, process_index, _SALT, int(np.asarray(position).reshape(-1)[-1])]
-        )
+        rng = _batch_rng(seed, process_index, _SALT, position)
         return shorten(tokens, length, mode, rng, has_sot=has_sot)
 
     guarded_body = exit_guard.guarded(body)  # here, not in the traced `apply` (see exit_guard)
@@ -155,14 +160,13 @@ def drop_sentences_in_batch(
     same sentences."""
     import tensorflow as tf
 
-    def body(strings: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        batch_key = int(np.asarray(pos).reshape(-1)[-1])
-        rng = np.random.default_rng([seed & 0xFFFFFFFF, process_index, _SALT_SENTENCES, batch_key])
+    def body(strings: np.ndarray, position: np.ndarray) -> np.ndarray:
+        rng = _batch_rng(seed, process_index, _SALT_SENTENCES, position)
         decoded = [s.decode("utf-8", errors="replace") for s in strings.tolist()]
         kept = drop_sentences(decoded, probability, rng)
         return np.asarray([s.encode("utf-8") for s in kept], dtype=object)
 
-    guarded_body = exit_guard.guarded(body)
+    guarded_body = exit_guard.guarded(body)  # here, not in a traced function (see exit_guard)
     out = tf.numpy_function(guarded_body, [texts, position], tf.string, stateful=False)
     out.set_shape(texts.shape)
     return out
